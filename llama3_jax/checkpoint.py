@@ -1,0 +1,116 @@
+"""The one on-disk format: `DIR/config.json` (the model config) + an orbax CheckpointManager in DIR.
+
+Each step directory holds the item `params` (a plain nested dict of arrays, the model's layout), and
+for training runs also `opt_state`, `data` (iterator state) and `meta`. `convert --to jax` writes step 0
+with params only; `train` writes more steps in the same directory; every reader (generate, score,
+convert --from jax, init_from) takes the latest step's params. Restores always go into an abstract,
+sharded target built for the current mesh, so any mesh reads any checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from .config import ModelConfig
+from .model import abstract_model
+from .sharding import state_shardings
+
+FORMAT = "llama3-jax"
+CONFIG_FILE = "config.json"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON via temp file + rename so readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def save_config(directory: Path, cfg: ModelConfig) -> None:
+    if jax.process_index() == 0:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(directory) / CONFIG_FILE, {"format": FORMAT, "model": cfg.to_dict()})
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (is {directory} a llama3-jax checkpoint?)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    if data.get("format") != FORMAT or "model" not in data:
+        raise ValueError(f"{path}: not a llama3-jax config (format={data.get('format')!r})")
+    return ModelConfig.from_dict(data["model"])
+
+
+def is_checkpoint(directory: str | Path) -> bool:
+    return (Path(directory) / CONFIG_FILE).exists()
+
+
+def manager(directory: str | Path, *, max_to_keep: int | None = None, async_save: bool = False,
+            read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                           create=not read_only)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def latest_step(directory: str | Path) -> int | None:
+    if not Path(directory).exists():
+        return None
+    with manager(directory, read_only=True) as m:
+        return m.latest_step()
+
+
+def save_params(directory: str | Path, cfg: ModelConfig, params: dict, step: int = 0) -> None:
+    """Write a params-only checkpoint (what `convert --to jax` produces)."""
+    save_config(directory, cfg)
+    with manager(directory) as m:
+        m.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+        m.wait_until_finished()
+
+
+def abstract_params(cfg: ModelConfig, mesh=None) -> dict:
+    """Pure dict of ShapeDtypeStruct (sharded for `mesh`, or on the first device) for restore."""
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    if mesh is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    else:
+        shardings = state_shardings(mesh, state)
+    shapes = nnx.to_pure_dict(state)
+    shardings = nnx.to_pure_dict(shardings)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def restore_params(directory: str | Path, mesh=None, step: int | None = None,
+                   cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict]:
+    """(config, params) from the latest (or given) step, restored straight into their shardings."""
+    cfg = cfg or load_config(directory)
+    with manager(directory, read_only=True) as m:
+        step = m.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no checkpoint step found")
+        target = abstract_params(cfg, mesh)
+        try:
+            out = m.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+        except (ValueError, KeyError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{directory} step {step}: params do not match config.json ({msg})") from None
+    return cfg, out["params"]
+
+
+def to_numpy(params: dict) -> dict:
+    return jax.tree.map(np.asarray, params)

@@ -1,0 +1,315 @@
+"""Typed configuration: the model's shape, its presets, and translation to the HF and Meta formats.
+
+Every numeric constant of the architecture (eps, rope theta, rope scaling) lives here and is read
+from the source files when converting: other JAX ports went wrong by hard-coding them.
+Run configs (train / generate) are also frozen dataclasses; `load_yaml_config` builds any of them
+from a YAML file plus dotted `key=value` overrides and refuses unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 "llama3" frequency scaling (3.1 uses factor 8, 3.2 factor 32)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 128256
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    intermediate_size: int = 14336
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    max_seq_len: int = 8192
+    tie_embeddings: bool = False
+    bos_id: int = 128000
+    eos_ids: tuple[int, ...] = (128001, 128008, 128009)
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
+
+    def num_params(self) -> int:
+        """Exact parameter count (the published 8,030,261,248 for Llama 3 8B)."""
+        d, L, k = self.dim, self.n_layers, self.head_dim
+        attn = d * k * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * d * self.intermediate_size
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return emb + L * (attn + mlp + 2 * d) + d
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return _build(cls, d, "model")
+
+
+# ---------------------------------------------------------------------------------------- presets
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.yaml"))
+
+
+def load_model_config(name_or_path: str | Path) -> ModelConfig:
+    """A preset name (`llama3.1-8b`, a file in configs/models/) or a YAML/JSON file of ModelConfig keys."""
+    path = Path(name_or_path)
+    if not path.exists():
+        path = CONFIGS_DIR / "models" / f"{name_or_path}.yaml"
+        if not path.exists():
+            close = difflib.get_close_matches(str(name_or_path), preset_names(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (presets: {', '.join(preset_names())})"
+            raise ValueError(f"unknown model preset {name_or_path!r}{hint}")
+    data = yaml.safe_load(path.read_text()) or {}
+    return _build(ModelConfig, data, str(path))
+
+
+# ------------------------------------------------------------------------------- HF config.json
+
+
+def from_hf_config(hf: dict, *, source: str = "config.json") -> ModelConfig:
+    """Read both the transformers-4 form (rope_theta + rope_scaling) and the 5 form (rope_parameters)."""
+    try:
+        rope = dict(hf.get("rope_parameters") or {})
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3",):
+            raise ValueError(f"{source}: unsupported rope type {scaling.get('rope_type', scaling.get('type'))!r}")
+        n_heads = hf["num_attention_heads"]
+        eos = hf.get("eos_token_id", 128001)
+        return ModelConfig(
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            intermediate_size=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=None if not scaling else RopeScaling(
+                factor=float(scaling["factor"]),
+                low_freq_factor=float(scaling["low_freq_factor"]),
+                high_freq_factor=float(scaling["high_freq_factor"]),
+                original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+            ),
+            max_seq_len=hf.get("max_position_embeddings", 8192),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_id=hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 128000,
+            eos_ids=tuple(eos) if isinstance(eos, list) else (eos,),
+        )
+    except KeyError as e:
+        raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+
+
+def to_hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
+    """A config.json that `AutoModelForCausalLM.from_pretrained` loads (transformers 4 and 5 keys)."""
+    out = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": cfg.bos_id,
+        "eos_token_id": list(cfg.eos_ids) if len(cfg.eos_ids) > 1 else cfg.eos_ids[0],
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": torch_dtype,
+        "dtype": torch_dtype,
+    }
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    if cfg.rope_scaling is not None:
+        rs = dataclasses.asdict(cfg.rope_scaling) | {"rope_type": "llama3"}
+        out["rope_scaling"] = rs
+        rope |= rs
+    out["rope_parameters"] = rope
+    return out
+
+
+def to_hf_generation_config(cfg: ModelConfig) -> dict:
+    return {"bos_token_id": cfg.bos_id, "eos_token_id": list(cfg.eos_ids), "do_sample": False}
+
+
+# ------------------------------------------------------------------------------- Meta params.json
+
+
+def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's rule for the SwiGLU width (llama_models FeedForward)."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def from_meta_params(p: dict, *, tie_embeddings: bool = False, source: str = "params.json") -> ModelConfig:
+    """params.json -> ModelConfig. Meta's files carry no rope scaling factor (its reference hard-codes 8,
+    which is wrong for 3.2): we read explicit `rope_scaling_factor`/... keys when present (our exports
+    write them), else 32 for tied-embedding models (3.2 1B/3B), else 8."""
+    try:
+        n_heads = p["n_heads"]
+        scaling = None
+        if p.get("use_scaled_rope"):
+            scaling = RopeScaling(
+                factor=float(p.get("rope_scaling_factor") or (32.0 if tie_embeddings else 8.0)),
+                low_freq_factor=float(p.get("rope_low_freq_factor", 1.0)),
+                high_freq_factor=float(p.get("rope_high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(p.get("rope_original_max_position_embeddings", 8192)),
+            )
+        return ModelConfig(
+            vocab_size=p["vocab_size"],
+            dim=p["dim"],
+            n_layers=p["n_layers"],
+            n_heads=n_heads,
+            n_kv_heads=p.get("n_kv_heads") or n_heads,
+            head_dim=p["dim"] // n_heads,
+            intermediate_size=meta_ffn_dim(p["dim"], p.get("multiple_of", 256), p.get("ffn_dim_multiplier")),
+            norm_eps=p.get("norm_eps", 1e-5),
+            rope_theta=float(p.get("rope_theta", 500000.0)),
+            rope_scaling=scaling,
+            max_seq_len=p.get("max_seq_len", 131072 if scaling else 8192),
+            tie_embeddings=tie_embeddings,
+        )
+    except KeyError as e:
+        raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+
+
+def to_meta_params(cfg: ModelConfig) -> dict:
+    if cfg.head_dim * cfg.n_heads != cfg.dim:
+        raise ValueError(f"Meta format needs head_dim*n_heads == dim, got {cfg.head_dim}*{cfg.n_heads} != {cfg.dim}")
+    multiple_of, mult = _meta_ffn_args(cfg.dim, cfg.intermediate_size)
+    out = {
+        "dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+        "vocab_size": cfg.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": mult,
+        "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "use_scaled_rope": cfg.rope_scaling is not None,
+        "max_seq_len": cfg.max_seq_len,
+    }
+    if cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        out |= {"rope_scaling_factor": rs.factor, "rope_low_freq_factor": rs.low_freq_factor,
+                "rope_high_freq_factor": rs.high_freq_factor,
+                "rope_original_max_position_embeddings": rs.original_max_position_embeddings}
+    return out
+
+
+def _meta_ffn_args(dim: int, ffn: int) -> tuple[int, float | None]:
+    """Find (multiple_of, ffn_dim_multiplier) reproducing `ffn`: the published pairs first, then an exact one."""
+    for multiple_of in (4096, 1024, 256):
+        for mult in (1.3, 1.2, 1.5, 1.0, None):
+            if meta_ffn_dim(dim, multiple_of, mult) == ffn:
+                return multiple_of, mult
+    base = int(2 * (4 * dim) / 3)
+    mult = (ffn - 0.5) / base  # int(mult*base) lands just below ffn; rounding up to `ffn` gives ffn
+    assert meta_ffn_dim(dim, ffn, mult) == ffn
+    return ffn, mult
+
+
+# --------------------------------------------------------------------- YAML + dotted overrides
+
+
+def _build(cls, data: dict, where: str):
+    """Build dataclass `cls` from a nested dict, refusing unknown keys with the closest valid one."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{where}: unknown key {key!r}{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return _build(tp, value, where)
+    if origin is tuple:
+        return tuple(value if isinstance(value, (list, tuple)) else [value])
+    if tp is bool and not isinstance(value, bool):
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float) and not isinstance(value, (int, float)) or isinstance(value, bool) and tp in (int, float):
+        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if tp is float:
+        return float(value)
+    if tp is int and isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{where}: expected int, got {value!r}")
+        return int(value)
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`a.b=3` sets data['a']['b'] = 3 (value parsed as YAML)."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_yaml_config(cls, path: str | Path | None, overrides: list[str] = ()):
+    """YAML file (may be None) + dotted overrides -> frozen dataclass `cls`."""
+    data = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ValueError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    return _build(cls, apply_overrides(data, list(overrides)), "")

@@ -1,0 +1,161 @@
+"""The conversion driver: reader -> (check, cast) -> writer, one tensor at a time, into a temp dir.
+
+Every format has a reader (`.config`, `.dtype`, `.tensors()` yielding `Tensor`s in our layout, see
+model.py) and a writer (`add(name, layer, array)`, `finish()`). The driver checks each tensor's shape
+against the config, casts, and renames the temp directory to DST only when everything succeeded, so a
+failure never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from ..config import ModelConfig
+
+FORMATS = ("hf", "meta", "jax")
+
+
+class ConvertError(ValueError):
+    """Bad input: the message names the file and tensor at fault."""
+
+
+class Tensor(NamedTuple):
+    name: str          # our name, e.g. "layers/wq"
+    layer: int | None  # layer index for "layers/*"
+    array: np.ndarray  # in our layout (model.py), one layer's slice for stacked weights
+    origin: str        # "file:tensor" in the source, for error messages
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our layout's shape per name (per layer for stacked weights)."""
+    D, H, KV, K, F, V = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+    shapes = {
+        "embed": (V, D), "norm": (D,),
+        "layers/attn_norm": (D,), "layers/mlp_norm": (D,),
+        "layers/wq": (D, H, K), "layers/wk": (D, KV, K), "layers/wv": (D, KV, K), "layers/wo": (H, K, D),
+        "layers/w_gate": (D, F), "layers/w_up": (D, F), "layers/w_down": (F, D),
+    }
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def all_keys(cfg: ModelConfig) -> list[tuple[str, int | None]]:
+    keys = []
+    for name in expected_shapes(cfg):
+        if name.startswith("layers/"):
+            keys += [(name, i) for i in range(cfg.n_layers)]
+        else:
+            keys.append((name, None))
+    return keys
+
+
+def parse_dtype(name: str | None):
+    if name is None:
+        return None
+    import ml_dtypes
+    table = {"float32": np.float32, "fp32": np.float32, "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16,
+             "float16": np.float16, "fp16": np.float16}
+    if name not in table:
+        raise ConvertError(f"unknown dtype {name!r} (choose from float32, bfloat16, float16)")
+    return np.dtype(table[name])
+
+
+_IMPLS = {"hf": ("hf", "HFReader", "HFWriter"), "meta": ("meta", "MetaReader", "MetaWriter"),
+          "jax": ("native", "JaxReader", "JaxWriter")}
+
+
+def _impl(fmt: str, which: int):
+    """Import a format's module only when used (meta needs torch; hf and jax do not)."""
+    module = importlib.import_module(f".{_IMPLS[fmt][0]}", __package__)
+    return getattr(module, _IMPLS[fmt][which])
+
+
+def _reader(fmt: str, src: Path):
+    return _impl(fmt, 1)(src)
+
+
+def _writer(fmt: str, dst: Path, cfg: ModelConfig, dtype, options: dict):
+    return _impl(fmt, 2)(dst, cfg, dtype, **options)
+
+
+def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: str, dtype: str | None = None,
+            progress: bool = True, **options) -> ModelConfig:
+    """Convert a checkpoint between `hf`, `meta` and `jax`; keeps the source dtype unless `dtype` is given.
+
+    Options go to the writer: `max_shard_size` (hf), `shards` (meta model-parallel files).
+    Returns the model config. Raises ConvertError (one line, naming file and tensor) on bad input.
+    """
+    src, dst = Path(src), Path(dst)
+    for fmt in (src_format, dst_format):
+        if fmt not in FORMATS:
+            raise ConvertError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if not src.is_dir():
+        raise ConvertError(f"{src}: not a directory")
+    if dst.exists():
+        raise ConvertError(f"{dst}: already exists (refusing to overwrite)")
+    out_dtype = parse_dtype(dtype)
+    reader = _reader(src_format, src)
+    cfg = reader.config
+    out_dtype = out_dtype or reader.dtype
+    cfg = dataclasses.replace(cfg, param_dtype=out_dtype.name)
+    shapes = expected_shapes(cfg)
+    keys = set(all_keys(cfg))
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    start, done_bytes, last = time.time(), 0, 0.0
+    try:
+        writer = _writer(dst_format, tmp, cfg, out_dtype, options)
+        seen = set()
+        for i, t in enumerate(reader.tensors()):
+            key = (t.name, t.layer)
+            if key not in keys:
+                raise ConvertError(f"{t.origin}: unexpected tensor for this config")
+            if key in seen:
+                raise ConvertError(f"{t.origin}: duplicate tensor")
+            if tuple(t.array.shape) != shapes[t.name]:
+                raise ConvertError(f"{t.origin}: shape {tuple(t.array.shape)} does not match the config "
+                                   f"(expected {shapes[t.name]} in llama3-jax layout)")
+            seen.add(key)
+            writer.add(t.name, t.layer, t.array.astype(out_dtype, copy=False))
+            done_bytes += t.array.nbytes
+            if progress and (time.time() - last >= 0.5 or len(seen) == len(keys)):
+                last = time.time()
+                _progress(len(seen), len(keys), done_bytes, start)
+        missing = sorted(keys - seen, key=str)
+        if missing:
+            name, layer = missing[0]
+            raise ConvertError(f"{src}: missing tensor {name}" + (f" of layer {layer}" if layer is not None else ""))
+        writer.finish()
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if progress:
+            sys.stderr.write("\n")
+    if progress:
+        secs = time.time() - start
+        print(f"converted {src} ({src_format}) -> {dst} ({dst_format}): {len(keys)} tensors, "
+              f"{done_bytes / 1e6:.1f} MB read in {secs:.1f}s ({done_bytes / 1e6 / max(secs, 1e-9):.1f} MB/s), "
+              f"dtype {out_dtype.name}", file=sys.stderr)
+    return cfg
+
+
+def _progress(n: int, total: int, nbytes: int, start: float) -> None:
+    secs = time.time() - start
+    rate = nbytes / 1e6 / max(secs, 1e-9)
+    eta = secs / n * (total - n) if n else 0
+    bar = "#" * int(30 * n / total)
+    sys.stderr.write(f"\rconvert [{bar:<30}] {n}/{total} tensors {rate:.1f} MB/s ETA {eta:.0f}s")
+    sys.stderr.flush()

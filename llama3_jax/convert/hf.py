@@ -1,0 +1,252 @@
+"""Hugging Face transformers layout: config.json + (sharded) safetensors.
+
+safetensors is read and written here directly (an 8-byte header length, a JSON header, raw bytes):
+reading memory-maps one file at a time, and writing plans every shard's header from the config up
+front, then drops each tensor at its offset as it arrives, so neither side holds more than one tensor
+(bfloat16 included, via ml_dtypes).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+
+from ..config import ModelConfig, from_hf_config, to_hf_config, to_hf_generation_config
+from .core import ConvertError, Tensor, expected_shapes
+
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+INDEX = "model.safetensors.index.json"
+
+# our name -> (HF name template, to-ours transform, from-ours transform); transforms get (array, cfg)
+_LAYER = "model.layers.{}."
+NAMES = {
+    "embed": ("model.embed_tokens.weight", None, None),
+    "norm": ("model.norm.weight", None, None),
+    "lm_head": ("lm_head.weight", "T", "T"),
+    "layers/attn_norm": (_LAYER + "input_layernorm.weight", None, None),
+    "layers/mlp_norm": (_LAYER + "post_attention_layernorm.weight", None, None),
+    "layers/wq": (_LAYER + "self_attn.q_proj.weight", "in_heads", "out_heads"),
+    "layers/wk": (_LAYER + "self_attn.k_proj.weight", "in_heads", "out_heads"),
+    "layers/wv": (_LAYER + "self_attn.v_proj.weight", "in_heads", "out_heads"),
+    "layers/wo": (_LAYER + "self_attn.o_proj.weight", "o_in", "o_out"),
+    "layers/w_gate": (_LAYER + "mlp.gate_proj.weight", "T", "T"),
+    "layers/w_up": (_LAYER + "mlp.up_proj.weight", "T", "T"),
+    "layers/w_down": (_LAYER + "mlp.down_proj.weight", "T", "T"),
+}
+
+
+def _to_ours(kind, a: np.ndarray, shape) -> np.ndarray:
+    if kind is None:
+        return a
+    if kind == "T":
+        return a.T
+    if kind == "in_heads":  # (H*K, D) -> (D, H, K)
+        return a.T.reshape(shape)
+    if kind == "o_in":  # (D, H*K) -> (H, K, D)
+        return a.T.reshape(shape)
+    raise AssertionError(kind)
+
+
+def _from_ours(kind, a: np.ndarray) -> np.ndarray:
+    if kind is None:
+        return a
+    if kind == "T":
+        return a.T
+    if kind == "out_heads":  # (D, H, K) -> (H*K, D)
+        return a.reshape(a.shape[0], -1).T
+    if kind == "o_out":  # (H, K, D) -> (D, H*K)
+        return a.reshape(-1, a.shape[-1]).T
+    raise AssertionError(kind)
+
+
+def hf_name(name: str, layer: int | None) -> str:
+    return NAMES[name][0].format(layer)
+
+
+# ---------------------------------------------------------------------------------- safetensors I/O
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(tensor table, data start offset) of one safetensors file, with truncation checked."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ConvertError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        if 8 + n > size:
+            raise ConvertError(f"{path}: truncated safetensors file (header of {n} bytes, file {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ConvertError(f"{path}: corrupt safetensors header") from None
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        end = 8 + n + info["data_offsets"][1]
+        if end > size:
+            raise ConvertError(f"{path}: truncated file, tensor {name} ends at byte {end} of {size}")
+        if info["dtype"] not in DTYPES:
+            raise ConvertError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+    return header, 8 + n
+
+
+def hf_weight_files(src: Path) -> list[Path]:
+    index = src / INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise ConvertError(f"{index}: corrupt index (no weight_map)") from None
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if not (src / f).exists():
+                raise ConvertError(f"{index}: lists {f}, which does not exist")
+        return [src / f for f in files]
+    single = src / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise ConvertError(f"{src}: no model.safetensors or {INDEX} (only safetensors checkpoints are supported)")
+
+
+# ---------------------------------------------------------------------------------------- reader
+
+
+class HFReader:
+    def __init__(self, src: Path):
+        cfg_path = src / "config.json"
+        if not cfg_path.exists():
+            raise ConvertError(f"{cfg_path}: not found (not a transformers model directory)")
+        try:
+            hf = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConvertError(f"{cfg_path}: invalid JSON ({e})") from None
+        try:
+            self.config = from_hf_config(hf, source=str(cfg_path))
+        except ValueError as e:
+            raise ConvertError(str(e)) from None
+        self.files = hf_weight_files(src)
+        self.headers = {f: read_header(f) for f in self.files}
+        # HF name -> (our name, layer)
+        self.names = {}
+        for name in NAMES:
+            if name.startswith("layers/"):
+                for i in range(self.config.n_layers):
+                    self.names[hf_name(name, i)] = (name, i)
+            else:
+                self.names[hf_name(name, None)] = (name, None)
+        dtypes = {info["dtype"] for header, _ in self.headers.values() for info in header.values()}
+        self.dtype = np.dtype(DTYPES[sorted(dtypes)[0]]) if len(dtypes) == 1 else np.dtype(np.float32)
+
+    def tensors(self) -> Iterator[Tensor]:
+        shapes = expected_shapes(self.config)
+        seen = set()
+        tied = self.config.tie_embeddings
+        for path in self.files:
+            header, start = self.headers[path]
+            data = np.memmap(path, dtype=np.uint8, mode="r")
+            for hname, info in header.items():
+                if hname.endswith("rotary_emb.inv_freq") or (tied and hname == "lm_head.weight"):
+                    continue
+                if hname not in self.names:
+                    raise ConvertError(f"{path}: unexpected tensor {hname}")
+                name, layer = self.names[hname]
+                lo, hi = info["data_offsets"]
+                a = data[start + lo:start + hi].view(DTYPES[info["dtype"]]).reshape(info["shape"])
+                want = shapes[name]
+                if a.size != int(np.prod(want)):
+                    raise ConvertError(f"{path}: tensor {hname} has shape {tuple(info['shape'])}, "
+                                       f"config.json implies {_hf_shape(name, want)}")
+                seen.add(hname)
+                yield Tensor(name, layer, _to_ours(NAMES[name][1], a, want), f"{path.name}:{hname}")
+            del data
+        missing = [h for h in self.names if h not in seen]
+        if missing:
+            raise ConvertError(f"{self.files[0].parent}: missing tensor {missing[0]} ({len(missing)} missing)")
+
+
+def _hf_shape(name, ours):
+    kind = NAMES[name][2]
+    return tuple(_from_ours(kind, np.empty(ours, np.uint8)).shape)
+
+
+# ---------------------------------------------------------------------------------------- writer
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    t = text.strip().upper()
+    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(t)
+
+
+class HFWriter:
+    """Plans all shards from the config, then writes each tensor at its offset as it arrives."""
+
+    def __init__(self, dst: Path, cfg: ModelConfig, dtype: np.dtype, max_shard_size: str | int = "5GB"):
+        self.dst, self.cfg, self.dtype = dst, cfg, np.dtype(dtype)
+        dst.mkdir(parents=True, exist_ok=True)
+        shapes = expected_shapes(cfg)
+        order = [("embed", None)]
+        for i in range(cfg.n_layers):
+            order += [(n, i) for n in NAMES if n.startswith("layers/")]
+        order += [("norm", None)] + ([] if cfg.tie_embeddings else [("lm_head", None)])
+        limit = parse_size(max_shard_size)
+        shards, cur, cur_size = [], [], 0
+        for key in order:
+            nbytes = int(np.prod(shapes[key[0]])) * self.dtype.itemsize
+            if cur and cur_size + nbytes > limit:
+                shards.append(cur)
+                cur, cur_size = [], 0
+            cur.append(key)
+            cur_size += nbytes
+        shards.append(cur)
+        n = len(shards)
+        self.where = {}  # (name, layer) -> (file, absolute offset)
+        self.weight_map = {}
+        for s, keys in enumerate(shards):
+            fname = "model.safetensors" if n == 1 else f"model-{s + 1:05d}-of-{n:05d}.safetensors"
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for name, layer in keys:
+                shape = list(_hf_shape(name, shapes[name]))
+                nbytes = int(np.prod(shape)) * self.dtype.itemsize
+                header[hf_name(name, layer)] = {"dtype": DTYPE_NAMES[self.dtype], "shape": shape,
+                                                "data_offsets": [offset, offset + nbytes]}
+                self.weight_map[hf_name(name, layer)] = fname
+                offset += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+            start = 8 + len(raw)
+            with open(dst / fname, "wb") as f:
+                f.write(struct.pack("<Q", len(raw)) + raw)
+                f.truncate(start + offset)
+            for name, layer in keys:
+                self.where[(name, layer)] = (dst / fname, start + header[hf_name(name, layer)]["data_offsets"][0])
+        self.total_size = sum(int(np.prod(_hf_shape(k[0], shapes[k[0]]))) * self.dtype.itemsize for k in order)
+        self.n_shards = n
+
+    def add(self, name: str, layer: int | None, array: np.ndarray) -> None:
+        if name == "lm_head" and self.cfg.tie_embeddings:
+            return
+        path, offset = self.where[(name, layer)]
+        a = np.ascontiguousarray(_from_ours(NAMES[name][2], array).astype(self.dtype, copy=False))
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(a.tobytes())
+
+    def finish(self) -> None:
+        torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[self.dtype.name]
+        (self.dst / "config.json").write_text(json.dumps(to_hf_config(self.cfg, torch_dtype), indent=2) + "\n")
+        (self.dst / "generation_config.json").write_text(json.dumps(to_hf_generation_config(self.cfg), indent=2) + "\n")
+        if self.n_shards > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            (self.dst / INDEX).write_text(json.dumps(index, indent=2) + "\n")

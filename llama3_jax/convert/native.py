@@ -1,0 +1,70 @@
+"""llama3-jax's own format (checkpoint.py): config.json + orbax params, any training step directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .. import checkpoint
+from ..config import ModelConfig
+from .core import ConvertError, Tensor, expected_shapes
+
+
+class JaxReader:
+    def __init__(self, src: Path):
+        try:
+            self.config = checkpoint.load_config(src)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConvertError(str(e)) from None
+        self.src = src
+        self.dtype = np.dtype(self.config.param_dtype)
+
+    def tensors(self) -> Iterator[Tensor]:
+        try:
+            _, params = checkpoint.restore_params(self.src, cfg=self.config)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConvertError(str(e)) from None
+        for name, value in _flatten(params):
+            a = np.asarray(value)
+            if name.startswith("layers/"):
+                for i in range(a.shape[0]):
+                    yield Tensor(name, i, a[i], f"{self.src}:{name}[{i}]")
+            else:
+                yield Tensor(name, None, a, f"{self.src}:{name}")
+
+
+def _flatten(tree: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v
+
+
+class JaxWriter:
+    """Stacks per-layer tensors into the model's arrays, then saves them with orbax."""
+
+    def __init__(self, dst: Path, cfg: ModelConfig, dtype: np.dtype):
+        self.dst, self.cfg = dst, cfg
+        shapes = expected_shapes(cfg)
+        self.arrays = {}
+        for name, shape in shapes.items():
+            full = (cfg.n_layers, *shape) if name.startswith("layers/") else shape
+            self.arrays[name] = np.empty(full, dtype)
+
+    def add(self, name: str, layer: int | None, array: np.ndarray) -> None:
+        if layer is None:
+            self.arrays[name][...] = array
+        else:
+            self.arrays[name][layer] = array
+
+    def finish(self) -> None:
+        params: dict = {"layers": {}}
+        for name, a in self.arrays.items():
+            if name.startswith("layers/"):
+                params["layers"][name.split("/", 1)[1]] = a
+            else:
+                params[name] = a
+        checkpoint.save_params(self.dst, self.cfg, params)

@@ -1,0 +1,164 @@
+"""The Llama 3 network in Flax NNX, readable top to bottom.
+
+Parameters (one layout in memory and on disk; the layer weights are stacked on a leading `layers` axis,
+so scanning or unrolling the layers is a runtime choice that never changes a checkpoint):
+
+    embed                (vocab, embed)
+    layers/attn_norm     (layers, embed)
+    layers/wq            (layers, embed, q_heads, head_dim)
+    layers/wk, wv        (layers, embed, kv_heads, head_dim)
+    layers/wo            (layers, q_heads, head_dim, embed)
+    layers/mlp_norm      (layers, embed)
+    layers/w_gate, w_up  (layers, embed, mlp)
+    layers/w_down        (layers, mlp, embed)
+    norm                 (embed,)
+    lm_head              (embed, vocab)    absent when embeddings are tied (Llama 3.2)
+
+q/k use the HF "rotate half" rotary layout; the Meta converter permutes to and from it.
+Einsum letters: b batch, t query positions, s key positions, d model dim, h q heads, k kv heads,
+g heads per kv head, f mlp width, v vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import attention as attn
+from . import rope
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .sharding import constrain
+
+Remat = Literal["none", "full", "dots"]
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm in float32, cast back before the scale (as the reference does)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, cache_seg=None, index=0):
+    """One transformer block as a pure function of its weights `w` (one layer's slice).
+
+    x (B, T, D). Without a cache, keys are this call's tokens; with one, k/v are written at slots
+    [index, index + T) of cache_kv = (k, v), each (B, S, KV, K), and attention reads the whole cache.
+    Returns (x, (k, v) or None).
+    """
+    dt = x.dtype
+    h = rms_norm(x, w["attn_norm"], cfg.norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, w["wq"].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", h, w["wk"].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", h, w["wv"].astype(dt))
+    q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+    t = x.shape[1]
+    q_idx = index + jnp.arange(t)
+    if cache_kv is None:
+        keys, values, k_seg, k_idx, new_kv = k, v, seg, jnp.arange(t), None
+    else:
+        ck, cv = cache_kv
+        keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+        values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+        k_seg, k_idx, new_kv = cache_seg, jnp.arange(ck.shape[1]), (keys, values)
+        keys, values = keys.astype(dt), values.astype(dt)
+    a = attn.attention(q, keys, values, attn.mask(seg, k_seg, q_idx, k_idx))
+    x = x + jnp.einsum("bthk,hkd->btd", a, w["wo"].astype(dt))
+    x = constrain(x, ("batch", "seq", "act_embed"))
+    h = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, w["w_gate"].astype(dt))
+    up = jnp.einsum("btd,df->btf", h, w["w_up"].astype(dt))
+    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["w_down"].astype(dt))
+    return constrain(x, ("batch", "seq", "act_embed")), new_kv
+
+
+def _param(rngs, shape, axes, std, dtype):
+    init = jnp.ones if std is None else (lambda s, d: std * jax.random.normal(rngs.params(), s, d))
+    return nnx.Param(init(shape, dtype), axes=axes)
+
+
+class Llama(nnx.Module):
+    """Llama 3. `scan_layers` and `remat` are runtime choices; they do not change the parameters."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, scan_layers: bool = True, remat: Remat = "none"):
+        self.cfg = cfg
+        self.scan_layers = scan_layers
+        self.remat = remat
+        pd = jnp.dtype(cfg.param_dtype)
+        L, D, H, KV, K, F, V = (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                                cfg.intermediate_size, cfg.vocab_size)
+        std = 0.02
+        self.embed = _param(rngs, (V, D), ("vocab", "embed"), std, pd)
+        self.layers = nnx.Dict(
+            attn_norm=_param(rngs, (L, D), ("layers", "norm"), None, pd),
+            wq=_param(rngs, (L, D, H, K), ("layers", "embed", "q_heads", "head_dim"), std, pd),
+            wk=_param(rngs, (L, D, KV, K), ("layers", "embed", "kv_heads", "head_dim"), std, pd),
+            wv=_param(rngs, (L, D, KV, K), ("layers", "embed", "kv_heads", "head_dim"), std, pd),
+            wo=_param(rngs, (L, H, K, D), ("layers", "q_heads", "head_dim", "embed"), std, pd),
+            mlp_norm=_param(rngs, (L, D), ("layers", "norm"), None, pd),
+            w_gate=_param(rngs, (L, D, F), ("layers", "embed", "mlp"), std, pd),
+            w_up=_param(rngs, (L, D, F), ("layers", "embed", "mlp"), std, pd),
+            w_down=_param(rngs, (L, F, D), ("layers", "mlp", "embed"), std, pd),
+        )
+        self.norm = _param(rngs, (D,), ("norm",), None, pd)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), std, pd)
+
+    def __call__(self, tokens, positions, segment_ids, cache: KVCache | None = None):
+        """tokens, positions, segment_ids: (B, T) int32 (segment 0 = padding).
+
+        Returns float32 logits (B, T, vocab) and the updated cache (None without one).
+        """
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        x = constrain(x, ("batch", "seq", "act_embed"))
+        cos, sin = rope.cos_sin(positions, cfg)
+        weights = {name: p[...] for name, p in self.layers.items()}
+
+        if cache is None:
+            index, cache_seg, kv = 0, None, None
+        else:
+            index = cache.index
+            cache_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, index))
+            kv = (cache.k, cache.v)
+
+        def layer(x, w, layer_kv):
+            return decoder_layer(cfg, w, x, cos, sin, segment_ids, layer_kv, cache_seg, index)
+
+        if self.remat != "none":
+            policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "dots" else None
+            layer = jax.checkpoint(layer, policy=policy)
+
+        if self.scan_layers:
+            def body(x, xs):
+                w, layer_kv = xs
+                return layer(x, w, layer_kv)
+            x, new_kv = jax.lax.scan(body, x, (weights, kv))
+        else:
+            outs = []
+            for i in range(cfg.n_layers):
+                w_i = {n: a[i] for n, a in weights.items()}
+                x, kv_i = layer(x, w_i, None if kv is None else (kv[0][i], kv[1][i]))
+                outs.append(kv_i)
+            new_kv = None if kv is None else (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
+
+        x = rms_norm(x, self.norm[...], cfg.norm_eps)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "seq", "act_vocab"))
+        if cache is None:
+            return logits, None
+        new_cache = KVCache(k=new_kv[0], v=new_kv[1], segment_ids=cache_seg, index=index + tokens.shape[1])
+        return logits, new_cache
+
+
+def abstract_model(cfg: ModelConfig, **kwargs) -> Llama:
+    """Shapes only; nothing allocated. Restore and sharded init start from this."""
+    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), **kwargs))
