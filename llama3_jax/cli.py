@@ -1,0 +1,100 @@
+"""`llama3-jax convert|train|generate|score`: parse, validate, call the modules that do the work.
+
+Errors from bad input surface as one line on stderr and exit status 2; nothing else is printed
+for them (no traceback), because users run these from scripts over many files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _convert(args) -> None:
+    from .convert import convert
+    options = {}
+    if args.max_shard_size is not None:
+        options["max_shard_size"] = args.max_shard_size
+    if args.shards is not None:
+        options["shards"] = args.shards
+    convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format, dtype=args.dtype,
+            progress=not args.quiet, **options)
+
+
+def _train(args) -> None:
+    from .train import run_train
+    run_train(args.config, args.overrides)
+
+
+def _generate(args) -> None:
+    from .generate import run_generate
+    run_generate(args)
+
+
+def _score(args) -> None:
+    from .generate import run_score
+    run_score(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama3-jax", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert weights between hf, meta and jax formats")
+    c.add_argument("--from", dest="src_format", required=True, choices=["hf", "meta", "jax"])
+    c.add_argument("--to", dest="dst_format", required=True, choices=["hf", "meta", "jax"])
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="output dtype (default: keep the source dtype)")
+    c.add_argument("--max-shard-size", default=None, help="hf output: largest safetensors file, e.g. 5GB")
+    c.add_argument("--shards", type=int, default=None, help="meta output: model-parallel files (default 1)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=_convert)
+
+    t = sub.add_parser("train", help="pretrain or fine-tune from a YAML config")
+    t.add_argument("--config", default=None, help="YAML run config (e.g. configs/tiny.yaml)")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    t.set_defaults(func=_train)
+
+    g = sub.add_parser("generate", help="batched generation: JSONL prompts in, JSONL completions out")
+    _add_engine_args(g)
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    g.set_defaults(func=_generate)
+
+    s = sub.add_parser("score", help="per-token log-probs of given completions")
+    _add_engine_args(s)
+    s.set_defaults(func=_score)
+    return p
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a jax checkpoint (convert --to jax, or a train workdir)")
+    p.add_argument("--input", required=True, help="input JSONL")
+    p.add_argument("--output", required=True, help="output JSONL (appended; ids already there are skipped)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model path (default: the one in llama-models)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"llama3-jax {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llama3-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
