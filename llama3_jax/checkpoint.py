@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -112,5 +111,13 @@ def restore_params(directory: str | Path, mesh=None, step: int | None = None,
     return cfg, out["params"]
 
 
-def to_numpy(params: dict) -> dict:
-    return jax.tree.map(np.asarray, params)
+def load_model(directory: str | Path, mesh=None, dtype: str | None = None, **model_kwargs):
+    """A ready `Llama` from a checkpoint (eager use, tests, notebooks); `dtype` overrides compute dtype."""
+    import dataclasses
+
+    cfg, params = restore_params(directory, mesh)
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, dtype=dtype)
+    model = abstract_model(cfg, **model_kwargs)
+    nnx.update(model, params)
+    return model

@@ -203,7 +203,7 @@ def from_meta_params(p: dict, *, tie_embeddings: bool = False, source: str = "pa
             norm_eps=p.get("norm_eps", 1e-5),
             rope_theta=float(p.get("rope_theta", 500000.0)),
             rope_scaling=scaling,
-            max_seq_len=p.get("max_seq_len", 131072 if scaling else 8192),
+            max_seq_len=p.get("context_length", p.get("max_seq_len", 131072 if scaling else 8192)),
             tie_embeddings=tie_embeddings,
         )
     except KeyError as e:
@@ -211,6 +211,8 @@ def from_meta_params(p: dict, *, tie_embeddings: bool = False, source: str = "pa
 
 
 def to_meta_params(cfg: ModelConfig) -> dict:
+    """ModelConfig -> params.json that Meta's `Llama.build` loads; rope scaling and context length go in
+    extra keys (Meta's ModelArgs skips unknown keys) so that from_meta_params reads the model back exactly."""
     if cfg.head_dim * cfg.n_heads != cfg.dim:
         raise ValueError(f"Meta format needs head_dim*n_heads == dim, got {cfg.head_dim}*{cfg.n_heads} != {cfg.dim}")
     multiple_of, mult = _meta_ffn_args(cfg.dim, cfg.intermediate_size)
@@ -218,7 +220,9 @@ def to_meta_params(cfg: ModelConfig) -> dict:
         "dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
         "vocab_size": cfg.vocab_size, "multiple_of": multiple_of, "ffn_dim_multiplier": mult,
         "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "use_scaled_rope": cfg.rope_scaling is not None,
-        "max_seq_len": cfg.max_seq_len,
+        # not "max_seq_len": Meta's loader calls ModelArgs(max_seq_len=..., **params), which a key of
+        # that name turns into a TypeError; ModelArgs ignores keys it does not know, like this one.
+        "context_length": cfg.max_seq_len,
     }
     if cfg.rope_scaling is not None:
         rs = cfg.rope_scaling
@@ -274,6 +278,11 @@ def _coerce(tp, value, where: str):
         return tuple(value if isinstance(value, (list, tuple)) else [value])
     if tp is bool and not isinstance(value, bool):
         raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" as a string
+            value = float(value) if tp is float else int(value)
+        except ValueError:
+            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from None
     if tp in (int, float) and not isinstance(value, (int, float)) or isinstance(value, bool) and tp in (int, float):
         raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
     if tp is float:

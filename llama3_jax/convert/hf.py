@@ -135,7 +135,7 @@ class HFReader:
         self.headers = {f: read_header(f) for f in self.files}
         # HF name -> (our name, layer)
         self.names = {}
-        for name in NAMES:
+        for name in expected_shapes(self.config):
             if name.startswith("layers/"):
                 for i in range(self.config.n_layers):
                     self.names[hf_name(name, i)] = (name, i)
