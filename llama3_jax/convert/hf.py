@@ -241,7 +241,7 @@ class HFWriter:
         a = np.ascontiguousarray(_from_ours(NAMES[name][2], array).astype(self.dtype, copy=False))
         with open(path, "r+b") as f:
             f.seek(offset)
-            f.write(a.tobytes())
+            f.write(memoryview(a.reshape(-1).view(np.uint8)))
 
     def finish(self) -> None:
         torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[self.dtype.name]

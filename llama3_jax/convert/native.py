@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+import jax
 import numpy as np
 
 from .. import checkpoint
@@ -61,8 +62,10 @@ class JaxWriter:
             self.arrays[name][layer] = array
 
     def finish(self) -> None:
+        # Hand each array to jax and drop the numpy copy at once, so the model is never held twice.
         params: dict = {"layers": {}}
-        for name, a in self.arrays.items():
+        for name in list(self.arrays):
+            a = jax.device_put(self.arrays.pop(name))
             if name.startswith("layers/"):
                 params["layers"][name.split("/", 1)[1]] = a
             else:
