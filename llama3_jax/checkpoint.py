@@ -111,6 +111,32 @@ def restore_params(directory: str | Path, mesh=None, step: int | None = None,
     return cfg, out["params"]
 
 
+def restore_one(directory: str | Path, cfg: ModelConfig, name: str, step: int | None = None) -> jax.Array:
+    """One parameter ("embed", "layers/wq", ...) by partial restore, so converters never hold the model."""
+    path = name.split("/")
+    leaf = abstract_params(cfg)
+    for p in path:
+        leaf = leaf[p]
+    sub = leaf
+    for p in reversed(path):
+        sub = {p: sub}
+    restore_args = jax.tree.map(
+        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), sub)
+    with manager(directory, read_only=True) as m:
+        step = m.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory}: no checkpoint step found")
+        try:
+            out = m.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+                item=sub, restore_args=restore_args, partial_restore=True)))["params"]
+        except (ValueError, KeyError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{directory} step {step}: cannot restore {name} ({msg})") from None
+    for p in path:
+        out = out[p]
+    return out
+
+
 def load_model(directory: str | Path, mesh=None, dtype: str | None = None, **model_kwargs):
     """A ready `Llama` from a checkpoint (eager use, tests, notebooks); `dtype` overrides compute dtype."""
     import dataclasses

@@ -23,25 +23,17 @@ class JaxReader:
         self.dtype = np.dtype(self.config.param_dtype)
 
     def tensors(self) -> Iterator[Tensor]:
-        try:
-            _, params = checkpoint.restore_params(self.src, cfg=self.config)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConvertError(str(e)) from None
-        for name, value in _flatten(params):
-            a = np.asarray(value)
+        for name in expected_shapes(self.config):  # one stored array at a time (partial restore)
+            try:
+                a = np.asarray(checkpoint.restore_one(self.src, self.config, name))
+            except (FileNotFoundError, ValueError) as e:
+                raise ConvertError(str(e)) from None
             if name.startswith("layers/"):
                 for i in range(a.shape[0]):
                     yield Tensor(name, i, a[i], f"{self.src}:{name}[{i}]")
             else:
                 yield Tensor(name, None, a, f"{self.src}:{name}")
-
-
-def _flatten(tree: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, f"{prefix}{k}/")
-        else:
-            yield f"{prefix}{k}", v
+            del a
 
 
 class JaxWriter:
