@@ -232,12 +232,19 @@ def to_meta_params(cfg: ModelConfig) -> dict:
     return out
 
 
+# (dim, ffn width) -> Meta's published (multiple_of, ffn_dim_multiplier): 3/3.1 8B, 70B, 405B, 3.2 1B, 3B
+_PUBLISHED_FFN_ARGS = {(4096, 14336): (1024, 1.3), (8192, 28672): (4096, 1.3), (16384, 53248): (4096, 1.2),
+                       (2048, 8192): (256, 1.5), (3072, 8192): (256, 1.0)}
+
+
 def _meta_ffn_args(dim: int, ffn: int) -> tuple[int, float | None]:
-    """Find (multiple_of, ffn_dim_multiplier) reproducing `ffn`: the published pairs first, then an exact one."""
-    for multiple_of in (4096, 1024, 256):
-        for mult in (1.3, 1.2, 1.5, 1.0, None):
-            if meta_ffn_dim(dim, multiple_of, mult) == ffn:
-                return multiple_of, mult
+    """(multiple_of, ffn_dim_multiplier) reproducing `ffn`: Meta's published pair for a published shape,
+    else one that Meta's rule maps exactly to `ffn`."""
+    if (dim, ffn) in _PUBLISHED_FFN_ARGS:
+        return _PUBLISHED_FFN_ARGS[(dim, ffn)]
+    for multiple_of in (1024, 256):
+        if meta_ffn_dim(dim, multiple_of, None) == ffn:
+            return multiple_of, None
     base = int(2 * (4 * dim) / 3)
     mult = (ffn - 0.5) / base  # int(mult*base) lands just below ffn; rounding up to `ffn` gives ffn
     assert meta_ffn_dim(dim, ffn, mult) == ffn

@@ -46,7 +46,6 @@ def test_unknown_preset_suggests():
 def test_meta_ffn_rule_reproduces_published_widths(name):
     cfg = load_model_config(name)
     multiple_of, mult = _meta_ffn_args(cfg.dim, cfg.intermediate_size)
-    assert mult is not None and multiple_of in (256, 1024, 4096)
     assert meta_ffn_dim(cfg.dim, multiple_of, mult) == cfg.intermediate_size
 
 
