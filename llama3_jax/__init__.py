@@ -1,0 +1,28 @@
+"""llama3-jax: Meta's Llama 3 family in JAX / Flax NNX.
+
+The common entry points are importable from the package (loaded on first use, so
+`llama3-jax convert` does not pay for what it does not touch):
+
+    from llama3_jax import Tokenizer, load_model, load_model_config, Generator
+    from llama3_jax.convert import convert
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ModelConfig": "config", "load_model_config": "config",
+    "Tokenizer": "tokenizer",
+    "load_model": "checkpoint", "restore_params": "checkpoint",
+    "Llama": "model",
+    "Generator": "generate",
+    "make_mesh": "sharding",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'llama3_jax' has no attribute {name!r}")
