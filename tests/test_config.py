@@ -78,5 +78,7 @@ def test_yaml_overrides_and_unknown_keys(tmp_path):
         load_yaml_config(_Run, f, ["mesh.fsdb=2"])
     with pytest.raises(ValueError, match="steps"):
         load_yaml_config(_Run, f, ["steps=many"])
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_yaml_config(_Run, f, ["mesh={data: 2"])
     with pytest.raises(ValueError, match="not found"):
         load_yaml_config(_Run, tmp_path / "nope.yaml")
