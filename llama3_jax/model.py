@@ -43,11 +43,13 @@ def rms_norm(x, weight, eps: float):
     return weight.astype(x.dtype) * xf.astype(x.dtype)
 
 
-def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, cache_seg=None, index=0):
+def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, cache_seg=None, index=0, layer=0):
     """One transformer block as a pure function of its weights `w` (one layer's slice).
 
     x (B, T, D). Without a cache, keys are this call's tokens; with one, k/v are written at slots
-    [index, index + T) of cache_kv = (k, v), each (B, S, KV, K), and attention reads the whole cache.
+    [index, index + T) of layer `layer` of cache_kv = (k, v), each the whole stacked (L, B, S, KV, K)
+    buffer, and attention reads that layer's slots. Writing into the whole buffer (not a per-layer
+    slice that is stacked again) keeps the update in place: no copy of the cache per decode step.
     Returns (x, (k, v) or None).
     """
     dt = x.dtype
@@ -62,10 +64,10 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
         keys, values, k_seg, k_idx, new_kv = k, v, seg, jnp.arange(t), None
     else:
         ck, cv = cache_kv
-        keys = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-        values = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-        k_seg, k_idx, new_kv = cache_seg, jnp.arange(ck.shape[1]), (keys, values)
-        keys, values = keys.astype(dt), values.astype(dt)
+        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, index, 0, 0))
+        k_seg, k_idx, new_kv = cache_seg, jnp.arange(ck.shape[2]), (ck, cv)
+        keys, values = ck[layer].astype(dt), cv[layer].astype(dt)
     a = attn.attention(q, keys, values, attn.mask(seg, k_seg, q_idx, k_idx))
     x = x + jnp.einsum("bthk,hkd->btd", a, w["wo"].astype(dt))
     x = constrain(x, ("batch", "seq", "act_embed"))
@@ -108,10 +110,12 @@ class Llama(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), std, pd)
 
-    def __call__(self, tokens, positions, segment_ids, cache: KVCache | None = None):
+    def __call__(self, tokens, positions, segment_ids, cache: KVCache | None = None, last_only: bool = False):
         """tokens, positions, segment_ids: (B, T) int32 (segment 0 = padding).
 
-        Returns float32 logits (B, T, vocab) and the updated cache (None without one).
+        Returns float32 logits (B, T, vocab) and the updated cache (None without one). `last_only` gives
+        logits (B, 1, vocab) of the last slot only: prefill of left-padded prompts needs no more, and
+        B * T * vocab float32 logits would dominate its memory.
         """
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
@@ -127,26 +131,27 @@ class Llama(nnx.Module):
             cache_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, index))
             kv = (cache.k, cache.v)
 
-        def layer(x, w, layer_kv):
-            return decoder_layer(cfg, w, x, cos, sin, segment_ids, layer_kv, cache_seg, index)
+        def layer(x, w, kv, i):
+            return decoder_layer(cfg, w, x, cos, sin, segment_ids, kv, cache_seg, index, i)
 
         if self.remat != "none":
             policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "dots" else None
             layer = jax.checkpoint(layer, policy=policy)
 
+        # the whole cache is carried through the layers (not scanned as xs/ys, which would copy it)
         if self.scan_layers:
-            def body(x, xs):
-                w, layer_kv = xs
-                return layer(x, w, layer_kv)
-            x, new_kv = jax.lax.scan(body, x, (weights, kv))
+            def body(carry, xs):
+                x, kv = carry
+                w, i = xs
+                return layer(x, w, kv, i), None
+            (x, new_kv), _ = jax.lax.scan(body, (x, kv), (weights, jnp.arange(cfg.n_layers)))
         else:
-            outs = []
+            new_kv = kv
             for i in range(cfg.n_layers):
-                w_i = {n: a[i] for n, a in weights.items()}
-                x, kv_i = layer(x, w_i, None if kv is None else (kv[0][i], kv[1][i]))
-                outs.append(kv_i)
-            new_kv = None if kv is None else (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
+                x, new_kv = layer(x, {n: a[i] for n, a in weights.items()}, new_kv, i)
 
+        if last_only:
+            x = x[:, -1:]
         x = rms_norm(x, self.norm[...], cfg.norm_eps)
         if cfg.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt), preferred_element_type=jnp.float32)

@@ -1,0 +1,168 @@
+"""Decode throughput: llama3-jax vs transformers `generate` on the same weights, and the bandwidth roofline.
+
+    python benchmarks/decode.py                      # ~126M-param Llama-3-shaped model, float32
+    python benchmarks/decode.py --dim 256 --layers 4 --new-tokens 32   # a quick smoke run
+
+A random `transformers.LlamaForCausalLM` (GQA, SwiGLU, llama3 rope scaling) is converted with
+`llama3-jax convert`; both sides then greedily generate --new-tokens tokens (never stopping: --ignore-eos
+semantics) after a --prompt-len-token prompt, at each batch size. tokens/s = batch * new tokens / wall
+time of one whole generate call (prefill included; prompts are short), the best of --repeats calls
+after a warm-up call (the JAX side compiles there; torch builds its kernels). transformers runs first,
+before jax is imported, so the two runtimes' thread pools never compete.
+
+The roofline is the bandwidth bound of decoding: each step reads every weight but the embedding table
+(only B rows of it are gathered) plus the KV cache, so
+    tokens/s <= batch * bandwidth / bytes per step,
+with the bandwidth measured by a numpy copy of a large array (read + write bytes / time). At large
+batches a CPU is compute-bound long before it meets this bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--ffn", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of both sides")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per point after the warm-up; best is kept")
+    p.add_argument("--torch-threads", type=int, default=os.cpu_count(),
+                   help="torch intra-op threads (1 is faster on a small, shared VM where OpenMP threads wait "
+                        "on each other)")
+    p.add_argument("--xla-defaults", action="store_true",
+                   help="keep XLA:CPU's default dot fusion (by default this script turns off its YNN fusion, "
+                        "which made f32 decode ~1.6x slower on the 2-core x86 VM this was written on)")
+    p.add_argument("--skip-transformers", action="store_true")
+    return p.parse_args(argv)
+
+
+def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s moved by np.copyto of a large array (each byte is read once and written once)."""
+    src = np.ones(nbytes // 8, np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    return 2 * src.nbytes / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.torch_threads)
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
+        rms_norm_eps=1e-5, max_position_embeddings=131072, rope_theta=500000.0, bos_token_id=1, eos_token_id=2,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192})
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.generation_config.eos_token_id = None
+    hf = hf.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype])
+    n = args.new_tokens
+    rng = np.random.default_rng(0)
+    prompts = {b: rng.integers(3, args.vocab, (b, args.prompt_len)).tolist() for b in args.batch_sizes}
+
+    # transformers first, before jax is imported: XLA's CPU thread pool would compete with torch's threads
+    t_hf = {}
+    for b in ([] if args.skip_transformers else args.batch_sizes):
+        print(f"batch {b}: transformers warm-up + run ...", file=sys.stderr)
+        ids = torch.tensor(prompts[b])
+
+        def hf_run():
+            with torch.inference_mode():
+                out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                                  min_new_tokens=n, pad_token_id=0)
+            assert out.shape == (b, args.prompt_len + n)
+
+        hf_run()  # every cache length once: oneDNN builds kernels per shape
+        t_hf[b] = min(_timed(hf_run) for _ in range(args.repeats))
+
+    flag = "--xla_cpu_experimental_ynn_fusion_type="
+    if not args.xla_defaults and "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    tmp = tempfile.TemporaryDirectory()
+    hf.save_pretrained(Path(tmp.name) / "hf")
+    del hf
+    import jax
+
+    from llama3_jax.convert import convert
+    from llama3_jax.engine import Generator
+    convert(Path(tmp.name) / "hf", Path(tmp.name) / "jax", src_format="hf", dst_format="jax", progress=False)
+    gen = Generator(Path(tmp.name) / "jax", dtype=args.dtype)
+    tmp.cleanup()
+
+    t_jax = {}
+    for b in args.batch_sizes:
+        print(f"batch {b}: llama3-jax warm-up + run ...", file=sys.stderr)
+
+        def run():
+            out = gen.generate(prompts[b], n, ignore_eos=True, batch_size=b, decode_text=False)
+            assert all(len(c.tokens) == n for c in out)
+
+        run()  # compiles
+        t_jax[b] = min(_timed(run) for _ in range(args.repeats))
+
+    cfg = gen.cfg
+    itemsize = np.dtype(jax.numpy.dtype(args.dtype)).itemsize
+    n_params = cfg.num_params()
+    weight_bytes = (n_params - cfg.vocab_size * cfg.dim * (0 if cfg.tie_embeddings else 1)) * itemsize
+    print("measuring memory bandwidth ...", file=sys.stderr)
+    bandwidth = measure_bandwidth()
+    rows = []
+    for b in args.batch_sizes:
+        # KV cache read per step, at the mean decode length
+        kv_bytes = 2 * cfg.n_layers * b * (args.prompt_len + n / 2) * cfg.n_kv_heads * cfg.head_dim * itemsize
+        roof = b * bandwidth / (weight_bytes + kv_bytes)
+        rows.append((b, b * n / t_jax[b], b * n / t_hf[b] if b in t_hf else None, roof, 1e3 * t_jax[b] / n))
+
+    dev = jax.devices()[0]
+    print(f"\n### Decode throughput ({args.dtype}, prompt {args.prompt_len} tokens, {n} new tokens, greedy, "
+          f"ignore-eos)\n")
+    print(f"- model: Llama-3-shaped, {n_params / 1e6:.1f}M params (dim {cfg.dim}, {cfg.n_layers} layers, "
+          f"{cfg.n_heads} heads / {cfg.n_kv_heads} kv heads x {cfg.head_dim}, mlp {cfg.intermediate_size}, "
+          f"vocab {cfg.vocab_size}); random weights converted from transformers")
+    print(f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+          f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), torch {torch.__version__} "
+          f"({args.torch_threads} threads), "
+          f"transformers {transformers.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"- measured memory bandwidth (numpy copy of 1 GiB): {bandwidth / 1e9:.1f} GB/s; weights read per "
+          f"decode step: {weight_bytes / 1e6:.0f} MB (+ KV cache)\n")
+    print("| batch | llama3-jax tokens/s | ms / step | transformers tokens/s | jax / transformers | "
+          "bandwidth roofline tokens/s | jax % of roofline |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for b, tj, th, roof, ms in rows:
+        hf_s = "-" if th is None else f"{th:.1f}"
+        ratio = "-" if th is None else f"{tj / th:.2f}x"
+        print(f"| {b} | {tj:.1f} | {ms:.1f} | {hf_s} | {ratio} | {roof:.1f} | {100 * tj / roof:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""The decoding engine: restore once, then prefill + decode whole batches on device.
+
+Per batch, one call of one jitted function does everything:
+  * prompts are LEFT-padded to a power-of-two bucket P (few compiles), so every row's last prompt token
+    sits in the same slot and all rows write the same cache slot each step (see kv_cache.py);
+  * prefill runs the ragged batch in one pass: per-row positions restart at 0 at the first real token,
+    padding has segment 0 and is masked;
+  * the decode loop is a `lax.while_loop` with a per-row done mask (stop token hit, or a padding row),
+    so there is no Python work per token; it exits when every row is done or after max_new steps;
+  * the KV cache (L, B, P + max_new, KV, K) is allocated once per batch shape with the sharding the
+    logical rules give (`batch`, `kv_heads`), donated to the call and written in place with
+    dynamic_update_slice; the call hands it back and the next batch of the same shape reuses it.
+The model runs as a pure function: `nnx.merge(graphdef, params)` inside jit (no nnx.jit per token).
+Prefill asks the model for the last slot's logits only (B x P x V float32 logits would dominate memory).
+
+Shapes: B batch, P padded prompt, N max new tokens, S = P + N cache slots, V vocab.
+Single process: inputs are placed with `device_put` of host arrays (no multi-host batch assembly yet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import checkpoint
+from . import sampling as sampling_lib
+from .config import ModelConfig
+from .kv_cache import CACHE_AXES, KVCache
+from .model import abstract_model
+from .sharding import named_sharding
+
+MIN_BUCKET = 16
+STOP_SLOTS = 8  # stop-id arrays are padded with -1 to a multiple of this: one compile for any stop set
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    """Smallest power of two >= n (and >= minimum): the padded prompt length."""
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    tokens: list[int]     # generated ids, without the stop token
+    finish_reason: str    # "stop" (a stop token was generated) or "length" (max_new_tokens reached)
+    text: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    tokens: list[int]     # the completion ids
+    logprobs: list[float]  # log p(token_i | prompt, tokens_<i), one per completion token
+
+    @property
+    def sum_logprob(self) -> float:
+        return float(np.sum(np.asarray(self.logprobs, np.float64)))
+
+
+# ----------------------------------------------------------------------------- pure device functions
+
+
+def left_padded_layout(lengths: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+    """lengths (B,) -> positions, segment_ids (B, width) for rows right-aligned in `width` slots."""
+    pad = width - lengths[:, None]
+    slot = jnp.arange(width)[None, :]
+    segment_ids = (slot >= pad).astype(jnp.int32)
+    positions = jnp.maximum(slot - pad, 0).astype(jnp.int32)
+    return positions, segment_ids
+
+
+def prefill(model, tokens: jax.Array, lengths: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """tokens (B, P) left-padded, lengths (B,) -> logits of each row's last prompt token (B, V), cache."""
+    positions, segment_ids = left_padded_layout(lengths, tokens.shape[1])
+    logits, cache = model(tokens, positions, segment_ids, cache, last_only=True)
+    return logits[:, 0], cache
+
+
+def decode_step(model, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """One new token per row: tokens, positions (B,) -> logits (B, V), cache advanced by one slot."""
+    ones = jnp.ones_like(tokens)[:, None]
+    logits, cache = model(tokens[:, None], positions[:, None], ones, cache)
+    return logits[:, 0], cache
+
+
+def _row_keys(seed: jax.Array, row_seeds: jax.Array) -> jax.Array:
+    base = jax.random.key(seed)
+    return jax.vmap(lambda r: jax.random.fold_in(base, r))(row_seeds)
+
+
+def _sample(sampler, logits: jax.Array, row_keys: jax.Array, step) -> jax.Array:
+    """Each row draws with its own key folded with the step: independent of batch composition."""
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+    return jax.vmap(sampler.sample)(logits, keys)
+
+
+def generate_batch(graphdef, sampler, max_new: int, params, cache: KVCache, tokens, lengths, active,
+                   row_seeds, seed, stop_ids):
+    """Prefill + decode one batch. Returns out (B, N) ids, n_kept (B,), cache.
+
+    Row r's answer is out[r, :n_kept[r]]; n_kept < N means it stopped on a stop token (excluded).
+    Rows with active=False (batch padding) start done and never keep the loop running.
+    """
+    model = nnx.merge(graphdef, params)
+    b = tokens.shape[0]
+    cache = dataclasses.replace(cache, index=jnp.zeros((), jnp.int32))  # reused buffers: start at slot 0
+    row_keys = _row_keys(seed, row_seeds)
+
+    def is_stop(tok):
+        return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+
+    last_logits, cache = prefill(model, tokens, lengths, cache)
+    tok = _sample(sampler, last_logits, row_keys, 0)
+    out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok)
+    hit = is_stop(tok)
+    n_kept = jnp.where(hit, 0, max_new).astype(jnp.int32)
+    done = hit | ~active
+
+    def cond(state):
+        step, _, _, done, _, _ = state
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(state):
+        step, tok, out, done, n_kept, cache = state
+        logits, cache = decode_step(model, tok, lengths + step - 1, cache)
+        tok = _sample(sampler, logits, row_keys, step)
+        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
+        hit = is_stop(tok) & ~done
+        n_kept = jnp.where(hit, step, n_kept)
+        return step + 1, tok, out, done | hit, n_kept, cache
+
+    state = (jnp.ones((), jnp.int32), tok, out, done, n_kept, cache)
+    _, _, out, _, n_kept, cache = jax.lax.while_loop(cond, body, state)
+    return out, n_kept, cache
+
+
+def score_batch(graphdef, params, tokens, lengths):
+    """tokens (B, T) left-padded sequences -> log p(tokens[:, t+1] | tokens[:, :t+1]) (B, T-1)."""
+    model = nnx.merge(graphdef, params)
+    positions, segment_ids = left_padded_layout(lengths, tokens.shape[1])
+    logits, _ = model(tokens, positions, segment_ids)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+# ----------------------------------------------------------------------------------------- Generator
+
+
+class Generator:
+    """Batched generation and scoring with one restored checkpoint.
+
+        gen = Generator("ckpt/", dtype="bfloat16")
+        [c] = gen.generate(["The capital of France is"], max_new_tokens=16, sampling=TopP(0.9, 0.7), seed=1)
+        c.text, c.tokens, c.finish_reason
+
+    `dtype` is the compute dtype; with bfloat16 the parameters are cast once at restore (orbax casts into
+    the abstract target), halving the bytes each decode step reads. `mesh` (sharding.make_mesh) shards
+    parameters and the KV cache by the logical rules; None runs on the first device.
+    """
+
+    def __init__(self, checkpoint_dir: str | Path | None = None, dtype: str = "bfloat16", mesh=None, *,
+                 tokenizer=None, cfg: ModelConfig | None = None, params: dict | None = None):
+        if dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
+        if params is None:
+            if checkpoint_dir is None:
+                raise ValueError("Generator needs a checkpoint directory (or cfg and params)")
+            stored = checkpoint.load_config(checkpoint_dir)
+            cfg = dataclasses.replace(stored, dtype=dtype, param_dtype=dtype)
+            cfg, params = checkpoint.restore_params(checkpoint_dir, mesh, cfg=cfg)
+        else:  # already in memory (tests, benchmarks): cast the same way
+            cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+            params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+        self.cfg, self.params, self.mesh, self.dtype = cfg, params, mesh, dtype
+        self.graphdef, _ = nnx.split(abstract_model(cfg))
+        self._tokenizer = tokenizer
+        self._cache: KVCache | None = None
+        self._generate = jax.jit(functools.partial(generate_batch, self.graphdef),
+                                 static_argnames=("sampler", "max_new"), donate_argnames=("cache",))
+        self._score = jax.jit(functools.partial(score_batch, self.graphdef))
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def tokenizer(self):
+        """The Llama 3 tokenizer (loaded on first use; a path or a Tokenizer may be given)."""
+        from .tokenizer import Tokenizer
+        if not hasattr(self._tokenizer, "decode"):
+            self._tokenizer = Tokenizer(self._tokenizer)
+        return self._tokenizer
+
+    def default_stop_ids(self) -> list[int]:
+        """The config's eos_ids plus the tokenizer's stop tokens (<|end_of_text|>, <|eom_id|>,
+        <|eot_id|>) where they exist in this model's vocabulary."""
+        ids = set(self.cfg.eos_ids)
+        try:
+            ids |= set(self.tokenizer.stop_tokens)
+        except (ModuleNotFoundError, FileNotFoundError):
+            pass
+        return sorted(i for i in ids if 0 <= i < self.cfg.vocab_size)
+
+    def check_ids(self, ids: Sequence[int]) -> None:
+        """Raise ValueError unless `ids` is a non-empty list of in-vocabulary token ids."""
+        if len(ids) == 0:
+            raise ValueError("empty prompt")
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise ValueError(f"token {i} is {t!r}, not an integer id")
+            if not 0 <= t < self.cfg.vocab_size:
+                raise ValueError(f"token id {t} (position {i}) is outside the vocabulary [0, {self.cfg.vocab_size})")
+
+    def context_error(self, n_prompt: int, max_new_tokens: int = 0) -> str | None:
+        """Why a prompt of n_prompt tokens (+ max_new_tokens) does not fit the context, or None."""
+        ctx = self.cfg.max_seq_len
+        if n_prompt >= ctx:
+            return f"prompt of {n_prompt} tokens does not fit the model's context of {ctx} tokens"
+        if n_prompt + max_new_tokens > ctx:
+            return (f"prompt of {n_prompt} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+                    f"context of {ctx} tokens")
+        return None
+
+    def _scope(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _put(self, x: np.ndarray, names) -> jax.Array:
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, named_sharding(self.mesh, names, x.shape))
+
+    def _cache_for(self, batch: int, slots: int) -> KVCache:
+        """Reuse the last batch's cache when the shape matches (it was donated and handed back)."""
+        c = self._cache
+        if c is not None and c.k.shape[1:3] == (batch, slots):
+            self._cache = None
+            return c
+        self._cache = None  # free the old buffers before allocating new ones
+        shape = (self.cfg.n_layers, batch, slots, self.cfg.n_kv_heads, self.cfg.head_dim)
+        init = functools.partial(KVCache.init, self.cfg, batch, slots, jnp.dtype(self.dtype))
+        if self.mesh is None:  # committed to the device, like the cache the call hands back (no recompile)
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            out = KVCache(k=one, v=one, segment_ids=one, index=one)
+        else:
+            kv = named_sharding(self.mesh, CACHE_AXES, shape)
+            out = KVCache(k=kv, v=kv, segment_ids=named_sharding(self.mesh, ("batch", "cache_seq"), shape[1:3]),
+                          index=named_sharding(self.mesh, (), ()))
+        return jax.jit(init, out_shardings=out)()
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, bos=True, eos=False)
+        return [int(t) for t in prompt]
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 256,
+                 sampling: sampling_lib.Sampler = sampling_lib.Greedy(), *, seed: int = 0, ignore_eos: bool = False,
+                 stop_ids: Sequence[int] | None = None, batch_size: int = 8, decode_text: bool = True
+                 ) -> list[Completion]:
+        """Complete each prompt (text: BOS is added; or a list of token ids, used as given).
+
+        Results come back in input order. Row i samples with keys from (seed, i, step), so a prompt's
+        output does not depend on the batch it lands in. Raises ValueError on a bad or too-long prompt.
+        """
+        ids = [self._encode(p) for p in prompts]
+        for i, p in enumerate(ids):
+            try:
+                self.check_ids(p)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+            err = self.context_error(len(p), max_new_tokens)
+            if err:
+                raise ValueError(f"prompt {i}: {err}")
+        results: list[Completion | None] = [None] * len(ids)
+        for batch in self.generate_batches(ids, max_new_tokens, sampling, seed=seed, ignore_eos=ignore_eos,
+                                           stop_ids=stop_ids, batch_size=batch_size, decode_text=decode_text):
+            for i, c in batch:
+                results[i] = c
+        return results
+
+    def generate_batches(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                         sampling: sampling_lib.Sampler = sampling_lib.Greedy(), *, seed: int = 0,
+                         row_seeds: Sequence[int] | None = None, ignore_eos: bool = False,
+                         stop_ids: Sequence[int] | None = None, batch_size: int = 8,
+                         decode_text: bool = True) -> Iterator[list[tuple[int, Completion]]]:
+        """Yield [(prompt index, Completion)] per finished batch; prompts are checked token-id lists.
+
+        Prompts are sorted longest first and cut into batches of `batch_size` (less padding; the
+        largest shapes compile and allocate first, so a memory problem shows at once). `row_seeds`
+        (default: the prompt index) picks each row's random stream.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not prompts:
+            return
+        row_seeds = list(range(len(prompts))) if row_seeds is None else list(row_seeds)
+        stops = [] if ignore_eos else list(self.default_stop_ids() if stop_ids is None else stop_ids)
+        width = max(STOP_SLOTS, -(-len(stops) // STOP_SLOTS) * STOP_SLOTS)
+        stop_arr = jnp.asarray(np.array(stops + [-1] * (width - len(stops)), np.int32))
+        b = min(batch_size, len(prompts))
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        for start in range(0, len(order), b):
+            rows = order[start:start + b]
+            p = bucket(max(len(prompts[i]) for i in rows))
+            tokens = np.zeros((b, p), np.int32)
+            lengths = np.ones((b,), np.int32)
+            active = np.zeros((b,), bool)
+            seeds = np.zeros((b,), np.int32)
+            for r, i in enumerate(rows):
+                tokens[r, p - len(prompts[i]):] = prompts[i]
+                lengths[r], active[r], seeds[r] = len(prompts[i]), True, row_seeds[i]
+            cache = self._cache_for(b, p + max_new_tokens)
+            with self._scope():
+                out, n_kept, cache = self._generate(
+                    params=self.params, cache=cache, tokens=self._put(tokens, ("batch", "seq")),
+                    lengths=self._put(lengths, ("batch",)), active=self._put(active, ("batch",)),
+                    row_seeds=self._put(seeds, ("batch",)), seed=jnp.int32(seed), stop_ids=stop_arr,
+                    sampler=sampling, max_new=max_new_tokens)
+            self._cache = cache
+            out, n_kept = np.asarray(out), np.asarray(n_kept)
+            batch = []
+            for r, i in enumerate(rows):
+                toks = out[r, :n_kept[r]].tolist()
+                reason = "stop" if n_kept[r] < max_new_tokens else "length"
+                text = self.tokenizer.decode(toks) if decode_text else None
+                batch.append((i, Completion(toks, reason, text)))
+            yield batch
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8) -> list[Scored]:
+        """Log-probs of each completion given its prompt: pairs of (prompt ids, completion ids)."""
+        for i, (p, c) in enumerate(pairs):
+            try:
+                self.check_ids(p)
+                if len(c):
+                    self.check_ids(c)
+            except ValueError as e:
+                raise ValueError(f"pair {i}: {e}") from None
+            err = self.context_error(len(p) + len(c) - 1)
+            if err:
+                raise ValueError(f"pair {i}: {err}")
+        results: list[Scored | None] = [None] * len(pairs)
+        for batch in self.score_batches(pairs, batch_size):
+            for i, s in batch:
+                results[i] = s
+        return results
+
+    def score_batches(self, pairs, batch_size: int = 8) -> Iterator[list[tuple[int, Scored]]]:
+        """Yield [(pair index, Scored)] per batch; sequences are sorted by length and bucketed."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not pairs:
+            return
+        total = [len(p) + len(c) for p, c in pairs]
+        b = min(batch_size, len(pairs))
+        order = sorted(range(len(pairs)), key=lambda i: -total[i])
+        for start in range(0, len(order), b):
+            rows = order[start:start + b]
+            t = bucket(max(total[i] for i in rows))
+            tokens = np.zeros((b, t), np.int32)
+            lengths = np.ones((b,), np.int32)
+            for r, i in enumerate(rows):
+                seq = list(pairs[i][0]) + list(pairs[i][1])
+                tokens[r, t - len(seq):] = seq
+                lengths[r] = len(seq)
+            with self._scope():
+                logp = np.asarray(self._score(self.params, self._put(tokens, ("batch", "seq")),
+                                              self._put(lengths, ("batch",))))
+            batch = []
+            for r, i in enumerate(rows):
+                n_prompt, n_comp = len(pairs[i][0]), len(pairs[i][1])
+                first = t - total[i] + n_prompt - 1  # logp[:, j] scores the token in slot j + 1
+                batch.append((i, Scored(list(pairs[i][1]), logp[r, first:first + n_comp].tolist())))
+            yield batch

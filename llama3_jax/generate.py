@@ -1,0 +1,288 @@
+"""`llama3-jax generate` and `score`: JSONL in, JSONL out, resumable after a crash.
+
+generate input lines (one of prompt / messages / tokens):
+    {"id": ..., "prompt": "text"}                 BOS is added
+    {"id": ..., "messages": [{"role", "content"}]} Llama 3 chat format, ends in an open assistant header
+    {"id": ..., "tokens": [ids]}                  used as given
+output lines: {"id", "text", "tokens", "finish_reason": "stop" | "length"}; tokens exclude the stop token.
+score input lines: {"id", "prompt", "completion"} (text; BOS before the prompt) or
+{"id", "prompt_tokens", "completion_tokens"}; output {"id", "tokens", "logprobs", "sum_logprob"}.
+
+Behaviour the tests pin down:
+  * prompts are sorted by length into batches (less padding); each finished batch is appended to the
+    output at once (flush + fsync), so output order is not input order;
+  * a rerun with the same output skips ids already there; a torn last line from a crash is cut off;
+  * a bad input line (invalid JSON, missing or duplicate id, no prompt, a token id outside the
+    vocabulary, ...) is reported on stderr as `FILE:LINE: skipped: why` and skipped;
+  * a prompt that does not fit the context (prompt + max_new_tokens > max_seq_len) is not a crash: it
+    gets an output line {"id", "error": "..."} (and a stderr report), so a rerun does not retry it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import zlib
+from pathlib import Path
+
+from . import sampling
+from .engine import Generator
+
+# ------------------------------------------------------------------------------------ JSONL plumbing
+
+
+def _key(id_) -> str:
+    """Ids are compared by their JSON text, so 1 and "1" are different ids."""
+    return json.dumps(id_)
+
+
+def _report(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def read_done(path: Path) -> set[str]:
+    """Ids already in an output file. A torn last line (no newline: the writer died mid-line) is cut off
+    the file, so the lines appended next start clean; it was never counted as done."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    body, _, tail = data.rpartition(b"\n")
+    done = set()
+    for lineno, line in enumerate(body.split(b"\n") if body else [], start=1):
+        try:
+            rec = json.loads(line)
+            done.add(_key(rec["id"]))
+        except (ValueError, KeyError, TypeError):
+            if line.strip():
+                _report(f"{path}:{lineno}: unreadable output line ignored")
+    if tail:
+        _report(f"{path}: dropping a torn last line ({len(tail)} bytes) left by an interrupted run")
+        os.truncate(path, len(data) - len(tail))
+    return done
+
+
+class Appender:
+    """Appends records and makes each batch durable (flush + fsync) before the next one starts."""
+
+    def __init__(self, path: Path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, records: list[dict]) -> None:
+        if records:
+            self.f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            self.f.flush()
+            os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def read_lines(path: Path, done: set[str], parse) -> tuple[list[tuple[int, object, object]], dict]:
+    """Parse each input line with `parse(record) -> payload` (raises ValueError on a bad line).
+
+    Returns ([(lineno, id, payload)], counts). Bad lines are reported and skipped; lines whose id is
+    already in the output are skipped quietly (counted as resumed).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input file not found: {path}")
+    items, seen = [], {}
+    counts = {"bad": 0, "resumed": 0}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))  # UnicodeDecodeError is a ValueError too
+                if not isinstance(rec, dict):
+                    raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+                if "id" not in rec:
+                    raise ValueError("missing 'id'")
+                id_ = rec["id"]
+                if isinstance(id_, bool) or not isinstance(id_, (str, int)):
+                    raise ValueError(f"'id' must be a string or an integer, got {id_!r}")
+                key = _key(id_)
+                if key in seen:
+                    raise ValueError(f"duplicate id {id_!r} (first on line {seen[key]})")
+                seen[key] = lineno
+                if key in done:
+                    counts["resumed"] += 1
+                    continue
+                items.append((lineno, id_, parse(rec)))
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                msg = f"invalid JSON ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else e
+                _report(f"{path}:{lineno}: skipped: {msg}")
+                counts["bad"] += 1
+    return items, counts
+
+
+def _token_list(rec: dict, key: str) -> list[int]:
+    ids = rec[key]
+    if not isinstance(ids, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+        raise ValueError(f"'{key}' must be a list of integer token ids")
+    return ids
+
+
+def _one_of(rec: dict, keys: tuple[str, ...]) -> str:
+    present = [k for k in keys if k in rec]
+    if len(present) != 1:
+        names = ", ".join(repr(k) for k in keys)
+        raise ValueError(f"expected exactly one of {names}, got {present or 'none'}")
+    return present[0]
+
+
+def _check_paths(args) -> None:
+    """Fail on a missing input before the (slow) model restore, not after."""
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"input file not found: {args.input}")
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise ValueError(f"--output {args.output} is the input file")
+
+
+class Progress:
+    """tqdm over prompts with generated tokens/s in the postfix (ETA comes from the prompt rate)."""
+
+    def __init__(self, total: int, what: str):
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, unit=what, file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
+                        disable=total == 0)
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def update(self, n: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.update(n)
+        self.bar.set_postfix_str(f"{self.rate():.1f} tokens/s", refresh=False)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def rate(self) -> float:
+        return self.tokens / max(self.elapsed(), 1e-9)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------ generate
+
+
+def run_generate(args, generator: Generator | None = None) -> dict:
+    """The `generate` command (argparse Namespace from cli.py). Returns the summary counts."""
+    sampler = sampling.from_flags(args.temperature, args.top_k, args.top_p)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_paths(args)
+    done = read_done(args.output)
+    gen = generator or Generator(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
+
+    def parse(rec):
+        kind = _one_of(rec, ("prompt", "messages", "tokens"))
+        if kind == "prompt":
+            if not isinstance(rec["prompt"], str):
+                raise ValueError("'prompt' must be a string")
+            ids = gen.tokenizer.encode(rec["prompt"], bos=True, eos=False)
+        elif kind == "messages":
+            ids = gen.tokenizer.encode_dialog(rec["messages"])
+        else:
+            ids = _token_list(rec, "tokens")
+        gen.check_ids(ids)
+        return ids
+
+    items, counts = read_lines(args.input, done, parse)
+    out = Appender(args.output)
+    errors, todo = [], []
+    for lineno, id_, ids in items:
+        err = gen.context_error(len(ids), args.max_new_tokens)
+        if err:
+            _report(f"{args.input}:{lineno}: error: {err}")
+            errors.append({"id": id_, "error": err})
+        else:
+            todo.append((id_, ids))
+    out.write(errors)
+
+    progress = Progress(len(todo), "prompt")
+    try:
+        # each row's random stream comes from its id: the same output whatever batch it lands in,
+        # and after a resume
+        seeds = [zlib.crc32(_key(id_).encode()) & 0x7FFFFFFF for id_, _ in todo]
+        for batch in gen.generate_batches([ids for _, ids in todo], args.max_new_tokens, sampler,
+                                          seed=args.seed, row_seeds=seeds, ignore_eos=args.ignore_eos,
+                                          batch_size=args.batch_size):
+            out.write([{"id": todo[i][0], "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason}
+                       for i, c in batch])
+            progress.update(len(batch), sum(len(c.tokens) + (c.finish_reason == "stop") for _, c in batch))
+    finally:
+        progress.close()
+        out.close()
+    summary = {"prompts": len(todo), "tokens": progress.tokens, "seconds": progress.elapsed(),
+               "errors": len(errors), "skipped_lines": counts["bad"], "already_done": counts["resumed"]}
+    _report(f"generate: {len(todo)} prompts, {progress.tokens} tokens generated in {progress.elapsed():.1f}s "
+            f"({progress.rate():.1f} tokens/s); {len(errors)} too long for the context, "
+            f"{counts['bad']} bad lines skipped, {counts['resumed']} already in {args.output}")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------- score
+
+
+def run_score(args, generator: Generator | None = None) -> dict:
+    """The `score` command: per-token log-probs of given completions. Returns the summary counts."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_paths(args)
+    done = read_done(args.output)
+    gen = generator or Generator(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
+
+    def parse(rec):
+        text = "prompt" in rec or "completion" in rec
+        ids = "prompt_tokens" in rec or "completion_tokens" in rec
+        if text == ids:
+            raise ValueError("expected 'prompt' + 'completion' (text) or 'prompt_tokens' + 'completion_tokens'")
+        if text:
+            for k in ("prompt", "completion"):
+                if not isinstance(rec.get(k), str):
+                    raise ValueError(f"'{k}' must be a string")
+            prompt = gen.tokenizer.encode(rec["prompt"], bos=True, eos=False)
+            completion = gen.tokenizer.encode(rec["completion"], bos=False, eos=False)
+        else:
+            for k in ("prompt_tokens", "completion_tokens"):
+                if k not in rec:
+                    raise ValueError(f"missing {k!r}")
+            prompt, completion = _token_list(rec, "prompt_tokens"), _token_list(rec, "completion_tokens")
+        gen.check_ids(prompt)
+        if completion:
+            gen.check_ids(completion)
+        return prompt, completion
+
+    items, counts = read_lines(args.input, done, parse)
+    out = Appender(args.output)
+    errors, todo = [], []
+    for lineno, id_, (prompt, completion) in items:
+        err = gen.context_error(len(prompt) + len(completion) - 1)  # the last token is never an input
+        if err:
+            _report(f"{args.input}:{lineno}: error: {err}")
+            errors.append({"id": id_, "error": err})
+        else:
+            todo.append((id_, (prompt, completion)))
+    out.write(errors)
+
+    progress = Progress(len(todo), "seq")
+    try:
+        for batch in gen.score_batches([pair for _, pair in todo], batch_size=args.batch_size):
+            out.write([{"id": todo[i][0], "tokens": s.tokens, "logprobs": s.logprobs, "sum_logprob": s.sum_logprob}
+                       for i, s in batch])
+            progress.update(len(batch), sum(len(todo[i][1][0]) + len(s.tokens) for i, s in batch))
+    finally:
+        progress.close()
+        out.close()
+    _report(f"score: {len(todo)} sequences, {progress.tokens} tokens in {progress.elapsed():.1f}s "
+            f"({progress.rate():.1f} tokens/s); {len(errors)} too long for the context, "
+            f"{counts['bad']} bad lines skipped, {counts['resumed']} already in {args.output}")
+    return {"sequences": len(todo), "tokens": progress.tokens, "errors": len(errors),
+            "skipped_lines": counts["bad"], "already_done": counts["resumed"]}

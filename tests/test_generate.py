@@ -1,0 +1,392 @@
+"""The engine and the generate / score commands against transformers on the same converted weights.
+
+One tiny random `LlamaForCausalLM` (vocab 211, init scaled up so the logits are far from ties) is
+converted once per module; the tests share one Generator so compiles are few (one per batch shape).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llama3_jax import checkpoint, engine
+from llama3_jax.engine import Generator
+from llama3_jax.model import Llama, abstract_model
+from llama3_jax.sampling import TopP
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VOCAB, EOS, N_NEW = 211, 7, 16
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(0)
+    c = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=40, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=10, rms_norm_eps=1e-5, max_position_embeddings=128,
+        initializer_range=0.2, bos_token_id=1, eos_token_id=EOS, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16})
+    return transformers.LlamaForCausalLM(c).eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(hf_model, tmp_path_factory):
+    from llama3_jax.convert import convert
+    d = tmp_path_factory.mktemp("gen")
+    hf_model.save_pretrained(d / "hf")
+    convert(d / "hf", d / "jax", src_format="hf", dst_format="jax", progress=False)
+    return d / "jax"
+
+
+@pytest.fixture(scope="module")
+def gen(ckpt):
+    return Generator(ckpt, dtype="float32")
+
+
+def ragged_prompts(lengths, seed=0):
+    rng = np.random.RandomState(seed)
+    return [rng.randint(0, VOCAB, n).tolist() for n in lengths]
+
+
+LENGTHS = [1, 3, 8, 15, 17, 24, 33, 40]  # one batch of 8, padded to the 64 bucket
+
+
+def hf_greedy(model, prompt, n):
+    """transformers' greedy continuation of one unpadded prompt, never stopping early."""
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             do_sample=False, max_new_tokens=n, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_equals_transformers_on_a_ragged_batch(gen, hf_model):
+    prompts = ragged_prompts(LENGTHS)
+    got = gen.generate(prompts, max_new_tokens=N_NEW, ignore_eos=True, batch_size=8, decode_text=False)
+    for p, c in zip(prompts, got):
+        assert c.tokens == hf_greedy(hf_model, p, N_NEW), f"prompt of {len(p)} tokens"
+        assert c.finish_reason == "length"
+
+
+def test_prompt_lengths_in_one_bucket_share_one_compile(gen):
+    assert [engine.bucket(n) for n in (1, 16, 17, 32, 33, 64, 65)] == [16, 16, 32, 32, 64, 64, 128]
+    gen.generate(ragged_prompts(LENGTHS), N_NEW, ignore_eos=True, batch_size=8, decode_text=False)
+    compiles = gen._generate._cache_size()
+    other = ragged_prompts([2, 4, 6, 9, 34, 35, 50, 63], seed=9)  # also pads to 64
+    gen.generate(other, N_NEW, ignore_eos=True, batch_size=8, decode_text=False)
+    gen.generate(other[::-1], N_NEW, stop_ids=[1, 2, 3], batch_size=8, decode_text=False)
+    assert gen._generate._cache_size() == compiles
+
+
+def test_a_prompt_alone_equals_the_same_prompt_in_a_batch(gen):
+    prompts = ragged_prompts(LENGTHS)
+    batch = gen.generate(prompts, max_new_tokens=N_NEW, ignore_eos=True, batch_size=8, decode_text=False)
+    alone = gen.generate([prompts[5]], max_new_tokens=N_NEW, ignore_eos=True, batch_size=1, decode_text=False)
+    assert alone[0].tokens == batch[5].tokens
+    # sampled: each row's random stream depends on its row seed only, not on its neighbours
+    sampler = TopP(p=0.9, temperature=1.0)
+    batched = dict(x for b in gen.generate_batches(prompts, N_NEW, sampler, seed=3, row_seeds=range(100, 108),
+                                                     batch_size=8, ignore_eos=True, decode_text=False) for x in b)
+    [[(_, single)]] = list(gen.generate_batches([prompts[5]], N_NEW, sampler, seed=3, row_seeds=[105],
+                                                batch_size=1, ignore_eos=True, decode_text=False))
+    assert single.tokens == batched[5].tokens
+
+
+def test_sampling_is_reproducible_per_seed(gen):
+    prompts = ragged_prompts(LENGTHS)
+    sampler = TopP(p=0.9, temperature=1.0)
+
+    def run(seed):
+        out = gen.generate(prompts, N_NEW, sampler, seed=seed, ignore_eos=True, batch_size=8, decode_text=False)
+        return [c.tokens for c in out]
+
+    a, b, c = run(3), run(3), run(4)
+    assert a == b
+    assert a != c
+    greedy = [c.tokens for c in gen.generate(prompts, N_NEW, ignore_eos=True, batch_size=8, decode_text=False)]
+    assert a != greedy  # it really sampled
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_prefill_then_decode_equals_a_full_forward_pass(gen, scan_layers):
+    """Ragged left-padded prefill + step-by-step decode give the logits of one uncached forward pass."""
+    cfg = gen.cfg
+    graphdef, _ = nnx.split(abstract_model(cfg, scan_layers=scan_layers))
+    lengths, p, steps = [3, 11, 16], 16, 5
+    rng = np.random.RandomState(1)
+    seqs = [rng.randint(0, VOCAB, n + steps).tolist() for n in lengths]
+    tokens = np.zeros((3, p), np.int32)
+    for r, n in enumerate(lengths):
+        tokens[r, p - n:] = seqs[r][:n]
+    lengths_a = jnp.asarray(lengths, jnp.int32)
+
+    @jax.jit
+    def prefill(params, tokens, cache):
+        return engine.prefill(nnx.merge(graphdef, params), tokens, lengths_a, cache)
+
+    @jax.jit
+    def step(params, tok, pos, cache):
+        return engine.decode_step(nnx.merge(graphdef, params), tok, pos, cache)
+
+    @jax.jit
+    def full(params, tokens, seg):  # right-padded rows, positions from 0
+        pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        return nnx.merge(graphdef, params)(tokens, pos, seg)[0]
+
+    cache = engine.KVCache.init(cfg, 3, p + steps, jnp.float32)
+    logits, cache = prefill(gen.params, jnp.asarray(tokens), cache)
+    cached = [np.asarray(logits)]
+    for s in range(steps - 1):
+        tok = jnp.asarray([seq[n + s] for seq, n in zip(seqs, lengths)], jnp.int32)
+        logits, cache = step(gen.params, tok, lengths_a + s, cache)
+        cached.append(np.asarray(logits))
+    width = max(lengths) + steps
+    right = np.zeros((3, width), np.int32)
+    seg = np.zeros((3, width), np.int32)
+    for r, seq in enumerate(seqs):
+        right[r, :len(seq)], seg[r, :len(seq)] = seq, 1
+    ref = np.asarray(full(gen.params, jnp.asarray(right), jnp.asarray(seg)))
+    for s in range(steps):
+        expected = np.stack([ref[r, n - 1 + s] for r, n in enumerate(lengths)])
+        np.testing.assert_allclose(cached[s], expected, atol=1e-5, rtol=0)
+
+
+def test_a_stop_token_ends_only_its_row(gen):
+    prompts = ragged_prompts(LENGTHS)
+    full = [c.tokens for c in gen.generate(prompts, N_NEW, ignore_eos=True, batch_size=8, decode_text=False)]
+    # a token that some row generates after its first step but that at least one other row never generates
+    stop = next(t for row in full for t in row[1:] if t not in row[:1] and any(t not in r for r in full))
+    got = gen.generate(prompts, N_NEW, stop_ids=[stop], batch_size=8, decode_text=False)
+    for row, c in zip(full, got):
+        if stop in row:
+            assert (c.tokens, c.finish_reason) == (row[:row.index(stop)], "stop")
+        else:
+            assert (c.tokens, c.finish_reason) == (row, "length")
+    assert {c.finish_reason for c in got} == {"stop", "length"}
+
+
+def test_the_cache_is_donated_and_updated_in_place(gen):
+    """The decode loop writes the cache with in-place dynamic_update_slice: no cache-sized copy or
+    broadcast appears in the compiled program, and the caller's cache buffers are donated."""
+    b, p, n = 8, 64, N_NEW
+    cache = gen._cache_for(b, p + n)
+    args = dict(params=gen.params, tokens=jnp.zeros((b, p), jnp.int32), lengths=jnp.ones((b,), jnp.int32),
+                active=jnp.ones((b,), bool), row_seeds=jnp.zeros((b,), jnp.int32), seed=jnp.int32(0),
+                stop_ids=jnp.full((engine.STOP_SLOTS,), -1, jnp.int32), sampler=engine.sampling_lib.Greedy(),
+                max_new=n)
+    hlo = gen._generate.lower(cache=cache, **args).compile().as_text()
+    shape = "f32[" + ",".join(map(str, cache.k.shape)) + "]"
+    assert shape in hlo
+    cache_sized = [line for line in hlo.splitlines()
+                   if re.search(re.escape(shape) + r"\{[\d,]*\} (copy|broadcast)\(", line)]
+    assert not cache_sized, cache_sized[:3]
+    out, _, new_cache = gen._generate(cache=cache, **args)
+    assert cache.k.is_deleted() and cache.v.is_deleted()
+    assert new_cache.k.shape == cache.k.shape
+    gen._cache = new_cache
+
+
+def test_bfloat16_casts_parameters_once_float32_keeps_them(ckpt, gen):
+    g16 = Generator(ckpt, dtype="bfloat16")
+    assert {a.dtype for a in jax.tree.leaves(g16.params)} == {jnp.dtype(jnp.bfloat16)}
+    assert {a.dtype for a in jax.tree.leaves(gen.params)} == {jnp.dtype(jnp.float32)}
+    [c] = g16.generate([[1, 2, 3]], max_new_tokens=4, ignore_eos=True, batch_size=1, decode_text=False)
+    assert len(c.tokens) == 4 and g16._cache.k.dtype == jnp.bfloat16
+
+
+def test_score_equals_transformers_log_softmax(gen, hf_model):
+    rng = np.random.RandomState(2)
+    pairs = [(rng.randint(0, VOCAB, a).tolist(), rng.randint(0, VOCAB, b).tolist())
+             for a, b in [(1, 5), (7, 1), (12, 20), (30, 9), (3, 0)]]
+    got = gen.score(pairs, batch_size=4)
+    for (prompt, completion), s in zip(pairs, got):
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([prompt + completion])).logits[0].double()
+        logp = torch.log_softmax(logits, -1).numpy()
+        expected = [logp[len(prompt) - 1 + i, t] for i, t in enumerate(completion)]
+        assert s.tokens == completion
+        np.testing.assert_allclose(s.logprobs, expected, atol=1e-5, rtol=0)
+        assert s.sum_logprob == pytest.approx(sum(expected), abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+def gen_args(ckpt, inp, out, **kw):
+    base = dict(checkpoint=str(ckpt), input=str(inp), output=str(out), batch_size=8, dtype="float32",
+                tokenizer=None, max_new_tokens=N_NEW, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                ignore_eos=False)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_bad_lines_are_reported_and_skipped(gen, ckpt, tmp_path, capsys):
+    from llama3_jax.generate import run_generate
+    good = ragged_prompts([5, 20, 40])
+    lines = [
+        json.dumps({"id": "a", "tokens": good[0]}),
+        '{"id": "broken", "tokens": [1, 2',                        # 2: invalid JSON
+        json.dumps({"tokens": [1, 2, 3]}),                         # 3: no id
+        json.dumps({"id": "nothing"}),                             # 4: no prompt / messages / tokens
+        json.dumps({"id": "oov", "tokens": [1, VOCAB]}),           # 5: token outside the vocabulary
+        json.dumps({"id": "a", "tokens": [1, 2]}),                 # 6: duplicate id
+        json.dumps({"id": "long", "tokens": [1] * 120}),           # 7: 120 + 16 > 128 context
+        json.dumps({"id": 7, "tokens": good[1]}),
+        "",
+        json.dumps({"id": "c", "tokens": good[2]}),
+    ]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    summary = run_generate(gen_args(ckpt, inp, out), generator=gen)
+    err = capsys.readouterr().err
+    for lineno, what in [(2, "invalid JSON"), (3, "missing 'id'"), (4, "exactly one of"), (5, "outside the vocab"),
+                         (6, "duplicate id"), (7, "context")]:
+        assert re.search(rf"in\.jsonl:{lineno}: .*{what}", err), (lineno, err)
+    rows = {json.dumps(r["id"]): r for r in read_jsonl(out)}
+    assert set(rows) == {'"a"', "7", '"c"', '"long"'}
+    assert "context" in rows['"long"']["error"]
+    expected = gen.generate(good, N_NEW, batch_size=8)
+    for key, c in zip(['"a"', "7", '"c"'], expected):
+        assert rows[key]["tokens"] == c.tokens and rows[key]["finish_reason"] == c.finish_reason
+        assert rows[key]["text"] == gen.tokenizer.decode(c.tokens)
+    assert (summary["prompts"], summary["skipped_lines"], summary["errors"]) == (3, 5, 1)
+    assert re.search(r"generate: 3 prompts, \d+ tokens generated .* tokens/s.*5 bad lines skipped", err)
+
+
+def test_resume_after_sigkill_gives_every_id_once_with_the_same_tokens(gen, ckpt, tmp_path):
+    from llama3_jax.generate import run_generate
+    lengths = [3, 5, 9, 12, 14, 20, 23, 28, 31, 10, 7, 2]  # two prompt buckets (16, 32) at batch 2
+    prompts = ragged_prompts(lengths, seed=4)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"p{i}", "tokens": p}) + "\n" for i, p in enumerate(prompts)))
+    ref_out = tmp_path / "ref.jsonl"
+    run_generate(gen_args(ckpt, inp, ref_out, batch_size=2), generator=gen)
+    reference = {r["id"]: r for r in read_jsonl(ref_out)}
+
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "llama3_jax.cli", "generate", "--checkpoint", str(ckpt), "--input", str(inp),
+           "--output", str(out), "--batch-size", "2", "--dtype", "float32", "--max-new-tokens", str(N_NEW)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 2) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    n_before = out.read_bytes().count(b"\n")
+    assert 2 <= n_before < len(prompts), "the run finished before it could be killed"
+    with open(out, "ab") as f:  # as if the crash had also torn the line being written
+        f.write(b'{"id": "p0", "text": "tor')
+
+    rerun = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "torn last line" in rerun.stderr
+    assert f"already in {out}" in rerun.stderr and f"{n_before} already" in rerun.stderr
+    rows = read_jsonl(out)
+    assert sorted(r["id"] for r in rows) == sorted(reference)
+    assert {r["id"]: r for r in rows} == reference
+
+
+def test_multi_device_mesh_shards_the_cache_and_gives_the_same_tokens(gen, ckpt):
+    prompts = ragged_prompts(LENGTHS[:4])
+    expected = [c.tokens for c in gen.generate(prompts, N_NEW, ignore_eos=True, batch_size=4, decode_text=False)]
+    code = textwrap.dedent(f"""
+        import json, jax
+        from llama3_jax import sharding
+        from llama3_jax.engine import Generator
+        from llama3_jax.kv_cache import CACHE_AXES
+        mesh = sharding.make_mesh(data=2, fsdp=1, tensor=2)
+        g = Generator({str(ckpt)!r}, dtype="float32", mesh=mesh)
+        got = [c.tokens for c in g.generate({prompts!r}, {N_NEW}, ignore_eos=True, batch_size=4, decode_text=False)]
+        k = g._cache.k
+        want = sharding.named_sharding(mesh, CACHE_AXES, k.shape)
+        print(json.dumps({{"tokens": got, "sharded": k.sharding.is_equivalent_to(want, k.ndim),
+                           "replicated": k.sharding.is_fully_replicated,
+                           "params_sharded": not g.params["layers"]["wk"].sharding.is_fully_replicated}}))
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["sharded"] and not res["replicated"] and res["params_sharded"]
+    assert res["tokens"] == expected
+
+
+# ------------------------------------------------------------------- text and chat with the real vocab
+
+
+@pytest.fixture(scope="module")
+def big_vocab(tmp_path_factory):
+    """A dim-16 model with the real 128K vocabulary (random weights): text, chat and score plumbing."""
+    from llama3_jax.config import ModelConfig
+    cfg = ModelConfig(vocab_size=128256, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
+                      intermediate_size=32, max_seq_len=64, dtype="float32")
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = jax.tree.map(lambda a: a * 20 if a.ndim > 1 else a, params)  # far from ties
+    d = tmp_path_factory.mktemp("big") / "ckpt"
+    checkpoint.save_params(d, dataclasses.replace(cfg), params)
+    return d, Generator(d, dtype="float32")
+
+
+def test_text_and_chat_prompts_and_text_scoring(big_vocab, tmp_path, capsys):
+    from llama3_jax.generate import run_generate, run_score
+    d, g = big_vocab
+    tok = g.tokenizer
+    text = "The capital of France is"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!"}]
+    lines = [{"id": "p", "prompt": text}, {"id": "p_ids", "tokens": tok.encode(text, bos=True, eos=False)},
+             {"id": "m", "messages": messages}, {"id": "m_ids", "tokens": tok.encode_dialog(messages)},
+             {"id": "bad_role", "messages": [{"role": "robot", "content": "x"}]}]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run_generate(gen_args(d, inp, out, batch_size=4, max_new_tokens=8, ignore_eos=True), generator=g)
+    assert re.search(r"in\.jsonl:5: skipped: .*role", capsys.readouterr().err)
+    rows = {r["id"]: r for r in read_jsonl(out)}
+    assert set(rows) == {"p", "p_ids", "m", "m_ids"}
+    assert rows["p"] == {**rows["p_ids"], "id": "p"} and rows["m"] == {**rows["m_ids"], "id": "m"}
+    assert rows["p"]["text"] == tok.decode(rows["p"]["tokens"]) and len(rows["p"]["tokens"]) == 8
+
+    completion = " Paris, of course."
+    score_in, score_out = tmp_path / "score.jsonl", tmp_path / "score_out.jsonl"
+    score_in.write_text("".join(json.dumps(x) + "\n" for x in [
+        {"id": 1, "prompt": text, "completion": completion},
+        {"id": 2, "prompt_tokens": tok.encode(text, bos=True, eos=False),
+         "completion_tokens": tok.encode(completion, bos=False, eos=False)},
+        {"id": 3, "prompt": text},
+    ]))
+    run_score(gen_args(d, score_in, score_out, batch_size=2), generator=g)
+    assert re.search(r"score\.jsonl:3: skipped", capsys.readouterr().err)
+    rows = {r["id"]: r for r in read_jsonl(score_out)}
+    assert set(rows) == {1, 2}
+    assert rows[1]["tokens"] == tok.encode(completion, bos=False, eos=False)
+    assert rows[1]["logprobs"] == rows[2]["logprobs"] and len(rows[1]["logprobs"]) == len(rows[1]["tokens"])
+    assert rows[1]["sum_logprob"] == pytest.approx(sum(rows[1]["logprobs"]))
+    summary = run_score(gen_args(d, score_in, score_out, batch_size=2), generator=g)  # resume: nothing left
+    assert (summary["sequences"], summary["already_done"]) == (0, 2) and len(read_jsonl(score_out)) == 2
+
+    # default stop tokens: the tokenizer's <|end_of_text|>, <|eom_id|>, <|eot_id|> and the config's eos_ids
+    assert set(g.default_stop_ids()) == {tok.eos_id, tok.eom_id, tok.eot_id} | set(g.cfg.eos_ids)

@@ -1,0 +1,106 @@
+"""Sampling strategies on hand-made logits: supports and frequencies against computed expectations."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama3_jax import sampling
+from llama3_jax.sampling import Greedy, Temperature, TopK, TopP
+
+N_DRAWS = 4000
+
+
+def draws(sampler, logits, seed=0, n=N_DRAWS) -> np.ndarray:
+    """n samples (one key each) for a single (V,) row of logits."""
+    keys = jax.random.split(jax.random.key(seed), n)
+    return np.asarray(jax.jit(jax.vmap(sampler.sample, in_axes=(None, 0)))(jnp.asarray(logits), keys))
+
+
+def freqs(samples, v) -> np.ndarray:
+    return np.bincount(samples, minlength=v) / len(samples)
+
+
+def softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def test_top_p_mask_is_the_smallest_set_reaching_p():
+    """The bisection mask equals the sort-and-cumsum definition, for set sizes from 1 to many."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(24, 211)).astype(np.float32) * 3
+    ps, expected = [], []
+    for row in logits:
+        probs = softmax(row.astype(np.float64))
+        order = np.argsort(-probs)
+        cum = np.cumsum(probs[order])
+        j = int(rng.integers(0, 60))  # keep j + 1 tokens: p halfway between two cumulative masses
+        ps.append((cum[j - 1] + cum[j]) / 2 if j else cum[0] / 2)
+        keep = np.zeros(211, bool)
+        keep[order[:j + 1]] = True
+        expected.append(keep)
+    got = jax.jit(jax.vmap(sampling.top_p_mask))(jnp.asarray(logits), jnp.asarray(ps, jnp.float32))
+    np.testing.assert_array_equal(np.asarray(got), np.array(expected))
+
+
+@pytest.mark.parametrize("p, support", [(0.6, {1, 3}), (0.75, {1, 3, 4}), (0.3, {1}), (1.0, {0, 1, 2, 3, 4})])
+def test_top_p_samples_only_the_nucleus_in_proportion(p, support):
+    probs = np.array([0.05, 0.4, 0.1, 0.3, 0.15])
+    got = freqs(draws(TopP(p=p), np.log(probs).astype(np.float32)), 5)
+    assert set(np.nonzero(got)[0]) == support
+    kept = np.array([probs[i] if i in support else 0 for i in range(5)])
+    np.testing.assert_allclose(got, kept / kept.sum(), atol=0.03)
+
+
+def test_top_k_samples_only_the_k_best_in_proportion():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=13).astype(np.float32)
+    got = freqs(draws(TopK(k=3, temperature=0.7), logits), 13)
+    best = np.argsort(-logits)[:3]
+    assert set(np.nonzero(got)[0]) == set(best.tolist())
+    expected = np.zeros(13)
+    expected[best] = softmax(logits[best].astype(np.float64) / 0.7)
+    np.testing.assert_allclose(got, expected, atol=0.03)
+
+
+def test_top_p_after_top_k_cut():
+    probs = np.array([0.3, 0.25, 0.2, 0.15, 0.1])
+    got = freqs(draws(TopP(p=0.99, k=2), np.log(probs).astype(np.float32)), 5)
+    assert set(np.nonzero(got)[0]) == {0, 1}
+
+
+def test_temperature_frequencies_follow_the_tempered_softmax():
+    logits = np.array([1.0, 0.2, -0.5, 0.8], np.float32)
+    got = freqs(draws(Temperature(0.5), logits), 4)
+    np.testing.assert_allclose(got, softmax(logits.astype(np.float64) / 0.5), atol=0.03)
+
+
+def test_top_k_1_equals_greedy():
+    rng = np.random.default_rng(2)
+    logits = jnp.asarray(rng.normal(size=(64, 211)).astype(np.float32))
+    keys = jax.random.split(jax.random.key(5), 64)
+    greedy = jax.vmap(Greedy().sample)(logits, keys)
+    for s in (TopK(k=1), TopK(k=1, temperature=3.0), TopP(p=0.5, k=1)):
+        np.testing.assert_array_equal(np.asarray(jax.vmap(s.sample)(logits, keys)), np.asarray(greedy))
+    np.testing.assert_array_equal(np.asarray(greedy), np.argmax(np.asarray(logits), axis=-1))
+
+
+def test_same_key_same_samples_other_key_other_samples():
+    logits = np.zeros(211, np.float32)
+    s = TopP(p=0.9)
+    a, b, c = draws(s, logits, seed=3, n=64), draws(s, logits, seed=3, n=64), draws(s, logits, seed=4, n=64)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+
+
+def test_from_flags():
+    assert sampling.from_flags(0.0, top_k=5, top_p=0.5) == Greedy()
+    assert sampling.from_flags(0.7) == Temperature(0.7)
+    assert sampling.from_flags(0.7, top_k=5) == TopK(k=5, temperature=0.7)
+    assert sampling.from_flags(0.7, top_k=5, top_p=0.9) == TopP(p=0.9, temperature=0.7, k=5)
+    for bad in (dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            sampling.from_flags(**{"temperature": 1.0, **bad})
