@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from .config import ModelConfig
+from .config import ModelConfig, read_json
 from .model import abstract_model
 from .sharding import state_shardings
 
@@ -46,10 +46,7 @@ def load_config(directory: str | Path) -> ModelConfig:
     path = Path(directory) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found (is {directory} a llama3-jax checkpoint?)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    data = read_json(path, "a llama3-jax checkpoint")
     if data.get("format") != FORMAT or "model" not in data:
         raise ValueError(f"{path}: not a llama3-jax config (format={data.get('format')!r})")
     return ModelConfig.from_dict(data["model"])

@@ -92,6 +92,19 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
     return _build(ModelConfig, data, str(path))
 
 
+def read_json(path: Path, what: str, error: type[Exception] = ValueError) -> dict:
+    """A JSON object from `path`; a missing or malformed file raises `error` naming the path."""
+    if not path.exists():
+        raise error(f"{path}: not found (not {what})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
+    return data
+
+
 # ------------------------------------------------------------------------------- HF config.json
 
 

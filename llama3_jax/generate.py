@@ -135,12 +135,17 @@ def _one_of(rec: dict, keys: tuple[str, ...]) -> str:
     return present[0]
 
 
-def _check_paths(args) -> None:
-    """Fail on a missing input before the (slow) model restore, not after."""
+def _open(args, generator: Generator | None) -> tuple[set[str], Generator]:
+    """Check the shared flags and paths before the (slow) model restore, then read the ids already
+    in the output and restore the model. Returns (done ids, generator)."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not Path(args.input).is_file():
         raise FileNotFoundError(f"input file not found: {args.input}")
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise ValueError(f"--output {args.output} is the input file")
+    done = read_done(args.output)
+    return done, generator or Generator(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
 
 
 class Progress:
@@ -175,11 +180,7 @@ def run_generate(args, generator: Generator | None = None) -> dict:
     sampler = sampling.from_flags(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    _check_paths(args)
-    done = read_done(args.output)
-    gen = generator or Generator(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
+    done, gen = _open(args, generator)
 
     def parse(rec):
         kind = _one_of(rec, ("prompt", "messages", "tokens"))
@@ -233,11 +234,7 @@ def run_generate(args, generator: Generator | None = None) -> dict:
 
 def run_score(args, generator: Generator | None = None) -> dict:
     """The `score` command: per-token log-probs of given completions. Returns the summary counts."""
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    _check_paths(args)
-    done = read_done(args.output)
-    gen = generator or Generator(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
+    done, gen = _open(args, generator)
 
     def parse(rec):
         text = "prompt" in rec or "completion" in rec

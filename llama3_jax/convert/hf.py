@@ -16,7 +16,7 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-from ..config import ModelConfig, from_hf_config, to_hf_config, to_hf_generation_config
+from ..config import ModelConfig, from_hf_config, read_json, to_hf_config, to_hf_generation_config
 from .core import ConvertError, Tensor, expected_shapes
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -121,12 +121,7 @@ def hf_weight_files(src: Path) -> list[Path]:
 class HFReader:
     def __init__(self, src: Path):
         cfg_path = src / "config.json"
-        if not cfg_path.exists():
-            raise ConvertError(f"{cfg_path}: not found (not a transformers model directory)")
-        try:
-            hf = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConvertError(f"{cfg_path}: invalid JSON ({e})") from None
+        hf = read_json(cfg_path, "a transformers model directory", ConvertError)
         try:
             self.config = from_hf_config(hf, source=str(cfg_path))
         except ValueError as e:

@@ -32,7 +32,7 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-from ..config import ModelConfig, from_meta_params, to_meta_params
+from ..config import ModelConfig, from_meta_params, read_json, to_meta_params
 from .core import ConvertError, Tensor
 
 # our name -> Meta name template
@@ -223,14 +223,7 @@ class MetaReader:
 
     def __init__(self, src: Path):
         pj = src / "params.json"
-        if not pj.exists():
-            raise ConvertError(f"{pj}: not found (not a Meta checkpoint directory)")
-        try:
-            params = json.loads(pj.read_text())
-        except json.JSONDecodeError as e:
-            raise ConvertError(f"{pj}: invalid JSON ({e})") from None
-        if not isinstance(params, dict):
-            raise ConvertError(f"{pj}: expected a JSON object")
+        params = read_json(pj, "a Meta checkpoint directory", ConvertError)
         params = params.get("model", params)  # some releases nest the arguments
         self.files = meta_files(src)
         self.shards = [load_shard(f) for f in self.files]
