@@ -83,29 +83,50 @@ def _param(rngs, shape, axes, std, dtype):
     return nnx.Param(init(shape, dtype), axes=axes)
 
 
-class Llama(nnx.Module):
-    """Llama 3. `scan_layers` and `remat` are runtime choices; they do not change the parameters."""
+def layer_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], float | None]]:
+    """Per-layer weights: name -> (shape, logical axes, init std or None for ones)."""
+    D, H, KV, K, F = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.intermediate_size
+    std = 0.02
+    return {
+        "attn_norm": ((D,), ("norm",), None),
+        "wq": ((D, H, K), ("embed", "q_heads", "head_dim"), std),
+        "wk": ((D, KV, K), ("embed", "kv_heads", "head_dim"), std),
+        "wv": ((D, KV, K), ("embed", "kv_heads", "head_dim"), std),
+        "wo": ((H, K, D), ("q_heads", "head_dim", "embed"), std),
+        "mlp_norm": ((D,), ("norm",), None),
+        "w_gate": ((D, F), ("embed", "mlp"), std),
+        "w_up": ((D, F), ("embed", "mlp"), std),
+        "w_down": ((F, D), ("mlp", "embed"), std),
+    }
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, scan_layers: bool = True, remat: Remat = "none"):
+
+class Llama(nnx.Module):
+    """Llama 3. `scan_layers`, `split_layers` and `remat` are runtime choices over the same weights.
+
+    By default the layer weights are stacked (layers, ...) arrays, scanned or unrolled. With
+    `split_layers=True` each layer owns separate arrays (an nnx.List, always unrolled): XLA:CPU streams
+    those at about twice the bandwidth of slices of a stacked array, which is what decoding is bound
+    by (see benchmarks/decode.py). Checkpoints always hold the stacked layout: `split_layer_params` and
+    `stack_layer_params` convert at that boundary.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, scan_layers: bool = True, remat: Remat = "none",
+                 split_layers: bool = False):
         self.cfg = cfg
-        self.scan_layers = scan_layers
+        self.scan_layers = scan_layers and not split_layers
+        self.split_layers = split_layers
         self.remat = remat
         pd = jnp.dtype(cfg.param_dtype)
-        L, D, H, KV, K, F, V = (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                                cfg.intermediate_size, cfg.vocab_size)
+        L, D, V = cfg.n_layers, cfg.dim, cfg.vocab_size
         std = 0.02
         self.embed = _param(rngs, (V, D), ("vocab", "embed"), std, pd)
-        self.layers = nnx.Dict(
-            attn_norm=_param(rngs, (L, D), ("layers", "norm"), None, pd),
-            wq=_param(rngs, (L, D, H, K), ("layers", "embed", "q_heads", "head_dim"), std, pd),
-            wk=_param(rngs, (L, D, KV, K), ("layers", "embed", "kv_heads", "head_dim"), std, pd),
-            wv=_param(rngs, (L, D, KV, K), ("layers", "embed", "kv_heads", "head_dim"), std, pd),
-            wo=_param(rngs, (L, H, K, D), ("layers", "q_heads", "head_dim", "embed"), std, pd),
-            mlp_norm=_param(rngs, (L, D), ("layers", "norm"), None, pd),
-            w_gate=_param(rngs, (L, D, F), ("layers", "embed", "mlp"), std, pd),
-            w_up=_param(rngs, (L, D, F), ("layers", "embed", "mlp"), std, pd),
-            w_down=_param(rngs, (L, F, D), ("layers", "mlp", "embed"), std, pd),
-        )
+        specs = layer_specs(cfg)
+        if split_layers:
+            self.layers = nnx.List([nnx.Dict({n: _param(rngs, shape, axes, init, pd)
+                                              for n, (shape, axes, init) in specs.items()}) for _ in range(L)])
+        else:
+            self.layers = nnx.Dict({n: _param(rngs, (L, *shape), ("layers", *axes), init, pd)
+                                    for n, (shape, axes, init) in specs.items()})
         self.norm = _param(rngs, (D,), ("norm",), None, pd)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), std, pd)
@@ -122,7 +143,6 @@ class Llama(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
         x = constrain(x, ("batch", "seq", "act_embed"))
         cos, sin = rope.cos_sin(positions, cfg)
-        weights = {name: p[...] for name, p in self.layers.items()}
 
         if cache is None:
             index, cache_seg, kv = 0, None, None
@@ -139,13 +159,20 @@ class Llama(nnx.Module):
             layer = jax.checkpoint(layer, policy=policy)
 
         # the whole cache is carried through the layers (not scanned as xs/ys, which would copy it)
-        if self.scan_layers:
+        if self.split_layers:
+            new_kv = kv
+            for i, w in enumerate(self.layers):
+                x, new_kv = layer(x, {n: p[...] for n, p in w.items()}, new_kv, i)
+        elif self.scan_layers:
+            weights = {name: p[...] for name, p in self.layers.items()}
+
             def body(carry, xs):
                 x, kv = carry
                 w, i = xs
                 return layer(x, w, kv, i), None
             (x, new_kv), _ = jax.lax.scan(body, (x, kv), (weights, jnp.arange(cfg.n_layers)))
         else:
+            weights = {name: p[...] for name, p in self.layers.items()}
             new_kv = kv
             for i in range(cfg.n_layers):
                 x, new_kv = layer(x, {n: a[i] for n, a in weights.items()}, new_kv, i)
@@ -167,6 +194,29 @@ class Llama(nnx.Module):
             return logits, None
         new_cache = KVCache(k=new_kv[0], v=new_kv[1], segment_ids=cache_seg, index=index + tokens.shape[1])
         return logits, new_cache
+
+
+def split_layer_params(params: dict) -> dict:
+    """Stacked pure params (checkpoint layout) -> per-layer arrays for `split_layers=True`.
+
+    Slices one weight name at a time and drops the stacked array at once (the caller should hold no
+    other reference), so the peak is the model plus one stacked weight.
+    """
+    stacked = dict(params["layers"])
+    n = next(iter(stacked.values())).shape[0]
+    per_layer: list[dict] = [{} for _ in range(n)]
+    for name in list(stacked):
+        a = stacked.pop(name)
+        for i in range(n):
+            per_layer[i][name] = jnp.array(a[i])  # a copy: a view would keep the stacked buffer alive
+        del a
+    return {**params, "layers": dict(enumerate(per_layer))}
+
+
+def stack_layer_params(params: dict) -> dict:
+    """The inverse of `split_layer_params`."""
+    layers = [params["layers"][i] for i in sorted(params["layers"])]
+    return {**params, "layers": {n: jnp.stack([w[n] for w in layers]) for n in layers[0]}}
 
 
 def abstract_model(cfg: ModelConfig, **kwargs) -> Llama:

@@ -26,7 +26,7 @@ from flax import nnx
 
 from llama3_jax import checkpoint, engine
 from llama3_jax.engine import Generator
-from llama3_jax.model import Llama, abstract_model
+from llama3_jax.model import Llama, abstract_model, stack_layer_params
 from llama3_jax.sampling import TopP
 
 torch = pytest.importorskip("torch")
@@ -126,11 +126,13 @@ def test_sampling_is_reproducible_per_seed(gen):
     assert a != greedy  # it really sampled
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_prefill_then_decode_equals_a_full_forward_pass(gen, scan_layers):
-    """Ragged left-padded prefill + step-by-step decode give the logits of one uncached forward pass."""
+@pytest.mark.parametrize("layers", ["scan", "unroll", "split"])
+def test_prefill_then_decode_equals_a_full_forward_pass(gen, layers):
+    """Ragged left-padded prefill + step-by-step decode give the logits of one uncached forward pass,
+    with the layers scanned, unrolled, or held as separate per-layer arrays."""
     cfg = gen.cfg
-    graphdef, _ = nnx.split(abstract_model(cfg, scan_layers=scan_layers))
+    graphdef, _ = nnx.split(abstract_model(cfg, scan_layers=layers == "scan", split_layers=layers == "split"))
+    params = gen.params if layers == "split" else stack_layer_params(gen.params)
     lengths, p, steps = [3, 11, 16], 16, 5
     rng = np.random.RandomState(1)
     seqs = [rng.randint(0, VOCAB, n + steps).tolist() for n in lengths]
@@ -153,21 +155,33 @@ def test_prefill_then_decode_equals_a_full_forward_pass(gen, scan_layers):
         return nnx.merge(graphdef, params)(tokens, pos, seg)[0]
 
     cache = engine.KVCache.init(cfg, 3, p + steps, jnp.float32)
-    logits, cache = prefill(gen.params, jnp.asarray(tokens), cache)
+    logits, cache = prefill(params, jnp.asarray(tokens), cache)
     cached = [np.asarray(logits)]
     for s in range(steps - 1):
         tok = jnp.asarray([seq[n + s] for seq, n in zip(seqs, lengths)], jnp.int32)
-        logits, cache = step(gen.params, tok, lengths_a + s, cache)
+        logits, cache = step(params, tok, lengths_a + s, cache)
         cached.append(np.asarray(logits))
     width = max(lengths) + steps
     right = np.zeros((3, width), np.int32)
     seg = np.zeros((3, width), np.int32)
     for r, seq in enumerate(seqs):
         right[r, :len(seq)], seg[r, :len(seq)] = seq, 1
-    ref = np.asarray(full(gen.params, jnp.asarray(right), jnp.asarray(seg)))
+    ref = np.asarray(full(params, jnp.asarray(right), jnp.asarray(seg)))
     for s in range(steps):
         expected = np.stack([ref[r, n - 1 + s] for r, n in enumerate(lengths)])
         np.testing.assert_allclose(cached[s], expected, atol=1e-5, rtol=0)
+
+
+def test_stacked_scanned_engine_gives_the_split_engine_tokens(gen, ckpt):
+    """The default on CPU holds per-layer arrays; the stacked, scanned engine (the default elsewhere)
+    must generate the same tokens."""
+    assert gen.params["layers"].keys() == set(range(gen.cfg.n_layers))
+    stacked = Generator(ckpt, dtype="float32", split_layers=False)
+    assert stacked.params["layers"]["wq"].shape[0] == gen.cfg.n_layers
+    prompts = ragged_prompts([1, 9, 23])
+    want = [c.tokens for c in gen.generate(prompts, 6, ignore_eos=True, batch_size=4, decode_text=False)]
+    got = [c.tokens for c in stacked.generate(prompts, 6, ignore_eos=True, batch_size=4, decode_text=False)]
+    assert got == want
 
 
 def test_a_stop_token_ends_only_its_row(gen):
@@ -325,7 +339,7 @@ def test_multi_device_mesh_shards_the_cache_and_gives_the_same_tokens(gen, ckpt)
         want = sharding.named_sharding(mesh, CACHE_AXES, k.shape)
         print(json.dumps({{"tokens": got, "sharded": k.sharding.is_equivalent_to(want, k.ndim),
                            "replicated": k.sharding.is_fully_replicated,
-                           "params_sharded": not g.params["layers"]["wk"].sharding.is_fully_replicated}}))
+                           "params_sharded": not g.params["layers"][0]["wk"].sharding.is_fully_replicated}}))
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
