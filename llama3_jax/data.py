@@ -209,12 +209,18 @@ def split_documents(docs: list[Document], split: str, eval_fraction: float) -> l
     return [d for d, e in zip(docs, held_out) if e == (split == "eval")]
 
 
+_REPORTED_NOT_TEXT: set[str] = set()
+
+
 def _read_text(doc: Document, text_field: str) -> str | None:
     if doc.offset < 0:
         try:
             return Path(doc.path).read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            return None  # not text; dropped (the same way on every run)
+        except UnicodeDecodeError:  # not text: dropped the same way on every run, reported once
+            if doc.path not in _REPORTED_NOT_TEXT:
+                _REPORTED_NOT_TEXT.add(doc.path)
+                print(f"data: {doc.path}: not UTF-8 text, skipped", file=sys.stderr, flush=True)
+            return None
     with open(doc.path, "rb") as f:
         f.seek(doc.offset)
         return json.loads(f.readline())[text_field]
