@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import json
 import math
 import os
@@ -290,12 +291,7 @@ class MetricsLog:
         os.replace(tmp, self.path)
         self.file = open(self.path, "a")
         if tensorboard:
-            try:  # only writers that need no TensorFlow; none is a dependency of this project
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(workdir / "tensorboard"))
-            except ImportError:
-                print("tensorboard: no event-file writer is installed (pip install tensorboard); "
-                      "metrics are in metrics.jsonl only", file=sys.stderr)
+            self.tb = _tensorboard_writer(workdir / "tensorboard")
 
     def write(self, record: dict) -> None:
         if not self.on:
@@ -312,6 +308,19 @@ class MetricsLog:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def _tensorboard_writer(logdir: Path):
+    """An event-file writer that needs no TensorFlow: tensorboardX (the `tensorboard` extra), else
+    torch's; None, with a note, when neither is installed."""
+    for module in ("tensorboardX", "torch.utils.tensorboard"):
+        try:
+            return importlib.import_module(module).SummaryWriter(str(logdir))
+        except ImportError:
+            continue
+    print("tensorboard: no event-file writer is installed (pip install 'llama3-jax[tensorboard]'); "
+          "metrics are in metrics.jsonl only", file=sys.stderr)
+    return None
 
 
 def peak_flops(cfg_peak: float, devices) -> float:
