@@ -142,7 +142,10 @@ class Llama(nnx.Module):
         """
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        # gather from the table with its model dim whole (all-gathered over fsdp, as for any weight):
+        # a gather whose output is sharded on the model dim cannot be resharded to the batch cheaply
+        table = constrain(self.embed[...], ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(dt)
         x = constrain(x, ("batch", "seq", "act_embed"))
         cos, sin = rope.cos_sin(positions, cfg)
 
