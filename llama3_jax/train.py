@@ -29,13 +29,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from . import checkpoint
 from .config import ModelConfig, load_model_config, load_yaml_config
-from .data import DataConfig, make_iterator
+from .data import BATCH_KEYS, DataConfig, make_iterator
 from .model import Llama, abstract_model
 from .optim import OptimConfig, flops_per_token, lm_loss, make_optimizer, schedule
 from .sharding import constrain, global_batch, logical_spec, make_mesh, replicated
@@ -243,17 +244,41 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, mesh) -> Setup:
 # --------------------------------------------------------------------------------- checkpoints
 
 
+def gather_data_states(state: dict) -> dict:
+    """Every process's iterator state (each reads its own share of the data), for process 0 to save:
+    {"process_count": P, "states": [state of process 0, ..., state of process P-1]}."""
+    if jax.process_count() == 1:
+        return {"process_count": 1, "states": [state]}
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([raw.size], np.int64)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    every = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+    return {"process_count": len(sizes),
+            "states": [json.loads(bytes(every[i, :sizes[i]]).decode()) for i in range(len(sizes))]}
+
+
+def this_process_data_state(saved: dict, where: str) -> dict:
+    """This process's entry of `gather_data_states`; the data order is tied to the process count."""
+    if saved.get("process_count") != jax.process_count():
+        raise ValueError(f"{where}: the data iterator state was saved by {saved.get('process_count')} processes, "
+                         f"this run has {jax.process_count()} (resume with the same process count)")
+    return saved["states"][jax.process_index()]
+
+
 def save_state(mgr: ocp.CheckpointManager, step: int, state: dict, data_state: dict, meta: dict) -> None:
     """Async save: orbax copies the arrays to host before returning (so the next step may donate them)
-    and writes into a temp dir that is renamed only when complete."""
+    and writes into a temp dir that is renamed only when complete. `data_state` is this process's
+    iterator state; every process's is gathered into the checkpoint."""
     mgr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state["params"]), opt_state=ocp.args.StandardSave(state["opt_state"]),
-        data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
+        data=ocp.args.JsonSave(gather_data_states(data_state)), meta=ocp.args.JsonSave(meta)), force=True)
 
 
 def restore_state(directory: Path, step: int, abstract: dict) -> tuple[dict, dict, dict]:
-    """(state, data iterator state, meta) of a training checkpoint, into `abstract`'s shardings
-    (any mesh: a checkpoint from 8 devices restores on 1 or 4)."""
+    """(state, this process's data iterator state, meta) of a training checkpoint, into `abstract`'s
+    shardings (any mesh: a checkpoint from 8 devices restores on 1 or 4)."""
     if not (Path(directory) / str(step) / "opt_state").exists():
         raise ValueError(f"{directory} step {step}: no optimizer state (a converted model? use it as init_from)")
     with checkpoint.manager(directory, read_only=True) as m:
@@ -262,7 +287,8 @@ def restore_state(directory: Path, step: int, abstract: dict) -> tuple[dict, dic
             opt_state=ocp.args.StandardRestore(abstract["opt_state"]),
             data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     step_arr = jax.device_put(jnp.int32(out["meta"]["step"]), abstract["step"].sharding)
-    return {"params": out["params"], "opt_state": out["opt_state"], "step": step_arr}, out["data"], out["meta"]
+    data_state = this_process_data_state(out["data"], f"{directory} step {step}")
+    return {"params": out["params"], "opt_state": out["opt_state"], "step": step_arr}, data_state, out["meta"]
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -372,12 +398,21 @@ def run_train(config_path: str | None, overrides=(), *, tokenizer=None) -> dict:
 
 
 def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok) -> dict:
-    """Mean loss over the first `eval_batches` batches of the held-out split (the same every time)."""
+    """Mean loss over the first `eval_batches` batches of the held-out split (the same every time).
+
+    Every process runs exactly `eval_batches` steps (each is a collective): a process whose share of
+    the held-out data ends early feeds all-padding batches, which count no tokens."""
     total, count = 0.0, 0.0
     with make_iterator(cfg.data, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                        split="eval", process_index=jax.process_index(),
                        process_count=jax.process_count()) as it:
-        for _, batch in zip(range(cfg.eval_batches), it):
+        padding = None
+        for _ in range(cfg.eval_batches):
+            batch = next(it, None)
+            if batch is None:
+                rows = cfg.batch_size // jax.process_count()
+                padding = padding or {k: np.zeros((rows, cfg.seq_len), np.int32) for k in BATCH_KEYS}
+                batch = padding
             s, n = setup.eval_fn(params, setup.put_batch(batch))
             total, count = total + float(s), count + float(n)
     loss = total / max(count, 1.0)
@@ -480,7 +515,8 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                 if saved != step:
                     save_state(mgr, step, state, it.get_state(), {"step": step, "tokens": tokens_seen})
                 mgr.wait_until_finished()
-                if cfg.sample_tokens and step >= cfg.steps:
+                # the engine places its inputs from one host; multi-process decoding is not built yet
+                if cfg.sample_tokens and step >= cfg.steps and jax.process_count() == 1:
                     sample = _sample(cfg, setup, state["params"], tok)
         finally:
             bar.close()
