@@ -102,11 +102,6 @@ def state_shardings(mesh: Mesh, state):
     return jax.tree.map(one, state, is_leaf=_is_var)
 
 
-def state_axes(state):
-    """Pure dict of logical axes per parameter (the shape of the checked-in golden table)."""
-    return jax.tree.map(lambda v: v.get_metadata().get("axes"), state, is_leaf=_is_var)
-
-
 def global_batch(mesh: Mesh, local: np.ndarray, names=("batch", "seq")) -> jax.Array:
     """Build a global array from this process's rows (each process holds only its share of the batch)."""
     sharding = NamedSharding(mesh, logical_spec(names, None, mesh))
