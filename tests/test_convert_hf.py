@@ -143,3 +143,33 @@ def test_cli_converts_and_reports_summary(tmp_path, capsys):
     assert cli.main(["convert", "--from", "jax", "--to", "hf", str(tmp_path / "j"), str(tmp_path / "h")]) == 0
     _assert_same_state(hf, AutoModelForCausalLM.from_pretrained(tmp_path / "h"))
     np.testing.assert_equal(checkpoint.latest_step(tmp_path / "j"), 0)
+
+
+def test_inspect_checkpoint_tool_lists_every_parameter(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    make_hf_llama(tmp_path / "hf", tie=True)
+    convert(tmp_path / "hf", tmp_path / "j", src_format="hf", dst_format="jax", progress=False)
+    tool = Path(__file__).resolve().parent.parent / "tools" / "inspect_checkpoint.py"
+    out = subprocess.run([sys.executable, str(tool), str(tmp_path / "j")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    _, params = checkpoint.restore_params(tmp_path / "j")
+    listed = {line.split()[0]: line.split(None, 1)[1] for line in out.stdout.splitlines()[-len(
+        jax_leaves(params)):]}
+    for name, array in jax_leaves(params).items():
+        assert listed[name].startswith(str(tuple(array.shape))), name
+    assert "lm_head" not in listed and "tie_embeddings: True" in out.stdout
+    bad = subprocess.run([sys.executable, str(tool), str(tmp_path / "hf")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a llama3-jax config" in bad.stderr
+
+
+def jax_leaves(params: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            out |= jax_leaves(v, f"{prefix}{k}/")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
