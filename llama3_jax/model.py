@@ -164,11 +164,7 @@ class Llama(nnx.Module):
             layer = jax.checkpoint(layer, policy=policy)
 
         # the whole cache is carried through the layers (not scanned as xs/ys, which would copy it)
-        if self.split_layers:
-            new_kv = kv
-            for i, w in enumerate(self.layers):
-                x, new_kv = layer(x, {n: p[...] for n, p in w.items()}, new_kv, i)
-        elif self.scan_layers:
+        if self.scan_layers:
             weights = {name: p[...] for name, p in self.layers.items()}
 
             def body(carry, xs):
@@ -176,11 +172,15 @@ class Llama(nnx.Module):
                 w, i = xs
                 return layer(x, w, kv, i), None
             (x, new_kv), _ = jax.lax.scan(body, (x, kv), (weights, jnp.arange(cfg.n_layers)))
-        else:
-            weights = {name: p[...] for name, p in self.layers.items()}
+        else:  # unrolled: over per-layer arrays, or over slices of the stacked ones
+            if self.split_layers:
+                per_layer = [{n: p[...] for n, p in w.items()} for w in self.layers]
+            else:
+                stacked = {name: p[...] for name, p in self.layers.items()}
+                per_layer = [{n: a[i] for n, a in stacked.items()} for i in range(cfg.n_layers)]
             new_kv = kv
-            for i in range(cfg.n_layers):
-                x, new_kv = layer(x, {n: a[i] for n, a in weights.items()}, new_kv, i)
+            for i, w in enumerate(per_layer):
+                x, new_kv = layer(x, w, new_kv, i)
 
         if last_only:
             x = x[:, -1:]
