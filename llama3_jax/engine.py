@@ -46,6 +46,25 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
+def left_padded_batches(seqs: Sequence[Sequence[int]], batch_size: int
+                        ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+    """Sequences sorted longest first (less padding; the largest shapes compile and allocate first, so a
+    memory problem shows at once), cut into batches of `batch_size` rows, each left-padded to a
+    power-of-two bucket. Yields (indices of the batch's sequences, tokens (B, P), lengths (B,)); rows
+    past len(indices) are padding (length 1, all zeros) so every batch has B rows."""
+    b = min(batch_size, len(seqs))
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    for start in range(0, len(order), b):
+        rows = order[start:start + b]
+        p = bucket(max(len(seqs[i]) for i in rows))
+        tokens = np.zeros((b, p), np.int32)
+        lengths = np.ones((b,), np.int32)
+        for r, i in enumerate(rows):
+            tokens[r, p - len(seqs[i]):] = seqs[i]
+            lengths[r] = len(seqs[i])
+        yield rows, tokens, lengths
+
+
 @dataclasses.dataclass(frozen=True)
 class Completion:
     tokens: list[int]     # generated ids, without the stop token
@@ -293,11 +312,9 @@ class Generator:
                          row_seeds: Sequence[int] | None = None, ignore_eos: bool = False,
                          stop_ids: Sequence[int] | None = None, batch_size: int = 8,
                          decode_text: bool = True) -> Iterator[list[tuple[int, Completion]]]:
-        """Yield [(prompt index, Completion)] per finished batch; prompts are checked token-id lists.
-
-        Prompts are sorted longest first and cut into batches of `batch_size` (less padding; the
-        largest shapes compile and allocate first, so a memory problem shows at once). `row_seeds`
-        (default: the prompt index) picks each row's random stream.
+        """Yield [(prompt index, Completion)] per finished batch; prompts are checked token-id lists,
+        batched by `left_padded_batches`. `row_seeds` (default: the prompt index) picks each row's
+        random stream.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -309,18 +326,11 @@ class Generator:
         stops = [] if ignore_eos else list(self.default_stop_ids() if stop_ids is None else stop_ids)
         width = max(STOP_SLOTS, -(-len(stops) // STOP_SLOTS) * STOP_SLOTS)
         stop_arr = jnp.asarray(np.array(stops + [-1] * (width - len(stops)), np.int32))
-        b = min(batch_size, len(prompts))
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        for start in range(0, len(order), b):
-            rows = order[start:start + b]
-            p = bucket(max(len(prompts[i]) for i in rows))
-            tokens = np.zeros((b, p), np.int32)
-            lengths = np.ones((b,), np.int32)
-            active = np.zeros((b,), bool)
+        for rows, tokens, lengths in left_padded_batches(prompts, batch_size):
+            b, p = tokens.shape
+            active = np.arange(b) < len(rows)
             seeds = np.zeros((b,), np.int32)
-            for r, i in enumerate(rows):
-                tokens[r, p - len(prompts[i]):] = prompts[i]
-                lengths[r], active[r], seeds[r] = len(prompts[i]), True, row_seeds[i]
+            seeds[:len(rows)] = [row_seeds[i] for i in rows]
             cache = self._cache_for(b, p + max_new_tokens)
             with self._scope():
                 out, n_kept, cache = self._generate(
@@ -363,24 +373,15 @@ class Generator:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not pairs:
             return
-        total = [len(p) + len(c) for p, c in pairs]
-        b = min(batch_size, len(pairs))
-        order = sorted(range(len(pairs)), key=lambda i: -total[i])
-        for start in range(0, len(order), b):
-            rows = order[start:start + b]
-            t = bucket(max(total[i] for i in rows))
-            tokens = np.zeros((b, t), np.int32)
-            lengths = np.ones((b,), np.int32)
-            for r, i in enumerate(rows):
-                seq = list(pairs[i][0]) + list(pairs[i][1])
-                tokens[r, t - len(seq):] = seq
-                lengths[r] = len(seq)
+        seqs = [list(p) + list(c) for p, c in pairs]
+        for rows, tokens, lengths in left_padded_batches(seqs, batch_size):
+            t = tokens.shape[1]
             with self._scope():
                 logp = np.asarray(self._score(self.params, self._put(tokens, ("batch", "seq")),
                                               self._put(lengths, ("batch",))))
             batch = []
             for r, i in enumerate(rows):
                 n_prompt, n_comp = len(pairs[i][0]), len(pairs[i][1])
-                first = t - total[i] + n_prompt - 1  # logp[:, j] scores the token in slot j + 1
+                first = t - len(seqs[i]) + n_prompt - 1  # logp[:, j] scores the token in slot j + 1
                 batch.append((i, Scored(list(pairs[i][1]), logp[r, first:first + n_comp].tolist())))
             yield batch

@@ -148,6 +148,21 @@ def _open(args, generator: Generator | None) -> tuple[set[str], Generator]:
     return done, generator or Generator(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
 
 
+def _fitting(items, context_error, input_path, out: Appender) -> tuple[list[tuple[object, object]], list[dict]]:
+    """Split parsed lines into those that fit the model's context ([(id, payload)]) and per-row errors,
+    which are reported with their line numbers and written to the output at once (a rerun skips them)."""
+    todo, errors = [], []
+    for lineno, id_, payload in items:
+        err = context_error(payload)
+        if err:
+            _report(f"{input_path}:{lineno}: error: {err}")
+            errors.append({"id": id_, "error": err})
+        else:
+            todo.append((id_, payload))
+    out.write(errors)
+    return todo, errors
+
+
 class Progress:
     """tqdm over prompts with generated tokens/s in the postfix (ETA comes from the prompt rate)."""
 
@@ -197,15 +212,7 @@ def run_generate(args, generator: Generator | None = None) -> dict:
 
     items, counts = read_lines(args.input, done, parse)
     out = Appender(args.output)
-    errors, todo = [], []
-    for lineno, id_, ids in items:
-        err = gen.context_error(len(ids), args.max_new_tokens)
-        if err:
-            _report(f"{args.input}:{lineno}: error: {err}")
-            errors.append({"id": id_, "error": err})
-        else:
-            todo.append((id_, ids))
-    out.write(errors)
+    todo, errors = _fitting(items, lambda ids: gen.context_error(len(ids), args.max_new_tokens), args.input, out)
 
     progress = Progress(len(todo), "prompt")
     try:
@@ -259,15 +266,10 @@ def run_score(args, generator: Generator | None = None) -> dict:
 
     items, counts = read_lines(args.input, done, parse)
     out = Appender(args.output)
-    errors, todo = [], []
-    for lineno, id_, (prompt, completion) in items:
-        err = gen.context_error(len(prompt) + len(completion) - 1)  # the last token is never an input
-        if err:
-            _report(f"{args.input}:{lineno}: error: {err}")
-            errors.append({"id": id_, "error": err})
-        else:
-            todo.append((id_, (prompt, completion)))
-    out.write(errors)
+    def too_long(pair):  # the last token is never an input
+        return gen.context_error(len(pair[0]) + len(pair[1]) - 1)
+
+    todo, errors = _fitting(items, too_long, args.input, out)
 
     progress = Progress(len(todo), "seq")
     try:
