@@ -47,9 +47,7 @@ def _to_ours(kind, a: np.ndarray, shape) -> np.ndarray:
         return a
     if kind == "T":
         return a.T
-    if kind == "in_heads":  # (H*K, D) -> (D, H, K)
-        return a.T.reshape(shape)
-    if kind == "o_in":  # (D, H*K) -> (H, K, D)
+    if kind in ("in_heads", "o_in"):  # (H*K, D) -> (D, H, K); (D, H*K) -> (H, K, D)
         return a.T.reshape(shape)
     raise AssertionError(kind)
 
@@ -64,6 +62,11 @@ def _from_ours(kind, a: np.ndarray) -> np.ndarray:
     if kind == "o_out":  # (H, K, D) -> (D, H*K)
         return a.reshape(-1, a.shape[-1]).T
     raise AssertionError(kind)
+
+
+def to_hf(name: str, a: np.ndarray) -> np.ndarray:
+    """Our layout -> the transformers tensor (a view where possible)."""
+    return _from_ours(NAMES[name][2], a)
 
 
 def hf_name(name: str, layer: int | None) -> str:
@@ -233,7 +236,7 @@ class HFWriter:
         if name == "lm_head" and self.cfg.tie_embeddings:
             return
         path, offset = self.where[(name, layer)]
-        a = np.ascontiguousarray(_from_ours(NAMES[name][2], array).astype(self.dtype, copy=False))
+        a = np.ascontiguousarray(to_hf(name, array).astype(self.dtype, copy=False))
         with open(path, "r+b") as f:
             f.seek(offset)
             f.write(memoryview(a.reshape(-1).view(np.uint8)))

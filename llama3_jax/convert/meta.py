@@ -34,6 +34,7 @@ import numpy as np
 
 from ..config import ModelConfig, from_meta_params, read_json, to_meta_params
 from .core import ConvertError, Tensor
+from .hf import to_hf
 
 # our name -> Meta name template
 _L = "layers.{}."
@@ -111,23 +112,18 @@ def _rows_to_ours(name: str, a: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     return a.T.reshape(D, h, 2, K // 2)
 
 
-def _ours_to_rows(name: str, a: np.ndarray) -> np.ndarray:
-    """Inverse of _rows_to_ours: ours (D, h, K) -> Meta rows (h*K, D)."""
+def _ours_to_rows(a: np.ndarray) -> np.ndarray:
+    """Inverse of _rows_to_ours for wq/wk: ours (D, h, K) -> Meta rows (h*K, D), pairs interleaved."""
     D, h, K = a.shape
-    if name in ("layers/wq", "layers/wk"):
-        return a.reshape(D, h, 2, K // 2).transpose(1, 3, 2, 0).reshape(h * K, D)
-    return a.reshape(D, h * K).T
+    return a.reshape(D, h, 2, K // 2).transpose(1, 3, 2, 0).reshape(h * K, D)
 
 
 def to_meta(name: str, a: np.ndarray) -> np.ndarray:
-    """Our layout -> Meta's full (unsharded) tensor."""
-    if name in ("layers/wq", "layers/wk", "layers/wv"):
-        return _ours_to_rows(name, a)
-    if name == "layers/wo":  # (H, K, D) -> (D, H*K)
-        return a.reshape(-1, a.shape[-1]).T
-    if name in ("lm_head", "layers/w_gate", "layers/w_up", "layers/w_down"):
-        return a.T
-    return a
+    """Our layout -> Meta's full (unsharded) tensor: transformers' layout, except q/k, whose rotary
+    pairs Meta interleaves."""
+    if name in ("layers/wq", "layers/wk"):
+        return _ours_to_rows(a)
+    return to_hf(name, a)
 
 
 def _from_meta(name: str, parts: list[np.ndarray], cfg: ModelConfig) -> np.ndarray:
