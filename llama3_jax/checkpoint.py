@@ -95,17 +95,22 @@ def restore_params(directory: str | Path, mesh=None, step: int | None = None,
                    cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict]:
     """(config, params) from the latest (or given) step, restored straight into their shardings."""
     cfg = cfg or load_config(directory)
+    target = abstract_params(cfg, mesh)
+    return cfg, _restore_params_item(directory, step, ocp.args.StandardRestore(target),
+                                     "params do not match config.json")
+
+
+def _restore_params_item(directory, step: int | None, args, what: str):
+    """The `params` item of the latest (or given) step; orbax's errors become one line naming the step."""
     with manager(directory, read_only=True) as m:
         step = m.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory}: no checkpoint step found")
-        target = abstract_params(cfg, mesh)
         try:
-            out = m.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+            return m.restore(step, args=ocp.args.Composite(params=args))["params"]
         except (ValueError, KeyError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"{directory} step {step}: params do not match config.json ({msg})") from None
-    return cfg, out["params"]
+            raise ValueError(f"{directory} step {step}: {what} ({msg})") from None
 
 
 def restore_one(directory: str | Path, cfg: ModelConfig, name: str, step: int | None = None) -> jax.Array:
@@ -119,16 +124,8 @@ def restore_one(directory: str | Path, cfg: ModelConfig, name: str, step: int | 
         sub = {p: sub}
     restore_args = jax.tree.map(
         lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), sub)
-    with manager(directory, read_only=True) as m:
-        step = m.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{directory}: no checkpoint step found")
-        try:
-            out = m.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
-                item=sub, restore_args=restore_args, partial_restore=True)))["params"]
-        except (ValueError, KeyError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"{directory} step {step}: cannot restore {name} ({msg})") from None
+    out = _restore_params_item(directory, step, ocp.args.PyTreeRestore(
+        item=sub, restore_args=restore_args, partial_restore=True), f"cannot restore {name}")
     for p in path:
         out = out[p]
     return out

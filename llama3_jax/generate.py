@@ -87,9 +87,7 @@ def read_lines(path: Path, done: set[str], parse) -> tuple[list[tuple[int, objec
     Returns ([(lineno, id, payload)], counts). Bad lines are reported and skipped; lines whose id is
     already in the output are skipped quietly (counted as resumed).
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"input file not found: {path}")
+    path = Path(path)  # its existence is checked before the model restore (_open)
     items, seen = [], {}
     counts = {"bad": 0, "resumed": 0}
     with open(path, "rb") as f:
