@@ -1,0 +1,20 @@
+"""`llama3-jax train`: the run config, the pure step, checkpoints, metrics and the loop (one job per file).
+
+    config.py   TrainConfig / MeshConfig, model shape and tokenizer resolution
+    step.py     train_step / eval_step under jax.jit, `build` (abstract sharded state)
+    state.py    training checkpoints (params, optimizer, data iterator, meta)
+    metrics.py  metrics.jsonl, TensorBoard, FLOP/s and MFU
+    loop.py     run_train / train: restore, iterate, evaluate, save, sample
+"""
+
+from ..model import Llama
+from .config import ByteTokenizer, MeshConfig, TrainConfig, make_tokenizer, model_config
+from .loop import Preemption, run_train, train
+from .metrics import PEAK_FLOPS, MetricsLog, model_flops_per_token, peak_flops
+from .state import gather_data_states, restore_state, save_state, this_process_data_state
+from .step import Setup, build, eval_step, init_params, loss_and_count, split_microbatches, train_step
+
+__all__ = ["ByteTokenizer", "Llama", "MeshConfig", "MetricsLog", "PEAK_FLOPS", "Preemption", "Setup", "TrainConfig",
+           "build", "eval_step", "gather_data_states", "init_params", "loss_and_count", "make_tokenizer",
+           "model_config", "model_flops_per_token", "peak_flops", "restore_state", "run_train", "save_state",
+           "split_microbatches", "this_process_data_state", "train", "train_step"]

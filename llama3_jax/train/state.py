@@ -1,0 +1,61 @@
+"""Training checkpoints: params, optimizer state, every process's data-iterator state and run meta,
+saved asynchronously under one orbax manager and restored into any mesh's shardings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from .. import checkpoint
+
+
+def gather_data_states(state: dict) -> dict:
+    """Every process's iterator state (each reads its own share of the data), for process 0 to save:
+    {"process_count": P, "states": [state of process 0, ..., state of process P-1]}."""
+    if jax.process_count() == 1:
+        return {"process_count": 1, "states": [state]}
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([raw.size], np.int64)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    every = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+    return {"process_count": len(sizes),
+            "states": [json.loads(bytes(every[i, :sizes[i]]).decode()) for i in range(len(sizes))]}
+
+
+def this_process_data_state(saved: dict, where: str) -> dict:
+    """This process's entry of `gather_data_states`; the data order is tied to the process count."""
+    if saved.get("process_count") != jax.process_count():
+        raise ValueError(f"{where}: the data iterator state was saved by {saved.get('process_count')} processes, "
+                         f"this run has {jax.process_count()} (resume with the same process count)")
+    return saved["states"][jax.process_index()]
+
+
+def save_state(mgr: ocp.CheckpointManager, step: int, state: dict, data_state: dict, meta: dict) -> None:
+    """Async save: orbax copies the arrays to host before returning (so the next step may donate them)
+    and writes into a temp dir that is renamed only when complete. `data_state` is this process's
+    iterator state; every process's is gathered into the checkpoint."""
+    mgr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]), opt_state=ocp.args.StandardSave(state["opt_state"]),
+        data=ocp.args.JsonSave(gather_data_states(data_state)), meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def restore_state(directory: Path, step: int, abstract: dict) -> tuple[dict, dict, dict]:
+    """(state, this process's data iterator state, meta) of a training checkpoint, into `abstract`'s
+    shardings (any mesh: a checkpoint from 8 devices restores on 1 or 4)."""
+    if not (Path(directory) / str(step) / "opt_state").exists():
+        raise ValueError(f"{directory} step {step}: no optimizer state (a converted model? use it as init_from)")
+    with checkpoint.manager(directory, read_only=True) as m:
+        out = m.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract["params"]),
+            opt_state=ocp.args.StandardRestore(abstract["opt_state"]),
+            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    step_arr = jax.device_put(jnp.int32(out["meta"]["step"]), abstract["step"].sharding)
+    data_state = this_process_data_state(out["data"], f"{directory} step {step}")
+    return {"params": out["params"], "opt_state": out["opt_state"], "step": step_arr}, data_state, out["meta"]
