@@ -108,6 +108,18 @@ def test_extra_tensor_named(tmp_path):
     assert "model.layers.9.bogus.weight" in msg
 
 
+def test_transposed_projection_is_refused_though_its_size_matches(tmp_path):
+    """k_proj (kv_heads * head_dim, dim) = (20, 40) stored as (40, 20): same element count, wrong shape."""
+    name = "model.layers.1.self_attn.k_proj.weight"
+
+    def transpose(t):
+        assert t[name].shape[0] != t[name].shape[1]
+        t[name] = t[name].T.contiguous()
+    msg = _bad(tmp_path, lambda d: _rewrite_safetensors(d / "model.safetensors", transpose))
+    assert "model.safetensors" in msg and name in msg and "(40, 20)" in msg and "(20, 40)" in msg
+    assert len(msg.splitlines()) == 1
+
+
 def test_config_disagreeing_with_weights_named(tmp_path):
     def widen(d):
         cfg = json.loads((d / "config.json").read_text())
