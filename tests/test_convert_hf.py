@@ -25,7 +25,7 @@ def test_hf_jax_hf_bit_exact_with_sharded_output(tmp_path, tie):
     hf = make_hf_llama(tmp_path / "hf", tie=tie)
     convert(tmp_path / "hf", tmp_path / "jax", src_format="hf", dst_format="jax", progress=False)
     convert(tmp_path / "jax", tmp_path / "hf2", src_format="jax", dst_format="hf", progress=False,
-            max_shard_size="30KB")
+            max_shard_size="30KiB")
     index = json.loads((tmp_path / "hf2" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf2")
@@ -146,6 +146,31 @@ def test_cli_reports_one_line_and_exits_nonzero(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     (tmp_path / "exists").mkdir()
     assert cli.main(["convert", "--from", "hf", "--to", "jax", str(tmp_path / "hf"), str(tmp_path / "exists")]) == 2
+
+
+@pytest.mark.parametrize("to, flags, says", [
+    ("meta", ["--max-shard-size", "5GB"], "--max-shard-size applies only to --to hf"),
+    ("jax", ["--max-shard-size", "5GB"], "--max-shard-size applies only to --to hf"),
+    ("hf", ["--shards", "2"], "--shards applies only to --to meta"),
+    ("jax", ["--shards", "1"], "--shards applies only to --to meta"),
+    ("hf", ["--max-shard-size", "abc"], "--max-shard-size 'abc': not a size"),
+    ("hf", ["--max-shard-size", "5XB"], "--max-shard-size '5XB': not a size"),
+    ("hf", ["--max-shard-size", "0"], "--max-shard-size '0': must be at least 1 byte"),
+])
+def test_cli_refuses_options_that_do_not_apply_in_one_line(tmp_path, capsys, to, flags, says):
+    (tmp_path / "src").mkdir()
+    rc = cli.main(["convert", "--from", "jax", "--to", to, str(tmp_path / "src"), str(tmp_path / "dst"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "dst").exists()
+
+
+def test_shard_sizes_read_as_transformers_reads_them():
+    from transformers.utils.hub import convert_file_size_to_int
+    from llama3_jax.convert.core import parse_size
+    for text in ["5GB", "500MB", "5GiB", "30KB", "30KiB", "2mib", "5Gb", "500mb", 1000]:
+        assert parse_size(text, "--max-shard-size") == convert_file_size_to_int(text), text
+    assert parse_size("1000", "--max-shard-size") == 1000  # a plain number is bytes
 
 
 def test_cli_converts_and_reports_summary(tmp_path, capsys):

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from ..config import ModelConfig, from_hf_config, read_json, to_hf_config, to_hf_generation_config
-from .core import ConvertError, Tensor, expected_shapes
+from .core import ConvertError, Tensor, expected_shapes, parse_size
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -195,16 +195,6 @@ def _hf_shape(name, ours):
 # ---------------------------------------------------------------------------------------- writer
 
 
-def parse_size(text: str | int) -> int:
-    if isinstance(text, int):
-        return text
-    t = text.strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)
-
-
 class HFWriter:
     """Plans all shards from the config, then writes each tensor at its offset as it arrives."""
 
@@ -216,7 +206,7 @@ class HFWriter:
         for i in range(cfg.n_layers):
             order += [(n, i) for n in NAMES if n.startswith("layers/")]
         order += [("norm", None)] + ([] if cfg.tie_embeddings else [("lm_head", None)])
-        limit = parse_size(max_shard_size)
+        limit = parse_size(max_shard_size, "--max-shard-size")
         shards, cur, cur_size = [], [], 0
         for key in order:
             nbytes = int(np.prod(shapes[key[0]])) * self.dtype.itemsize
