@@ -192,6 +192,7 @@ def test_inspect_checkpoint_tool_lists_every_parameter(tmp_path):
     tool = Path(__file__).resolve().parent.parent / "tools" / "inspect_checkpoint.py"
     out = subprocess.run([sys.executable, str(tool), str(tmp_path / "j")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    assert "WARNING" not in out.stderr, out.stderr  # e.g. absl's "Metadata file does not exist"
     _, params = checkpoint.restore_params(tmp_path / "j")
     listed = {line.split()[0]: line.split(None, 1)[1] for line in out.stdout.splitlines()[-len(
         jax_leaves(params)):]}
