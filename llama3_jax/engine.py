@@ -382,6 +382,10 @@ class Generator:
             if max_new_tokens is None:  # the rest of the context, in doubling chunks
                 limits = np.ones((b,), np.int32)
                 limits[:len(rows)] = [self.cfg.max_seq_len - len(prompts[i]) for i in rows]
+                if limits.min() < 1:
+                    i = rows[int(limits.argmin())]
+                    raise ValueError(f"prompt {i}: {len(prompts[i])} tokens leave no room in the model's "
+                                     f"context of {self.cfg.max_seq_len} tokens")
                 n = min(bucket(int(limits.max())), FIRST_CHUNK)
             else:
                 limits, n = np.full((b,), max_new_tokens, np.int32), max_new_tokens
