@@ -104,8 +104,10 @@ def model_config(cfg: TrainConfig, resume_dir: Path | None = None) -> ModelConfi
         mc = checkpoint.load_config(stored)
         if cfg.model is not None:
             asked = _requested_model(cfg.model)
+            # dtypes come from the run; init_from's special-token ids are its tokenizer's, not the preset's
+            free = ("dtype", "param_dtype") + (("bos_id", "eos_ids") if resume_dir is None else ())
             differ = [f.name for f in dataclasses.fields(mc)
-                      if f.name not in ("dtype", "param_dtype") and getattr(asked, f.name) != getattr(mc, f.name)]
+                      if f.name not in free and getattr(asked, f.name) != getattr(mc, f.name)]
             if differ:
                 what = "resuming" if resume_dir is not None else "init_from"
                 raise ValueError(
