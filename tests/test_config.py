@@ -105,7 +105,10 @@ CONFIG_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("text,overrides,expected", CONFIG_ERRORS)
+@pytest.mark.parametrize("text,overrides,expected", CONFIG_ERRORS,
+                         ids=["unknown-top", "yaml-syntax", "yaml-list", "model-5", "model-5-override",
+                              "alias-in-section", "alias-across", "alias-beta2", "incomplete-model", "model-type",
+                              "unknown-model-key", "empty-value", "optim-check", "batch-check"])
 def test_config_errors_are_one_line_naming_file_and_key(tmp_path, capsys, text, overrides, expected):
     """Unknown keys (with suggestions across sections and by other trainers' names), YAML syntax errors
     (line and column), non-mappings, wrong types: exit 2, one line, the file (or "command line") and key."""
