@@ -179,7 +179,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
     flops_per_step = model_flops_per_token(mc, cfg.seq_len) * tokens_per_step
     peak = peak_flops(cfg.peak_flops, list(mesh.devices.flat))
 
-    with Preemption() as preempt:  # from here on SIGTERM means "save and stop", even during compilation
+    with Preemption() as preempt:  # from here on SIGTERM or Ctrl-C means "save and stop", even while compiling
         state, data_state, start, tokens_seen, origin = _start_state(cfg, setup, workdir, resume)
         it = make_iterator(cfg.data, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                            process_index=jax.process_index(), process_count=jax.process_count())
