@@ -225,6 +225,9 @@ def run_generate(args, generator: Generator | None = None) -> dict:
                 raise ValueError("'prompt' must be a string")
             ids = gen.tokenizer.encode(rec["prompt"], bos=True, eos=False)
         elif kind == "messages":
+            if not hasattr(gen.tokenizer, "encode_dialog"):
+                raise ValueError(f"'messages' needs Llama 3's chat format, which this checkpoint's tokenizer "
+                                 f"({type(gen.tokenizer).__name__}) does not have")
             ids = gen.tokenizer.encode_dialog(rec["messages"])
         else:
             ids = _token_list(rec, "tokens")

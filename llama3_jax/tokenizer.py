@@ -265,7 +265,7 @@ class ByteTokenizer:
     bos_id, eos_id, n_words = 256, 257, 258
     stop_tokens = (257,)
 
-    def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
+    def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
         return [self.bos_id] * bos + list(text.encode("utf-8")) + [self.eos_id] * eos
 
     def decode(self, ids) -> str:

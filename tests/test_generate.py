@@ -503,3 +503,16 @@ def test_generate_and_score_help_give_every_default():
             if action.option_strings and not action.required and not isinstance(action, argparse._HelpAction):
                 assert "(default: " in (action.help or ""), (name, action.option_strings)
     assert "(default: 8)" in " ".join(subs["score"].format_help().split())  # %(default)s is filled in
+
+
+def test_messages_for_a_tokenizer_without_chat_format_are_skipped_in_one_line(gen, ckpt, tmp_path, capsys):
+    from llama3_jax.generate import run_generate
+    from llama3_jax.tokenizer import ByteTokenizer
+    g = Generator(cfg=gen.cfg, params=stack_layer_params(gen.params), dtype="float32", split_layers=False,
+                  tokenizer=ByteTokenizer())
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"id": 1, "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    summary = run_generate(gen_args(ckpt, inp, out), generator=g)
+    assert re.search(r"in\.jsonl:1: skipped: 'messages' needs Llama 3's chat format.*ByteTokenizer",
+                     capsys.readouterr().err)
+    assert summary["all_failed"]
