@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"llama3-jax {args.command}: interrupted", file=sys.stderr)
         return 130
-    return rc or 0
+    return rc if isinstance(rc, int) else 0  # generate/score: 1 when every line failed
 
 
 if __name__ == "__main__":
