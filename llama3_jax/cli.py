@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "reads it: 5GB, 500MB, 5GiB (default: 5GB)")
     c.add_argument("--shards", type=int, default=None, help="meta output only: model-parallel files (default: 1)")
     c.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
+    _add_distributed_args(c)
     c.set_defaults(func=_convert)
 
     t = sub.add_parser("train", help="pretrain or fine-tune from a YAML config", description=TRAIN_DESCRIPTION,
@@ -105,7 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "2 on bad usage.")
     _add_engine_args(s)
     s.set_defaults(func=_score)
+    _add_distributed_args(g)
+    _add_distributed_args(s)
     return p
+
+
+def _add_distributed_args(p: argparse.ArgumentParser) -> None:
+    """`train` takes the same as distributed.* keys; every process runs the same command line."""
+    d = p.add_argument_group("several hosts (jax.distributed; detected by itself on Cloud TPU, SLURM, Open MPI, "
+                             "Kubernetes)")
+    d.add_argument("--coordinator-address", metavar="HOST:PORT", default=None, help="process 0's address")
+    d.add_argument("--num-processes", type=int, metavar="N", default=None, help="processes in the job")
+    d.add_argument("--process-id", type=int, metavar="I", default=None, help="this process's id, 0..N-1")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -120,11 +132,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import distributed
     try:
+        if args.command != "train":  # train starts it from its distributed.* keys
+            distributed.initialize(distributed.DistributedConfig(
+                args.coordinator_address, args.num_processes, args.process_id))
         rc = args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"llama3-jax {args.command}: error: {msg}", file=sys.stderr)
+        print(f"{distributed.error_prefix()}llama3-jax {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"llama3-jax {args.command}: interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ from pathlib import Path
 from .. import checkpoint
 from ..config import ModelConfig, load_model_config
 from ..data import DataConfig
+from ..distributed import DistributedConfig
 from ..optim import OptimConfig
 from ..tokenizer import ByteTokenizer, load_tokenizer as make_tokenizer  # noqa: F401 (the train API names them)
 
@@ -35,6 +36,8 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    # several hosts: coordinator_address/num_processes/process_id (else the cluster's, when detected)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     steps: int = 1000
     batch_size: int = 8  # global, in sequences
     seq_len: int = 512

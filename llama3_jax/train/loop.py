@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from .. import checkpoint
+from .. import checkpoint, distributed
 from ..config import load_yaml_config
 from ..data import BATCH_KEYS, list_documents, make_iterator, split_documents
 from ..optim import OptimConfig, schedule
@@ -155,6 +155,7 @@ def _start_state(cfg: TrainConfig, setup: Setup, workdir: Path, resume: int | No
 def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
     """Run (or resume) the job described by `cfg`; returns a summary dict (losses, throughput, sample)."""
     t0 = time.time()
+    distributed.initialize(cfg.distributed)  # before any other JAX call
     workdir = Path(cfg.workdir)
     is_main = jax.process_index() == 0
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
