@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="most new tokens per prompt (default: until a stop token or the end of the model's "
                         "context)")
+    g.add_argument("--num-shards", type=int, default=1, metavar="N",
+                   help="split the input over N independent runs: this one takes every N-th line and writes "
+                        "OUTPUT-0000I-of-0000N.jsonl; tools/merge_outputs.py joins them (default: %(default)s)")
+    g.add_argument("--shard-index", type=int, default=0, metavar="I",
+                   help="which of the N runs this is, 0..N-1 (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k best; 0 = off (default: %(default)s)")
     g.add_argument("--top-p", type=float, default=1.0,

@@ -23,6 +23,7 @@ Behaviour the tests pin down:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -102,8 +103,9 @@ class Appender:
         self.f.close()
 
 
-def read_lines(path: Path, done: set[str], parse) -> tuple[list[tuple[int, object, object]], dict]:
-    """Parse each input line with `parse(record) -> payload` (raises ValueError on a bad line).
+def read_lines(path: Path, done: set[str], parse, keep=None) -> tuple[list[tuple[int, object, object]], dict]:
+    """Parse each input line with `parse(record) -> payload` (raises ValueError on a bad line);
+    `keep(lineno)` False: the line is another shard's, not read at all.
 
     Returns ([(lineno, id, payload)], counts). Bad lines are reported and skipped; lines whose id is
     already in the output are skipped quietly (counted as resumed).
@@ -113,7 +115,7 @@ def read_lines(path: Path, done: set[str], parse) -> tuple[list[tuple[int, objec
     counts = {"bad": 0, "resumed": 0}
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
+            if not raw.strip() or (keep is not None and not keep(lineno)):
                 continue
             try:
                 # without its newline, so an unfinished line's error points into that line
@@ -153,6 +155,27 @@ def _one_of(rec: dict, keys: tuple[str, ...]) -> str:
         names = ", ".join(repr(k) for k in keys)
         raise ValueError(f"expected exactly one of {names}, got {present or 'none'}")
     return present[0]
+
+
+def shard_path(output: str | Path, num_shards: int, shard_index: int) -> Path:
+    """Shard I of N writes OUT-0000I-of-0000N.jsonl beside OUT.jsonl (tools/merge_outputs.py joins them)."""
+    output = Path(output)
+    if num_shards == 1:
+        return output
+    return output.with_name(f"{output.stem}-{shard_index:05d}-of-{num_shards:05d}{output.suffix}")
+
+
+def _shard(args):
+    """--num-shards N --shard-index I: (args writing to this shard's output, a filter keeping input lines
+    I+1, I+1+N, ...), so N machines (a GKE Indexed Job, a SLURM array) split one input file."""
+    n, i = getattr(args, "num_shards", 1), getattr(args, "shard_index", 0)
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"--shard-index must be in [0, --num-shards) and --num-shards >= 1, got {i} and {n}")
+    if n == 1:
+        return args, None
+    args = copy.copy(args)
+    args.output = str(shard_path(args.output, n, i))
+    return args, lambda lineno: (lineno - 1) % n == i
 
 
 def _open(args, generator: Generator | None) -> tuple[set[str], Generator]:
@@ -216,6 +239,7 @@ def run_generate(args, generator: Generator | None = None) -> dict:
     max_new = args.max_new_tokens  # None: until a stop token or the end of the context
     if max_new is not None and max_new < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new}")
+    args, keep = _shard(args)
     done, gen = _open(args, generator)
 
     def parse(rec):
@@ -234,7 +258,7 @@ def run_generate(args, generator: Generator | None = None) -> dict:
         gen.check_ids(ids, repr(kind))
         return ids
 
-    items, counts = read_lines(args.input, done, parse)
+    items, counts = read_lines(args.input, done, parse, keep)
     out = Appender(args.output)
     todo, errors = _fitting(items, lambda ids: gen.context_error(len(ids), max_new or 0), args.input, out)
 

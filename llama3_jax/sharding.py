@@ -34,23 +34,72 @@ RULES: dict[str, tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh. One size may be -1: "the rest of the devices"."""
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None, *, dcn_data: int = 1,
+              dcn_fsdp: int = 1) -> Mesh:
+    """A (data, fsdp, tensor) mesh. One size may be -1: "the rest of the devices".
+
+    With `dcn_data` / `dcn_fsdp` > 1 the devices form that many slices (TPU slices, or hosts joined by the
+    data-center network) and data/fsdp/tensor give the mesh of ONE slice: the mesh axis `data` is then
+    dcn_data * data long, its outer factor crossing slices, so only the gradient reduction (data) or the
+    weight gathers (fsdp) travel over the slow network while tensor stays inside a slice."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
+    dcn = (dcn_data, dcn_fsdp, 1)
+    if min(dcn) < 1:
+        raise ValueError(f"mesh: dcn_data and dcn_fsdp must be >= 1, got {dcn_data}, {dcn_fsdp}")
+    n_slices = math.prod(dcn)
+    if len(devices) % n_slices:
+        raise ValueError(f"mesh: {len(devices)} devices do not split into dcn_data*dcn_fsdp = {n_slices} slices")
+    ici = _resolve_sizes([data, fsdp, tensor], len(devices) // n_slices,
+                         " per slice" if n_slices > 1 else "")
+    if n_slices == 1:
+        arr = np.asarray(devices).reshape(ici)
+    else:
+        arr = hybrid_device_array(devices, ici, dcn)
+    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def _resolve_sizes(sizes: list[int], n: int, where: str) -> tuple[int, ...]:
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"mesh: {len(devices)} devices are not divisible by {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        if n % known:
+            raise ValueError(f"mesh: {n} devices{where} are not divisible by {known}")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
         raise ValueError(
             f"mesh: data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)}, "
-            f"but there are {len(devices)} devices")
-    arr = np.asarray(devices).reshape(sizes)
-    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+            f"but there are {n} devices{where}")
+    return tuple(sizes)
+
+
+def hybrid_device_array(devices, ici: tuple[int, ...], dcn: tuple[int, ...]) -> np.ndarray:
+    """Devices laid out as an ICI x DCN mesh: axis i has dcn[i] * ici[i] entries, slice-major.
+
+    TPU devices know their slice (`slice_index`): mesh_utils.create_hybrid_device_mesh also orders each
+    slice by its physical torus. Elsewhere (CPU, GPU) a slice is one process's devices, or with one
+    process, consecutive runs of devices (how a test fakes two slices), laid out the same way by hand."""
+    n_slices = math.prod(dcn)
+    if all(hasattr(d, "slice_index") for d in devices) and len({d.slice_index for d in devices}) > 1:
+        from jax.experimental import mesh_utils
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    by_process: dict[int, list] = {}
+    for d in devices:
+        by_process.setdefault(d.process_index, []).append(d)
+    if len(by_process) > 1:
+        groups = [by_process[p] for p in sorted(by_process)]
+        if len(groups) != n_slices:
+            raise ValueError(f"mesh: dcn_data*dcn_fsdp = {n_slices} slices, but the devices belong to "
+                             f"{len(groups)} processes (each process is a slice here)")
+    else:
+        per = len(devices) // n_slices
+        groups = [devices[i * per:(i + 1) * per] for i in range(n_slices)]
+    blocks = np.empty((n_slices, len(groups[0])), dtype=object)
+    for i, g in enumerate(groups):
+        blocks[i, :] = g
+    # (dcn0, dcn1, dcn2, ici0, ici1, ici2) -> (dcn0, ici0, dcn1, ici1, dcn2, ici2) -> (dcn0*ici0, ...)
+    arr = blocks.reshape(*dcn, *ici).transpose(0, 3, 1, 4, 2, 5)
+    return arr.reshape([a * b for a, b in zip(dcn, ici)])
 
 
 def logical_spec(names: tuple[str | None, ...], shape: tuple[int, ...] | None = None, mesh=None) -> P:

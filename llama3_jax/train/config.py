@@ -22,6 +22,9 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1  # -1: the rest of the devices
     tensor: int = 1
+    # slices (TPU multislice, or hosts over the data-center network): data/fsdp/tensor are then per slice
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -158,7 +158,8 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
     distributed.initialize(cfg.distributed)  # before any other JAX call
     workdir = Path(cfg.workdir)
     is_main = jax.process_index() == 0
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, dcn_data=cfg.mesh.dcn_data,
+                     dcn_fsdp=cfg.mesh.dcn_fsdp)
     batch_axes = logical_spec(("batch",), None, mesh)[0] or ()
     n_batch = math.prod(mesh.shape[a] for a in ((batch_axes,) if isinstance(batch_axes, str) else batch_axes))
     if (cfg.batch_size // cfg.grad_accum) % n_batch:

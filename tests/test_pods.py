@@ -1,0 +1,102 @@
+"""Pods: process start-up (jax.distributed from keys, flags or the cluster), the local launcher, the
+hybrid ICI x DCN mesh, and generate's --num-shards with tools/merge_outputs.py.
+
+The multi-process tests start real processes on 127.0.0.1 (gloo, fake CPU devices per process) through
+tools/launch_local.py, the way a pod starts one process per host."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama3_jax import distributed
+from llama3_jax.cli import main as cli_main
+from llama3_jax.distributed import DistributedConfig
+from llama3_jax.sharding import hybrid_device_array
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import launch_local  # noqa: E402
+import merge_outputs  # noqa: E402
+
+CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
+                "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
+                "KUBERNETES_SERVICE_HOST", "JOB_COMPLETION_INDEX", distributed.AUTO_ENV)
+
+
+@pytest.fixture
+def no_cluster(monkeypatch):
+    for var in CLUSTER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_a_cluster_is_detected_only_when_it_has_several_processes(no_cluster):
+    assert distributed.detect_cluster() is None
+    assert distributed.initialize(DistributedConfig()) is False  # a plain run starts nothing, never waits
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+    for k, v in slurm.items():
+        no_cluster.setenv(k, v)
+    no_cluster.setenv("SLURM_NTASKS", "1")
+    assert distributed.detect_cluster() is None
+    no_cluster.setenv("SLURM_NTASKS", "2")
+    assert distributed.detect_cluster() == "slurm"
+    no_cluster.setenv(distributed.AUTO_ENV, "0")
+    assert distributed.detect_cluster() is None
+    no_cluster.delenv(distributed.AUTO_ENV)
+    for k in [*slurm, "SLURM_NTASKS"]:
+        no_cluster.delenv(k)
+    no_cluster.setenv("OMPI_MCA_orte_hnp_uri", "1.0;tcp://10.0.0.1:1")
+    no_cluster.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert distributed.detect_cluster() == "openmpi"
+
+
+def test_bad_distributed_settings_are_one_line_errors(no_cluster, tmp_path, capsys):
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        DistributedConfig(coordinator_address="10.0.0.2")
+    with pytest.raises(ValueError, match="process_id 2 is not below .*num_processes 2"):
+        DistributedConfig("10.0.0.2:1234", 2, 2)
+    with pytest.raises(ValueError, match="num_processes, process_id missing"):
+        distributed.initialize(DistributedConfig(coordinator_address="127.0.0.1:1234"))
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("")
+    rc = cli_main(["generate", "--checkpoint", str(tmp_path), "--input", str(inp), "--output", str(tmp_path / "o"),
+                   "--coordinator-address", "127.0.0.1:1234", "--process-id", "0"])
+    assert rc == 2 and "num_processes missing" in capsys.readouterr().err
+    rc = cli_main(["train", "distributed.num_processes=2", "distributed.process_id=5"])
+    assert rc == 2 and "distributed.process_id 5 is not below" in capsys.readouterr().err
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+    id: int
+    process_index: int = 0
+    slice_index: int | None = None
+    platform: str = "cpu"
+    device_kind: str = "cpu"
+
+
+@pytest.mark.parametrize("ici,dcn", [((1, 2, 2), (2, 1, 1)), ((2, 1, 1), (2, 2, 1)), ((1, 1, 2), (1, 3, 1))])
+def test_hybrid_mesh_without_slice_info_lays_out_devices_as_mesh_utils_does(ici, dcn):
+    """A slice is a process's devices, or with one process a run of consecutive devices; either way the
+    layout is the one create_hybrid_device_mesh gives devices that carry that slice_index."""
+    from jax.experimental import mesh_utils
+    n_slices, per = int(np.prod(dcn)), int(np.prod(ici))
+    order = np.random.default_rng(0).permutation(n_slices * per)  # device ids in no particular order
+    ids = lambda arr: np.vectorize(lambda d: d.id)(arr)  # noqa: E731
+    tagged = [FakeDevice(int(i), slice_index=k // per) for k, i in enumerate(order)]
+    expected = ids(mesh_utils.create_hybrid_device_mesh(ici, dcn, tagged))
+    one_process = [FakeDevice(d.id) for d in tagged]
+    by_process = [FakeDevice(d.id, process_index=d.slice_index) for d in reversed(tagged)][::-1]
+    for devices in (one_process, by_process):
+        arr = hybrid_device_array(devices, ici, dcn)
+        assert arr.shape == tuple(a * b for a, b in zip(ici, dcn))
+        np.testing.assert_array_equal(ids(arr), expected)
+    with pytest.raises(ValueError, match="processes"):
+        hybrid_device_array([FakeDevice(i, process_index=i % (n_slices + 1)) for i in range(n_slices * per)], ici, dcn)
