@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import launch_local  # noqa: E402
 import merge_outputs  # noqa: E402
+from test_generate import ckpt, gen_args, hf_model, ragged_prompts, read_jsonl  # noqa: E402,F401 (fixtures)
 
 CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
                 "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
@@ -100,3 +101,33 @@ def test_hybrid_mesh_without_slice_info_lays_out_devices_as_mesh_utils_does(ici,
         np.testing.assert_array_equal(ids(arr), expected)
     with pytest.raises(ValueError, match="processes"):
         hybrid_device_array([FakeDevice(i, process_index=i % (n_slices + 1)) for i in range(n_slices * per)], ici, dcn)
+
+
+def test_num_shards_over_three_runs_plus_the_merge_equals_one_run(ckpt, tmp_path, capsys):
+    from llama3_jax.engine import Generator
+    from llama3_jax.generate import run_generate
+
+    gen = Generator(ckpt, dtype="float32")
+    prompts = ragged_prompts([3, 9, 5, 12, 2, 7, 4], seed=3)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"p{i}" if i % 2 else i, "tokens": p}) + "\n"
+                           for i, p in enumerate(prompts)))
+    sampled = dict(temperature=1.0, max_new_tokens=6, ignore_eos=True)
+    run_generate(gen_args(ckpt, inp, tmp_path / "one.jsonl", batch_size=4, **sampled), generator=gen)
+    out = tmp_path / "out.jsonl"
+    for i in range(3):  # three "machines", each with its own batches
+        run_generate(gen_args(ckpt, inp, out, batch_size=2, num_shards=3, shard_index=i, **sampled), generator=gen)
+    shards = sorted(tmp_path.glob("out-*-of-00003.jsonl"))
+    assert [len(read_jsonl(s)) for s in shards] == [3, 2, 2]  # lines 1,4,7 / 2,5 / 3,6
+    assert merge_outputs.main(["--input", str(inp), "--output", str(out), "--num-shards", "3"]) == 0
+    one = {json.dumps(r["id"]): r for r in read_jsonl(tmp_path / "one.jsonl")}
+    ids = [json.loads(line)["id"] for line in inp.read_text().splitlines()]
+    assert read_jsonl(out) == [one[json.dumps(i)] for i in ids]  # input order, each id once, same tokens
+
+    lines = shards[1].read_text().splitlines()  # a shard that lost an answer: the merge names the id
+    shards[1].write_text(lines[0] + "\n")
+    capsys.readouterr()
+    assert merge_outputs.main(["--input", str(inp), "--output", str(out), "--num-shards", "3"]) == 1
+    missing = json.loads(lines[1])["id"]
+    assert f"1 input ids have no output in any shard: {json.dumps(missing)}" in capsys.readouterr().err
+    assert [r["id"] for r in read_jsonl(out)] == [i for i in ids if i != missing]
