@@ -2,11 +2,16 @@
 
     list documents (paths / JSONL line offsets; nothing is read yet)
       -> train/eval split by a hash of each document's identity (stable when the corpus grows)
-      -> shard: this process keeps documents i % process_count == process_index
       -> shuffle (seed + epoch) and repeat               [grain MapDataset]
       -> read + tokenize: BOS text EOS, in reader threads (or worker processes)
       -> pack to seq_len + 1 tokens with segment ids     [grain ConcatThenSplitIterDataset]
-      -> shift into tokens/targets, batch, prefetch      [grain batch / ThreadPrefetch]
+      -> shift into tokens/targets, global batch, prefetch [grain batch / ThreadPrefetch]
+      -> this process's rows of the global batch
+
+Every process reads the same global order and keeps its own rows of each batch, so the data order
+does not depend on the process count: a checkpoint written by N processes continues on M with the
+same batches (elastic resume), and 2 processes x 4 devices train exactly as 1 x 8. The price is that
+each process reads and tokenizes the whole global batch, not only its share.
 
 Why seq_len + 1: the row is cut into ``tokens = row[:-1]`` and ``targets = row[1:]``, so
 the last input of a row still gets its true next token when that token belongs to the
@@ -251,6 +256,10 @@ class _ReadAndTokenize:
 
 
 # ------------------------------------------------------------------------ batches
+def _rows_of(batch: dict, *, start: int, stop: int) -> dict:
+    return {k: np.ascontiguousarray(v[start:stop]) for k, v in batch.items()}
+
+
 def _to_batch(rows: list[dict[str, np.ndarray]], *, n_rows: int, seq_len: int) -> dict:
     """Packed rows of seq_len + 1 -> the model's (n_rows, seq_len) int32 arrays.
 
@@ -320,7 +329,7 @@ class BatchIterator:
         fingerprint: dict[str, Any],
     ):
         self._it = dataset.__iter__()
-        self.documents = documents  # this process's documents (after split + sharding)
+        self.documents = documents  # the split's documents (every process reads them all)
         self.rows, self.seq_len, self.process_count = rows, seq_len, process_count
         self._fingerprint = fingerprint
 
@@ -400,16 +409,10 @@ def make_iterator(
     shuffle = cfg.shuffle and split == "train"
     if split == "eval":
         num_epochs = num_epochs or 1
-    docs = split_documents(list_documents(cfg), split, cfg.eval_fraction)[
-        process_index::process_count
-    ]
-    # An eval share may be empty (few held-out documents, several processes): that iterator simply
-    # ends at once, and the caller feeds padding batches so every process runs the same collectives.
+    docs = split_documents(list_documents(cfg), split, cfg.eval_fraction)
+    # An empty eval split ends at once; the caller feeds padding batches.
     if not docs and split == "train":
-        raise ValueError(
-            f"no {split} documents for process {process_index}/{process_count} in data "
-            f"path {cfg.path} (eval_fraction={cfg.eval_fraction})"
-        )
+        raise ValueError(f"no {split} documents in data path {cfg.path} (eval_fraction={cfg.eval_fraction})")
 
     ds = grain.MapDataset.source(docs)
     if shuffle:
@@ -419,8 +422,10 @@ def make_iterator(
         ds.to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len + 1}
     )
     batches = packed.batch(
-        rows, batch_fn=functools.partial(_to_batch, n_rows=rows, seq_len=seq_len)
+        batch_size, batch_fn=functools.partial(_to_batch, n_rows=batch_size, seq_len=seq_len)
     )
+    if process_count > 1:  # the global batch is the same in every process; each keeps its rows
+        batches = batches.map(functools.partial(_rows_of, start=process_index * rows, stop=(process_index + 1) * rows))
     if cfg.worker_count:
         # grain reads an absl flag when starting workers; outside absl.app it is unparsed.
         if not absl_flags.FLAGS.is_parsed():
@@ -435,11 +440,10 @@ def make_iterator(
         "documents": f"{len(docs)}:{keys}",
         "split": split,
         "seq_len": seq_len,
-        "rows": rows,
+        "rows": batch_size,  # global: the same state in every process, whatever their number
         "seed": seed,
         "shuffle": shuffle,
         "num_epochs": num_epochs,
-        "process": f"{process_index}/{process_count}",
         "worker_count": cfg.worker_count,
     }
     return BatchIterator(

@@ -15,7 +15,7 @@ from .. import checkpoint
 
 
 def gather_data_states(state: dict) -> dict:
-    """Every process's iterator state (each reads its own share of the data), for process 0 to save:
+    """Every process's iterator state (all equal: each reads the same global order), for process 0 to save:
     {"process_count": P, "states": [state of process 0, ..., state of process P-1]}."""
     if jax.process_count() == 1:
         return {"process_count": 1, "states": [state]}
@@ -30,7 +30,12 @@ def gather_data_states(state: dict) -> dict:
 
 
 def this_process_data_state(saved: dict, where: str) -> dict:
-    """This process's entry of `gather_data_states`; the data order is tied to the process count."""
+    """This process's entry of `gather_data_states`. Every process reads the same global order, so
+    their states agree and any process count continues from them (elastic resume); states that differ
+    come from an older pipeline whose order was tied to the process count."""
+    states = saved.get("states") or []
+    if states and all(s == states[0] for s in states):
+        return states[0]
     if saved.get("process_count") != jax.process_count():
         raise ValueError(f"{where}: the data iterator state was saved by {saved.get('process_count')} processes, "
                          f"this run has {jax.process_count()} (resume with the same process count)")
