@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import launch_local  # noqa: E402
 import merge_outputs  # noqa: E402
 from test_generate import ckpt, gen_args, hf_model, ragged_prompts, read_jsonl  # noqa: E402,F401 (fixtures)
+from train_helpers import base_overrides, train_losses, write_corpus  # noqa: E402
 
 CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
                 "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES",
@@ -131,3 +135,80 @@ def test_num_shards_over_three_runs_plus_the_merge_equals_one_run(ckpt, tmp_path
     missing = json.loads(lines[1])["id"]
     assert f"1 input ids have no output in any shard: {json.dumps(missing)}" in capsys.readouterr().err
     assert [r["id"] for r in read_jsonl(out)] == [i for i in ids if i != missing]
+
+
+# ------------------------------------------------------------------ several processes (slow: real processes)
+
+
+def _launch(n: int, devices: int, overrides: list[str], **popen) -> subprocess.Popen:
+    """`llama3-jax train` on n local processes x `devices` fake CPU devices, through the launcher."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="")
+    cmd = [sys.executable, str(ROOT / "tools" / "launch_local.py"), "-n", str(n), "--cpu-devices", str(devices),
+           "--", sys.executable, "-m", "llama3_jax.cli", "train", *overrides]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, **popen)
+
+
+def _train(n: int, devices: int, overrides: list[str]) -> None:
+    proc = _launch(n, devices, overrides, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("pods") / "corpus.jsonl")
+
+
+def test_two_by_four_processes_train_as_one_by_eight_and_resume_on_either(corpus, tmp_path):
+    """One mesh shape (two "slices" of 2x2 over the data-center axis: dcn_data=2, data=1, fsdp=2,
+    tensor=2) on 1 process x 8 devices and on 2 processes x 4: the same losses, step by step; and a
+    checkpoint written by either process count continues on the other with the losses of the
+    uninterrupted run (the data order does not depend on the process count)."""
+    mesh = {"mesh.dcn_data": 2, "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2, "checkpoint_every": 3,
+            "keep_checkpoints": 5, "data.eval_fraction": 0.0}
+    ref = tmp_path / "ref"
+    _train(1, 8, base_overrides(ref, corpus, steps=5, **mesh))  # the uninterrupted 1 x 8 run
+    expected = train_losses(ref)
+    assert sorted(expected) == [1, 2, 3, 4, 5]
+
+    two_then_one = tmp_path / "two_then_one"
+    _train(2, 4, base_overrides(two_then_one, corpus, steps=3, **mesh))
+    _train(1, 8, base_overrides(two_then_one, corpus, steps=5, **mesh))
+
+    one_then_two = tmp_path / "one_then_two"  # the reference's step-3 checkpoint, continued on 2 x 4
+    one_then_two.mkdir()
+    for name in ("config.json", "train_config.json", "3"):
+        copy = shutil.copytree if (ref / name).is_dir() else shutil.copy
+        copy(ref / name, one_then_two / name)
+    _train(2, 4, base_overrides(one_then_two, corpus, steps=5, **mesh))
+
+    got = train_losses(two_then_one)
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose([got[s] for s in range(1, 6)], [expected[s] for s in range(1, 6)], rtol=1e-4)
+    got = train_losses(one_then_two)
+    np.testing.assert_allclose([got[4], got[5]], [expected[4], expected[5]], rtol=1e-4)
+
+
+def test_a_killed_process_makes_the_other_exit_non_zero_within_60s(corpus, tmp_path):
+    workdir = tmp_path / "run"
+    overrides = base_overrides(workdir, corpus, steps=100_000, checkpoint_every=100_000,
+                               **{"mesh.data": 2, "mesh.fsdp": 1, "distributed.heartbeat_timeout": 10})
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = launch_local.launch([sys.executable, "-m", "llama3_jax.cli", "train", *overrides], 2, cpu_devices=1,
+                                env=env, popen_kwargs=dict(cwd=ROOT, stdout=subprocess.DEVNULL,
+                                                           stderr=subprocess.DEVNULL))
+    try:
+        metrics = workdir / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and metrics.stat().st_size):  # both are training
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+            time.sleep(0.2)
+        procs[1].kill()
+        killed = time.monotonic()
+        rc = procs[0].wait(timeout=60)
+        assert rc != 0 and time.monotonic() - killed < 60
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
