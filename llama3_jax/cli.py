@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "train":  # train starts it from its distributed.* keys
             distributed.initialize(distributed.DistributedConfig(
                 args.coordinator_address, args.num_processes, args.process_id))
+            distributed.refuse_several_processes(f"llama3-jax {args.command}")
         rc = args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

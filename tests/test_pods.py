@@ -212,3 +212,16 @@ def test_a_killed_process_makes_the_other_exit_non_zero_within_60s(corpus, tmp_p
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_each_process_prints_its_own_errors_with_its_id(tmp_path):
+    """generate on two processes (started with the flags) is refused for now, by each process."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="")
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "launch_local.py"), "-n", "2", "--cpu-devices", "1",
+                           "--", sys.executable, "-m", "llama3_jax.cli", "generate", "--checkpoint", str(tmp_path),
+                           "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    for i in range(2):
+        assert f"[process {i}] llama3-jax generate: error: llama3-jax generate across 2 processes" in proc.stderr
+    assert not (tmp_path / "out.jsonl").exists()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Training on a SLURM GPU cluster: one llama3-jax process per node, all its GPUs local to it.
 #
-#   sbatch tools/slurm_gpu.sh --config configs/tiny.yaml workdir=/shared/runs/tiny data.path=/shared/corpus.jsonl
+#   sbatch tools/slurm_gpu.sh --config configs/tiny.yaml workdir=/shared/runs/tiny data.path=/shared/corpus.jsonl \
+#       batch_size=16   # a multiple of the 2 x 8 GPUs
 #   scancel --signal=TERM --full JOBID      # one checkpoint, every process exits 0; resubmit to resume
 #
 # srun starts the same command on every node; llama3-jax reads SLURM's variables (SLURM_NTASKS,

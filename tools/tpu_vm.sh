@@ -3,7 +3,7 @@
 #
 #   TPU_NAME=my-v5e-16 ZONE=us-west4-a tools/tpu_vm.sh setup
 #   TPU_NAME=my-v5e-16 ZONE=us-west4-a tools/tpu_vm.sh run llama3-jax train --config configs/tiny.yaml \
-#       workdir=gs://my-bucket/runs/tiny
+#       workdir=/mnt/shared/runs/tiny batch_size=16   # a directory every worker sees
 #   TPU_NAME=my-v5e-16 ZONE=us-west4-a tools/tpu_vm.sh stop      # SIGTERM: one checkpoint, every worker exits 0
 #
 # `setup` copies this checkout (git archive HEAD) to every worker and installs it with jax[tpu].
