@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -189,20 +190,44 @@ def test_two_by_four_processes_train_as_one_by_eight_and_resume_on_either(corpus
     np.testing.assert_allclose([got[4], got[5]], [expected[4], expected[5]], rtol=1e-4)
 
 
-def test_a_killed_process_makes_the_other_exit_non_zero_within_60s(corpus, tmp_path):
+def _last_step(workdir: Path) -> int:
+    """The last step in metrics.jsonl (complete lines only: the file is being written)."""
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return max((json.loads(line)["step"] for line in lines if '"loss"' in line), default=0)
+
+
+def _start_two(overrides: list[str], workdir: Path, after_step: int, logs: Path) -> list[subprocess.Popen]:
+    """Two training processes (1 fake device each, stderr to logs/I.txt), once step `after_step` is logged."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    logs.mkdir(exist_ok=True)
+    procs = [subprocess.Popen(launch_local.process_command(
+                 [sys.executable, "-m", "llama3_jax.cli", "train", *overrides], address, 2, i),
+                 cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, stdout=subprocess.DEVNULL,
+                 stderr=open(logs / f"{i}.txt", "w"))
+             for address in [f"127.0.0.1:{launch_local.free_port()}"] for i in range(2)]
+    deadline = time.monotonic() + 300
+    while _last_step(workdir) < after_step:
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+        time.sleep(0.2)
+    return procs
+
+
+def test_sigterm_to_one_process_stops_all_and_a_killed_one_fails_the_other_within_60s(corpus, tmp_path):
+    from llama3_jax import checkpoint
     workdir = tmp_path / "run"
     overrides = base_overrides(workdir, corpus, steps=100_000, checkpoint_every=100_000,
                                **{"mesh.data": 2, "mesh.fsdp": 1, "distributed.heartbeat_timeout": 10})
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    procs = launch_local.launch([sys.executable, "-m", "llama3_jax.cli", "train", *overrides], 2, cpu_devices=1,
-                                env=env, popen_kwargs=dict(cwd=ROOT, stdout=subprocess.DEVNULL,
-                                                           stderr=subprocess.DEVNULL))
+    procs = _start_two(overrides, workdir, 1, tmp_path / "logs")
     try:
-        metrics = workdir / "metrics.jsonl"
-        deadline = time.monotonic() + 300
-        while not (metrics.exists() and metrics.stat().st_size):  # both are training
-            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
-            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)  # one process only: both stop at one step, one checkpoint
+        rcs = [p.wait(timeout=120) for p in procs]
+        errs = [(tmp_path / "logs" / f"{i}.txt").read_text() for i in range(2)]
+        assert rcs == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+        saved = checkpoint.latest_step(workdir)
+        assert saved == _last_step(workdir) and "train: preempted (SIGTERM), saved" in errs[0]
+
+        procs = _start_two(overrides, workdir, saved + 1, tmp_path / "logs")  # resumed; now one process dies
         procs[1].kill()
         killed = time.monotonic()
         rc = procs[0].wait(timeout=60)

@@ -40,7 +40,8 @@ from .step import Setup, build
 
 class Preemption:
     """SIGTERM, or a first Ctrl-C (SIGINT), sets a flag: the loop saves a checkpoint at the end of the
-    step and exits cleanly. A second Ctrl-C stops at once (KeyboardInterrupt), saving nothing more."""
+    step (several processes: of the next step where they compare flags) and exits cleanly. A second
+    Ctrl-C stops at once (KeyboardInterrupt), saving nothing more."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -67,6 +68,17 @@ class Preemption:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+    def agreed(self, step: int, every: int) -> bool:
+        """Whether every process stops after `step`. Each step is a collective, so with several
+        processes a signal to any one of them stops all at the same step: the flags are compared
+        every `every` steps (where the loop waits for the devices anyway), and one checkpoint is saved."""
+        if jax.process_count() == 1:
+            return self.requested
+        if step % every:
+            return False
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
 
 
 def run_train(config_path: str | None, overrides=(), *, tokenizer=None) -> dict:
@@ -205,7 +217,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
         t_first = t_log = startup = None  # wall clock after the first step (compilation excluded after it)
         try:
             with jax.set_mesh(mesh):
-                while step < cfg.steps and not preempt.requested:
+                while step < cfg.steps and not preempt.agreed(step, cfg.log_every):
                     state, metrics = setup.step_fn(state, setup.put_batch(next(it)))
                     step += 1
                     tokens_seen += tokens_per_step
