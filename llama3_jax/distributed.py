@@ -101,8 +101,6 @@ def initialize(cfg: DistributedConfig | None = None) -> bool:
     if missing and cluster is None:
         raise ValueError(f"distributed: {', '.join(missing)} missing (give coordinator_address, num_processes "
                          f"and process_id together, or run where a cluster is detected)")
-    # CPU devices of different processes talk through gloo (no effect on GPU/TPU collectives)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id,
                                    initialization_timeout=cfg.initialization_timeout,
