@@ -120,9 +120,12 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
     """`train` takes the same as distributed.* keys; every process runs the same command line."""
     d = p.add_argument_group("several hosts (jax.distributed; detected by itself on Cloud TPU, SLURM, Open MPI, "
                              "Kubernetes)")
-    d.add_argument("--coordinator-address", metavar="HOST:PORT", default=None, help="process 0's address")
-    d.add_argument("--num-processes", type=int, metavar="N", default=None, help="processes in the job")
-    d.add_argument("--process-id", type=int, metavar="I", default=None, help="this process's id, 0..N-1")
+    d.add_argument("--coordinator-address", metavar="HOST:PORT", default=None,
+                   help="process 0's address (default: the cluster's, else one process)")
+    d.add_argument("--num-processes", type=int, metavar="N", default=None,
+                   help="processes in the job (default: the cluster's, else 1)")
+    d.add_argument("--process-id", type=int, metavar="I", default=None,
+                   help="this process's id, 0..N-1 (default: the cluster's, else 0)")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
