@@ -29,6 +29,7 @@ import numpy as np
 from .. import checkpoint
 from ..config import load_yaml_config
 from ..data import BATCH_KEYS, make_iterator
+from ..failpoints import kill_point
 from ..sharding import logical_spec, make_mesh
 from .config import TrainConfig, make_tokenizer, model_config
 from .metrics import MetricsLog, model_flops_per_token, peak_flops
@@ -80,6 +81,7 @@ def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok) -> dict:
                 padding = padding or {k: np.zeros((rows, cfg.seq_len), np.int32) for k in BATCH_KEYS}
                 batch = padding
             s, n = setup.eval_fn(params, setup.put_batch(batch))
+            kill_point("train.eval")
             total, count = total + float(s), count + float(n)
     loss = total / max(count, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": int(count)}
@@ -148,6 +150,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
             with jax.set_mesh(mesh):
                 while step < cfg.steps and not preempt.requested:
                     state, metrics = setup.step_fn(state, setup.put_batch(next(it)))
+                    kill_point("train.step")
                     step += 1
                     tokens_seen += tokens_per_step
                     bar.update(1)
@@ -176,10 +179,12 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                             t_log, t_first = t_log + time.time() - t_eval, t_first + time.time() - t_eval
                     if step % cfg.checkpoint_every == 0:
                         save_state(mgr, step, state, it.get_state(), {"step": step, "tokens": tokens_seen})
+                        kill_point("train.save")
                         saved = step
                 t_end = time.time()
                 if saved != step:
                     save_state(mgr, step, state, it.get_state(), {"step": step, "tokens": tokens_seen})
+                    kill_point("train.final_save")
                 mgr.wait_until_finished()
                 # the engine places its inputs from one host; multi-process decoding is not built yet
                 if cfg.sample_tokens and step >= cfg.steps and jax.process_count() == 1:
