@@ -8,21 +8,27 @@ random delay" (from outside, like a preempted host).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# one persistent compilation cache for every subprocess of the fault tests in this pytest session
+SESSION_CACHE = Path(tempfile.mkdtemp(prefix="llama3_jax_faults_cache_"))
+atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
 
 
 def cli(*args) -> list[str]:
     return [sys.executable, "-m", "llama3_jax.cli", *map(str, args)]
 
 
-def cli_env(cache_dir: Path, **extra) -> dict:
+def cli_env(cache_dir: Path = SESSION_CACHE, **extra) -> dict:
     """CPU, this checkout first on the path, a shared persistent compilation cache (a rerun does not
     recompile, as a user's would not)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(cache_dir))

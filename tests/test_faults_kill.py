@@ -29,8 +29,8 @@ STEPS = 23  # not a multiple of checkpoint_every: the final save is its own save
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return cli_env(tmp_path_factory.mktemp("jax_cache"))
+def env():
+    return cli_env()
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,8 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
     if (cfg.batch_size // cfg.grad_accum) % n_batch:
         raise ValueError(f"batch_size/grad_accum = {cfg.batch_size // cfg.grad_accum} sequences do not split over "
                          f"the {n_batch} batch shards of the mesh (mesh.data*mesh.fsdp)")
-    resume = checkpoint.latest_step(workdir) if checkpoint.is_checkpoint(workdir) else None
+    # a corrupt latest step is reported and set aside; the newest intact one is resumed
+    resume = checkpoint.latest_intact_step(workdir, set_aside=True) if checkpoint.is_checkpoint(workdir) else None
     mc = model_config(cfg, workdir if resume is not None else None)
     tok = tokenizer or make_tokenizer(cfg.tokenizer)
     if tok.n_words > mc.vocab_size:
