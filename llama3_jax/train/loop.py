@@ -33,6 +33,7 @@ from ..failpoints import kill_point
 from ..sharding import logical_spec, make_mesh
 from .config import TrainConfig, make_tokenizer, model_config
 from .metrics import MetricsLog, model_flops_per_token, peak_flops
+from .numerics import Guard
 from .state import restore_state, save_state
 from .step import Setup, build
 
@@ -147,20 +148,24 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                    dynamic_ncols=True, file=sys.stderr)
         step, saved, losses, last_eval, sample = start, start if resume is not None else None, [], None, None
         t_first = t_log = startup = None  # wall clock after the first step (compilation excluded after it)
+        guard = Guard(cfg.nan_policy, cfg.nan_max_consecutive, cfg.spike_factor, last_checkpoint=lambda: saved)
         try:
             with jax.set_mesh(mesh):
                 while step < cfg.steps and not preempt.requested:
                     state, metrics = setup.step_fn(state, setup.put_batch(next(it)))
                     kill_point("train.step")
                     step += 1
+                    guard.push(step, metrics)  # checks the previous step: stop / count a skip / spike
                     tokens_seen += tokens_per_step
                     bar.update(1)
                     if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1:
+                        guard.flush()
                         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                         now = time.time()
                         record = {"step": step, "loss": m["loss"], "learning_rate": m["learning_rate"],
                                   "grad_norm": m["grad_norm"], "tokens_per_second": None, "mfu": None,
-                                  "loss_tokens": int(m["tokens"]), "tokens": tokens_seen}
+                                  "loss_tokens": int(m["tokens"]), "tokens": tokens_seen,
+                                  "skipped_updates": guard.skipped}
                         if t_log is None:  # the first step of a (re)start: restore, data, compilation
                             t_first, startup = now, now - t0
                             record["startup_seconds"] = round(startup, 2)
@@ -179,9 +184,11 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                         if t_log is not None:  # eval time is not training time
                             t_log, t_first = t_log + time.time() - t_eval, t_first + time.time() - t_eval
                     if step % cfg.checkpoint_every == 0:
+                        guard.flush()  # never save a non-finite state
                         save_state(mgr, step, state, it.get_state(), {"step": step, "tokens": tokens_seen})
                         kill_point("train.save")
                         saved = step
+                guard.flush()
                 t_end = time.time()
                 if saved != step:
                     save_state(mgr, step, state, it.get_state(), {"step": step, "tokens": tokens_seen})
