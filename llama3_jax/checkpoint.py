@@ -66,28 +66,48 @@ def is_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / CONFIG_FILE).exists()
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, no permission, ...): one line naming the path."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class Manager(ocp.CheckpointManager):
     """An orbax CheckpointManager that seals (integrity.seal) each step it saved once the save is
-    committed: orbax waits for the previous save at the start of every `save`, and in
-    `wait_until_finished` / `close`, which is where the manifests are written."""
+    committed (orbax waits for the previous save in `save`, `wait_until_finished` and `close`: that is
+    where the manifests are written), and turns a failed write (often raised later, from the async
+    writer) into one CheckpointWriteError naming the directory, the step and orbax's first line."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._unsealed: list[int] = []
 
     def save(self, step: int, *args, **kwargs) -> bool:
-        saved = super().save(step, *args, **kwargs)
+        self.wait_until_finished()
+        try:
+            saved = super().save(step, *args, **kwargs)
+        except Exception as e:
+            raise CheckpointWriteError(f"{self.directory}: checkpoint step {step} not written: {_first_line(e)}") from e
         if saved:
             self._unsealed.append(step)
         return saved
 
     def wait_until_finished(self) -> None:
-        super().wait_until_finished()
         pending, self._unsealed = getattr(self, "_unsealed", []), []
-        for step in pending:
-            step_dir = Path(self.directory) / str(step)
-            if jax.process_index() == 0 and step_dir.is_dir() and not integrity.is_sealed(step_dir):
-                integrity.seal(step_dir)
+        try:
+            super().wait_until_finished()
+            for step in pending:
+                step_dir = Path(self.directory) / str(step)
+                if jax.process_index() == 0 and step_dir.is_dir() and not integrity.is_sealed(step_dir):
+                    integrity.seal(step_dir)
+        except CheckpointWriteError:
+            raise
+        except Exception as e:
+            steps = ", ".join(map(str, pending)) or "?"
+            raise CheckpointWriteError(f"{self.directory}: checkpoint step {steps} not written: {_first_line(e)}") from e
 
 
 def manager(directory: str | Path, *, max_to_keep: int | None = None, async_save: bool = False,
