@@ -198,10 +198,12 @@ def run_generate(args, generator: Generator | None = None) -> dict:
     def parse(rec):
         kind = _one_of(rec, ("prompt", "messages", "tokens"))
         if kind == "prompt":
-            if not isinstance(rec["prompt"], str):
-                raise ValueError("'prompt' must be a string")
+            if not isinstance(rec["prompt"], str) or not rec["prompt"]:
+                raise ValueError("'prompt' must be a non-empty string")
             ids = gen.tokenizer.encode(rec["prompt"], bos=True, eos=False)
         elif kind == "messages":
+            if isinstance(rec["messages"], list) and not rec["messages"]:
+                raise ValueError("'messages' is empty")
             ids = gen.tokenizer.encode_dialog(rec["messages"])
         else:
             ids = _token_list(rec, "tokens")

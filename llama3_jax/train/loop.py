@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import checkpoint
 from ..config import load_yaml_config
-from ..data import BATCH_KEYS, make_iterator
+from ..data import BATCH_KEYS, make_iterator, skipped_line_count
 from ..failpoints import kill_point
 from ..sharding import logical_spec, make_mesh
 from .config import TrainConfig, make_tokenizer, model_config
@@ -169,6 +169,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                         if t_log is None:  # the first step of a (re)start: restore, data, compilation
                             t_first, startup = now, now - t0
                             record["startup_seconds"] = round(startup, 2)
+                            record["data_skipped_lines"] = skipped_line_count()  # reported on stderr
                         else:
                             n, dt = step - step_log, now - t_log
                             record["tokens_per_second"] = n * tokens_per_step / dt
