@@ -30,7 +30,7 @@ from .. import checkpoint
 from ..config import load_yaml_config
 from ..data import BATCH_KEYS, make_iterator, skipped_line_count
 from ..failpoints import kill_point
-from ..sharding import logical_spec, make_mesh
+from ..sharding import logical_spec, make_mesh, require_divisible
 from .config import TrainConfig, make_tokenizer, model_config
 from .metrics import MetricsLog, model_flops_per_token, peak_flops
 from .numerics import Guard
@@ -122,6 +122,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
     # a corrupt latest step is reported and set aside; the newest intact one is resumed
     resume = checkpoint.latest_intact_step(workdir, set_aside=True) if checkpoint.is_checkpoint(workdir) else None
     mc = model_config(cfg, workdir if resume is not None else None)
+    require_divisible("q_heads", mc.n_heads, mesh, "the model's n_heads")  # before any compile
     tok = tokenizer or make_tokenizer(cfg.tokenizer)
     if tok.n_words > mc.vocab_size:
         raise ValueError(f"tokenizer has {tok.n_words} ids but the model's vocab_size is {mc.vocab_size}")
