@@ -161,11 +161,20 @@ def latest_intact_step(directory: str | Path, *, set_aside: bool = False) -> int
             return step
         problems.append(f"step {step}: {problem}")
         print(f"checkpoint: warning: {directory} step {step} is corrupt: {problem}", file=sys.stderr)
-        if set_aside and jax.process_index() == 0:
-            os.replace(Path(directory) / str(step), Path(directory) / f"{step}.corrupt")
+        if set_aside:
+            _sync(f"llama3_jax_verified_{step}")  # every process has read the step before it moves
+            if jax.process_index() == 0:
+                os.replace(Path(directory) / str(step), Path(directory) / f"{step}.corrupt")
+            _sync(f"llama3_jax_set_aside_{step}")
     if problems:
         raise ValueError(f"{directory}: no intact checkpoint step ({'; '.join(problems)})")
     return None
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def check_shapes(directory: str | Path, step: int, item: str, target: dict) -> None:
