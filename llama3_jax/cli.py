@@ -36,8 +36,29 @@ def _score(args) -> None:
     run_score(args)
 
 
+DESCRIPTION = """\
+Llama 3 (3, 3.1, 3.2, 3.3) in JAX: convert weights between Hugging Face, Meta and llama3-jax
+checkpoints, train from a YAML config, and generate or score JSONL batches.
+Bad input is reported as one line on stderr with exit status 2.
+
+examples:
+  llama3-jax convert --from hf --to jax ~/Meta-Llama-3.1-8B ckpt/llama3.1-8b
+  llama3-jax train --config configs/tiny.yaml steps=500
+  llama3-jax generate --checkpoint runs/tiny --input prompts.jsonl --output out.jsonl
+"""
+
+TRAIN_DESCRIPTION = """\
+Train (or resume) the run described by a YAML config plus dotted key=value overrides, e.g.
+  llama3-jax train --config configs/tiny.yaml data.path=my_docs.jsonl steps=500 optim.lr=1e-3
+Rerunning the same command resumes from WORKDIR's latest checkpoint. SIGTERM or Ctrl-C saves a
+checkpoint and stops (a second Ctrl-C stops at once). Keys: see configs/tiny.yaml and the README's
+Training section; an unknown key is refused with the closest valid one.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llama3-jax", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="llama3-jax", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert weights between hf, meta and jax formats")
@@ -52,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_convert)
 
-    t = sub.add_parser("train", help="pretrain or fine-tune from a YAML config")
+    t = sub.add_parser("train", help="pretrain or fine-tune from a YAML config", description=TRAIN_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", default=None, help="YAML run config (e.g. configs/tiny.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     t.set_defaults(func=_train)

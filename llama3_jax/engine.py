@@ -205,6 +205,8 @@ class Generator:
             params = split_layer_params(params)
         self.cfg, self.params, self.mesh, self.dtype = cfg, params, mesh, dtype
         self.graphdef, _ = nnx.split(abstract_model(cfg, split_layers=split_layers))
+        if tokenizer is None and checkpoint_dir is not None:  # the one it was trained with (train records it)
+            tokenizer = checkpoint.load_tokenizer_spec(checkpoint_dir)
         self._tokenizer = tokenizer
         self._cache: KVCache | None = None
         self._generate = jax.jit(functools.partial(generate_batch, self.graphdef),
@@ -215,9 +217,9 @@ class Generator:
     @property
     def tokenizer(self):
         """The Llama 3 tokenizer (loaded on first use; a path or a Tokenizer may be given)."""
-        from .tokenizer import Tokenizer
+        from .tokenizer import load_tokenizer
         if not hasattr(self._tokenizer, "decode"):
-            self._tokenizer = Tokenizer(self._tokenizer)
+            self._tokenizer = load_tokenizer(self._tokenizer)
         return self._tokenizer
 
     def default_stop_ids(self) -> list[int]:
