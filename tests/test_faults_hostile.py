@@ -174,7 +174,7 @@ def test_absurd_config_json_values_are_refused_by_key(hf_dir, tmp_path, key, val
     ("optim.lr=.inf", "optim.lr: expected a finite number"),
     ("batch_size=-8", "batch_size must be >= 1"),
     ("steps=ten", "steps: expected int"),
-    ("model={vocab_size: 1000000000000}", "vocab_size=1000000000000"),
+    ("model={preset: tiny, vocab_size: 1000000000000}", "vocab_size=1000000000000"),
     ("model={preset: test-small, dim: 0}", "dim=0"),
     ("data.eval_fraction=.nan", "data.eval_fraction: expected a finite number"),
 ])
