@@ -268,7 +268,11 @@ def restore_one(directory: str | Path, cfg: ModelConfig, name: str, step: int | 
 
 
 def load_model(directory: str | Path, mesh=None, dtype: str | None = None, **model_kwargs):
-    """A ready `Llama` from a checkpoint (eager use, tests, notebooks); `dtype` overrides compute dtype."""
+    """A ready `Llama` from a checkpoint (eager use, tests, notebooks).
+
+    `dtype` overrides the compute dtype stored in config.json (bfloat16 unless set otherwise): pass
+    "float32" for logits equal to transformers' float32 ones; bfloat16 rounds them.
+    """
     import dataclasses
 
     cfg, params = restore_params(directory, mesh)

@@ -1,7 +1,8 @@
 """`llama3-jax convert|train|generate|score`: parse, validate, call the modules that do the work.
 
 Errors from bad input surface as one line on stderr and exit status 2; nothing else is printed
-for them (no traceback), because users run these from scripts over many files.
+for them (no traceback), because users run these from scripts over many files. `generate` and
+`score` exit with status 1 when every input line failed (bad, or too long for the context).
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ def _train(args) -> None:
     run_train(args.config, args.overrides)
 
 
-def _generate(args) -> None:
+def _generate(args) -> int:
     from .generate import run_generate
-    run_generate(args)
+    return 1 if run_generate(args)["all_failed"] else 0
 
 
-def _score(args) -> None:
+def _score(args) -> int:
     from .generate import run_score
-    run_score(args)
+    return 1 if run_score(args)["all_failed"] else 0
 
 
 DESCRIPTION = """\
@@ -68,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="output dtype (default: keep the source dtype)")
-    c.add_argument("--max-shard-size", default=None, help="hf output: largest safetensors file, e.g. 5GB")
-    c.add_argument("--shards", type=int, default=None, help="meta output: model-parallel files (default 1)")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--max-shard-size", default=None,
+                   help="hf output only: largest safetensors file, in bytes or with a unit as transformers "
+                        "reads it: 5GB, 500MB, 5GiB (default: 5GB)")
+    c.add_argument("--shards", type=int, default=None, help="meta output only: model-parallel files (default: 1)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
     c.set_defaults(func=_convert)
 
     t = sub.add_parser("train", help="pretrain or fine-tune from a YAML config", description=TRAIN_DESCRIPTION,
@@ -79,17 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     t.set_defaults(func=_train)
 
-    g = sub.add_parser("generate", help="batched generation: JSONL prompts in, JSONL completions out")
+    g = sub.add_parser("generate", help="batched generation: JSONL prompts in, JSONL completions out",
+                       description="Batched generation: JSONL prompts in, JSONL completions out (resumable). "
+                                   "Exit status 1 when every input line failed, 2 on bad usage.")
     _add_engine_args(g)
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="most new tokens per prompt (default: until a stop token or the end of the model's "
+                        "context)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k best; 0 = off (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass; 1.0 = off (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at stop tokens: generate --max-new-tokens tokens, or to the end of the "
+                        "context (default: stop)")
     g.set_defaults(func=_generate)
 
-    s = sub.add_parser("score", help="per-token log-probs of given completions")
+    s = sub.add_parser("score", help="per-token log-probs of given completions",
+                       description="Per-token log-probs of given completions: JSONL {id, prompt, completion} "
+                                   "in, JSONL out (resumable). Exit status 1 when every input line failed, "
+                                   "2 on bad usage.")
     _add_engine_args(s)
     s.set_defaults(func=_score)
     return p
@@ -99,15 +112,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a jax checkpoint (convert --to jax, or a train workdir)")
     p.add_argument("--input", required=True, help="input JSONL")
     p.add_argument("--output", required=True, help="output JSONL (appended; ids already there are skipped)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: %(default)s)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="compute dtype; float32 matches transformers' float32 logits (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model path (default: the one in llama-models)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        rc = args.func(args)
     except (ValueError, KeyError, OSError) as e:  # OSError: also a full disk or a read-only path
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"llama3-jax {args.command}: error: {msg}", file=sys.stderr)
@@ -115,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"llama3-jax {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0  # generate/score: 1 when every line failed
 
 
 if __name__ == "__main__":

@@ -165,8 +165,10 @@ class Tokenizer:
         self.stop_tokens: tuple[int, ...] = (self.eos_id, self.eom_id, self.eot_id)
 
     # ----------------------------------------------------------------- plain text
-    def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
+    def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
         """Encode text; ``bos``/``eos`` add ``<|begin_of_text|>``/``<|end_of_text|>``.
+
+        The defaults are what a prompt needs (and what Meta's generation code passes): BOS, no EOS.
 
         Text that looks like a special token (e.g. a user typing ``<|eot_id|>``) is
         encoded as ordinary characters, never as the control id -- otherwise user input
@@ -263,7 +265,7 @@ class ByteTokenizer:
     bos_id, eos_id, n_words = 256, 257, 258
     stop_tokens = (257,)
 
-    def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
+    def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
         return [self.bos_id] * bos + list(text.encode("utf-8")) + [self.eos_id] * eos
 
     def decode(self, ids) -> str:
