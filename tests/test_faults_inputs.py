@@ -54,8 +54,8 @@ def test_every_kind_of_bad_generate_line_is_reported_and_the_rest_produced(big_v
     summary = run_generate(gen_args(d, inp, out, batch_size=4, max_new_tokens=4, ignore_eos=True), generator=g)
     err = capsys.readouterr().err
     expect = {2: "'prompt' must be a non-empty string", 3: "'tokens' must be a list", 4: "messages must be",
-              5: "'id' must be", 6: "non-empty", 7: "empty prompt", 8: "'messages' is empty", 9: "utf-8",
-              10: "role", 11: "content", 12: "outside the vocabulary", 13: "expected a JSON object",
+              5: "'id' must be", 6: "non-empty", 7: "empty", 8: "'messages' is empty", 9: "utf-8",
+              10: "role", 11: "content", 12: "outside the model's vocabulary", 13: "expected a JSON object",
               14: "exactly one of", 16: "duplicate id"}
     for lineno, why in expect.items():
         assert re.search(rf"in\.jsonl:{lineno}: skipped: .*{re.escape(why)}", err, re.IGNORECASE), (lineno, err)
@@ -96,8 +96,8 @@ def test_bad_score_lines_are_reported_and_the_rest_scored(big_vocab, tmp_path, c
     inp.write_bytes(raw)
     run_score(gen_args(d, inp, out, batch_size=2), generator=g)
     err = capsys.readouterr().err
-    for lineno, why in {2: "'completion' must be a string", 3: "outside the vocabulary", 4: "completion_tokens",
-                        5: "empty prompt", 6: "utf-8"}.items():
+    for lineno, why in {2: "'completion' must be a string", 3: "outside the model's vocabulary",
+                        4: "completion_tokens", 5: "empty", 6: "utf-8"}.items():
         assert re.search(rf"in\.jsonl:{lineno}: skipped: .*{re.escape(why)}", err, re.IGNORECASE), (lineno, err)
     assert sorted(r["id"] for r in read_jsonl(out)) == [1, 7]
 
