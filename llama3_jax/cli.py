@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.coordinator_address, args.num_processes, args.process_id))
             distributed.refuse_several_processes(f"llama3-jax {args.command}")
         rc = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except (ValueError, KeyError, OSError) as e:  # OSError: also a full disk or a read-only path
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"{distributed.error_prefix()}llama3-jax {args.command}: error: {msg}", file=sys.stderr)
         return 2
