@@ -40,6 +40,7 @@ import numpy as np
 from absl import flags as absl_flags
 from grain.experimental import ConcatThenSplitIterDataset, ThreadPrefetchIterDataset
 
+from llama3_jax.distributed import is_main
 from llama3_jax.tokenizer import Tokenizer
 
 __all__ = [
@@ -104,7 +105,8 @@ class Document:
 def _report(message: str) -> None:
     if message not in _reported:
         _reported.add(message)
-        print(message, file=sys.stderr, flush=True)
+        if is_main():  # every process reads the same documents: one report, from process 0
+            print(message, file=sys.stderr, flush=True)
 
 
 def skipped_line_count() -> int:
