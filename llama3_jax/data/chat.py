@@ -137,8 +137,9 @@ class RenderRecords(TokenizerHolder):
     def _cut(self, n: int, limit: int, doc: Document) -> None:
         if n > limit:
             self.truncated += 1
-            report(f"{doc.path}:{doc.line}: truncated: {n} tokens > {limit} (longer records are cut to fit "
-                   f"seq_len and counted; the count is in the run summary)")
+            if self.truncated == 1:  # reported once; the run summary gives the count
+                report(f"{doc.path}:{doc.line}: truncated: {n} tokens > {limit} (this and every longer record is "
+                       f"cut to fit seq_len and counted; the count is in the run summary)")
 
     def __call__(self, doc: Document) -> dict[str, np.ndarray]:
         record, tok = read_record(doc), self._tokenizer

@@ -9,6 +9,8 @@ from pathlib import Path
 from .. import checkpoint
 from ..config import ModelConfig, load_model_config
 from ..data import DataConfig
+from ..lora import LoraConfig
+from ..objectives import OBJECTIVES, DPOConfig
 from ..optim import OptimConfig
 
 
@@ -24,6 +26,9 @@ class TrainConfig:
     workdir: str = "runs/default"
     model: str | dict = "tiny"  # preset name, or ModelConfig keys (with optional `preset` as the base)
     init_from: str | None = None  # a jax checkpoint (convert output or a train workdir): its config + params
+    objective: str = "lm"  # lm (pretraining) | sft (chat records, assistant-only loss) | dpo (preference pairs)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # rank > 0: train adapters only
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     tokenizer: str | None = None  # None: Llama 3's tokenizer.model; a path to one; or "bytes" (UTF-8 bytes)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -57,16 +62,25 @@ class TrainConfig:
             raise ValueError(f"compute_dtype must be bfloat16 or float32, got {self.compute_dtype!r}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat must be none, full or dots, got {self.remat!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.lora.rank and not self.init_from:
+            raise ValueError("lora.rank > 0 needs init_from (the base checkpoint the adapters are trained on)")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
 
 
 class ByteTokenizer:
     """UTF-8 bytes as ids 0-255, BOS 256, EOS 257 (`tokenizer: bytes`): a real tokenizer for models
-    with a tiny vocabulary (tests, quick experiments), with no 128K-row embedding to pay for."""
+    with a tiny vocabulary (tests, quick experiments), with no 128K-row embedding to pay for. The chat
+    format is Llama 3's with three special ids: <|start_header_id|> 258, <|end_header_id|> 259,
+    <|eot_id|> 260."""
 
-    bos_id, eos_id, n_words = 256, 257, 258
-    stop_tokens = (257,)
+    bos_id, eos_id, eot_id, n_words = 256, 257, 260, 261
+    stop_tokens = (257, 260)
+
+    def encode_header(self, role: str) -> list[int]:
+        return [258, *{"tool": "ipython"}.get(role, role).encode("utf-8"), 259, *b"\n\n"]
 
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
         return [self.bos_id] * bos + list(text.encode("utf-8")) + [self.eos_id] * eos

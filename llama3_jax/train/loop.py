@@ -26,14 +26,17 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from .. import checkpoint
+from .. import checkpoint, lora
 from ..config import load_yaml_config
 from ..data import BATCH_KEYS, make_iterator
+from ..objectives import DPO_METRICS
 from ..sharding import logical_spec, make_mesh
 from .config import TrainConfig, make_tokenizer, model_config
 from .metrics import MetricsLog, model_flops_per_token, peak_flops
 from .state import restore_state, save_state
-from .step import Setup, build
+from .step import Setup, build, init_params
+
+DATA_KIND = {"lm": "text", "sft": "sft", "dpo": "dpo"}  # objective -> data/ pipeline
 
 
 class Preemption:
@@ -71,7 +74,7 @@ def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok) -> dict:
     total, count = 0.0, 0.0
     with make_iterator(cfg.data, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                        split="eval", process_index=jax.process_index(),
-                       process_count=jax.process_count()) as it:
+                       process_count=jax.process_count(), kind=DATA_KIND[cfg.objective]) as it:
         padding = None
         for _ in range(cfg.eval_batches):
             batch = next(it, None)
@@ -88,17 +91,35 @@ def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok) -> dict:
 def _sample(cfg: TrainConfig, setup: Setup, params: dict, tok) -> str:
     """Greedy continuation of `sample_prompt` with the serving engine."""
     from .engine import Generator
-    gen = Generator(cfg=setup.model_cfg, params=params, dtype=cfg.compute_dtype, mesh=setup.mesh, tokenizer=tok)
+    gen = Generator(cfg=setup.model_cfg, params=setup.model_params(params), dtype=cfg.compute_dtype, mesh=setup.mesh,
+                    tokenizer=tok)
     [completion] = gen.generate([cfg.sample_prompt], max_new_tokens=cfg.sample_tokens, batch_size=1)
     return completion.text
 
 
+def _frozen(cfg: TrainConfig, setup: Setup) -> dict:
+    """The weights a fine-tuning step reads but does not train, in the compute dtype: the LoRA base, or
+    full DPO's reference model (both the starting checkpoint: `init_from`, else the seeded init)."""
+    if not setup.frozen_abstract:
+        return {}
+    target = jax.tree.map(lambda a: a.sharding, setup.frozen_abstract)
+    if cfg.init_from:
+        _, params = checkpoint.restore_params(cfg.init_from, setup.mesh, cfg=setup.model_cfg)
+    else:
+        params = jax.jit(lambda: init_params(setup.model_cfg, cfg.seed))()
+    cast = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(cfg.compute_dtype), p), out_shardings=target)
+    return cast(params)
+
+
 def _start_state(cfg: TrainConfig, setup: Setup, workdir: Path, resume: int | None):
     """(state, data iterator state, start step, tokens seen, where it came from): the workdir's latest
-    checkpoint wins over `init_from`, which wins over a fresh init."""
+    checkpoint wins over `init_from`, which wins over a fresh init. Fills `setup.frozen`."""
+    setup.frozen = _frozen(cfg, setup)
     if resume is not None:
         state, data_state, meta = restore_state(workdir, resume, setup.abstract)
         return state, data_state, resume, meta.get("tokens", 0), f"resumed {workdir} at step {resume}"
+    if cfg.lora.rank:
+        return setup.init_state(cfg.seed), None, 0, 0, f"LoRA rank {cfg.lora.rank} on {cfg.init_from}"
     if cfg.init_from:
         _, params = checkpoint.restore_params(cfg.init_from, setup.mesh, cfg=setup.model_cfg)
         return setup.init_state(cfg.seed, params), None, 0, 0, f"weights from {cfg.init_from}"
@@ -129,12 +150,14 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
     with Preemption() as preempt:  # from here on SIGTERM means "save and stop", even during compilation
         state, data_state, start, tokens_seen, origin = _start_state(cfg, setup, workdir, resume)
         if is_main:
-            checkpoint.save_config(workdir, mc)
+            record = lora.config_record(cfg.lora, str(Path(cfg.init_from).absolute())) if cfg.lora.rank else None
+            checkpoint.save_config(workdir, mc, record)
             checkpoint.write_json_atomic(workdir / "train_config.json", dataclasses.asdict(cfg))
             print(f"train: {mc.num_params():,} params, mesh {dict(mesh.shape)}, {origin}, "
                   f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", file=sys.stderr)
         it = make_iterator(cfg.data, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                           process_index=jax.process_index(), process_count=jax.process_count())
+                           process_index=jax.process_index(), process_count=jax.process_count(),
+                           kind=DATA_KIND[cfg.objective])
         if data_state is not None:
             it.set_state(data_state)
         log = MetricsLog(workdir, start, cfg.tensorboard)
@@ -156,7 +179,8 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                         now = time.time()
                         record = {"step": step, "loss": m["loss"], "learning_rate": m["learning_rate"],
                                   "grad_norm": m["grad_norm"], "tokens_per_second": None, "mfu": None,
-                                  "loss_tokens": int(m["tokens"]), "tokens": tokens_seen}
+                                  "loss_tokens": int(m["tokens"]), "tokens": tokens_seen,
+                                  **{k: m[k] for k in DPO_METRICS if k in m}}
                         if t_log is None:  # the first step of a (re)start: restore, data, compilation
                             t_first, startup = now, now - t0
                             record["startup_seconds"] = round(startup, 2)
@@ -195,7 +219,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "seconds": round(time.time() - t0, 1), "startup_seconds": startup and round(startup, 1),
                "tokens_per_second": timed * tokens_per_step / (t_end - t_first) if timed > 0 else None,
-               **(last_eval or {}), "sample": sample}
+               **(last_eval or {}), "sample": sample, "truncated": it.truncated}
     if is_main:
         _report(cfg, summary, workdir)
     return summary
@@ -211,6 +235,7 @@ def _report(cfg: TrainConfig, s: dict, workdir: Path) -> None:
     how = "preempted (SIGTERM), saved" if s["preempted"] else "done"
     loss = f", loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}" if s["first_loss"] is not None else ""
     ev = f", eval loss {s['eval_loss']:.4f}" if "eval_loss" in s else ""
+    ev += f", {s['truncated']} records truncated to seq_len" if s["truncated"] else ""
     speed = f", {s['tokens_per_second']:.0f} tokens/s" if s["tokens_per_second"] else ""
     print(f"train: {how}: steps {s['start_step']} -> {s['step']} in {s['seconds']:.0f}s "
           f"(startup {s['startup_seconds'] or 0:.0f}s){loss}{ev}{speed}; checkpoint {workdir} step {s['step']}",
