@@ -118,12 +118,18 @@ def restore_params(directory: str | Path, mesh=None, step: int | None = None,
         record, base = adapted
         _, params = restore_params(base, mesh, cfg=cfg)
         lc = lora.from_record(record)
-        adapters = _restore_params_item(directory, step, ocp.args.StandardRestore(lora.abstract(cfg, lc, mesh)),
-                                        "LoRA adapters do not match config.json")
+        adapters = restore_adapters(directory, cfg, lc, mesh, step)
         return cfg, jax.jit(lora.merge, static_argnums=2)(params, adapters, lc.scale)
     target = abstract_params(cfg, mesh)
     return cfg, _restore_params_item(directory, step, ocp.args.StandardRestore(target),
                                      "params do not match config.json")
+
+
+def restore_adapters(directory, cfg: ModelConfig, lc, mesh=None, step: int | None = None) -> dict:
+    """The LoRA adapters of a LoRA workdir (its `params` item)."""
+    mesh = mesh if mesh is not None else make_mesh(devices=jax.devices()[:1])
+    return _restore_params_item(directory, step, ocp.args.StandardRestore(lora.abstract(cfg, lc, mesh)),
+                                "LoRA adapters do not match config.json")
 
 
 def _restore_params_item(directory, step: int | None, args, what: str):

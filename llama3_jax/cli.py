@@ -17,6 +17,8 @@ def _convert(args) -> None:
         options["max_shard_size"] = args.max_shard_size
     if args.shards is not None:
         options["shards"] = args.shards
+    if args.base is not None:
+        options["base"] = args.base
     convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format, dtype=args.dtype,
             progress=not args.quiet, **options)
 
@@ -41,14 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert weights between hf, meta and jax formats")
-    c.add_argument("--from", dest="src_format", required=True, choices=["hf", "meta", "jax"])
-    c.add_argument("--to", dest="dst_format", required=True, choices=["hf", "meta", "jax"])
+    c.add_argument("--from", dest="src_format", required=True, choices=["hf", "meta", "jax", "peft"])
+    c.add_argument("--to", dest="dst_format", required=True, choices=["hf", "meta", "jax", "peft"])
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="output dtype (default: keep the source dtype)")
     c.add_argument("--max-shard-size", default=None, help="hf output: largest safetensors file, e.g. 5GB")
     c.add_argument("--shards", type=int, default=None, help="meta output: model-parallel files (default 1)")
+    c.add_argument("--base", default=None, help="--from peft: the hf or jax model the adapter is merged into")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_convert)
 

@@ -90,7 +90,7 @@ def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok) -> dict:
 
 def _sample(cfg: TrainConfig, setup: Setup, params: dict, tok) -> str:
     """Greedy continuation of `sample_prompt` with the serving engine."""
-    from .engine import Generator
+    from ..engine import Generator
     gen = Generator(cfg=setup.model_cfg, params=setup.model_params(params), dtype=cfg.compute_dtype, mesh=setup.mesh,
                     tokenizer=tok)
     [completion] = gen.generate([cfg.sample_prompt], max_new_tokens=cfg.sample_tokens, batch_size=1)
@@ -107,8 +107,9 @@ def _frozen(cfg: TrainConfig, setup: Setup) -> dict:
         _, params = checkpoint.restore_params(cfg.init_from, setup.mesh, cfg=setup.model_cfg)
     else:
         params = jax.jit(lambda: init_params(setup.model_cfg, cfg.seed))()
+    (name, target), = target.items()  # one frozen model: "base" or "ref"
     cast = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(cfg.compute_dtype), p), out_shardings=target)
-    return cast(params)
+    return {name: cast(params)}
 
 
 def _start_state(cfg: TrainConfig, setup: Setup, workdir: Path, resume: int | None):
