@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    g.add_argument("--num-samples", type=int, default=1, help="completions per input line (each with a 'sample' index)")
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("score", help="per-token log-probs of given completions")
