@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -24,7 +28,10 @@ from llama3_jax.model import Adapters, abstract_model
 from llama3_jax.sharding import make_mesh
 
 from conftest import make_hf_llama
-from train_helpers import VOCAB, base_overrides
+from train_helpers import VOCAB, base_overrides, read_metrics, train_losses
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
 
 peft = pytest.importorskip("peft")
 
@@ -49,11 +56,15 @@ def chats(tmp_path_factory):
     return path
 
 
-def lora_cfg(workdir, chats, base, **extra):
+def lora_overrides(workdir, chats, base, **extra) -> list[str]:
     kv = dict(objective="sft", steps=6, seq_len=96, batch_size=4, **{"lora.rank": RANK, "lora.alpha": ALPHA,
               "optim.lr": 2e-2, "data.eval_fraction": 0.0, "eval_every": 0, "checkpoint_every": 6})
     kv.update(extra)
-    return load_yaml_config(train.TrainConfig, None, base_overrides(workdir, chats, base / "jax", **kv))
+    return base_overrides(workdir, chats, base / "jax", **kv)
+
+
+def lora_cfg(workdir, chats, base, **extra):
+    return load_yaml_config(train.TrainConfig, None, lora_overrides(workdir, chats, base, **extra))
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +169,51 @@ def test_missing_base_is_one_line_naming_the_path(trained, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and str(gone) in err and "LoRA base" in err, err
     with pytest.raises(FileNotFoundError, match=str(gone)):
         checkpoint.restore_params(wd)
+
+
+def test_sharded_lora_sft_gives_the_losses_of_one_device(trained, chats, base, tmp_path):
+    """8 fake devices (data=2, fsdp=2, tensor=2), SFT with LoRA: the 1-device run's losses, and its
+    checkpoint restores on 1 device and fsdp=4 (tests/train_helpers.py)."""
+    cmd = [sys.executable, str(REPO / "tests" / "train_helpers.py"), str(tmp_path),
+           *lora_overrides(tmp_path / "run", chats, base)]
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    sharded = {int(k): v for k, v in report["losses"].items()}
+    single = train_losses(trained)
+    assert sorted(sharded) == sorted(single) == list(range(1, 7))
+    np.testing.assert_allclose([sharded[s] for s in single], list(single.values()), rtol=1e-4)
+    assert report["restores"]["fsdp4"]["identical"] and report["restores"]["single"]["identical"]
+    # the adapters follow the logical rules: A's embed dim over fsdp, B's heads over tensor
+    specs = report["restores"]["mesh222"]["specs"]
+    assert specs["['params']['layers']['wq']['a']"] == [None, "fsdp", None]
+    assert specs["['params']['layers']['wq']['b']"] == [None, None, "tensor", None]
+
+
+def _wait(proc, predicate, what, timeout=180):
+    end = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"run exited before {what}: {proc.stdout.read()[-2000:]}"
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_sigkill_and_rerun_give_bit_identical_sft_losses(chats, base, tmp_path):
+    """LoRA SFT killed with SIGKILL after its first checkpoint, then the same command again: every
+    step's loss equals the uninterrupted run's, bit for bit, each logged once."""
+    steps = 80
+    ref = tmp_path / "ref"
+    train.train(lora_cfg(ref, chats, base, steps=steps, checkpoint_every=10))
+    wd = tmp_path / "run"
+    cmd = [sys.executable, "-m", "llama3_jax.cli", "train",
+           *lora_overrides(wd, chats, base, steps=steps, checkpoint_every=10)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait(proc, lambda: wd.exists() and any(p.name.isdigit() for p in wd.iterdir()), "the first checkpoint")
+    proc.kill()
+    proc.wait()
+    resumed_from = checkpoint.latest_step(wd)
+    assert resumed_from is not None and resumed_from < steps, "the kill landed after the run finished"
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and f"resumed {wd} at step {resumed_from}" in done.stderr, done.stderr[-2000:]
+    assert train_losses(wd) == train_losses(ref)
