@@ -129,9 +129,11 @@ class RenderRecords(TokenizerHolder):
     """Document -> an example ready for packing (SFT), or a pair of examples in one (DPO): for DPO,
     the chosen then the rejected sequence, ``half`` 1 / 2, positions restarting at the rejected one."""
 
-    def __init__(self, tokenizer, kind: str, seq_len: int):
+    def __init__(self, tokenizer, kind: str, seq_len: int, reference: dict | None = None,
+                 index: dict | None = None):
         super().__init__(tokenizer)
         self.kind, self.seq_len = kind, seq_len
+        self.reference, self.index = reference, index  # DPO precomputed reference: see add_reference
         self.truncated = 0
 
     def _cut(self, n: int, limit: int, doc: Document) -> None:
@@ -154,4 +156,19 @@ class RenderRecords(TokenizerHolder):
         chosen, rejected = (example(ids, mask, half) for ids, mask in sides)
         out = {k: np.concatenate([chosen[k], rejected[k]]) for k in chosen}
         out["half"] = np.repeat(np.int32([1, 2]), [len(chosen["tokens"]), len(rejected["tokens"])])
+        if self.index is not None:  # the pass that computes reference log-probs: which pair this is
+            out["pair"] = np.full(len(out["tokens"]), self.index[doc.key], np.int32)
+        if self.reference is not None:
+            out["ref_logps"] = add_reference(out, *self.reference[doc.key])
         return out
+
+
+def add_reference(pair: dict[str, np.ndarray], chosen: float, rejected: float) -> np.ndarray:
+    """A float feature whose masked sum per side is the precomputed reference log-prob of that side:
+    each sum sits on the side's first trained token (objectives.pair_logps sums masked tokens)."""
+    ref = np.zeros(len(pair["tokens"]), np.float32)
+    for half, value in ((1, chosen), (2, rejected)):
+        trained = np.flatnonzero((pair["half"] == half) & (pair["loss_mask"] == 1))
+        if trained.size:
+            ref[trained[0]] = value
+    return ref

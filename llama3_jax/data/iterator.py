@@ -136,13 +136,17 @@ def make_iterator(
     process_count: int = 1,
     num_epochs: int | None = None,
     kind: str = "text",
+    reference: dict | None = None,
+    pair_index: bool = False,
 ) -> BatchIterator:
     """Build the batch iterator for one process (see module docstring for the steps).
 
     ``batch_size`` is global; this process gets ``batch_size // process_count`` rows.
     Train loops forever (reshuffled each epoch with ``seed + epoch``) unless
     ``num_epochs`` is set; eval is one pass in file order. ``kind``: ``text`` (pretraining),
-    ``sft`` or ``dpo`` (fine-tuning records, chat.py).
+    ``sft`` or ``dpo`` (fine-tuning records, chat.py). DPO only: ``reference`` (document key ->
+    (chosen, rejected) reference log-probs) adds the float32 batch key ``ref_logps``; ``pair_index``
+    adds ``pair`` (each token's index into ``.documents``) for the pass that computes them.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r} (choose from {', '.join(KINDS)})")
@@ -182,9 +186,11 @@ def make_iterator(
         )
         batch_fn = text_batch
     else:
-        render = RenderRecords(tokenizer, kind, seq_len)
+        index = {d.key: i for i, d in enumerate(docs)} if pair_index else None
+        render = RenderRecords(tokenizer, kind, seq_len, reference, index)
         ds = ds.repeat(num_epochs).map(render)
         keys = EXAMPLE_KEYS + (("half",) if kind == "dpo" else ())
+        keys += (("ref_logps",) if reference is not None else ()) + (("pair",) if pair_index else ())
         packed = FirstFitPackIterDataset(
             ds.to_iter_dataset(_READ_OPTIONS), length_struct={k: seq_len for k in keys},
             num_packing_bins=cfg.packing_bins, shuffle_bins=False,

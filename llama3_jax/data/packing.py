@@ -12,6 +12,7 @@ import numpy as np
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 EXAMPLE_KEYS = ("tokens", "targets", "loss_mask", "positions")
+EXTRA_KEYS = ("ref_logps", "pair")  # DPO with precomputed reference log-probs (float32), its pre-pass
 
 
 def text_batch(rows: list[dict[str, np.ndarray]], *, n_rows: int, seq_len: int) -> dict:
@@ -48,4 +49,10 @@ def example_batch(rows: list[dict[str, np.ndarray]], *, n_rows: int, seq_len: in
             out[k][i] = row[k]
         seg = row["tokens_segment_ids"]
         out["segment_ids"][i] = np.where(seg > 0, 2 * seg - 2 + row["half"], 0) if "half" in row else seg
+        for k in EXTRA_KEYS:
+            if k in row:
+                out.setdefault(k, np.zeros((n_rows, seq_len), row[k].dtype))[i] = row[k]
+    for k in EXTRA_KEYS:  # an all-padding batch still has the keys
+        if rows and k in rows[0]:
+            out.setdefault(k, np.zeros((n_rows, seq_len), rows[0][k].dtype))
     return out

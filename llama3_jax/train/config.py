@@ -64,9 +64,6 @@ class TrainConfig:
             raise ValueError(f"remat must be none, full or dots, got {self.remat!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.dpo.precompute_reference:  # refuse rather than silently compute in-step
-            raise ValueError("dpo.precompute_reference: not built yet; reference log-probs are computed in "
-                             "each step (set it to false)")
         if self.lora.rank and not self.init_from:
             raise ValueError("lora.rank > 0 needs init_from (the base checkpoint the adapters are trained on)")
         if self.batch_size % self.grad_accum:

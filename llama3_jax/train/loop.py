@@ -16,6 +16,7 @@ iterator positioned at batch N + 1; metrics line N reports the loss of batch N (
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -26,7 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from .. import checkpoint, lora
+from .. import checkpoint, lora, objectives
 from ..config import load_yaml_config
 from ..data import BATCH_KEYS, make_iterator
 from ..objectives import DPO_METRICS
@@ -34,7 +35,7 @@ from ..sharding import logical_spec, make_mesh
 from .config import TrainConfig, make_tokenizer, model_config
 from .metrics import MetricsLog, model_flops_per_token, peak_flops
 from .state import restore_state, save_state
-from .step import Setup, build, init_params
+from .step import Setup, build, forward, init_params
 
 DATA_KIND = {"lm": "text", "sft": "sft", "dpo": "dpo"}  # objective -> data/ pipeline
 
@@ -66,7 +67,35 @@ def run_train(config_path: str | None, overrides=(), *, tokenizer=None) -> dict:
     return train(load_yaml_config(TrainConfig, config_path, list(overrides)), tokenizer=tokenizer)
 
 
-def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok) -> dict:
+def _reference_table(cfg: TrainConfig, setup: Setup, tok, workdir: Path) -> dict | None:
+    """dpo.precompute_reference: every pair's reference log-probs (chosen, rejected), computed once in
+    a pass over the whole data set before training and kept in WORKDIR/reference_logps.json (a resume
+    reads it back), so the steps need no reference forward pass and full DPO holds no reference copy."""
+    if cfg.objective != "dpo" or not cfg.dpo.precompute_reference:
+        return None
+    path = workdir / "reference_logps.json"
+    if path.exists():
+        return {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
+    if jax.process_count() > 1:
+        raise ValueError("dpo.precompute_reference runs on one process (set it to false on multi-host jobs)")
+    params = setup.frozen["base"] if setup.frozen else _frozen(cfg, setup, force=True)["ref"]
+    fn = jax.jit(lambda p, b: objectives.token_logps(forward(setup.graphdef, p, b), b["targets"]))
+    table = {}
+    every = dataclasses.replace(cfg.data, eval_fraction=0.0, shuffle=False)
+    with make_iterator(every, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                       num_epochs=1, kind="dpo", pair_index=True) as it:
+        for batch in it:
+            logps = np.asarray(fn(params, setup.put_batch({k: batch[k] for k in BATCH_KEYS})), np.float64)
+            for r, seg in enumerate(batch["segment_ids"]):
+                trained = batch["loss_mask"][r] == 1
+                for p in range(1, int(seg.max()) // 2 + 1):
+                    sides = [float(logps[r][(seg == s) & trained].sum()) for s in (2 * p - 1, 2 * p)]
+                    table[it.documents[batch["pair"][r][seg == 2 * p - 1][0]].key] = tuple(sides)
+    checkpoint.write_json_atomic(path, {k: list(v) for k, v in table.items()})
+    return table
+
+
+def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok, reference: dict | None = None) -> dict:
     """Mean loss over the first `eval_batches` batches of the held-out split (the same every time).
 
     Every process runs exactly `eval_batches` steps (each is a collective): a process whose share of
@@ -74,13 +103,15 @@ def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok) -> dict:
     total, count = 0.0, 0.0
     with make_iterator(cfg.data, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                        split="eval", process_index=jax.process_index(),
-                       process_count=jax.process_count(), kind=DATA_KIND[cfg.objective]) as it:
+                       process_count=jax.process_count(), kind=DATA_KIND[cfg.objective],
+                       reference=reference) as it:
         padding = None
         for _ in range(cfg.eval_batches):
             batch = next(it, None)
             if batch is None:
                 rows = cfg.batch_size // jax.process_count()
-                padding = padding or {k: np.zeros((rows, cfg.seq_len), np.int32) for k in BATCH_KEYS}
+                padding = padding or {k: np.zeros((rows, cfg.seq_len), np.float32 if k == "ref_logps" else np.int32)
+                                      for k in BATCH_KEYS + (("ref_logps",) if reference else ())}
                 batch = padding
             s, n = setup.eval_fn(params, setup.put_batch(batch))
             total, count = total + float(s), count + float(n)
@@ -97,12 +128,13 @@ def _sample(cfg: TrainConfig, setup: Setup, params: dict, tok) -> str:
     return completion.text
 
 
-def _frozen(cfg: TrainConfig, setup: Setup) -> dict:
+def _frozen(cfg: TrainConfig, setup: Setup, force: bool = False) -> dict:
     """The weights a fine-tuning step reads but does not train, in the compute dtype: the LoRA base, or
     full DPO's reference model (both the starting checkpoint: `init_from`, else the seeded init)."""
-    if not setup.frozen_abstract:
+    if not setup.frozen_abstract and not force:
         return {}
-    target = jax.tree.map(lambda a: a.sharding, setup.frozen_abstract)
+    abstract = setup.frozen_abstract or {"ref": jax.tree.map(lambda a: a.sharding, setup.abstract["params"])}
+    target = jax.tree.map(lambda a: getattr(a, "sharding", a), abstract)
     if cfg.init_from:
         _, params = checkpoint.restore_params(cfg.init_from, setup.mesh, cfg=setup.model_cfg)
     else:
@@ -156,9 +188,10 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
             checkpoint.write_json_atomic(workdir / "train_config.json", dataclasses.asdict(cfg))
             print(f"train: {mc.num_params():,} params, mesh {dict(mesh.shape)}, {origin}, "
                   f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", file=sys.stderr)
+        reference = _reference_table(cfg, setup, tok, workdir)
         it = make_iterator(cfg.data, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                            process_index=jax.process_index(), process_count=jax.process_count(),
-                           kind=DATA_KIND[cfg.objective])
+                           kind=DATA_KIND[cfg.objective], reference=reference)
         if data_state is not None:
             it.set_state(data_state)
         log = MetricsLog(workdir, start, cfg.tensorboard)
@@ -195,7 +228,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                         bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{record['tokens_per_second'] or 0:.0f}")
                     if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                         t_eval = time.time()
-                        last_eval = _evaluate(cfg, setup, state["params"], tok)
+                        last_eval = _evaluate(cfg, setup, state["params"], tok, reference)
                         log.write({"step": step, **last_eval})
                         if t_log is not None:  # eval time is not training time
                             t_log, t_first = t_log + time.time() - t_eval, t_first + time.time() - t_eval

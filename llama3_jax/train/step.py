@@ -71,8 +71,11 @@ def objective_loss(obj: Objective, graphdef, trainable: dict, frozen: dict, batc
     if obj.name != "dpo":
         loss_sum, count, metrics = objectives.lm(logits, batch)
         return loss_sum, (count, metrics)
-    ref_params = frozen["base"] if obj.lora.rank else frozen["ref"]
-    ref = jax.lax.stop_gradient(objectives.token_logps(forward(graphdef, ref_params, batch), batch["targets"]))
+    if "ref_logps" in batch:  # dpo.precompute_reference: computed once before training (loop.py)
+        ref = batch["ref_logps"]
+    else:
+        ref_params = frozen["base"] if obj.lora.rank else frozen["ref"]
+        ref = jax.lax.stop_gradient(objectives.token_logps(forward(graphdef, ref_params, batch), batch["targets"]))
     loss_sum, count, metrics = objectives.dpo(objectives.token_logps(logits, batch["targets"]), ref, batch,
                                               obj.dpo.beta, obj.dpo.label_smoothing)
     return loss_sum, (count, metrics)
@@ -188,7 +191,8 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, mesh) -> Setup:
     if obj.lora.rank:
         params, frozen = lora.abstract(model_cfg, obj.lora, mesh), {"base": frozen_model}
     else:
-        params, frozen = base, ({"ref": frozen_model} if obj.name == "dpo" else {})
+        in_step_ref = obj.name == "dpo" and not obj.dpo.precompute_reference
+        params, frozen = base, ({"ref": frozen_model} if in_step_ref else {})
     param_sh = jax.tree.map(lambda a: a.sharding, params)
     opt = jax.eval_shape(tx.init, params)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt, param_sh, transform_non_params=lambda _: replicated(mesh))
