@@ -37,11 +37,15 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def save_config(directory: Path, cfg: ModelConfig, lora_record: dict | None = None) -> None:
-    """config.json; a LoRA workdir also records its adapters' settings and base (lora.config_record)."""
+def save_config(directory: Path, cfg: ModelConfig, tokenizer: str | None = None,
+                lora_record: dict | None = None) -> None:
+    """`tokenizer`: what a training run tokenized with ("bytes" or a tokenizer.model path), for readers
+    to use by default; None (Llama 3's tokenizer) is not written. A LoRA workdir also records its
+    adapters' settings and base (`lora_record`, lora.config_record)."""
     if jax.process_index() == 0:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        data = {"format": FORMAT, "model": cfg.to_dict(), **({"lora": lora_record} if lora_record else {})}
+        data = {"format": FORMAT, "model": cfg.to_dict()} | ({"tokenizer": tokenizer} if tokenizer else {})
+        data |= {"lora": lora_record} if lora_record else {}
         write_json_atomic(Path(directory) / CONFIG_FILE, data)
 
 
@@ -66,6 +70,11 @@ def load_config(directory: str | Path) -> ModelConfig:
     if data.get("format") != FORMAT or "model" not in data:
         raise ValueError(f"{path}: not a llama3-jax config (format={data.get('format')!r})")
     return ModelConfig.from_dict(data["model"])
+
+
+def load_tokenizer_spec(directory: str | Path) -> str | None:
+    """The tokenizer `save_config` recorded (None: Llama 3's, or a checkpoint that records none)."""
+    return read_json(Path(directory) / CONFIG_FILE, "a llama3-jax checkpoint").get("tokenizer")
 
 
 def is_checkpoint(directory: str | Path) -> bool:
@@ -186,7 +195,11 @@ def _restore_path(directory, step, leaf, path: list[str], name: str) -> jax.Arra
 
 
 def load_model(directory: str | Path, mesh=None, dtype: str | None = None, **model_kwargs):
-    """A ready `Llama` from a checkpoint (eager use, tests, notebooks); `dtype` overrides compute dtype."""
+    """A ready `Llama` from a checkpoint (eager use, tests, notebooks).
+
+    `dtype` overrides the compute dtype stored in config.json (bfloat16 unless set otherwise): pass
+    "float32" for logits equal to transformers' float32 ones; bfloat16 rounds them.
+    """
     import dataclasses
 
     cfg, params = restore_params(directory, mesh)

@@ -21,9 +21,9 @@ The iterator state is grain's own (a few integers: document index, epoch, packer
 small, JSON-serialisable, and restores exactly.
 """
 
-from .iterator import KINDS, BatchIterator, make_iterator
+from .iterator import KINDS, BatchIterator, make_iterator, record_check
 from .packing import BATCH_KEYS
 from .sources import DataConfig, Document, list_documents, split_documents
 
 __all__ = ["BATCH_KEYS", "KINDS", "BatchIterator", "DataConfig", "Document", "list_documents", "make_iterator",
-           "split_documents"]
+           "record_check", "split_documents"]

@@ -48,6 +48,11 @@ def _from_json(x: Any, key: str = "") -> Any:
     return x
 
 
+def record_check(kind: str):
+    """The validation `list_documents` applies to JSONL/Parquet records of a pipeline kind (None: text)."""
+    return {"text": None, "sft": sft_problem, "dpo": dpo_problem}[kind]
+
+
 class BatchIterator:
     """Yields this process's rows of each global batch: dict of int32 (rows, seq_len).
 
@@ -165,11 +170,12 @@ def make_iterator(
     shuffle = cfg.shuffle and split == "train"
     if split == "eval":
         num_epochs = num_epochs or 1
-    check = {"text": None, "sft": sft_problem, "dpo": dpo_problem}[kind]
-    docs = split_documents(list_documents(cfg, check), split, cfg.eval_fraction)[
+    docs = split_documents(list_documents(cfg, record_check(kind)), split, cfg.eval_fraction)[
         process_index::process_count
     ]
-    if not docs:
+    # An eval share may be empty (few held-out documents, several processes): that iterator simply
+    # ends at once, and the caller feeds padding batches so every process runs the same collectives.
+    if not docs and split == "train":
         raise ValueError(
             f"no {split} documents for process {process_index}/{process_count} in data "
             f"path {cfg.path} (eval_fraction={cfg.eval_fraction})"

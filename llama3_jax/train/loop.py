@@ -29,10 +29,11 @@ import numpy as np
 
 from .. import checkpoint, lora, objectives
 from ..config import load_yaml_config
-from ..data import BATCH_KEYS, make_iterator
+from ..data import BATCH_KEYS, list_documents, make_iterator, record_check, split_documents
 from ..objectives import DPO_METRICS
+from ..optim import OptimConfig, schedule
 from ..sharding import logical_spec, make_mesh
-from .config import TrainConfig, make_tokenizer, model_config
+from .config import TrainConfig, make_tokenizer, model_config, tokenizer_spec
 from .metrics import MetricsLog, model_flops_per_token, peak_flops
 from .state import restore_state, save_state
 from .step import Setup, build, forward, init_params
@@ -41,25 +42,34 @@ DATA_KIND = {"lm": "text", "sft": "sft", "dpo": "dpo"}  # objective -> data/ pip
 
 
 class Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint at the end of the step and exits cleanly."""
+    """SIGTERM, or a first Ctrl-C (SIGINT), sets a flag: the loop saves a checkpoint at the end of the
+    step and exits cleanly. A second Ctrl-C stops at once (KeyboardInterrupt), saving nothing more."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signal = None  # the name of the first signal received
+        self._old = {}
 
     def __enter__(self):
         try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
         except ValueError:  # not the main thread: leave signals alone
-            self._old = None
+            pass
         return self
 
-    def _handle(self, *_):
-        self.requested = True
+    def _handle(self, signum, _frame):
+        self.requested, self.signal = True, self.signal or signal.Signals(signum).name
+        if signum == signal.SIGINT:  # the next Ctrl-C interrupts, whatever SIGINT was set to before
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("\ntrain: SIGINT: saving a checkpoint after this step, then stopping "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def run_train(config_path: str | None, overrides=(), *, tokenizer=None) -> dict:
@@ -74,6 +84,7 @@ def _reference_table(cfg: TrainConfig, setup: Setup, tok, workdir: Path) -> dict
     if cfg.objective != "dpo" or not cfg.dpo.precompute_reference:
         return None
     path = workdir / "reference_logps.json"
+    workdir.mkdir(parents=True, exist_ok=True)
     if path.exists():
         return {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
     if jax.process_count() > 1:
@@ -117,6 +128,42 @@ def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok, reference: dict
             total, count = total + float(s), count + float(n)
     loss = total / max(count, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": int(count)}
+
+
+def _eval_every(cfg: TrainConfig, is_main: bool) -> int:
+    """`eval_every`, or 0 when the data holds no eval documents (a single text file, a one-line JSONL,
+    data.eval_fraction=0): decided here, before any step, rather than failing at the first eval."""
+    if not cfg.eval_every:
+        return 0
+    docs = list_documents(cfg.data, record_check(DATA_KIND[cfg.objective]))
+    if split_documents(docs, "eval", cfg.data.eval_fraction):
+        return cfg.eval_every
+    if is_main:
+        print(f"train: warning: no eval documents in data.path {cfg.data.path} ({len(docs)} document"
+              f"{'s' * (len(docs) != 1)}, data.eval_fraction={cfg.data.eval_fraction}): eval_every="
+              f"{cfg.eval_every} ignored, no eval", file=sys.stderr)
+    return 0
+
+
+def _warn_if_schedule_changed(cfg: TrainConfig, workdir: Path, step: int) -> None:
+    """One warning line when a resumed run's learning-rate schedule differs from the one it was
+    trained with so far (usually a new `steps`: the cosine is stretched or squeezed from here on)."""
+    try:
+        before = json.loads((workdir / "train_config.json").read_text())
+        old, old_steps = OptimConfig(**before["optim"]), int(before["steps"])
+    except (OSError, ValueError, KeyError, TypeError):  # an older or hand-made workdir: nothing to compare
+        return
+    new = cfg.optim
+    ahead = np.arange(step, max(old_steps, cfg.steps) + 1)
+    if np.allclose(schedule(old, old_steps)(ahead), schedule(new, cfg.steps)(ahead), rtol=1e-6, atol=0):
+        return  # e.g. a new `steps` with a fixed optim.decay_steps: the same rates from here on
+    changed = [f"{k} {a} -> {b}" for k, a, b in [
+        ("steps", old_steps, cfg.steps), ("optim.decay_steps", old.decay_steps, new.decay_steps),
+        ("optim.warmup_steps", old.warmup_steps, new.warmup_steps), ("optim.lr", old.lr, new.lr),
+        ("optim.min_lr_ratio", old.min_lr_ratio, new.min_lr_ratio)] if a != b]
+    was, now = float(schedule(old, old_steps)(step)), float(schedule(new, cfg.steps)(step))
+    print(f"train: warning: resuming at step {step} with a different learning-rate schedule "
+          f"({', '.join(changed)}): the rate here is now {now:.3g}, was {was:.3g}", file=sys.stderr)
 
 
 def _sample(cfg: TrainConfig, setup: Setup, params: dict, tok) -> str:
@@ -172,28 +219,39 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                          f"the {n_batch} batch shards of the mesh (mesh.data*mesh.fsdp)")
     resume = checkpoint.latest_step(workdir) if checkpoint.is_checkpoint(workdir) else None
     mc = model_config(cfg, workdir if resume is not None else None)
+    if cfg.seq_len > mc.max_seq_len:  # RoPE would run past the positions the model is made for
+        raise ValueError(f"seq_len {cfg.seq_len} is longer than the model's max_seq_len {mc.max_seq_len} "
+                         f"(lower seq_len, or give a new model a larger model.max_seq_len)")
     tok = tokenizer or make_tokenizer(cfg.tokenizer)
     if tok.n_words > mc.vocab_size:
         raise ValueError(f"tokenizer has {tok.n_words} ids but the model's vocab_size is {mc.vocab_size}")
+    eval_every = _eval_every(cfg, is_main)
+    if resume is not None and is_main:
+        _warn_if_schedule_changed(cfg, workdir, resume)
     setup = build(cfg, mc, mesh)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     flops_per_step = model_flops_per_token(mc, cfg.seq_len) * tokens_per_step
     peak = peak_flops(cfg.peak_flops, list(mesh.devices.flat))
 
-    with Preemption() as preempt:  # from here on SIGTERM means "save and stop", even during compilation
+    with Preemption() as preempt:  # from here on SIGTERM or Ctrl-C means "save and stop", even while compiling
         state, data_state, start, tokens_seen, origin = _start_state(cfg, setup, workdir, resume)
-        if is_main:
-            record = lora.config_record(cfg.lora, str(Path(cfg.init_from).absolute())) if cfg.lora.rank else None
-            checkpoint.save_config(workdir, mc, record)
-            checkpoint.write_json_atomic(workdir / "train_config.json", dataclasses.asdict(cfg))
-            print(f"train: {mc.num_params():,} params, mesh {dict(mesh.shape)}, {origin}, "
-                  f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", file=sys.stderr)
         reference = _reference_table(cfg, setup, tok, workdir)
         it = make_iterator(cfg.data, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                            process_index=jax.process_index(), process_count=jax.process_count(),
                            kind=DATA_KIND[cfg.objective], reference=reference)
-        if data_state is not None:
-            it.set_state(data_state)
+        try:
+            if data_state is not None:
+                it.set_state(data_state)
+            if is_main:  # the run starts now: record what it is (not before, so a refused run changes nothing)
+                record = lora.config_record(cfg.lora, str(Path(cfg.init_from).absolute())) if cfg.lora.rank else None
+                checkpoint.save_config(workdir, mc, tokenizer=tokenizer_spec(cfg) if tokenizer is None else None,
+                                       lora_record=record)
+                checkpoint.write_json_atomic(workdir / "train_config.json", dataclasses.asdict(cfg))
+                print(f"train: {mc.num_params():,} params, mesh {dict(mesh.shape)}, {origin}, "
+                      f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", file=sys.stderr)
+        except BaseException:
+            it.close()
+            raise
         log = MetricsLog(workdir, start, cfg.tensorboard)
         mgr = checkpoint.manager(workdir, max_to_keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
         from tqdm import tqdm
@@ -226,7 +284,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                         losses.append(m["loss"])
                         log.write(record)
                         bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{record['tokens_per_second'] or 0:.0f}")
-                    if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    if eval_every and (step % eval_every == 0 or step == cfg.steps):
                         t_eval = time.time()
                         last_eval = _evaluate(cfg, setup, state["params"], tok, reference)
                         log.write({"step": step, **last_eval})
@@ -250,6 +308,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
 
     timed = step - start - 1  # steps after the first (which includes compilation)
     summary = {"workdir": str(workdir), "start_step": start, "step": step, "preempted": step < cfg.steps,
+               "stopped_by": preempt.signal,
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "seconds": round(time.time() - t0, 1), "startup_seconds": startup and round(startup, 1),
                "tokens_per_second": timed * tokens_per_step / (t_end - t_first) if timed > 0 else None,
@@ -266,7 +325,7 @@ def _report(cfg: TrainConfig, s: dict, workdir: Path) -> None:
         tmp.write_text(text + "\n")
         os.replace(tmp, workdir / "sample.txt")
         print(f"sample (greedy, {cfg.sample_tokens} tokens): {text!r}", file=sys.stderr)
-    how = "preempted (SIGTERM), saved" if s["preempted"] else "done"
+    how = f"preempted ({s['stopped_by'] or 'SIGTERM'}), saved" if s["preempted"] else "done"
     loss = f", loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}" if s["first_loss"] is not None else ""
     ev = f", eval loss {s['eval_loss']:.4f}" if "eval_loss" in s else ""
     ev += f", {s['truncated']} records truncated to seq_len" if s["truncated"] else ""
