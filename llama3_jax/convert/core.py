@@ -147,6 +147,9 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
     for fmt in (src_format, dst_format):
         if fmt not in FORMATS:
             raise ConvertError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    base = options.pop("base", None)  # the reader's option (--from peft), not a writer's
+    if base is not None and src_format != "peft":
+        raise ConvertError(f"--base applies only to --from peft, not --from {src_format}")
     options = check_options(dst_format, options)
     if not src.is_dir():
         raise ConvertError(f"{src}: not a directory")
@@ -159,7 +162,7 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
         export_peft(src, dst)
         return _impl("jax", 1)(src).config
     out_dtype = parse_dtype(dtype)
-    reader = _impl("peft", 1)(src, options.pop("base", None)) if src_format == "peft" else _reader(src_format, src)
+    reader = _impl("peft", 1)(src, base) if src_format == "peft" else _reader(src_format, src)
     cfg = reader.config
     out_dtype = out_dtype or reader.dtype
     cfg = dataclasses.replace(cfg, param_dtype=out_dtype.name)
