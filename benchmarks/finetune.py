@@ -78,15 +78,13 @@ def run_jax(args, rank: int) -> dict:
 
 def run_peft(args, rank: int) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from train import hf_config  # benchmarks/train.py: the same transformers shape
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=args.ffn,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, head_dim=args.dim // args.heads,
-                      max_position_embeddings=args.seq, rms_norm_eps=1e-5, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).train()
+    model = LlamaForCausalLM(hf_config(args)).train()
     if rank:
         import peft
         model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS_HF))
