@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "reads it: 5GB, 500MB, 5GiB (default: 5GB)")
     c.add_argument("--shards", type=int, default=None, help="meta output only: model-parallel files (default: 1)")
     c.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
-    c.add_argument("--base", default=None, help="--from peft only: the hf or jax model the adapter is merged into")
+    c.add_argument("--base", default=None,
+                   help="--from peft only: the hf or jax model the adapter is merged into (default: none; "
+                        "needed with --from peft)")
     c.set_defaults(func=_convert)
 
     t = sub.add_parser("train", help="pretrain or fine-tune from a YAML config", description=TRAIN_DESCRIPTION,
