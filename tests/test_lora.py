@@ -217,3 +217,18 @@ def test_sigkill_and_rerun_give_bit_identical_sft_losses(chats, base, tmp_path):
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and f"resumed {wd} at step {resumed_from}" in done.stderr, done.stderr[-2000:]
     assert train_losses(wd) == train_losses(ref)
+
+
+def test_dropout_acts_on_the_adapter_input_only_and_is_seeded(base):
+    """lora.dropout: with B != 0 a dropout key changes the output, the same key gives the same output,
+    and with B = 0 dropout cannot change anything (it only feeds the low-rank path)."""
+    cfg, params = checkpoint.restore_params(base / "jax")
+    lc = lora.LoraConfig(rank=RANK, alpha=ALPHA, dropout=0.5)
+    ad = lora.init(cfg, lc, jax.random.key(0))
+    key = jax.random.key(7)
+    zero_b = [Adapters(ad["layers"], lc.scale, lc.dropout, k) for k in (None, key)]
+    np.testing.assert_array_equal(*(jax_logits(params, cfg, a) for a in zero_b))
+    trained = jax.tree.map(lambda x: x + 0.05, ad)
+    outs = [jax_logits(params, cfg, Adapters(trained["layers"], lc.scale, lc.dropout, k)) for k in (None, key, key)]
+    assert np.abs(outs[0] - outs[1]).max() > 1e-4
+    np.testing.assert_array_equal(outs[1], outs[2])
