@@ -23,7 +23,7 @@ small, JSON-serialisable, and restores exactly.
 
 from .iterator import KINDS, BatchIterator, make_iterator, record_check
 from .packing import BATCH_KEYS
-from .sources import DataConfig, Document, list_documents, split_documents
+from .sources import DataConfig, Document, list_documents, skipped_line_count, split_documents
 
 __all__ = ["BATCH_KEYS", "KINDS", "BatchIterator", "DataConfig", "Document", "list_documents", "make_iterator",
-           "record_check", "split_documents"]
+           "record_check", "skipped_line_count", "split_documents"]

@@ -34,6 +34,7 @@ _STDLIB_SKIP_DIRS = frozenset(
 )
 _STDLIB_MAX_BYTES = 200_000
 _reported: set[str] = set()  # bad-input messages already printed (report each once)
+_skipped_lines: set[tuple[str, int]] = set()  # (file, line) of bad JSONL/Parquet records seen in this process
 
 # check(record) -> None if usable, else why it is skipped
 Check = Callable[[Any], "str | None"]
@@ -81,6 +82,11 @@ def report(message: str) -> None:
     if message not in _reported:
         _reported.add(message)
         print(message, file=sys.stderr, flush=True)
+
+
+def skipped_line_count() -> int:
+    """Bad JSONL lines / Parquet rows (distinct file:line) skipped by this process so far: `train` logs it."""
+    return len(_skipped_lines)
 
 
 def text_check(text_field: str) -> Check:
@@ -165,6 +171,7 @@ def _record_documents(path: Path, check: Check, limit: int, key_field: str | Non
         why = why or check(record)
         if why:
             report(f"{path}:{lineno}: skipped: {why}")
+            _skipped_lines.add((str(path), lineno))
             continue
         key = _record_key(record[key_field] if key_field else record)
         docs.append(Document(str(path), offset, key, lineno))

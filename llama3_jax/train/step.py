@@ -20,6 +20,7 @@ from ..objectives import DPOConfig
 from ..optim import make_optimizer, schedule
 from ..sharding import constrain, global_batch, logical_spec, replicated
 from .config import TrainConfig
+from .numerics import is_finite_step, keep_finite
 
 
 def split_microbatches(batch: dict, n: int) -> dict:
@@ -82,12 +83,13 @@ def objective_loss(obj: Objective, graphdef, trainable: dict, frozen: dict, batc
 
 
 def train_step(obj: Objective, graphdef, tx: optax.GradientTransformation, lr_schedule, grad_accum: int,
-               state: dict, batch: dict, frozen: dict) -> tuple[dict, dict]:
+               state: dict, batch: dict, frozen: dict, *, nan_skip: bool = False) -> tuple[dict, dict]:
     """One update. state = {params, opt_state, step} (params: the model's, or LoRA adapters);
     batch = dict of (B, T) int32 (data.BATCH_KEYS); frozen = weights not trained (LoRA base, DPO reference).
 
     Gradients of the SUMMED loss are added over `grad_accum` microbatches (lax.scan) and divided once
     by the batch's count (tokens, or DPO pairs), so any microbatching gives the same update as one big batch.
+    `nan_skip`: a non-finite loss or gradient norm keeps the old params and optimizer state (numerics.py).
     """
     grad_fn = jax.value_and_grad(functools.partial(objective_loss, obj, graphdef), has_aux=True)
     params = state["params"]
@@ -108,8 +110,12 @@ def train_step(obj: Objective, graphdef, tx: optax.GradientTransformation, lr_sc
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
-    metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
+    new_params, grad_norm = optax.apply_updates(params, updates), optax.global_norm(grads)
+    if nan_skip:
+        ok = is_finite_step(loss_sum, grad_norm)
+        new_params, opt_state = keep_finite(ok, (new_params, opt_state), (params, state["opt_state"]))
+    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+    metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm,
                "learning_rate": lr_schedule(state["step"]), "tokens": count,
                **{k: v / denom for k, v in msum.items()}}
     return new_state, metrics
@@ -204,7 +210,8 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, mesh) -> Setup:
     state_sh = jax.tree.map(lambda a: a.sharding, abstract)
     frozen_sh = jax.tree.map(lambda a: a.sharding, frozen)
     batch_sh = jax.sharding.NamedSharding(mesh, logical_spec(("batch", "seq"), None, mesh))
-    step_jit = jax.jit(functools.partial(train_step, obj, graphdef, tx, schedule(cfg.optim, cfg.steps), cfg.grad_accum),
+    step_jit = jax.jit(functools.partial(train_step, obj, graphdef, tx, schedule(cfg.optim, cfg.steps), cfg.grad_accum,
+                                         nan_skip=cfg.nan_policy == "skip"),
                        in_shardings=(state_sh, batch_sh, frozen_sh), out_shardings=(state_sh, replicated(mesh)),
                        donate_argnums=0)
     eval_jit = jax.jit(functools.partial(eval_step, obj, graphdef), in_shardings=(param_sh, batch_sh, frozen_sh),
