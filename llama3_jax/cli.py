@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at stop tokens: generate --max-new-tokens tokens, or to the end of the "
                         "context (default: stop)")
+    g.add_argument("--static-batching", action="store_true",
+                   help="decode whole batches sorted by length, each until its longest row is done, instead of "
+                        "refilling --batch-size slots as rows finish (for comparison; default: continuous)")
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("score", help="per-token log-probs of given completions",

@@ -4,13 +4,17 @@ generate input lines (one of prompt / messages / tokens):
     {"id": ..., "prompt": "text"}                 BOS is added
     {"id": ..., "messages": [{"role", "content"}]} Llama 3 chat format, ends in an open assistant header
     {"id": ..., "tokens": [ids]}                  used as given
-output lines: {"id", "text", "tokens", "finish_reason": "stop" | "length"}; tokens exclude the stop token.
+optional per-line knobs, overriding the command line: "max_new_tokens", "temperature", "top_p", "top_k",
+"seed", "stop" (a list of strings: generation ends at the first one, cut from "text").
+output lines: {"id", "text", "tokens", "finish_reason": "stop" | "length"}; tokens exclude a stop token
+(with a stop string they end with the token that completed it).
 score input lines: {"id", "prompt", "completion"} (text; BOS before the prompt) or
 {"id", "prompt_tokens", "completion_tokens"}; output {"id", "tokens", "logprobs", "sum_logprob"}.
 
 Behaviour the tests pin down:
-  * prompts are sorted by length into batches (less padding); each finished batch is appended to the
-    output at once (flush + fsync), so output order is not input order;
+  * rows run through --batch-size decode slots refilled as rows finish (--static-batching: whole batches
+    sorted by length); finished rows are appended to the output at once (flush + fsync), so output
+    order is not input order;
   * a rerun with the same output skips ids already there; a torn last line from a crash is cut off;
   * a bad input line (invalid JSON, missing or duplicate id, no prompt, a token id outside the
     vocabulary, ...) is reported on stderr as `FILE:LINE: skipped: why` and skipped;
@@ -210,12 +214,36 @@ class Progress:
 # ------------------------------------------------------------------------------------------ generate
 
 
+KNOBS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+
+
+def line_knobs(rec: dict, args) -> dict:
+    """A line's knobs over the command line's: {max_new_tokens, temperature, top_k, top_p, seed, stop}.
+    Raises ValueError naming the bad key."""
+    k = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+         "top_p": args.top_p, "seed": None, "stop": ()}
+    k.update({n: rec[n] for n in KNOBS if n in rec})
+    m = k["max_new_tokens"]
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ValueError(f"'max_new_tokens' must be an integer >= 1, got {m!r}")
+    sampling.check_flags(k["temperature"], k["top_k"], k["top_p"], where="'")
+    if k["seed"] is not None and (isinstance(k["seed"], bool) or not isinstance(k["seed"], int)
+                                  or not -2**31 <= k["seed"] < 2**31):
+        raise ValueError(f"'seed' must be a 32-bit integer, got {k['seed']!r}")
+    stop = k["stop"]
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or any(not isinstance(x, str) or not x for x in stop):
+        raise ValueError(f"'stop' must be a list of non-empty strings, got {stop!r}")
+    k["stop"] = tuple(stop)
+    return k
+
+
 def run_generate(args, generator: Generator | None = None) -> dict:
     """The `generate` command (argparse Namespace from cli.py). Returns the summary counts."""
-    sampler = sampling.from_flags(args.temperature, args.top_k, args.top_p)
-    max_new = args.max_new_tokens  # None: until a stop token or the end of the context
-    if max_new is not None and max_new < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new}")
+    sampling.check_flags(args.temperature, args.top_k, args.top_p)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     done, gen = _open(args, generator)
 
     def parse(rec):
@@ -232,20 +260,28 @@ def run_generate(args, generator: Generator | None = None) -> dict:
         else:
             ids = _token_list(rec, "tokens")
         gen.check_ids(ids, repr(kind))
-        return ids
+        return ids, line_knobs(rec, args)
 
     items, counts = read_lines(args.input, done, parse)
     out = Appender(args.output)
-    todo, errors = _fitting(items, lambda ids: gen.context_error(len(ids), max_new or 0), args.input, out)
+    todo, errors = _fitting(items, lambda p: gen.context_error(len(p[0]), p[1]["max_new_tokens"] or 0),
+                            args.input, out)
+
+    def request(id_, ids, k):
+        # each row's random stream comes from its id (and --seed), or from its own 'seed' alone: the same
+        # output whatever batch it lands in, and after a resume
+        if k["seed"] is None:
+            seed, row_seed = args.seed, zlib.crc32(_key(id_).encode()) & 0x7FFFFFFF
+        else:
+            seed, row_seed = k["seed"], 0
+        return gen.request(ids, k["max_new_tokens"], sampling.from_flags(k["temperature"], k["top_k"], k["top_p"]),
+                           seed=seed, row_seed=row_seed, stop=k["stop"])
 
     progress = Progress(len(todo), "prompt")
     try:
-        # each row's random stream comes from its id: the same output whatever batch it lands in,
-        # and after a resume
-        seeds = [zlib.crc32(_key(id_).encode()) & 0x7FFFFFFF for id_, _ in todo]
-        for batch in gen.generate_batches([ids for _, ids in todo], max_new, sampler,
-                                          seed=args.seed, row_seeds=seeds, ignore_eos=args.ignore_eos,
-                                          batch_size=args.batch_size):
+        requests = [request(id_, ids, k) for id_, (ids, k) in todo]
+        for batch in gen.generate_requests(requests, ignore_eos=args.ignore_eos, batch_size=args.batch_size,
+                                           continuous=not getattr(args, "static_batching", False)):
             out.write([{"id": todo[i][0], "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason}
                        for i, c in batch])
             progress.update(len(batch), sum(len(c.tokens) + (c.finish_reason == "stop") for _, c in batch))

@@ -133,11 +133,12 @@ def insert(graphdef, params, state: dict, tokens, length, slot, seed, row_seed, 
 def shift(state: dict, new_index):
     """Move every row's tokens by (new_index - index) slots (one roll of the cache; each live row's
     tokens end at index, so they all survive when new_index >= the longest) and zero the segment ids
-    of slots >= new_index, which keeps the 'slots past the write slot are empty' rule."""
+    of slots >= new_index (and of those that wrapped round): slots past the write slot stay empty."""
     cache = state["cache"]
     d = new_index - cache.index
     seg = jnp.roll(cache.segment_ids, d, axis=1)
-    seg = jnp.where(jnp.arange(cache.max_len)[None] < new_index, seg, 0)
+    slot = jnp.arange(cache.max_len)[None]
+    seg = jnp.where((slot < new_index) & (slot >= d), seg, 0)  # d > 0: slots [0, d) wrapped round: empty
     cache = KVCache(k=jnp.roll(cache.k, d, axis=2), v=jnp.roll(cache.v, d, axis=2), segment_ids=seg,
                     index=jnp.asarray(new_index, jnp.int32))
     return {**state, "cache": cache}
@@ -191,6 +192,7 @@ def decode_chunk(graphdef, params, state: dict, stop_ids, refill_at, steps: int)
 def empty_state(cache: KVCache, vocab: int) -> dict:
     """No live row (every slot done). Every leaf its own buffer: the state is donated."""
     b = cache.k.shape[1]
+    cache = dataclasses.replace(cache, index=jnp.zeros((), jnp.int32))  # a reused cache: start at slot 0
     zi = lambda: jnp.zeros((b,), jnp.int32)  # noqa: E731
     return dict(cache=cache, logits=jnp.zeros((b, vocab), jnp.float32), pos=zi(), n_gen=zi(),
                 done=jnp.ones((b,), bool), limit=zi(), keys=row_keys(zi(), zi()),
