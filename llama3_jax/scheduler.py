@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .kv_cache import KVCache
+from .kv_cache import CACHE_AXES, KVCache
 from .sampling import sample_rows
+from .sharding import constrain
 
 MIN_BUCKET = 16
 DECODE_STEPS = 32  # most decode steps per host visit
@@ -105,6 +106,15 @@ def is_stop(tok, stop_ids):
     return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
 
 
+def _laid_out(state: dict) -> dict:
+    """The cache keeps the logical rules' layout (`batch`, `kv_heads`) through every program that
+    rewrites it, so the next call takes it as it is (no reshard, no recompile)."""
+    c = state["cache"]
+    c = KVCache(k=constrain(c.k, CACHE_AXES), v=constrain(c.v, CACHE_AXES),
+                segment_ids=constrain(c.segment_ids, ("batch", "cache_seq")), index=c.index)
+    return {**state, "cache": c}
+
+
 def _knobs(state):
     return state["temperature"], state["top_k"], state["top_p"]
 
@@ -127,7 +137,7 @@ def insert(graphdef, params, state: dict, tokens, length, slot, seed, row_seed, 
                     index=cache.index)
     new = dict(logits=logits[0], pos=length[0], n_gen=jnp.int32(0), done=jnp.bool_(False), limit=limit,
                keys=row_keys(seed[None], row_seed[None])[0], temperature=temperature, top_k=top_k, top_p=top_p)
-    return {**state, "cache": cache, **{n: state[n].at[slot].set(v) for n, v in new.items()}}
+    return _laid_out({**state, "cache": cache, **{n: state[n].at[slot].set(v) for n, v in new.items()}})
 
 
 def shift(state: dict, new_index):
@@ -141,17 +151,22 @@ def shift(state: dict, new_index):
     seg = jnp.where((slot < new_index) & (slot >= d), seg, 0)  # d > 0: slots [0, d) wrapped round: empty
     cache = KVCache(k=jnp.roll(cache.k, d, axis=2), v=jnp.roll(cache.v, d, axis=2), segment_ids=seg,
                     index=jnp.asarray(new_index, jnp.int32))
-    return {**state, "cache": cache}
+    return _laid_out({**state, "cache": cache})
 
 
-def grow(state: dict, slots: int):
-    """The cache with `slots` slots (more): empty slots appended."""
+def resize(state: dict, slots: int):
+    """The cache with `slots` slots: empty slots appended, or slots past the write slot dropped (the
+    caller shifts the rows to the front first)."""
     cache = state["cache"]
     g = slots - cache.max_len
-    pad = ((0, 0), (0, 0), (0, g), (0, 0), (0, 0))
-    cache = KVCache(k=jnp.pad(cache.k, pad), v=jnp.pad(cache.v, pad),
-                    segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, g))), index=cache.index)
-    return {**state, "cache": cache}
+    if g < 0:
+        cache = KVCache(k=cache.k[:, :, :slots], v=cache.v[:, :, :slots], segment_ids=cache.segment_ids[:, :slots],
+                        index=cache.index)
+    else:
+        pad = ((0, 0), (0, 0), (0, g), (0, 0), (0, 0))
+        cache = KVCache(k=jnp.pad(cache.k, pad), v=jnp.pad(cache.v, pad),
+                        segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, g))), index=cache.index)
+    return _laid_out({**state, "cache": cache})
 
 
 def decode_chunk(graphdef, params, state: dict, stop_ids, refill_at, steps: int):
@@ -186,7 +201,7 @@ def decode_chunk(graphdef, params, state: dict, stop_ids, refill_at, steps: int)
 
     init = (jnp.zeros((), jnp.int32), state, jnp.zeros((b, steps), jnp.int32), jnp.zeros((b,), jnp.int32))
     _, state, out, n_out = jax.lax.while_loop(cond, body, init)
-    return state, out, n_out
+    return _laid_out(state), out, n_out
 
 
 def empty_state(cache: KVCache, vocab: int) -> dict:
@@ -230,11 +245,11 @@ class Scheduler:
         self._decode = jax.jit(functools.partial(decode_chunk, generator.graphdef), static_argnames=("steps",),
                                donate_argnames=("state",))
         self._shift = jax.jit(shift, donate_argnames=("state",))
-        self._grow = jax.jit(grow, static_argnames=("slots",))
+        self._resize = jax.jit(resize, static_argnames=("slots",))
 
     def compiles(self) -> int:
         """Compiled programs so far (tests: distinct knobs must not add any)."""
-        return sum(f._cache_size() for f in (self._insert, self._decode, self._shift, self._grow))
+        return sum(f._cache_size() for f in (self._insert, self._decode, self._shift, self._resize))
 
     def run(self, requests: Sequence[Request], stop_ids, decode: Callable[[list[int]], str] | None
             ) -> Iterator[list[tuple[int, Completion]]]:
@@ -246,7 +261,9 @@ class Scheduler:
         slots = bucket(longest + min(budget, 256))
         with self.g._scope():
             state = empty_state(self.g._cache_for(b, slots), self.g.cfg.vocab_size)
-        waiting = collections.deque(range(len(requests)))
+        # longest prompt bucket first (stable): the cache is widest at the start and can shrink as the
+        # long rows finish (the tokens do not depend on the order)
+        waiting = collections.deque(sorted(range(len(requests)), key=lambda i: -bucket(len(requests[i].tokens))))
         rows: list[int | None] = [None] * b           # request in each slot
         toks: list[list[int]] = [[] for _ in range(b)]
         checked = [0] * b
@@ -270,7 +287,7 @@ class Scheduler:
                         p = bucket(len(req.tokens))
                         if p + 1 > slots:
                             slots = bucket(p + 1 + self.steps)
-                            state = self._grow(state, slots=slots)
+                            state = self._resize(state, slots=slots)
                         if index < p:
                             state, index = self._shift(state, jnp.int32(p)), p
                         tokens = np.zeros((1, p), np.int32)
@@ -283,13 +300,17 @@ class Scheduler:
                         rows[r], pos[r], checked[r], toks[r] = i, len(req.tokens), 0, []
                 live = [r for r in range(b) if rows[r] is not None]
                 if live:
-                    if index >= slots:  # full: shift the rows left, or double the cache
+                    if index >= slots:  # full: shift the rows to the front; double or halve the cache
                         longest_live = int(pos[live].max())
+                        need = max(longest_live, bucket(len(requests[waiting[0]].tokens)) if waiting else 0)
                         if slots - longest_live < slots // 4:
                             slots *= 2
-                            state = self._grow(state, slots=slots)
+                            state = self._resize(state, slots=slots)
                         else:
                             state, index = self._shift(state, jnp.int32(longest_live)), longest_live
+                            if bucket(2 * need) < slots:
+                                slots = bucket(2 * need)
+                                state = self._resize(state, slots=slots)
                     refill = min(len(waiting), max(1, b // 8)) if waiting else b + 1
                     state, out, n_out = self._decode(self.g.params, state, stop_ids, jnp.int32(refill),
                                                      steps=self.steps)
