@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "context (default: stop)")
     g.add_argument("--static-batching", action="store_true",
                    help="decode whole batches sorted by length, each until its longest row is done, instead of "
-                        "refilling --batch-size slots as rows finish (for comparison; default: continuous)")
+                        "refilling --batch-size slots as rows finish, for comparison (default: continuous)")
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("score", help="per-token log-probs of given completions",
