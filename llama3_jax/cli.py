@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except (ValueError, KeyError, OSError) as e:  # OSError: also a full disk or a read-only path
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"llama3-jax {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -61,6 +61,7 @@ _STDLIB_MAX_BYTES = 200_000
 # In-process reading: threads that read + tokenize, and documents read ahead of the packer.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
 _reported: set[str] = set()  # bad-input messages already printed (report each once)
+_skipped_lines: set[tuple[str, int]] = set()  # (file, line) of bad JSONL lines seen in this process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +102,11 @@ def _report(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def skipped_line_count() -> int:
+    """Bad JSONL lines (distinct file:line) skipped by this process so far: `train` logs it."""
+    return len(_skipped_lines)
+
+
 def _stdlib_documents() -> list[Document]:
     """The ``.py`` files of the standard library, sorted by relative path.
 
@@ -137,11 +143,13 @@ def _jsonl_documents(path: Path, text_field: str, limit: int) -> list[Document]:
             try:
                 record = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                _report(f"{path}:{lineno}: skipped line: invalid JSON ({e})")
+                _report(f"{path}:{lineno}: skipped: invalid JSON ({e})")
+                _skipped_lines.add((str(path), lineno))
                 continue
             text = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
-                _report(f"{path}:{lineno}: skipped line: no string field {text_field!r}")
+                _report(f"{path}:{lineno}: skipped: no string field {text_field!r}")
+                _skipped_lines.add((str(path), lineno))
                 continue
             docs.append(Document(str(path), start, hashlib.sha1(text.encode()).hexdigest()))
             if limit and len(docs) >= limit:

@@ -249,10 +249,12 @@ def run_generate(args, generator: Generator | None = None) -> dict:
     def parse(rec):
         kind = _one_of(rec, ("prompt", "messages", "tokens"))
         if kind == "prompt":
-            if not isinstance(rec["prompt"], str):
-                raise ValueError("'prompt' must be a string")
+            if not isinstance(rec["prompt"], str) or not rec["prompt"]:
+                raise ValueError("'prompt' must be a non-empty string")
             ids = gen.tokenizer.encode(rec["prompt"], bos=True, eos=False)
         elif kind == "messages":
+            if isinstance(rec["messages"], list) and not rec["messages"]:
+                raise ValueError("'messages' is empty")
             if not hasattr(gen.tokenizer, "encode_dialog"):
                 raise ValueError(f"'messages' needs Llama 3's chat format, which this checkpoint's tokenizer "
                                  f"({type(gen.tokenizer).__name__}) does not have")

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..config import ModelConfig
+from ..failpoints import kill_point
 
 FORMATS = ("hf", "meta", "jax")
 
@@ -159,6 +160,7 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
     shapes = expected_shapes(cfg)
     keys = set(all_keys(cfg))
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    _remove_stale_temps(dst)
     shutil.rmtree(tmp, ignore_errors=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
     start, done_bytes, last = time.time(), 0, 0.0
@@ -176,6 +178,7 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
                                    f"(expected {shapes[t.name]} in llama3-jax layout)")
             seen.add(key)
             writer.add(t.name, t.layer, t.array.astype(out_dtype, copy=False))
+            kill_point("convert.tensor")
             done_bytes += t.array.nbytes
             if progress and (time.time() - last >= 0.5 or len(seen) == len(keys)):
                 last = time.time()
@@ -185,6 +188,7 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
             name, layer = missing[0]
             raise ConvertError(f"{src}: missing tensor {name}" + (f" of layer {layer}" if layer is not None else ""))
         writer.finish()
+        kill_point("convert.finish")
         os.replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -198,6 +202,21 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
               f"{done_bytes / 1e6:.1f} MB read in {secs:.1f}s ({done_bytes / 1e6 / max(secs, 1e-9):.1f} MB/s), "
               f"dtype {out_dtype.name}", file=sys.stderr)
     return cfg
+
+
+def _remove_stale_temps(dst: Path) -> None:
+    """Delete the temp directories of earlier conversions to DST whose process is gone (killed before
+    its rename), so a crash leaves no litter after the next run. A live writer's temp is left alone."""
+    for old in dst.parent.glob(f".{dst.name}.tmp-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _progress(n: int, total: int, nbytes: int, start: float) -> None:

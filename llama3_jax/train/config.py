@@ -54,6 +54,9 @@ class TrainConfig:
     sample_tokens: int = 32  # 0 = no sample at the end
     peak_flops: float = 0.0  # per device, for MFU; 0 = PEAK_FLOPS by device kind (CPU: see above)
     progress: bool = True
+    nan_policy: str = "stop"  # non-finite loss/grad norm: stop (name the step) | skip the update (numerics.py)
+    nan_max_consecutive: int = 10  # skip: stop after more skipped steps than this in a row
+    spike_factor: float = 0.0  # > 0: warn when loss > spike_factor x running mean of recent losses
 
     def __post_init__(self):
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "checkpoint_every", "eval_batches")
@@ -64,6 +67,12 @@ class TrainConfig:
             raise ValueError(f"compute_dtype must be bfloat16 or float32, got {self.compute_dtype!r}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat must be none, full or dots, got {self.remat!r}")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"nan_policy must be stop or skip, got {self.nan_policy!r}")
+        if self.nan_max_consecutive < 0:
+            raise ValueError(f"nan_max_consecutive must be >= 0, got {self.nan_max_consecutive}")
+        if not (self.spike_factor == 0 or self.spike_factor > 1):  # also refuses NaN
+            raise ValueError(f"spike_factor must be 0 (off) or > 1, got {self.spike_factor}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
         preset = self.model.get("preset") if isinstance(self.model, dict) else self.model

@@ -29,11 +29,13 @@ import numpy as np
 
 from .. import checkpoint
 from ..config import load_yaml_config
-from ..data import BATCH_KEYS, list_documents, make_iterator, split_documents
+from ..data import BATCH_KEYS, list_documents, make_iterator, skipped_line_count, split_documents
+from ..failpoints import kill_point
 from ..optim import OptimConfig, schedule
-from ..sharding import logical_spec, make_mesh
+from ..sharding import logical_spec, make_mesh, require_divisible
 from .config import TrainConfig, make_tokenizer, model_config, tokenizer_spec
 from .metrics import MetricsLog, model_flops_per_token, peak_flops
+from .numerics import Guard
 from .state import restore_state, save_state
 from .step import Setup, build
 
@@ -91,6 +93,7 @@ def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok) -> dict:
                 padding = padding or {k: np.zeros((rows, cfg.seq_len), np.int32) for k in BATCH_KEYS}
                 batch = padding
             s, n = setup.eval_fn(params, setup.put_batch(batch))
+            kill_point("train.eval")
             total, count = total + float(s), count + float(n)
     loss = total / max(count, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": int(count)}
@@ -163,8 +166,10 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
     if (cfg.batch_size // cfg.grad_accum) % n_batch:
         raise ValueError(f"batch_size/grad_accum = {cfg.batch_size // cfg.grad_accum} sequences do not split over "
                          f"the {n_batch} batch shards of the mesh (mesh.data*mesh.fsdp)")
-    resume = checkpoint.latest_step(workdir) if checkpoint.is_checkpoint(workdir) else None
+    # a corrupt latest step is reported and set aside; the newest intact one is resumed
+    resume = checkpoint.latest_intact_step(workdir, set_aside=True) if checkpoint.is_checkpoint(workdir) else None
     mc = model_config(cfg, workdir if resume is not None else None)
+    require_divisible("q_heads", mc.n_heads, mesh, "the model's n_heads")  # before any compile
     if cfg.seq_len > mc.max_seq_len:  # RoPE would run past the positions the model is made for
         raise ValueError(f"seq_len {cfg.seq_len} is longer than the model's max_seq_len {mc.max_seq_len} "
                          f"(lower seq_len, or give a new model a larger model.max_seq_len)")
@@ -201,22 +206,28 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                    dynamic_ncols=True, file=sys.stderr)
         step, saved, losses, last_eval, sample = start, start if resume is not None else None, [], None, None
         t_first = t_log = startup = None  # wall clock after the first step (compilation excluded after it)
+        guard = Guard(cfg.nan_policy, cfg.nan_max_consecutive, cfg.spike_factor, last_checkpoint=lambda: saved)
         try:
             with jax.set_mesh(mesh):
                 while step < cfg.steps and not preempt.requested:
                     state, metrics = setup.step_fn(state, setup.put_batch(next(it)))
+                    kill_point("train.step")
                     step += 1
+                    guard.push(step, metrics)  # checks the previous step: stop / count a skip / spike
                     tokens_seen += tokens_per_step
                     bar.update(1)
                     if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1:
+                        guard.flush()
                         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                         now = time.time()
                         record = {"step": step, "loss": m["loss"], "learning_rate": m["learning_rate"],
                                   "grad_norm": m["grad_norm"], "tokens_per_second": None, "mfu": None,
-                                  "loss_tokens": int(m["tokens"]), "tokens": tokens_seen}
+                                  "loss_tokens": int(m["tokens"]), "tokens": tokens_seen,
+                                  "skipped_updates": guard.skipped}
                         if t_log is None:  # the first step of a (re)start: restore, data, compilation
                             t_first, startup = now, now - t0
                             record["startup_seconds"] = round(startup, 2)
+                            record["data_skipped_lines"] = skipped_line_count()  # reported on stderr
                         else:
                             n, dt = step - step_log, now - t_log
                             record["tokens_per_second"] = n * tokens_per_step / dt
@@ -232,11 +243,15 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                         if t_log is not None:  # eval time is not training time
                             t_log, t_first = t_log + time.time() - t_eval, t_first + time.time() - t_eval
                     if step % cfg.checkpoint_every == 0:
+                        guard.flush()  # never save a non-finite state
                         save_state(mgr, step, state, it.get_state(), {"step": step, "tokens": tokens_seen})
+                        kill_point("train.save")
                         saved = step
+                guard.flush()
                 t_end = time.time()
                 if saved != step:
                     save_state(mgr, step, state, it.get_state(), {"step": step, "tokens": tokens_seen})
+                    kill_point("train.final_save")
                 mgr.wait_until_finished()
                 # the engine places its inputs from one host; multi-process decoding is not built yet
                 if cfg.sample_tokens and step >= cfg.steps and jax.process_count() == 1:

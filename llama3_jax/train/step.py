@@ -18,6 +18,7 @@ from ..model import Llama, abstract_model
 from ..optim import lm_loss, make_optimizer, schedule
 from ..sharding import constrain, global_batch, logical_spec, replicated
 from .config import TrainConfig
+from .numerics import is_finite_step, keep_finite
 
 
 def split_microbatches(batch: dict, n: int) -> dict:
@@ -35,11 +36,12 @@ def loss_and_count(graphdef, params: dict, batch: dict) -> tuple[jax.Array, jax.
 
 
 def train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, grad_accum: int,
-               state: dict, batch: dict) -> tuple[dict, dict]:
+               state: dict, batch: dict, *, nan_skip: bool = False) -> tuple[dict, dict]:
     """One update. state = {params, opt_state, step}; batch = dict of (B, T) int32 (data.BATCH_KEYS).
 
     Gradients of the SUMMED loss are added over `grad_accum` microbatches (lax.scan) and divided once
     by the batch's token count, so any microbatching gives the same update as one big batch.
+    `nan_skip`: a non-finite loss or gradient norm keeps the old params and optimizer state (numerics.py).
     """
     grad_fn = jax.value_and_grad(functools.partial(loss_and_count, graphdef), has_aux=True)
     params = state["params"]
@@ -54,8 +56,12 @@ def train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, grad_acc
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
-    metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
+    new_params, grad_norm = optax.apply_updates(params, updates), optax.global_norm(grads)
+    if nan_skip:
+        ok = is_finite_step(loss_sum, grad_norm)
+        new_params, opt_state = keep_finite(ok, (new_params, opt_state), (params, state["opt_state"]))
+    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+    metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm,
                "learning_rate": lr_schedule(state["step"]), "tokens": count}
     return new_state, metrics
 
@@ -118,7 +124,8 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, mesh) -> Setup:
     }
     state_sh = jax.tree.map(lambda a: a.sharding, abstract)
     batch_sh = jax.sharding.NamedSharding(mesh, logical_spec(("batch", "seq"), None, mesh))
-    step_fn = jax.jit(functools.partial(train_step, graphdef, tx, schedule(cfg.optim, cfg.steps), cfg.grad_accum),
+    step_fn = jax.jit(functools.partial(train_step, graphdef, tx, schedule(cfg.optim, cfg.steps), cfg.grad_accum,
+                                        nan_skip=cfg.nan_policy == "skip"),
                       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),
                       donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, graphdef), in_shardings=(param_sh, batch_sh),
