@@ -27,10 +27,10 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from . import integrity
+from . import integrity, lora
 from .config import ModelConfig, read_json
 from .model import abstract_model
-from .sharding import state_shardings
+from .sharding import make_mesh, state_shardings
 
 FORMAT = "llama3-jax"
 CONFIG_FILE = "config.json"
@@ -46,13 +46,29 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def save_config(directory: Path, cfg: ModelConfig, tokenizer: str | None = None) -> None:
+def save_config(directory: Path, cfg: ModelConfig, tokenizer: str | None = None,
+                lora_record: dict | None = None) -> None:
     """`tokenizer`: what a training run tokenized with ("bytes" or a tokenizer.model path), for readers
-    to use by default; None (Llama 3's tokenizer) is not written."""
+    to use by default; None (Llama 3's tokenizer) is not written. A LoRA workdir also records its
+    adapters' settings and base (`lora_record`, lora.config_record)."""
     if jax.process_index() == 0:
         Path(directory).mkdir(parents=True, exist_ok=True)
         data = {"format": FORMAT, "model": cfg.to_dict()} | ({"tokenizer": tokenizer} if tokenizer else {})
+        data |= {"lora": lora_record} if lora_record else {}
         write_json_atomic(Path(directory) / CONFIG_FILE, data)
+
+
+def lora_base(directory: str | Path) -> tuple[dict, Path] | None:
+    """(lora record, base checkpoint dir) of a LoRA workdir, None for a full checkpoint. A base that is
+    gone is a one-line error naming its path."""
+    path = Path(directory) / CONFIG_FILE
+    record = read_json(path, "a llama3-jax checkpoint").get("lora") if path.exists() else None
+    if not record:
+        return None
+    base = Path(record["base"])
+    if not is_checkpoint(base):
+        raise FileNotFoundError(f"{directory}: the LoRA base checkpoint {base} is missing (config.json lora.base)")
+    return record, base
 
 
 def load_config(directory: str | Path) -> ModelConfig:
@@ -226,11 +242,28 @@ def abstract_params(cfg: ModelConfig, mesh=None) -> dict:
 
 def restore_params(directory: str | Path, mesh=None, step: int | None = None,
                    cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict]:
-    """(config, params) from the latest (or given) step, restored straight into their shardings."""
+    """(config, params) from the latest (or given) step, restored straight into their shardings.
+
+    A LoRA workdir gives its merged model: base (restored from the path it records) + adapters."""
     cfg = cfg or load_config(directory)
+    adapted = lora_base(directory)
+    if adapted is not None:
+        record, base = adapted
+        _, params = restore_params(base, mesh, cfg=cfg)
+        lc = lora.from_record(record)
+        adapters = restore_adapters(directory, cfg, lc, mesh, step)
+        return cfg, jax.jit(lora.merge, static_argnums=2)(params, adapters, lc.scale)
     target = abstract_params(cfg, mesh)
     return cfg, _restore_params_item(directory, step, ocp.args.StandardRestore(target),
                                      "params do not match config.json", target)
+
+
+def restore_adapters(directory, cfg: ModelConfig, lc, mesh=None, step: int | None = None) -> dict:
+    """The LoRA adapters of a LoRA workdir (its `params` item)."""
+    mesh = mesh if mesh is not None else make_mesh(devices=jax.devices()[:1])
+    target = lora.abstract(cfg, lc, mesh)
+    return _restore_params_item(directory, step, ocp.args.StandardRestore(target),
+                                "LoRA adapters do not match config.json", target)
 
 
 def _restore_params_item(directory, step: int | None, args, what: str, target: dict):
@@ -250,9 +283,31 @@ def _restore_params_item(directory, step: int | None, args, what: str, target: d
 
 
 def restore_one(directory: str | Path, cfg: ModelConfig, name: str, step: int | None = None) -> jax.Array:
-    """One parameter ("embed", "layers/wq", ...) by partial restore, so converters never hold the model."""
+    """One parameter ("embed", "layers/wq", ...) by partial restore, so converters never hold the model.
+    From a LoRA workdir: the base's parameter with its adapter merged."""
+    adapted = lora_base(directory)
+    if adapted is not None:
+        record, base = adapted
+        w = restore_one(base, cfg, name)
+        lc = lora.from_record(record)
+        target = name.split("/", 1)[1] if name.startswith("layers/") else None
+        if target not in lc.targets:
+            return w
+        a, b = (_restore_leaf(directory, cfg, f"layers/{target}/{k}", step, lc) for k in ("a", "b"))
+        return lora.merge({"layers": {target: w}}, {"layers": {target: {"a": a, "b": b}}}, lc.scale)["layers"][target]
+    return _restore_leaf(directory, cfg, name, step)
+
+
+def _restore_leaf(directory, cfg: ModelConfig, name: str, step: int | None, lc=None) -> jax.Array:
     path = name.split("/")
-    leaf = abstract_params(cfg)
+    if lc is not None:  # an adapter array of a LoRA workdir
+        leaf = lora.abstract(cfg, lc, make_mesh(devices=jax.devices()[:1]))
+        path = ["layers", *path[1:]]
+        return _restore_path(directory, step, leaf, path, name)
+    return _restore_path(directory, step, abstract_params(cfg), path, name)
+
+
+def _restore_path(directory, step, leaf, path: list[str], name: str) -> jax.Array:
     for p in path:
         leaf = leaf[p]
     sub = leaf

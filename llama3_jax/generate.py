@@ -8,6 +8,10 @@ optional per-line knobs, overriding the command line: "max_new_tokens", "tempera
 "seed", "stop" (a list of strings: generation ends at the first one, cut from "text").
 output lines: {"id", "text", "tokens", "finish_reason": "stop" | "length"}; tokens exclude a stop token
 (with a stop string they end with the token that completed it).
+--num-samples N > 1: N lines per input line, each with its "sample" index 0..N-1 (best-of-N data sets:
+generate, then score, then keep the best as SFT data); sample k's random stream comes from (id, k) (or
+from (the line's seed, k)), so it is the same whatever the batching, and sample 0 is what a
+single-sample run draws.
 score input lines: {"id", "prompt", "completion"} (text; BOS before the prompt) or
 {"id", "prompt_tokens", "completion_tokens"}; output {"id", "tokens", "logprobs", "sum_logprob"}.
 
@@ -63,7 +67,7 @@ def read_done(path: Path) -> set[str]:
     for lineno, line in enumerate(body.split(b"\n") if body else [], start=1):
         try:
             rec = json.loads(line)
-            key = _key(rec["id"])
+            key = _key(rec["id"]) if "sample" not in rec else (_key(rec["id"]), int(rec["sample"]))
         except (ValueError, KeyError, TypeError):
             if line.strip():
                 _report(f"{path}:{lineno}: unreadable output line ignored")
@@ -264,28 +268,38 @@ def run_generate(args, generator: Generator | None = None) -> dict:
         gen.check_ids(ids, repr(kind))
         return ids, line_knobs(rec, args)
 
-    items, counts = read_lines(args.input, done, parse)
+    n = getattr(args, "num_samples", 1)
+    if n < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {n}")
+    if n > 1:  # an id is done when all its samples are in the output
+        ids_done = {k for k in done if isinstance(k, str)}
+        ids_done |= {k for k, _ in (x for x in done if isinstance(x, tuple))
+                     if all((k, i) in done for i in range(n))}
+    items, counts = read_lines(args.input, ids_done if n > 1 else done, parse)
     out = Appender(args.output)
     todo, errors = _fitting(items, lambda p: gen.context_error(len(p[0]), p[1]["max_new_tokens"] or 0),
                             args.input, out)
+    # --num-samples: one row per (id, sample) not yet written; sample 0 draws what a single sample would
+    samples = [(id_, k, p) for id_, p in todo for k in range(n) if n == 1 or (_key(id_), k) not in done]
 
-    def request(id_, ids, k):
-        # each row's random stream comes from its id (and --seed), or from its own 'seed' alone: the same
-        # output whatever batch it lands in, and after a resume
-        if k["seed"] is None:
-            seed, row_seed = args.seed, zlib.crc32(_key(id_).encode()) & 0x7FFFFFFF
+    def request(id_, k, ids, knobs):
+        # each row's random stream comes from its id (and --seed), or from its own 'seed' alone, and the
+        # sample index: the same output whatever batch it lands in, and after a resume
+        if knobs["seed"] is None:
+            seed, row_seed = args.seed, zlib.crc32((_key(id_) + (f"\0{k}" if k else "")).encode()) & 0x7FFFFFFF
         else:
-            seed, row_seed = k["seed"], 0
-        return gen.request(ids, k["max_new_tokens"], sampling.from_flags(k["temperature"], k["top_k"], k["top_p"]),
-                           seed=seed, row_seed=row_seed, stop=k["stop"])
+            seed, row_seed = knobs["seed"], k
+        return gen.request(ids, knobs["max_new_tokens"],
+                           sampling.from_flags(knobs["temperature"], knobs["top_k"], knobs["top_p"]),
+                           seed=seed, row_seed=row_seed, stop=knobs["stop"])
 
-    progress = Progress(len(todo), "prompt")
+    progress = Progress(len(samples), "sample" if n > 1 else "prompt")
     try:
-        requests = [request(id_, ids, k) for id_, (ids, k) in todo]
+        requests = [request(id_, k, ids, knobs) for id_, k, (ids, knobs) in samples]
         for batch in gen.generate_requests(requests, ignore_eos=args.ignore_eos, batch_size=args.batch_size,
                                            continuous=not getattr(args, "static_batching", False)):
-            out.write([{"id": todo[i][0], "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason}
-                       for i, c in batch])
+            out.write([{"id": samples[i][0], **({"sample": samples[i][1]} if n > 1 else {}), "text": c.text,
+                        "tokens": c.tokens, "finish_reason": c.finish_reason} for i, c in batch])
             progress.update(len(batch), sum(len(c.tokens) + (c.finish_reason == "stop") for _, c in batch))
     finally:
         progress.close()

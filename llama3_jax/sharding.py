@@ -31,6 +31,7 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "act_embed": None,  # activations keep the model dim whole: fsdp shards weights, not activations
     "act_vocab": ("tensor",),
     "cache_seq": None,
+    "lora_rank": None,  # LoRA adapters (lora.py): the rank is tiny, never split
 }
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..failpoints import kill_point
 
-FORMATS = ("hf", "meta", "jax")
+FORMATS = ("hf", "meta", "jax", "peft")  # peft: LoRA adapters (convert/peft.py)
 
 
 class ConvertError(ValueError):
@@ -73,7 +73,7 @@ def parse_dtype(name: str | None):
 
 
 _IMPLS = {"hf": ("hf", "HFReader", "HFWriter"), "meta": ("meta", "MetaReader", "MetaWriter"),
-          "jax": ("native", "JaxReader", "JaxWriter")}
+          "jax": ("native", "JaxReader", "JaxWriter"), "peft": ("peft", "PeftReader", None)}
 
 
 def _impl(fmt: str, which: int):
@@ -140,20 +140,30 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
             progress: bool = True, **options) -> ModelConfig:
     """Convert a checkpoint between `hf`, `meta` and `jax`; keeps the source dtype unless `dtype` is given.
 
-    Options go to the writer: `max_shard_size` (hf), `shards` (meta model-parallel files).
+    Options go to the writer: `max_shard_size` (hf), `shards` (meta model-parallel files); `base` (the
+    model a `peft` adapter is merged into) to the reader. `--to peft` writes a LoRA workdir's adapters.
     Returns the model config. Raises ConvertError (one line, naming file and tensor) on bad input.
     """
     src, dst = Path(src), Path(dst)
     for fmt in (src_format, dst_format):
         if fmt not in FORMATS:
             raise ConvertError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    base = options.pop("base", None)  # the reader's option (--from peft), not a writer's
+    if base is not None and src_format != "peft":
+        raise ConvertError(f"--base applies only to --from peft, not --from {src_format}")
     options = check_options(dst_format, options)
     if not src.is_dir():
         raise ConvertError(f"{src}: not a directory")
     if dst.exists():
         raise ConvertError(f"{dst}: already exists (refusing to overwrite)")
+    if dst_format == "peft":  # the adapters alone, not a model: no tensor stream
+        if src_format != "jax":
+            raise ConvertError("--to peft exports a LoRA workdir: use --from jax")
+        from .peft import export_peft
+        export_peft(src, dst)
+        return _impl("jax", 1)(src).config
     out_dtype = parse_dtype(dtype)
-    reader = _reader(src_format, src)
+    reader = _impl("peft", 1)(src, base) if src_format == "peft" else _reader(src_format, src)
     cfg = reader.config
     out_dtype = out_dtype or reader.dtype
     cfg = dataclasses.replace(cfg, param_dtype=out_dtype.name)

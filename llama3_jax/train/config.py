@@ -9,6 +9,8 @@ from pathlib import Path
 from .. import checkpoint
 from ..config import ModelConfig, load_model_config
 from ..data import DataConfig
+from ..lora import LoraConfig
+from ..objectives import OBJECTIVES, DPOConfig
 from ..optim import OptimConfig
 from ..tokenizer import ByteTokenizer, load_tokenizer as make_tokenizer  # noqa: F401 (the train API names them)
 
@@ -31,6 +33,9 @@ class TrainConfig:
     model: str | dict | None = dataclasses.field(
         default=None, metadata={"keys": ModelConfig, "extra_keys": ("preset",)})
     init_from: str | None = None  # a jax checkpoint (convert output or a train workdir): its config + params
+    objective: str = "lm"  # lm (pretraining) | sft (chat records, assistant-only loss) | dpo (preference pairs)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # rank > 0: train adapters only
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     tokenizer: str | None = None  # None: Llama 3's tokenizer.model; a path to one; or "bytes" (UTF-8 bytes)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -67,6 +72,10 @@ class TrainConfig:
             raise ValueError(f"compute_dtype must be bfloat16 or float32, got {self.compute_dtype!r}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat must be none, full or dots, got {self.remat!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.lora.rank and not self.init_from:
+            raise ValueError("lora.rank > 0 needs init_from (the base checkpoint the adapters are trained on)")
         if self.nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be stop or skip, got {self.nan_policy!r}")
         if self.nan_max_consecutive < 0:
