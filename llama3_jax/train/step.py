@@ -14,8 +14,10 @@ from flax import nnx
 
 from .. import checkpoint
 from ..config import ModelConfig
+from .. import attention
+from ..losses import chunked_lm_loss, resolve_chunk
 from ..model import Llama, abstract_model
-from ..optim import lm_loss, make_optimizer, schedule
+from ..optim import make_optimizer, schedule
 from ..sharding import constrain, global_batch, logical_spec, replicated
 from .config import TrainConfig
 
@@ -28,20 +30,22 @@ def split_microbatches(batch: dict, n: int) -> dict:
     return jax.tree.map(one, batch)
 
 
-def loss_and_count(graphdef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token loss and counted tokens of a batch (see optim.lm_loss)."""
-    logits, _ = nnx.merge(graphdef, params)(batch["tokens"], batch["positions"], batch["segment_ids"])
-    return lm_loss(logits, batch["targets"], batch["loss_mask"])
+def loss_and_count(graphdef, params: dict, batch: dict, loss_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token loss and counted tokens of a batch (losses.chunked_lm_loss: the output
+    projection applied `loss_chunk` positions at a time; 0 = at once)."""
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], hidden_only=True)
+    return chunked_lm_loss(hidden, model.output_weight(), batch["targets"], batch["loss_mask"], loss_chunk)
 
 
 def train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, grad_accum: int,
-               state: dict, batch: dict) -> tuple[dict, dict]:
+               state: dict, batch: dict, loss_chunk: int = 0) -> tuple[dict, dict]:
     """One update. state = {params, opt_state, step}; batch = dict of (B, T) int32 (data.BATCH_KEYS).
 
     Gradients of the SUMMED loss are added over `grad_accum` microbatches (lax.scan) and divided once
     by the batch's token count, so any microbatching gives the same update as one big batch.
     """
-    grad_fn = jax.value_and_grad(functools.partial(loss_and_count, graphdef), has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(loss_and_count, graphdef, loss_chunk=loss_chunk), has_aux=True)
     params = state["params"]
     if grad_accum == 1:
         (loss_sum, count), grads = grad_fn(params, batch)
@@ -60,8 +64,16 @@ def train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, grad_acc
     return new_state, metrics
 
 
-def eval_step(graphdef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
-    return loss_and_count(graphdef, params, batch)
+def eval_step(graphdef, params: dict, batch: dict, grad_accum: int = 1, loss_chunk: int = 0):
+    """(loss sum, token count) of a batch, in the train step's `grad_accum` microbatches (a run that
+    needs microbatches to fit a train step needs them for eval too)."""
+    if grad_accum == 1:
+        return loss_and_count(graphdef, params, batch, loss_chunk)
+
+    def micro(carry, mb):
+        return jax.tree.map(jnp.add, carry, loss_and_count(graphdef, params, mb, loss_chunk)), None
+    total, _ = jax.lax.scan(micro, (jnp.float32(0), jnp.float32(0)), split_microbatches(batch, grad_accum))
+    return total
 
 
 def init_params(cfg: ModelConfig, seed: int) -> dict:
@@ -106,7 +118,9 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, mesh) -> Setup:
     """Abstract sharded state (optimizer shardings mirror the params' via optax.tree_map_params) and
     the jitted step/eval with explicit in/out shardings. Nothing is allocated here."""
     tx = make_optimizer(cfg.optim, cfg.steps)
-    graphdef, _ = nnx.split(abstract_model(model_cfg, scan_layers=cfg.scan_layers, remat=cfg.remat))
+    backend = attention.resolve(cfg.attention, mesh.devices.flat[0].platform, cfg.seq_len)
+    loss_chunk = resolve_chunk(cfg.loss_chunk, cfg.batch_size // cfg.grad_accum, cfg.seq_len, model_cfg.vocab_size)
+    graphdef, _ = nnx.split(abstract_model(model_cfg, scan_layers=cfg.scan_layers, remat=cfg.remat, attention=backend))
     params = checkpoint.abstract_params(model_cfg, mesh)
     param_sh = jax.tree.map(lambda a: a.sharding, params)
     opt = jax.eval_shape(tx.init, params)
@@ -118,9 +132,11 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, mesh) -> Setup:
     }
     state_sh = jax.tree.map(lambda a: a.sharding, abstract)
     batch_sh = jax.sharding.NamedSharding(mesh, logical_spec(("batch", "seq"), None, mesh))
-    step_fn = jax.jit(functools.partial(train_step, graphdef, tx, schedule(cfg.optim, cfg.steps), cfg.grad_accum),
+    step_fn = jax.jit(functools.partial(train_step, graphdef, tx, schedule(cfg.optim, cfg.steps), cfg.grad_accum,
+                                        loss_chunk=loss_chunk),
                       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),
                       donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef), in_shardings=(param_sh, batch_sh),
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef, grad_accum=cfg.grad_accum, loss_chunk=loss_chunk),
+                      in_shardings=(param_sh, batch_sh),
                       out_shardings=replicated(mesh))
     return Setup(model_cfg, mesh, graphdef, tx, abstract, step_fn, eval_fn)
