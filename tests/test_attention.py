@@ -39,11 +39,11 @@ def check_equal(fn, kv, dtype, tol):
     q, k, v, seg, cot = inputs(kv, dtype)
     idx = jnp.arange(T)
     valid = np.asarray(seg != 0)[..., None, None]
-    ref = reference.attend(q, k, v, seg, seg, idx, idx).astype(jnp.float32)
-    out = fn(q, k, v, seg, seg, idx, idx).astype(jnp.float32)
+    ref = jax.jit(reference.attend)(q, k, v, seg, seg, idx, idx).astype(jnp.float32)
+    out = jax.jit(fn)(q, k, v, seg, seg, idx, idx).astype(jnp.float32)
     np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, ref, 0), atol=tol, rtol=tol)
-    g_ref = jax.grad(loss_of(reference.attend, seg, cot), argnums=(0, 1, 2))(q, k, v)
-    g_new = jax.grad(loss_of(fn, seg, cot), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.jit(jax.grad(loss_of(reference.attend, seg, cot), argnums=(0, 1, 2)))(q, k, v)
+    g_new = jax.jit(jax.grad(loss_of(fn, seg, cot), argnums=(0, 1, 2)))(q, k, v)
     for name, a, b in zip("qkv", g_new, g_ref):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * 4, rtol=tol,
                                    err_msg=f"d{name}")
@@ -68,8 +68,8 @@ def test_blockwise_with_a_cache_shape_equals_reference():
     q_idx, k_idx = 8 + jnp.arange(24), jnp.arange(40)
     q_seg = k_seg[:, 8:32]
     valid = np.asarray(q_seg != 0)[..., None, None]
-    ref = reference.attend(q, kc, vc, q_seg, k_seg, q_idx, k_idx)
-    out = blockwise.attend(q, kc, vc, q_seg, k_seg, q_idx, k_idx, block_q=8, block_k=16)
+    ref = jax.jit(reference.attend)(q, kc, vc, q_seg, k_seg, q_idx, k_idx)
+    out = jax.jit(lambda *a: blockwise.attend(*a, block_q=8, block_k=16))(q, kc, vc, q_seg, k_seg, q_idx, k_idx)
     np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, ref, 0), atol=1e-5)
 
 

@@ -30,8 +30,8 @@ from ..sharding import logical_spec
 BLOCK = 512  # largest block; the TPU lane width (128) is the smallest
 
 
-@functools.lru_cache(maxsize=32)
 def _kernel(heads: int, t: int, block: int, interpret: bool):
+    """Built inside each trace (not cached: the kernel holds arrays that must belong to that trace)."""
     mask = sa.MultiHeadMask([sa.CausalMask((t, t)) for _ in range(heads)])
     sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
