@@ -61,7 +61,9 @@ def _forward(scale, qb, kb, vb, qs, qi, ks, ki):
 
         init = (jnp.full((b, kv, g, bq), NEG_INF, F32), jnp.zeros((b, kv, g, bq), F32),
                 jnp.zeros(q.shape, F32))
-        m, l, acc = jax.lax.fori_loop(0, nk, kv_block, init)
+        # a traced trip count makes this a while loop, not a scan: differentiating an enclosing layer
+        # scan would otherwise stack this loop's per-block scores as residuals (quadratic memory)
+        m, l, acc = jax.lax.fori_loop(0, jnp.int32(nk), kv_block, init)
         safe = jnp.where(l == 0, 1.0, l)
         out = acc / jnp.moveaxis(safe, -1, 1)[..., None]
         return None, (out.astype(q.dtype), m + jnp.log(safe))
@@ -108,7 +110,7 @@ def _blocked_bwd(scale, res, dout):
             return jax.lax.cond(jnp.any(allowed), compute, lambda c: c, carry)
 
         zero = jnp.zeros(k.shape, F32)
-        dq, dk, dv = jax.lax.fori_loop(0, nq, q_block, (dq, zero, zero))
+        dq, dk, dv = jax.lax.fori_loop(0, jnp.int32(nq), q_block, (dq, zero, zero))
         return dq, (dk.astype(k.dtype), dv.astype(v.dtype))
 
     dq, (dk, dv) = jax.lax.scan(k_block, jnp.zeros(qb.shape, F32), (kb, vb, ks, ki))

@@ -15,7 +15,8 @@ from ..config import ModelConfig
 from ..optim import flops_per_token
 
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+              "TPU v5": 459e12}  # last: v5p chips report plain "TPU v5" (v5e: "TPU v5 lite", matched above)
 # CPU: nominal float32 FMA peak per core, 2 AVX2 FMA units * 8 lanes * 2 flops * 3 GHz = 96 GFLOP/s,
 # for the whole host however many (fake) devices it is split into.
 CPU_PEAK_FLOPS_PER_CORE = 96e9
