@@ -12,13 +12,15 @@ Output: human-readable lines, then as the LAST line one JSON object: topology, d
 bytes_per_device {arguments, temporaries, outputs, peak}, device_memory_bytes, fits, flops_per_step,
 estimated_step_seconds, estimated_mfu. Exit status (cli.py): 0 fits, 3 does not fit, 2 config error.
 `peak` = arguments + temporaries + outputs - aliased (the donated state is updated in place). The
-compiler's cost model gives FLOPs per device (incl. rematerialised work) and, on TPU, an optimal step
-time (`optimal_seconds`); the MFU estimate divides the model FLOPs (6 N + attention, as the train
-metrics count them) by that time and the chips' dense bf16 peak: an upper bound, not a measurement.
+compiler's cost model gives FLOPs (incl. rematerialised work) and, on TPU, an optimal step time
+(`optimal_seconds`; see `cost_estimate` for how loops are counted); the MFU estimate divides the model
+FLOPs (6 N + attention, as the train metrics count them) by that time and the chips' dense bf16 peak:
+a compiler's estimate, not a measurement.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,16 +30,12 @@ import jax
 import jax.numpy as jnp
 
 from ..data import BATCH_KEYS
+from ..hardware import HBM_BYTES, GiB, lookup
 from ..sharding import logical_spec, make_mesh
 from .config import TrainConfig, model_config
 from .metrics import model_flops_per_token, peak_flops
 from .step import build
 
-GiB = 2**30
-# HBM per chip (the first key contained in the device kind wins: "TPU v5 lite" before "TPU v5")
-HBM_BYTES = {"TPU v4": 32 * GiB, "TPU v5 lite": 16 * GiB, "TPU v5e": 16 * GiB, "TPU v5p": 95 * GiB,
-             "TPU v6 lite": 32 * GiB, "TPU v6e": 32 * GiB, "TPU v5": 95 * GiB, "H200": 141 * 10**9,
-             "H100": 80 * 10**9, "A100": 80 * 10**9}
 
 
 class DoesNotFit(Exception):
@@ -69,14 +67,13 @@ def device_memory_bytes(devices) -> int:
             return int(limit)
     except Exception:  # noqa: BLE001 - compile-only devices have no runtime stats
         pass
-    kind = d.device_kind.lower()
-    return next((v for k, v in HBM_BYTES.items() if k.lower() in kind), 0)
+    return lookup(HBM_BYTES, d.device_kind) or 0
 
 
-def compile_step(cfg: TrainConfig, devices):
+def compile_step(cfg: TrainConfig, devices, mc=None):
     """(compiled train step, model config, mesh) for `cfg` on `devices`, from abstract shapes only."""
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
-    mc = model_config(cfg)
+    mc = mc or model_config(cfg)
     setup = build(cfg, mc, mesh)
     batch_sh = jax.sharding.NamedSharding(mesh, logical_spec(("batch", "seq"), None, mesh))
     batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=batch_sh)
@@ -84,6 +81,27 @@ def compile_step(cfg: TrainConfig, devices):
     with jax.set_mesh(mesh):
         compiled = setup.step_fn.lower(setup.abstract, batch).compile()
     return compiled, mc, mesh
+
+
+def cost_estimate(cfg: TrainConfig, mc, devices) -> tuple[float, float | None]:
+    """(FLOPs per device, cost-model seconds or None) of one whole step.
+
+    XLA's cost analysis counts a loop body once, whatever its trip count, and a custom call (the
+    splash kernel) not at all; so the figures come from two extra compiles with every loop unrolled
+    and the attention as plain matmuls (the reference: full, not causal, so an upper bound): 1 and 2
+    layers, one microbatch, the loss in one piece; then total = c1 + (layers - 1) * (c2 - c1), times
+    `grad_accum`."""
+    flat = dataclasses.replace(cfg, scan_layers=False, attention="reference", loss_chunk=0, grad_accum=1,
+                               batch_size=cfg.batch_size // cfg.grad_accum)
+    costs = []
+    for n in (1, 2):
+        cost = compile_step(flat, devices, dataclasses.replace(mc, n_layers=n))[0].cost_analysis() or {}
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        costs.append((float(cost.get("flops", 0.0)), float(cost.get("optimal_seconds", -1.0))))
+    (f1, s1), (f2, s2) = costs
+    flops = (f1 + (mc.n_layers - 1) * (f2 - f1)) * cfg.grad_accum
+    seconds = (s1 + (mc.n_layers - 1) * (s2 - s1)) * cfg.grad_accum if min(s1, s2) > 0 else None
+    return flops, seconds
 
 
 def dry_run(cfg: TrainConfig, topology: str | None = None, num_slices: int = 1, out=None) -> dict:
@@ -96,17 +114,14 @@ def dry_run(cfg: TrainConfig, topology: str | None = None, num_slices: int = 1, 
     devices = topology_devices(topology, num_slices) if topology else jax.devices()
     compiled, mc, mesh = compile_step(cfg, devices)
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     n = len(devices)
     per_device = {"arguments": int(mem.argument_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
                   "outputs": int(mem.output_size_in_bytes)}
     per_device["peak"] = sum(per_device.values()) - int(mem.alias_size_in_bytes)
     hbm = device_memory_bytes(devices)
     fits = bool(hbm) and per_device["peak"] <= hbm
-    flops = float(cost.get("flops", 0.0)) * n
-    seconds = cost.get("optimal_seconds")
-    seconds = float(seconds) if seconds and seconds > 0 else None
+    flops, seconds = cost_estimate(cfg, mc, devices)
+    flops *= n
     model_flops = model_flops_per_token(mc, cfg.seq_len) * cfg.batch_size * cfg.seq_len
     peak = peak_flops(cfg.peak_flops, devices) if devices[0].platform != "cpu" or cfg.peak_flops else float("nan")
     mfu = model_flops / (seconds * peak) if seconds and math.isfinite(peak) else None
