@@ -65,7 +65,7 @@ def matmul_flops(n: int, dtype) -> float:
 def copy_bandwidth(nbytes: int) -> float:
     """Bytes per second moved by a device copy (read + write)."""
     x = jnp.ones((nbytes // 4,), jnp.float32)
-    return 2 * x.nbytes / timed(jax.jit(lambda x: x * 1.0), x)
+    return 2 * x.nbytes / timed(jax.jit(lambda x: x + 1.0), x)
 
 
 def train_jax(mc, seq: int, steps: int) -> float:
@@ -165,10 +165,12 @@ def torch_side(mc, seq: int, batches, prompt: int, new: int, steps: int) -> dict
         with torch.no_grad():
             times = []
             for n in (1, new + 1):
-                model.generate(prompt_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=n,
+                               min_new_tokens=n, do_sample=False, pad_token_id=0)
                 sync()
                 t = time.perf_counter()
-                model.generate(prompt_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=n,
+                               min_new_tokens=n, do_sample=False, pad_token_id=0)
                 sync()
                 times.append(time.perf_counter() - t)
         out[f"torch_decode_b{b}_tokens_per_s"] = b * new / max(times[1] - times[0], 1e-9)

@@ -36,14 +36,15 @@ from .sharding import constrain
 
 Remat = Literal["none", "full", "dots", "save_qkv_proj", "offload"]
 # Activations a remat policy may keep (named with jax.ad_checkpoint.checkpoint_name in decoder_layer).
-SAVEABLE = ("q_proj", "k_proj", "v_proj", "attn_out")
+SAVEABLE = ("layer_in", "q_proj", "k_proj", "v_proj", "attn_out")
 
 
 def remat_policy(name: str):
     """A `remat` name -> (rematerialise?, jax.checkpoint policy), following jax.checkpoint_policies:
     none (store every activation), full (store nothing; recompute the layer in the backward), dots
     (store matmul outputs without batch dims), save_qkv_proj (store only the q/k/v projections),
-    offload (store the q/k/v projections and the attention output in host memory)."""
+    offload (store each layer's input, q/k/v projections and attention output in host memory, as
+    MaxText does for 405B: the per-layer inputs are what a scanned stack keeps for the backward)."""
     cp = jax.checkpoint_policies
     policies = {
         "none": (False, None),
@@ -80,6 +81,7 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
     """
     dt = x.dtype
     b, t, d = x.shape
+    x = checkpoint_name(x, "layer_in")  # the residual stream a layer scan keeps per layer
     # Projections and the MLP see tokens as one flat axis n = b*t: the same math, but XLA:CPU runs the
     # backward of (n, d) matmuls about 2x faster than of 3-D einsums (benchmarks/train.py).
     h = rms_norm(x, w["attn_norm"], cfg.norm_eps).reshape(b * t, d)

@@ -85,7 +85,7 @@ class ByteTokenizer:
 def make_tokenizer(spec: str | None):
     if spec == "bytes":
         return ByteTokenizer()
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
     return Tokenizer(spec)
 
 

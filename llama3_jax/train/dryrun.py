@@ -13,7 +13,7 @@ bytes_per_device {arguments, temporaries, outputs, peak}, device_memory_bytes, f
 estimated_step_seconds, estimated_mfu. Exit status (cli.py): 0 fits, 3 does not fit, 2 config error.
 `peak` = arguments + temporaries + outputs - aliased (the donated state is updated in place). The
 compiler's cost model gives FLOPs (incl. rematerialised work) and, on TPU, an optimal step time
-(`optimal_seconds`; see `cost_estimate` for how loops are counted); the MFU estimate divides the model
+(`optimal_seconds`; see `cost_estimate` for how loops and kernels are counted); the MFU estimate divides the model
 FLOPs (6 N + attention, as the train metrics count them) by that time and the chips' dense bf16 peak:
 a compiler's estimate, not a measurement.
 """
@@ -24,13 +24,15 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 
 import jax
 import jax.numpy as jnp
 
 from ..data import BATCH_KEYS
-from ..hardware import HBM_BYTES, GiB, lookup
+from .. import attention
+from ..hardware import HBM_BYTES, PEAK_FLOPS, GiB, lookup
 from ..sharding import logical_spec, make_mesh
 from .config import TrainConfig, model_config
 from .metrics import model_flops_per_token, peak_flops
@@ -87,20 +89,32 @@ def cost_estimate(cfg: TrainConfig, mc, devices) -> tuple[float, float | None]:
     """(FLOPs per device, cost-model seconds or None) of one whole step.
 
     XLA's cost analysis counts a loop body once, whatever its trip count, and a custom call (the
-    splash kernel) not at all; so the figures come from two extra compiles with every loop unrolled
-    and the attention as plain matmuls (the reference: full, not causal, so an upper bound): 1 and 2
-    layers, one microbatch, the loss in one piece; then total = c1 + (layers - 1) * (c2 - c1), times
-    `grad_accum`."""
-    flat = dataclasses.replace(cfg, scan_layers=False, attention="reference", loss_chunk=0, grad_accum=1,
+    splash kernel) not at all. So the figures come from two extra compiles with the layers unrolled
+    (1 and 2 layers, one microbatch, the loss in one piece; total = c1 + (layers - 1) * (c2 - c1),
+    times `grad_accum`), plus the attention the compiler cannot see (the splash/cuDNN kernel, or the
+    blockwise loops): causal score and value matmuls, forward + backward (+ the forward again under
+    remat), counted at the chip's peak FLOP/s. None when those compiles do not fit either."""
+    flat = dataclasses.replace(cfg, scan_layers=False, loss_chunk=0, grad_accum=1,
                                batch_size=cfg.batch_size // cfg.grad_accum)
     costs = []
     for n in (1, 2):
-        cost = compile_step(flat, devices, dataclasses.replace(mc, n_layers=n))[0].cost_analysis() or {}
+        try:
+            cost = compile_step(flat, devices, dataclasses.replace(mc, n_layers=n))[0].cost_analysis() or {}
+        except jax.errors.JaxRuntimeError:
+            return model_flops_per_token(mc, cfg.seq_len) * cfg.batch_size * cfg.seq_len / len(devices), None
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         costs.append((float(cost.get("flops", 0.0)), float(cost.get("optimal_seconds", -1.0))))
     (f1, s1), (f2, s2) = costs
     flops = (f1 + (mc.n_layers - 1) * (f2 - f1)) * cfg.grad_accum
     seconds = (s1 + (mc.n_layers - 1) * (s2 - s1)) * cfg.grad_accum if min(s1, s2) > 0 else None
+    backend = attention.resolve(cfg.attention, devices[0].platform, cfg.seq_len)
+    if backend != "reference":
+        passes = 4 if cfg.remat != "none" else 3  # forward, backward (2x), forward again under remat
+        unseen = 2 * mc.n_layers * mc.n_heads * mc.head_dim * cfg.seq_len * passes  # per token, causal
+        unseen *= cfg.batch_size * cfg.seq_len / len(devices)
+        flops += unseen
+        peak = lookup(PEAK_FLOPS, devices[0].device_kind)
+        seconds = seconds + unseen / peak if seconds is not None and peak else None
     return flops, seconds
 
 
@@ -112,21 +126,35 @@ def dry_run(cfg: TrainConfig, topology: str | None = None, num_slices: int = 1, 
     if num_slices > 1 and topology is None:
         raise ValueError("--num-slices needs --topology")
     devices = topology_devices(topology, num_slices) if topology else jax.devices()
-    compiled, mc, mesh = compile_step(cfg, devices)
-    mem = compiled.memory_analysis()
     n = len(devices)
+    hbm = device_memory_bytes(devices)
+    name = topology + (f" x{num_slices}" if num_slices > 1 else "") if topology else \
+        f"{devices[0].platform}:{len(devices)}"
+    try:
+        compiled, mc, mesh = compile_step(cfg, devices)
+    except jax.errors.JaxRuntimeError as e:
+        # the TPU compiler refuses a program whose temporaries exceed HBM: that is the answer too
+        first = str(e).strip().splitlines()[0]
+        if "RESOURCE_EXHAUSTED" not in first:
+            raise
+        found = re.search(r"temporaries \(([\d.]+)([KMGT])\)", first)
+        temp = int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2))) if found else None
+        report = {"topology": name, "devices": n, "bytes_per_device": {"arguments": None, "temporaries": temp,
+                  "outputs": None, "peak": None}, "device_memory_bytes": hbm, "fits": False,
+                  "flops_per_step": None, "estimated_step_seconds": None, "estimated_mfu": None}
+        print(f"dry run: {name}: the compiler ran out of memory: {first}", file=out)
+        print(json.dumps(report), file=out, flush=True)
+        raise DoesNotFit(first.split(":", 1)[-1].strip()) from None
+    mem = compiled.memory_analysis()
     per_device = {"arguments": int(mem.argument_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
                   "outputs": int(mem.output_size_in_bytes)}
     per_device["peak"] = sum(per_device.values()) - int(mem.alias_size_in_bytes)
-    hbm = device_memory_bytes(devices)
     fits = bool(hbm) and per_device["peak"] <= hbm
     flops, seconds = cost_estimate(cfg, mc, devices)
     flops *= n
     model_flops = model_flops_per_token(mc, cfg.seq_len) * cfg.batch_size * cfg.seq_len
     peak = peak_flops(cfg.peak_flops, devices) if devices[0].platform != "cpu" or cfg.peak_flops else float("nan")
     mfu = model_flops / (seconds * peak) if seconds and math.isfinite(peak) else None
-    name = topology + (f" x{num_slices}" if num_slices > 1 else "") if topology else \
-        f"{devices[0].platform}:{len(devices)}"
     report = {"topology": name, "devices": n, "bytes_per_device": per_device, "device_memory_bytes": hbm,
               "fits": fits, "flops_per_step": flops, "estimated_step_seconds": seconds, "estimated_mfu": mfu}
     gib = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
