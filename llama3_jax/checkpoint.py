@@ -36,10 +36,13 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def save_config(directory: Path, cfg: ModelConfig) -> None:
+def save_config(directory: Path, cfg: ModelConfig, tokenizer: str | None = None) -> None:
+    """`tokenizer`: what a training run tokenized with ("bytes" or a tokenizer.model path), for readers
+    to use by default; None (Llama 3's tokenizer) is not written."""
     if jax.process_index() == 0:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(directory) / CONFIG_FILE, {"format": FORMAT, "model": cfg.to_dict()})
+        data = {"format": FORMAT, "model": cfg.to_dict()} | ({"tokenizer": tokenizer} if tokenizer else {})
+        write_json_atomic(Path(directory) / CONFIG_FILE, data)
 
 
 def load_config(directory: str | Path) -> ModelConfig:
@@ -50,6 +53,11 @@ def load_config(directory: str | Path) -> ModelConfig:
     if data.get("format") != FORMAT or "model" not in data:
         raise ValueError(f"{path}: not a llama3-jax config (format={data.get('format')!r})")
     return ModelConfig.from_dict(data["model"])
+
+
+def load_tokenizer_spec(directory: str | Path) -> str | None:
+    """The tokenizer `save_config` recorded (None: Llama 3's, or a checkpoint that records none)."""
+    return read_json(Path(directory) / CONFIG_FILE, "a llama3-jax checkpoint").get("tokenizer")
 
 
 def is_checkpoint(directory: str | Path) -> bool:
@@ -132,7 +140,11 @@ def restore_one(directory: str | Path, cfg: ModelConfig, name: str, step: int | 
 
 
 def load_model(directory: str | Path, mesh=None, dtype: str | None = None, **model_kwargs):
-    """A ready `Llama` from a checkpoint (eager use, tests, notebooks); `dtype` overrides compute dtype."""
+    """A ready `Llama` from a checkpoint (eager use, tests, notebooks).
+
+    `dtype` overrides the compute dtype stored in config.json (bfloat16 unless set otherwise): pass
+    "float32" for logits equal to transformers' float32 ones; bfloat16 rounds them.
+    """
     import dataclasses
 
     cfg, params = restore_params(directory, mesh)

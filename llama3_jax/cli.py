@@ -1,7 +1,8 @@
 """`llama3-jax convert|train|generate|score`: parse, validate, call the modules that do the work.
 
 Errors from bad input surface as one line on stderr and exit status 2; nothing else is printed
-for them (no traceback), because users run these from scripts over many files.
+for them (no traceback), because users run these from scripts over many files. `generate` and
+`score` exit with status 1 when every input line failed (bad, or too long for the context).
 """
 
 from __future__ import annotations
@@ -39,18 +40,39 @@ def _train(args) -> int:
     return 0
 
 
-def _generate(args) -> None:
+def _generate(args) -> int:
     from .generate import run_generate
-    run_generate(args)
+    return 1 if run_generate(args)["all_failed"] else 0
 
 
-def _score(args) -> None:
+def _score(args) -> int:
     from .generate import run_score
-    run_score(args)
+    return 1 if run_score(args)["all_failed"] else 0
+
+
+DESCRIPTION = """\
+Llama 3 (3, 3.1, 3.2, 3.3) in JAX: convert weights between Hugging Face, Meta and llama3-jax
+checkpoints, train from a YAML config, and generate or score JSONL batches.
+Bad input is reported as one line on stderr with exit status 2.
+
+examples:
+  llama3-jax convert --from hf --to jax ~/Meta-Llama-3.1-8B ckpt/llama3.1-8b
+  llama3-jax train --config configs/tiny.yaml steps=500
+  llama3-jax generate --checkpoint runs/tiny --input prompts.jsonl --output out.jsonl
+"""
+
+TRAIN_DESCRIPTION = """\
+Train (or resume) the run described by a YAML config plus dotted key=value overrides, e.g.
+  llama3-jax train --config configs/tiny.yaml data.path=my_docs.jsonl steps=500 optim.lr=1e-3
+Rerunning the same command resumes from WORKDIR's latest checkpoint. SIGTERM or Ctrl-C saves a
+checkpoint and stops (a second Ctrl-C stops at once). Keys: see configs/tiny.yaml and the README's
+Training section; an unknown key is refused with the closest valid one.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llama3-jax", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="llama3-jax", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert weights between hf, meta and jax formats")
@@ -60,12 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="output dtype (default: keep the source dtype)")
-    c.add_argument("--max-shard-size", default=None, help="hf output: largest safetensors file, e.g. 5GB")
-    c.add_argument("--shards", type=int, default=None, help="meta output: model-parallel files (default 1)")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--max-shard-size", default=None,
+                   help="hf output only: largest safetensors file, in bytes or with a unit as transformers "
+                        "reads it: 5GB, 500MB, 5GiB (default: 5GB)")
+    c.add_argument("--shards", type=int, default=None, help="meta output only: model-parallel files (default: 1)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
     c.set_defaults(func=_convert)
 
-    t = sub.add_parser("train", help="pretrain or fine-tune from a YAML config")
+    t = sub.add_parser("train", help="pretrain or fine-tune from a YAML config", description=TRAIN_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", default=None, help="YAML run config (e.g. configs/tiny.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     t.add_argument("--dry-run", action="store_true",
@@ -76,17 +101,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-slices", type=int, default=1, help="with --topology: a multislice job of N slices")
     t.set_defaults(func=_train)
 
-    g = sub.add_parser("generate", help="batched generation: JSONL prompts in, JSONL completions out")
+    g = sub.add_parser("generate", help="batched generation: JSONL prompts in, JSONL completions out",
+                       description="Batched generation: JSONL prompts in, JSONL completions out (resumable). "
+                                   "Exit status 1 when every input line failed, 2 on bad usage.")
     _add_engine_args(g)
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="most new tokens per prompt (default: until a stop token or the end of the model's "
+                        "context)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k best; 0 = off (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling mass; 1.0 = off (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at stop tokens: generate --max-new-tokens tokens, or to the end of the "
+                        "context (default: stop)")
     g.set_defaults(func=_generate)
 
-    s = sub.add_parser("score", help="per-token log-probs of given completions")
+    s = sub.add_parser("score", help="per-token log-probs of given completions",
+                       description="Per-token log-probs of given completions: JSONL {id, prompt, completion} "
+                                   "in, JSONL out (resumable). Exit status 1 when every input line failed, "
+                                   "2 on bad usage.")
     _add_engine_args(s)
     s.set_defaults(func=_score)
     return p
@@ -96,8 +131,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a jax checkpoint (convert --to jax, or a train workdir)")
     p.add_argument("--input", required=True, help="input JSONL")
     p.add_argument("--output", required=True, help="output JSONL (appended; ids already there are skipped)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: %(default)s)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="compute dtype; float32 matches transformers' float32 logits (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model path (default: the one in llama-models)")
 
 
@@ -112,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"llama3-jax {args.command}: interrupted", file=sys.stderr)
         return 130
-    return rc or 0
+    return rc if isinstance(rc, int) else 0  # generate/score: 1 when every line failed; train --dry-run: 3
 
 
 if __name__ == "__main__":

@@ -403,7 +403,9 @@ def make_iterator(
     docs = split_documents(list_documents(cfg), split, cfg.eval_fraction)[
         process_index::process_count
     ]
-    if not docs:
+    # An eval share may be empty (few held-out documents, several processes): that iterator simply
+    # ends at once, and the caller feeds padding batches so every process runs the same collectives.
+    if not docs and split == "train":
         raise ValueError(
             f"no {split} documents for process {process_index}/{process_count} in data "
             f"path {cfg.path} (eval_fraction={cfg.eval_fraction})"

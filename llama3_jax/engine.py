@@ -9,7 +9,10 @@ Per batch, one call of one jitted function does everything:
     so there is no Python work per token; it exits when every row is done or after max_new steps;
   * the KV cache (L, B, P + max_new, KV, K) is allocated once per batch shape with the sharding the
     logical rules give (`batch`, `kv_heads`), donated to the call and written in place with
-    dynamic_update_slice; the call hands it back and the next batch of the same shape reuses it.
+    dynamic_update_slice; the call hands it back and the next batch of the same shape reuses it;
+  * without a max_new_tokens each row may run to the end of the context: the batch decodes FIRST_CHUNK
+    tokens, then, while a row has room and has not stopped, the cache and out buffer double
+    (`extend_batch`), so memory follows the longest answer rather than a 128K context.
 The model runs as a pure function: `nnx.merge(graphdef, params)` inside jit (no nnx.jit per token).
 Prefill asks the model for the last slot's logits only (B x P x V float32 logits would dominate memory).
 
@@ -38,6 +41,7 @@ from .model import abstract_model, split_layer_params
 from .sharding import named_sharding
 
 MIN_BUCKET = 16
+FIRST_CHUNK = 256  # new tokens decoded before the cache first grows, when no max_new_tokens is given
 STOP_SLOTS = 8  # stop-id arrays are padded with -1 to a multiple of this: one compile for any stop set
 
 
@@ -68,7 +72,7 @@ def left_padded_batches(seqs: Sequence[Sequence[int]], batch_size: int
 @dataclasses.dataclass(frozen=True)
 class Completion:
     tokens: list[int]     # generated ids, without the stop token
-    finish_reason: str    # "stop" (a stop token was generated) or "length" (max_new_tokens reached)
+    finish_reason: str    # "stop" (a stop token was generated) or "length" (max_new_tokens or the context's end)
     text: str | None = None
 
 
@@ -119,28 +123,11 @@ def _sample(sampler, logits: jax.Array, row_keys: jax.Array, step) -> jax.Array:
     return jax.vmap(sampler.sample)(logits, keys)
 
 
-def generate_batch(graphdef, sampler, max_new: int, params, cache: KVCache, tokens, lengths, active,
-                   row_seeds, seed, stop_ids):
-    """Prefill + decode one batch. Returns out (B, N) ids, n_kept (B,), cache.
+def _decode_loop(model, sampler, max_new: int, state, lengths, row_keys, stop_ids, limits):
+    """Decode until every row is done or `max_new` steps; state = (step, tok, out, done, n_kept, cache).
 
-    Row r's answer is out[r, :n_kept[r]]; n_kept < N means it stopped on a stop token (excluded).
-    Rows with active=False (batch padding) start done and never keep the loop running.
+    Row r is done when it samples a stop token (n_kept[r] = its step) or once it has limits[r] tokens.
     """
-    model = nnx.merge(graphdef, params)
-    b = tokens.shape[0]
-    cache = dataclasses.replace(cache, index=jnp.zeros((), jnp.int32))  # reused buffers: start at slot 0
-    row_keys = _row_keys(seed, row_seeds)
-
-    def is_stop(tok):
-        return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-
-    last_logits, cache = prefill(model, tokens, lengths, cache)
-    tok = _sample(sampler, last_logits, row_keys, 0)
-    out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok)
-    hit = is_stop(tok)
-    n_kept = jnp.where(hit, 0, max_new).astype(jnp.int32)
-    done = hit | ~active
-
     def cond(state):
         step, _, _, done, _, _ = state
         return (step < max_new) & ~jnp.all(done)
@@ -150,13 +137,52 @@ def generate_batch(graphdef, sampler, max_new: int, params, cache: KVCache, toke
         logits, cache = decode_step(model, tok, lengths + step - 1, cache)
         tok = _sample(sampler, logits, row_keys, step)
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
-        hit = is_stop(tok) & ~done
+        hit = _is_stop(tok, stop_ids) & ~done
         n_kept = jnp.where(hit, step, n_kept)
-        return step + 1, tok, out, done | hit, n_kept, cache
+        return step + 1, tok, out, done | hit | (step + 1 >= limits), n_kept, cache
 
+    return jax.lax.while_loop(cond, body, state)
+
+
+def _is_stop(tok, stop_ids):
+    return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+
+
+def generate_batch(graphdef, sampler, max_new: int, params, cache: KVCache, tokens, lengths, active,
+                   row_seeds, seed, stop_ids, limits):
+    """Prefill + decode one batch. Returns the loop state (step, last tok, out (B, N), done, n_kept, cache).
+
+    Row r's answer is out[r, :n_kept[r]]; n_kept < limits[r] (its token budget, <= N) means it stopped on
+    a stop token (excluded). Rows with active=False (batch padding) start done and never keep the loop
+    running. Rows not done after N steps continue with `extend_batch`.
+    """
+    model = nnx.merge(graphdef, params)
+    b = tokens.shape[0]
+    cache = dataclasses.replace(cache, index=jnp.zeros((), jnp.int32))  # reused buffers: start at slot 0
+    row_keys = _row_keys(seed, row_seeds)
+    last_logits, cache = prefill(model, tokens, lengths, cache)
+    tok = _sample(sampler, last_logits, row_keys, 0)
+    out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok)
+    hit = _is_stop(tok, stop_ids)
+    n_kept = jnp.where(hit, 0, limits).astype(jnp.int32)
+    done = hit | ~active | (limits <= 1)
     state = (jnp.ones((), jnp.int32), tok, out, done, n_kept, cache)
-    _, _, out, _, n_kept, cache = jax.lax.while_loop(cond, body, state)
-    return out, n_kept, cache
+    return _decode_loop(model, sampler, max_new, state, lengths, row_keys, stop_ids, limits)
+
+
+def extend_batch(graphdef, sampler, max_new: int, params, state, lengths, row_seeds, seed, stop_ids, limits):
+    """Continue `generate_batch`'s loop state with room for `max_new` (> its N) tokens: the out buffer and
+    the cache grow by zeros (empty slots, segment 0), and each row keeps its random stream (keys fold in
+    the step), so the tokens equal one uninterrupted run with the larger N."""
+    model = nnx.merge(graphdef, params)
+    step, tok, out, done, n_kept, cache = state
+    grow = max_new - out.shape[1]
+    out = jnp.pad(out, ((0, 0), (0, grow)))
+    slots = ((0, 0), (0, 0), (0, grow), (0, 0), (0, 0))
+    cache = KVCache(k=jnp.pad(cache.k, slots), v=jnp.pad(cache.v, slots),
+                    segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, grow))), index=cache.index)
+    state = (step, tok, out, done, n_kept, cache)
+    return _decode_loop(model, sampler, max_new, state, lengths, _row_keys(seed, row_seeds), stop_ids, limits)
 
 
 def score_batch(graphdef, params, tokens, lengths):
@@ -206,19 +232,23 @@ class Generator:
             params = split_layer_params(params)
         self.cfg, self.params, self.mesh, self.dtype = cfg, params, mesh, dtype
         self.graphdef, _ = nnx.split(abstract_model(cfg, split_layers=split_layers))
+        if tokenizer is None and checkpoint_dir is not None:  # the one it was trained with (train records it)
+            tokenizer = checkpoint.load_tokenizer_spec(checkpoint_dir)
         self._tokenizer = tokenizer
         self._cache: KVCache | None = None
         self._generate = jax.jit(functools.partial(generate_batch, self.graphdef),
                                  static_argnames=("sampler", "max_new"), donate_argnames=("cache",))
+        self._extend = jax.jit(functools.partial(extend_batch, self.graphdef),  # no donation: it grows
+                               static_argnames=("sampler", "max_new"))
         self._score = jax.jit(functools.partial(score_batch, self.graphdef))
 
     # ------------------------------------------------------------------ helpers
     @property
     def tokenizer(self):
         """The Llama 3 tokenizer (loaded on first use; a path or a Tokenizer may be given)."""
-        from .tokenizer import Tokenizer
+        from .tokenizer import load_tokenizer
         if not hasattr(self._tokenizer, "decode"):
-            self._tokenizer = Tokenizer(self._tokenizer)
+            self._tokenizer = load_tokenizer(self._tokenizer)
         return self._tokenizer
 
     def default_stop_ids(self) -> list[int]:
@@ -231,15 +261,18 @@ class Generator:
             pass
         return sorted(i for i in ids if 0 <= i < self.cfg.vocab_size)
 
-    def check_ids(self, ids: Sequence[int]) -> None:
-        """Raise ValueError unless `ids` is a non-empty list of in-vocabulary token ids."""
+    def check_ids(self, ids: Sequence[int], field: str | None = None) -> None:
+        """Raise ValueError unless `ids` is a non-empty list of in-vocabulary token ids; `field` (e.g.
+        "'completion_tokens'") names where they came from in the message."""
+        where = f"{field}: " if field else ""
         if len(ids) == 0:
-            raise ValueError("empty prompt")
+            raise ValueError(f"{field} is empty" if field else "empty prompt")
         for i, t in enumerate(ids):
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                raise ValueError(f"token {i} is {t!r}, not an integer id")
+                raise ValueError(f"{where}token {i} is {t!r}, not an integer id")
             if not 0 <= t < self.cfg.vocab_size:
-                raise ValueError(f"token id {t} (position {i}) is outside the vocabulary [0, {self.cfg.vocab_size})")
+                raise ValueError(f"{where}token id {t} (position {i}) is outside the model's vocabulary "
+                                 f"[0, {self.cfg.vocab_size})")
 
     def context_error(self, n_prompt: int, max_new_tokens: int = 0) -> str | None:
         """Why a prompt of n_prompt tokens (+ max_new_tokens) does not fit the context, or None."""
@@ -250,6 +283,17 @@ class Generator:
             return (f"prompt of {n_prompt} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
                     f"context of {ctx} tokens")
         return None
+
+    def score_context_error(self, n_prompt: int, n_completion: int) -> str | None:
+        """Why a prompt + completion pair does not fit the context (naming the part that is too long),
+        or None. The model reads all but the last token, at positions 0 .. n - 2."""
+        ctx = self.cfg.max_seq_len
+        if n_prompt + n_completion <= ctx:
+            return None
+        if n_prompt > ctx:
+            return f"prompt of {n_prompt} tokens is longer than the model's context of {ctx} tokens"
+        return (f"completion of {n_completion} tokens after a prompt of {n_prompt} tokens exceeds the model's "
+                f"context of {ctx} tokens (at most {ctx - n_prompt} completion tokens fit)")
 
     def _scope(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
@@ -283,14 +327,15 @@ class Generator:
         return [int(t) for t in prompt]
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 256,
+    def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int | None = None,
                  sampling: sampling_lib.Sampler = sampling_lib.Greedy(), *, seed: int = 0, ignore_eos: bool = False,
                  stop_ids: Sequence[int] | None = None, batch_size: int = 8, decode_text: bool = True
                  ) -> list[Completion]:
         """Complete each prompt (text: BOS is added; or a list of token ids, used as given).
 
-        Results come back in input order. Row i samples with keys from (seed, i, step), so a prompt's
-        output does not depend on the batch it lands in. Raises ValueError on a bad or too-long prompt.
+        `max_new_tokens` None: until a stop token or the end of the model's context. Results come back in
+        input order. Row i samples with keys from (seed, i, step), so a prompt's output does not depend
+        on the batch it lands in. Raises ValueError on a bad or too-long prompt.
         """
         ids = [self._encode(p) for p in prompts]
         for i, p in enumerate(ids):
@@ -298,7 +343,7 @@ class Generator:
                 self.check_ids(p)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-            err = self.context_error(len(p), max_new_tokens)
+            err = self.context_error(len(p), max_new_tokens or 0)
             if err:
                 raise ValueError(f"prompt {i}: {err}")
         results: list[Completion | None] = [None] * len(ids)
@@ -308,7 +353,7 @@ class Generator:
                 results[i] = c
         return results
 
-    def generate_batches(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+    def generate_batches(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | None,
                          sampling: sampling_lib.Sampler = sampling_lib.Greedy(), *, seed: int = 0,
                          row_seeds: Sequence[int] | None = None, ignore_eos: bool = False,
                          stop_ids: Sequence[int] | None = None, batch_size: int = 8,
@@ -316,8 +361,13 @@ class Generator:
         """Yield [(prompt index, Completion)] per finished batch; prompts are checked token-id lists,
         batched by `left_padded_batches`. `row_seeds` (default: the prompt index) picks each row's
         random stream.
+
+        `max_new_tokens` None gives each row the rest of the context (max_seq_len - its length). The
+        cache is then not sized for that up front (a 128K context would not fit): the batch decodes
+        FIRST_CHUNK new tokens, and while a row has room left and no stop token the cache and the out
+        buffer double (`extend_batch`), so memory follows the longest answer, not the context.
         """
-        if max_new_tokens < 1:
+        if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -332,19 +382,33 @@ class Generator:
             active = np.arange(b) < len(rows)
             seeds = np.zeros((b,), np.int32)
             seeds[:len(rows)] = [row_seeds[i] for i in rows]
-            cache = self._cache_for(b, p + max_new_tokens)
+            if max_new_tokens is None:  # the rest of the context, in doubling chunks
+                limits = np.ones((b,), np.int32)
+                limits[:len(rows)] = [self.cfg.max_seq_len - len(prompts[i]) for i in rows]
+                if limits.min() < 1:
+                    i = rows[int(limits.argmin())]
+                    raise ValueError(f"prompt {i}: {len(prompts[i])} tokens leave no room in the model's "
+                                     f"context of {self.cfg.max_seq_len} tokens")
+                n = min(bucket(int(limits.max())), FIRST_CHUNK)
+            else:
+                limits, n = np.full((b,), max_new_tokens, np.int32), max_new_tokens
+            cache = self._cache_for(b, p + n)
+            common = dict(params=self.params, sampler=sampling, lengths=self._put(lengths, ("batch",)),
+                          row_seeds=self._put(seeds, ("batch",)), seed=jnp.int32(seed), stop_ids=stop_arr,
+                          limits=self._put(limits, ("batch",)))
             with self._scope():
-                out, n_kept, cache = self._generate(
-                    params=self.params, cache=cache, tokens=self._put(tokens, ("batch", "seq")),
-                    lengths=self._put(lengths, ("batch",)), active=self._put(active, ("batch",)),
-                    row_seeds=self._put(seeds, ("batch",)), seed=jnp.int32(seed), stop_ids=stop_arr,
-                    sampler=sampling, max_new=max_new_tokens)
+                state = self._generate(cache=cache, tokens=self._put(tokens, ("batch", "seq")),
+                                       active=self._put(active, ("batch",)), max_new=n, **common)
+                while n < limits.max() and not bool(np.asarray(state[3]).all()):
+                    n *= 2
+                    state = self._extend(state=state, max_new=n, **common)
+            _, _, out, _, n_kept, cache = state
             self._cache = cache
             out, n_kept = np.asarray(out), np.asarray(n_kept)
             batch = []
             for r, i in enumerate(rows):
                 toks = out[r, :n_kept[r]].tolist()
-                reason = "stop" if n_kept[r] < max_new_tokens else "length"
+                reason = "stop" if n_kept[r] < limits[r] else "length"
                 text = self.tokenizer.decode(toks) if decode_text else None
                 batch.append((i, Completion(toks, reason, text)))
             yield batch
@@ -359,7 +423,7 @@ class Generator:
                     self.check_ids(c)
             except ValueError as e:
                 raise ValueError(f"pair {i}: {e}") from None
-            err = self.context_error(len(p) + len(c) - 1)
+            err = self.score_context_error(len(p), len(c))
             if err:
                 raise ValueError(f"pair {i}: {err}")
         results: list[Scored | None] = [None] * len(pairs)

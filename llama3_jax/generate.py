@@ -15,7 +15,10 @@ Behaviour the tests pin down:
   * a bad input line (invalid JSON, missing or duplicate id, no prompt, a token id outside the
     vocabulary, ...) is reported on stderr as `FILE:LINE: skipped: why` and skipped;
   * a prompt that does not fit the context (prompt + max_new_tokens > max_seq_len) is not a crash: it
-    gets an output line {"id", "error": "..."} (and a stderr report), so a rerun does not retry it.
+    gets an output line {"id", "error": "..."} (and a stderr report); a rerun drops those lines from the
+    output and tries those ids again (with other options they may fit);
+  * without --max-new-tokens each prompt generates until a stop token or the end of the context;
+  * the summary line says when every line failed, and the command then exits with status 1.
 """
 
 from __future__ import annotations
@@ -44,22 +47,40 @@ def _report(msg: str) -> None:
 
 def read_done(path: Path) -> set[str]:
     """Ids already in an output file. A torn last line (no newline: the writer died mid-line) is cut off
-    the file, so the lines appended next start clean; it was never counted as done."""
+    the file, so the lines appended next start clean; it was never counted as done. Error lines
+    ({"id", "error"}) are not done either: they are dropped from the file (rewritten atomically) and
+    their ids are tried again."""
     path = Path(path)
     if not path.exists():
         return set()
     data = path.read_bytes()
     body, _, tail = data.rpartition(b"\n")
-    done = set()
+    done, kept, errors = set(), [], 0
     for lineno, line in enumerate(body.split(b"\n") if body else [], start=1):
         try:
             rec = json.loads(line)
-            done.add(_key(rec["id"]))
+            key = _key(rec["id"])
         except (ValueError, KeyError, TypeError):
             if line.strip():
                 _report(f"{path}:{lineno}: unreadable output line ignored")
+            kept.append(line)
+            continue
+        if isinstance(rec, dict) and "error" in rec:
+            errors += 1
+            continue
+        done.add(key)
+        kept.append(line)
     if tail:
         _report(f"{path}: dropping a torn last line ({len(tail)} bytes) left by an interrupted run")
+    if errors:
+        _report(f"{path}: trying again {errors} ids whose earlier output was an error line")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(b"".join(line + b"\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    elif tail:
         os.truncate(path, len(data) - len(tail))
     return done
 
@@ -95,7 +116,8 @@ def read_lines(path: Path, done: set[str], parse) -> tuple[list[tuple[int, objec
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw.decode("utf-8"))  # UnicodeDecodeError is a ValueError too
+                # without its newline, so an unfinished line's error points into that line
+                rec = json.loads(raw.rstrip(b"\r\n").decode("utf-8"))  # UnicodeDecodeError is a ValueError too
                 if not isinstance(rec, dict):
                     raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
                 if "id" not in rec:
@@ -191,8 +213,9 @@ class Progress:
 def run_generate(args, generator: Generator | None = None) -> dict:
     """The `generate` command (argparse Namespace from cli.py). Returns the summary counts."""
     sampler = sampling.from_flags(args.temperature, args.top_k, args.top_p)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    max_new = args.max_new_tokens  # None: until a stop token or the end of the context
+    if max_new is not None and max_new < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new}")
     done, gen = _open(args, generator)
 
     def parse(rec):
@@ -202,22 +225,25 @@ def run_generate(args, generator: Generator | None = None) -> dict:
                 raise ValueError("'prompt' must be a string")
             ids = gen.tokenizer.encode(rec["prompt"], bos=True, eos=False)
         elif kind == "messages":
+            if not hasattr(gen.tokenizer, "encode_dialog"):
+                raise ValueError(f"'messages' needs Llama 3's chat format, which this checkpoint's tokenizer "
+                                 f"({type(gen.tokenizer).__name__}) does not have")
             ids = gen.tokenizer.encode_dialog(rec["messages"])
         else:
             ids = _token_list(rec, "tokens")
-        gen.check_ids(ids)
+        gen.check_ids(ids, repr(kind))
         return ids
 
     items, counts = read_lines(args.input, done, parse)
     out = Appender(args.output)
-    todo, errors = _fitting(items, lambda ids: gen.context_error(len(ids), args.max_new_tokens), args.input, out)
+    todo, errors = _fitting(items, lambda ids: gen.context_error(len(ids), max_new or 0), args.input, out)
 
     progress = Progress(len(todo), "prompt")
     try:
         # each row's random stream comes from its id: the same output whatever batch it lands in,
         # and after a resume
         seeds = [zlib.crc32(_key(id_).encode()) & 0x7FFFFFFF for id_, _ in todo]
-        for batch in gen.generate_batches([ids for _, ids in todo], args.max_new_tokens, sampler,
+        for batch in gen.generate_batches([ids for _, ids in todo], max_new, sampler,
                                           seed=args.seed, row_seeds=seeds, ignore_eos=args.ignore_eos,
                                           batch_size=args.batch_size):
             out.write([{"id": todo[i][0], "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason}
@@ -228,10 +254,21 @@ def run_generate(args, generator: Generator | None = None) -> dict:
         out.close()
     summary = {"prompts": len(todo), "tokens": progress.tokens, "seconds": progress.elapsed(),
                "errors": len(errors), "skipped_lines": counts["bad"], "already_done": counts["resumed"]}
-    _report(f"generate: {len(todo)} prompts, {progress.tokens} tokens generated in {progress.elapsed():.1f}s "
-            f"({progress.rate():.1f} tokens/s); {len(errors)} too long for the context, "
+    summary["all_failed"] = _all_failed(summary, len(todo))
+    _report(f"generate: {_failed_prefix(summary)}{len(todo)} prompts, {progress.tokens} tokens generated in "
+            f"{progress.elapsed():.1f}s ({progress.rate():.1f} tokens/s); {len(errors)} too long for the context, "
             f"{counts['bad']} bad lines skipped, {counts['resumed']} already in {args.output}")
     return summary
+
+
+def _all_failed(summary: dict, n_ok: int) -> bool:
+    """Every input line that was not already done failed (bad or too long), and there was at least one:
+    the commands then exit with status 1, so a script sees it without reading the output."""
+    return n_ok == 0 and summary["errors"] + summary["skipped_lines"] > 0
+
+
+def _failed_prefix(summary: dict) -> str:
+    return "every line failed: " if summary["all_failed"] else ""
 
 
 # --------------------------------------------------------------------------------------------- score
@@ -242,6 +279,9 @@ def run_score(args, generator: Generator | None = None) -> dict:
     done, gen = _open(args, generator)
 
     def parse(rec):
+        if "messages" in rec:
+            raise ValueError("score takes 'prompt' + 'completion' (text) or 'prompt_tokens' + "
+                             "'completion_tokens', not 'messages'")
         text = "prompt" in rec or "completion" in rec
         ids = "prompt_tokens" in rec or "completion_tokens" in rec
         if text == ids:
@@ -257,17 +297,15 @@ def run_score(args, generator: Generator | None = None) -> dict:
                 if k not in rec:
                     raise ValueError(f"missing {k!r}")
             prompt, completion = _token_list(rec, "prompt_tokens"), _token_list(rec, "completion_tokens")
-        gen.check_ids(prompt)
+        names = ("'prompt'", "'completion'") if text else ("'prompt_tokens'", "'completion_tokens'")
+        gen.check_ids(prompt, names[0])
         if completion:
-            gen.check_ids(completion)
+            gen.check_ids(completion, names[1])
         return prompt, completion
 
     items, counts = read_lines(args.input, done, parse)
     out = Appender(args.output)
-    def too_long(pair):  # the last token is never an input
-        return gen.context_error(len(pair[0]) + len(pair[1]) - 1)
-
-    todo, errors = _fitting(items, too_long, args.input, out)
+    todo, errors = _fitting(items, lambda pair: gen.score_context_error(len(pair[0]), len(pair[1])), args.input, out)
 
     progress = Progress(len(todo), "seq")
     try:
@@ -278,8 +316,10 @@ def run_score(args, generator: Generator | None = None) -> dict:
     finally:
         progress.close()
         out.close()
-    _report(f"score: {len(todo)} sequences, {progress.tokens} tokens in {progress.elapsed():.1f}s "
-            f"({progress.rate():.1f} tokens/s); {len(errors)} too long for the context, "
+    summary = {"sequences": len(todo), "tokens": progress.tokens, "errors": len(errors),
+               "skipped_lines": counts["bad"], "already_done": counts["resumed"]}
+    summary["all_failed"] = _all_failed(summary, len(todo))
+    _report(f"score: {_failed_prefix(summary)}{len(todo)} sequences, {progress.tokens} tokens in "
+            f"{progress.elapsed():.1f}s ({progress.rate():.1f} tokens/s); {len(errors)} too long for the context, "
             f"{counts['bad']} bad lines skipped, {counts['resumed']} already in {args.output}")
-    return {"sequences": len(todo), "tokens": progress.tokens, "errors": len(errors),
-            "skipped_lines": counts["bad"], "already_done": counts["resumed"]}
+    return summary

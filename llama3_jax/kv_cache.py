@@ -34,3 +34,21 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+    def check_write(self, n: int) -> None:
+        """Raise ValueError unless n tokens fit in slots [index, index + n).
+
+        `dynamic_update_slice` does not fail on a write past the last slot: it moves the start back so
+        the update fits, overwriting earlier slots, and the logits come out wrong without a word. What
+        is checked, at trace time: n against the number of slots (static shapes) always, and the start
+        index when it is concrete (an eager call). Inside jit the index is traced and is not checked
+        (that would need a device-to-host sync per step); the engine sizes its cache as padded prompt
+        + max new tokens, so its writes always fit.
+        """
+        if n > self.max_len:
+            raise ValueError(f"KV cache too small: writing {n} tokens into a cache of {self.max_len} slots")
+        if not isinstance(self.index, jax.core.Tracer):
+            start = int(self.index)
+            if start + n > self.max_len:
+                raise ValueError(f"KV cache too small: writing {n} tokens at slot {start} runs past its "
+                                 f"{self.max_len} slots")

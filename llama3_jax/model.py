@@ -200,6 +200,7 @@ class Llama(nnx.Module):
         if cache is None:
             index, cache_seg, kv = 0, None, None
         else:
+            cache.check_write(tokens.shape[1])  # dynamic_update_slice would clamp silently
             index = cache.index
             cache_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, index))
             kv = (cache.k, cache.v)

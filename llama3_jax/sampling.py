@@ -49,7 +49,9 @@ def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
     lo, _ = jax.lax.fori_loop(0, 31, step, (lo, hi))
-    return probs >= jax.lax.bitcast_convert_type(lo, jnp.float32)[..., None]
+    # p = 1 keeps every token. The bisection cannot promise it: float32 sums of the largest
+    # probabilities round to 1.0 before the tail is in, and would drop the tail.
+    return (probs >= jax.lax.bitcast_convert_type(lo, jnp.float32)[..., None]) | (jnp.asarray(p) >= 1)[..., None]
 
 
 def _check_temperature(t: float) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import tiktoken
 
-__all__ = ["Tokenizer", "default_tokenizer_path", "special_token_names"]
+__all__ = ["ByteTokenizer", "Tokenizer", "default_tokenizer_path", "load_tokenizer", "special_token_names"]
 
 # Meta's pre-tokenizer regex; BPE merges never cross the boundaries it draws, so it is
 # part of the vocabulary's definition and must not be "improved".
@@ -165,8 +165,10 @@ class Tokenizer:
         self.stop_tokens: tuple[int, ...] = (self.eos_id, self.eom_id, self.eot_id)
 
     # ----------------------------------------------------------------- plain text
-    def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
+    def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
         """Encode text; ``bos``/``eos`` add ``<|begin_of_text|>``/``<|end_of_text|>``.
+
+        The defaults are what a prompt needs (and what Meta's generation code passes): BOS, no EOS.
 
         Text that looks like a special token (e.g. a user typing ``<|eot_id|>``) is
         encoded as ordinary characters, never as the control id -- otherwise user input
@@ -254,3 +256,23 @@ class Tokenizer:
         if add_generation_prompt:
             ids.extend(self.encode_header("assistant"))
         return ids
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0-255, BOS 256, EOS 257 (`tokenizer: bytes` in a run config): a real tokenizer
+    for models with a tiny vocabulary (tests, quick experiments), with no 128K-row embedding to pay for."""
+
+    bos_id, eos_id, n_words = 256, 257, 258
+    stop_tokens = (257,)
+
+    def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + list(text.encode("utf-8")) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+def load_tokenizer(spec: str | os.PathLike | None = None):
+    """A tokenizer by the name a run config (and a trained checkpoint's config.json) gives it:
+    None = Llama 3's tokenizer.model, "bytes" = ByteTokenizer, else a tokenizer.model path."""
+    return ByteTokenizer() if spec == "bytes" else Tokenizer(spec)

@@ -25,7 +25,7 @@ def test_hf_jax_hf_bit_exact_with_sharded_output(tmp_path, tie):
     hf = make_hf_llama(tmp_path / "hf", tie=tie)
     convert(tmp_path / "hf", tmp_path / "jax", src_format="hf", dst_format="jax", progress=False)
     convert(tmp_path / "jax", tmp_path / "hf2", src_format="jax", dst_format="hf", progress=False,
-            max_shard_size="30KB")
+            max_shard_size="30KiB")
     index = json.loads((tmp_path / "hf2" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf2")
@@ -108,6 +108,18 @@ def test_extra_tensor_named(tmp_path):
     assert "model.layers.9.bogus.weight" in msg
 
 
+def test_transposed_projection_is_refused_though_its_size_matches(tmp_path):
+    """k_proj (kv_heads * head_dim, dim) = (20, 40) stored as (40, 20): same element count, wrong shape."""
+    name = "model.layers.1.self_attn.k_proj.weight"
+
+    def transpose(t):
+        assert t[name].shape[0] != t[name].shape[1]
+        t[name] = t[name].T.contiguous()
+    msg = _bad(tmp_path, lambda d: _rewrite_safetensors(d / "model.safetensors", transpose))
+    assert "model.safetensors" in msg and name in msg and "(40, 20)" in msg and "(20, 40)" in msg
+    assert len(msg.splitlines()) == 1
+
+
 def test_config_disagreeing_with_weights_named(tmp_path):
     def widen(d):
         cfg = json.loads((d / "config.json").read_text())
@@ -136,6 +148,31 @@ def test_cli_reports_one_line_and_exits_nonzero(tmp_path, capsys):
     assert cli.main(["convert", "--from", "hf", "--to", "jax", str(tmp_path / "hf"), str(tmp_path / "exists")]) == 2
 
 
+@pytest.mark.parametrize("to, flags, says", [
+    ("meta", ["--max-shard-size", "5GB"], "--max-shard-size applies only to --to hf"),
+    ("jax", ["--max-shard-size", "5GB"], "--max-shard-size applies only to --to hf"),
+    ("hf", ["--shards", "2"], "--shards applies only to --to meta"),
+    ("jax", ["--shards", "1"], "--shards applies only to --to meta"),
+    ("hf", ["--max-shard-size", "abc"], "--max-shard-size 'abc': not a size"),
+    ("hf", ["--max-shard-size", "5XB"], "--max-shard-size '5XB': not a size"),
+    ("hf", ["--max-shard-size", "0"], "--max-shard-size '0': must be at least 1 byte"),
+])
+def test_cli_refuses_options_that_do_not_apply_in_one_line(tmp_path, capsys, to, flags, says):
+    (tmp_path / "src").mkdir()
+    rc = cli.main(["convert", "--from", "jax", "--to", to, str(tmp_path / "src"), str(tmp_path / "dst"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "dst").exists()
+
+
+def test_shard_sizes_read_as_transformers_reads_them():
+    from transformers.utils.hub import convert_file_size_to_int
+    from llama3_jax.convert.core import parse_size
+    for text in ["5GB", "500MB", "5GiB", "30KB", "30KiB", "2mib", "5Gb", "500mb", 1000]:
+        assert parse_size(text, "--max-shard-size") == convert_file_size_to_int(text), text
+    assert parse_size("1000", "--max-shard-size") == 1000  # a plain number is bytes
+
+
 def test_cli_converts_and_reports_summary(tmp_path, capsys):
     hf = make_hf_llama(tmp_path / "hf")
     assert cli.main(["convert", "--from", "hf", "--to", "jax", str(tmp_path / "hf"), str(tmp_path / "j")]) == 0
@@ -155,6 +192,7 @@ def test_inspect_checkpoint_tool_lists_every_parameter(tmp_path):
     tool = Path(__file__).resolve().parent.parent / "tools" / "inspect_checkpoint.py"
     out = subprocess.run([sys.executable, str(tool), str(tmp_path / "j")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+    assert "WARNING" not in out.stderr, out.stderr  # e.g. absl's "Metadata file does not exist"
     _, params = checkpoint.restore_params(tmp_path / "j")
     listed = {line.split()[0]: line.split(None, 1)[1] for line in out.stdout.splitlines()[-len(
         jax_leaves(params)):]}

@@ -206,6 +206,21 @@ def test_eval_split_is_disjoint_and_finite(corpus, tok):
     assert {d.key for d in split_documents(docs[::-1], "eval", 0.3)} == held == eval_keys
 
 
+def test_empty_eval_share_ends_at_once(corpus, tok):
+    """Few held-out documents over several processes: a process whose eval share is empty gets an
+    iterator that simply ends (the train loop then feeds padding batches), not an error."""
+    path, _ = corpus
+    cfg = DataConfig(path=str(path), eval_fraction=1e-9, prefetch=0)  # only the lowest-hash document
+    assert len(split_documents(list_documents(cfg), "eval", cfg.eval_fraction)) == 1
+    kw = dict(tokenizer=tok, seq_len=SEQ, batch_size=2, seed=0, split="eval", process_count=2)
+    shares = [make_iterator(cfg, process_index=i, **kw) for i in range(2)]
+    assert sorted(it.num_documents for it in shares) == [0, 1]
+    assert sorted(len(drain(it)) for it in shares)[0] == 0
+    with pytest.raises(ValueError, match="no train documents for process 1/2"):
+        make_iterator(DataConfig(path=str(path), eval_fraction=0.0, max_documents=1), tokenizer=tok, seq_len=SEQ,
+                      batch_size=2, seed=0, process_index=1, process_count=2)
+
+
 def test_stdlib_corpus(tok):
     start = time.perf_counter()
     docs = list_documents(DataConfig())

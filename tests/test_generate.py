@@ -206,14 +206,14 @@ def test_the_cache_is_donated_and_updated_in_place(gen):
     args = dict(params=gen.params, tokens=jnp.zeros((b, p), jnp.int32), lengths=jnp.ones((b,), jnp.int32),
                 active=jnp.ones((b,), bool), row_seeds=jnp.zeros((b,), jnp.int32), seed=jnp.int32(0),
                 stop_ids=jnp.full((engine.STOP_SLOTS,), -1, jnp.int32), sampler=engine.sampling_lib.Greedy(),
-                max_new=n)
+                max_new=n, limits=jnp.full((b,), n, jnp.int32))
     hlo = gen._generate.lower(cache=cache, **args).compile().as_text()
     shape = "f32[" + ",".join(map(str, cache.k.shape)) + "]"
     assert shape in hlo
     cache_sized = [line for line in hlo.splitlines()
                    if re.search(re.escape(shape) + r"\{[\d,]*\} (copy|broadcast)\(", line)]
     assert not cache_sized, cache_sized[:3]
-    out, _, new_cache = gen._generate(cache=cache, **args)
+    *_, new_cache = gen._generate(cache=cache, **args)
     assert cache.k.is_deleted() and cache.v.is_deleted()
     assert new_cache.k.shape == cache.k.shape
     gen._cache = new_cache
@@ -275,8 +275,9 @@ def test_bad_lines_are_reported_and_skipped(gen, ckpt, tmp_path, capsys):
     inp.write_text("\n".join(lines) + "\n")
     summary = run_generate(gen_args(ckpt, inp, out), generator=gen)
     err = capsys.readouterr().err
-    for lineno, what in [(2, "invalid JSON"), (3, "missing 'id'"), (4, "exactly one of"), (5, "outside the vocab"),
-                         (6, "duplicate id"), (7, "context")]:
+    unfinished = len(lines[1]) + 1  # the error is at the end of line 2 itself, not at column 1 of line 3
+    for lineno, what in [(2, f"invalid JSON .*at column {unfinished}\\)"), (3, "missing 'id'"), (4, "exactly one of"),
+                         (5, "'tokens': token id 211 .*outside the model's vocab"), (6, "duplicate id"), (7, "context")]:
         assert re.search(rf"in\.jsonl:{lineno}: .*{what}", err), (lineno, err)
     rows = {json.dumps(r["id"]): r for r in read_jsonl(out)}
     assert set(rows) == {'"a"', "7", '"c"', '"long"'}
@@ -404,3 +405,114 @@ def test_text_and_chat_prompts_and_text_scoring(big_vocab, tmp_path, capsys):
 
     # default stop tokens: the tokenizer's <|end_of_text|>, <|eom_id|>, <|eot_id|> and the config's eos_ids
     assert set(g.default_stop_ids()) == {tok.eos_id, tok.eom_id, tok.eot_id} | set(g.cfg.eos_ids)
+
+
+# ------------------------------------------------------- no max_new_tokens: to a stop or the context's end
+
+
+def test_without_max_new_tokens_rows_run_to_the_end_of_the_context(gen, monkeypatch):
+    """Each row may generate max_seq_len - its length tokens. The cache starts at FIRST_CHUNK new slots
+    (lowered here so the 128-token context takes two doublings) and grows while a row has room: the
+    tokens equal one uninterrupted run, sampled rows included (their keys fold in the step), and a stop
+    token in a later chunk still ends its row."""
+    monkeypatch.setattr(engine, "FIRST_CHUNK", 32)
+    ctx, sampler = gen.cfg.max_seq_len, TopP(p=0.9)
+    prompts = ragged_prompts([3, 20, 40], seed=6)
+
+    def run(max_new, stop_ids=None):
+        return dict(x for b in gen.generate_batches(prompts, max_new, sampler, seed=5, ignore_eos=stop_ids is None,
+                                                      stop_ids=stop_ids, batch_size=4, decode_text=False) for x in b)
+
+    full = run(ctx - min(map(len, prompts)))  # one chunk; longer rows just run past their budget
+    room = {i: ctx - len(p) for i, p in enumerate(prompts)}
+    got = run(None)
+    for i in room:
+        assert (got[i].tokens, got[i].finish_reason) == (full[i].tokens[:room[i]], "length"), i
+    stop = next(t for t in full[0].tokens[40:room[0]] if t not in full[0].tokens[:40])
+    got = run(None, stop_ids=[stop])
+    for i in room:
+        want = full[i].tokens[:room[i]]
+        want, reason = (want[:want.index(stop)], "stop") if stop in want else (want, "length")
+        assert (got[i].tokens, got[i].finish_reason) == (want, reason), i
+    assert got[0].finish_reason == "stop"
+
+
+def test_generate_defaults_fit_the_context_and_error_lines_are_tried_again(gen, ckpt, tmp_path, capsys):
+    """The default --max-new-tokens is "to the end of the context", not a number that may not fit; an
+    error line from an earlier run (here: an explicit budget too large) is retried on a rerun and
+    replaced, so every id ends up once, with a result."""
+    from llama3_jax import cli
+    from llama3_jax.generate import run_generate
+    ctx = gen.cfg.max_seq_len
+    prompts = ragged_prompts([100, 120], seed=7)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"p{i}", "tokens": p}) + "\n" for i, p in enumerate(prompts)))
+    argv = ["generate", "--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out), "--dtype", "float32",
+            "--ignore-eos"]
+    first = run_generate(cli.build_parser().parse_args(argv + ["--max-new-tokens", "20"]), generator=gen)
+    assert (first["prompts"], first["errors"], first["all_failed"]) == (1, 1, False)
+    assert "error" in {r["id"]: r for r in read_jsonl(out)}["p1"]
+    args = cli.build_parser().parse_args(argv)
+    assert args.max_new_tokens is None
+    capsys.readouterr()
+    again = run_generate(args, generator=gen)
+    assert "trying again 1 ids" in capsys.readouterr().err
+    assert (again["prompts"], again["errors"], again["already_done"]) == (1, 0, 1)
+    rows = read_jsonl(out)
+    assert sorted(r["id"] for r in rows) == ["p0", "p1"]
+    p1 = {r["id"]: r for r in rows}["p1"]
+    assert (len(p1["tokens"]), p1["finish_reason"]) == (ctx - 120, "length")
+
+
+def test_every_line_failing_is_said_and_exits_1(ckpt, tmp_path, capsys):
+    from llama3_jax import cli
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"id": 1, "tokens": [1] * 120}) + "\n" + '{"id": 2\n')
+    rc = cli.main(["generate", "--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out),
+                   "--max-new-tokens", "16"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "generate: every line failed: 0 prompts" in err, err
+    # (some lines failing is not all: test_generate_defaults_fit_the_context_... sees all_failed False)
+
+
+def test_score_errors_name_the_field_and_the_part_too_long(gen, ckpt, tmp_path, capsys):
+    from llama3_jax.generate import run_score
+    lines = [{"id": 1, "messages": [{"role": "user", "content": "hi"}]},
+             {"id": 2, "prompt_tokens": [1, 2], "completion_tokens": [3, VOCAB]},
+             {"id": 3, "prompt_tokens": [1] * 10, "completion_tokens": [2] * 130},
+             {"id": 4, "prompt_tokens": [1] * 130, "completion_tokens": [2]}]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    summary = run_score(gen_args(ckpt, inp, out), generator=gen)
+    err = capsys.readouterr().err
+    for lineno, what in [(1, "score takes 'prompt' \\+ 'completion' .* not 'messages'"),
+                         (2, f"'completion_tokens': token id {VOCAB} \\(position 1\\) is outside"),
+                         (3, "completion of 130 tokens after a prompt of 10 tokens exceeds the model's context of "
+                             "128 tokens \\(at most 118 completion tokens fit\\)"),
+                         (4, "prompt of 130 tokens is longer than the model's context of 128")]:
+        assert re.search(rf"in\.jsonl:{lineno}: .*{what}", err), (lineno, err)
+    assert summary["all_failed"] and "score: every line failed" in err
+
+
+def test_generate_and_score_help_give_every_default():
+    from llama3_jax import cli
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in ("generate", "score", "convert"):
+        for action in subs[name]._actions:
+            if action.option_strings and not action.required and not isinstance(action, argparse._HelpAction):
+                assert "(default: " in (action.help or ""), (name, action.option_strings)
+    assert "(default: 8)" in " ".join(subs["score"].format_help().split())  # %(default)s is filled in
+
+
+def test_messages_for_a_tokenizer_without_chat_format_are_skipped_in_one_line(gen, ckpt, tmp_path, capsys):
+    from llama3_jax.generate import run_generate
+    from llama3_jax.tokenizer import ByteTokenizer
+    g = Generator(cfg=gen.cfg, params=stack_layer_params(gen.params), dtype="float32", split_layers=False,
+                  tokenizer=ByteTokenizer())
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"id": 1, "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    summary = run_generate(gen_args(ckpt, inp, out), generator=g)
+    assert re.search(r"in\.jsonl:1: skipped: 'messages' needs Llama 3's chat format.*ByteTokenizer",
+                     capsys.readouterr().err)
+    assert summary["all_failed"]

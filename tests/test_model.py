@@ -89,3 +89,32 @@ def test_param_dtype_and_compute_dtype_are_separate(tmp_path):
     assert cfg.dtype == "bfloat16"
     logits, _ = model(jnp.zeros((1, 4), jnp.int32), jnp.arange(4)[None], jnp.ones((1, 4), jnp.int32))
     assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+
+
+def test_a_cache_write_past_the_last_slot_is_refused():
+    """dynamic_update_slice clamps a write past the end (wrong logits, no error): the model refuses it
+    when the shapes say so (jit) or the start index is known (an eager call)."""
+    import jax
+    from flax import nnx
+    from llama3_jax.config import ModelConfig
+    from llama3_jax.model import abstract_model
+
+    cfg = ModelConfig(vocab_size=31, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
+                      intermediate_size=32, max_seq_len=64, dtype="float32")
+    model = abstract_model(cfg)  # weights from numpy: random init would compile once per shape
+    rng = np.random.default_rng(0)
+    nnx.update(model, jax.tree.map(lambda s: jax.device_put(rng.normal(size=s.shape).astype(s.dtype)),
+                                   nnx.state(model, nnx.Param)))
+
+    def call(model, t, cache):
+        tokens = jnp.ones((1, t), jnp.int32)
+        return model(tokens, jnp.arange(t)[None] + cache.index, tokens, cache=cache)
+
+    cache = KVCache.init(cfg, 1, 8, jnp.float32)
+    jitted = nnx.jit(call, static_argnums=1)
+    with pytest.raises(ValueError, match="writing 9 tokens into a cache of 8 slots"):
+        jitted(model, 9, cache)  # traced index: the static length is checked
+    _, full = jitted(model, 8, cache)  # exactly fills the cache
+    assert int(full.index) == 8
+    with pytest.raises(ValueError, match="writing 3 tokens at slot 6 runs past its 8 slots"):
+        call(model, 3, dataclasses.replace(cache, index=jnp.int32(6)))  # eager: the index is concrete

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from llama3_jax import checkpoint
-from train_helpers import base_overrides, train_losses, write_corpus
+from train_helpers import base_overrides, read_metrics, train_losses, write_corpus
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,7 +55,10 @@ def corpus(tmp_path_factory):
 
 
 def test_two_processes_resume_exactly(corpus, tmp_path):
-    common = dict(checkpoint_every=3, eval_every=3, eval_batches=2, **{"mesh.data": 2, "mesh.fsdp": 1})
+    # one held-out document: one process's eval share is empty, and it feeds padding batches while
+    # the other evaluates (every eval step is a collective both must run)
+    common = dict(checkpoint_every=3, eval_every=3, eval_batches=2,
+                  **{"mesh.data": 2, "mesh.fsdp": 1, "data.eval_fraction": 1e-9})
     full = tmp_path / "full"
     summaries = run_two_processes(base_overrides(full, corpus, steps=6, **common))
     assert [s["devices"] for s in summaries] == [2, 2] and [s["step"] for s in summaries] == [6, 6]
@@ -70,3 +73,5 @@ def test_two_processes_resume_exactly(corpus, tmp_path):
     run_two_processes(base_overrides(split, corpus, steps=6, **common))
     assert train_losses(split) == train_losses(full)
     assert sorted(train_losses(full)) == list(range(1, 7))
+    evals = [r for r in read_metrics(full) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6] and all(r["eval_tokens"] > 0 for r in evals)

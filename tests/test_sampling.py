@@ -46,6 +46,20 @@ def test_top_p_mask_is_the_smallest_set_reaching_p():
     np.testing.assert_array_equal(np.asarray(got), np.array(expected))
 
 
+def test_top_p_1_keeps_every_token():
+    """Peaked rows (a few tokens hold almost all the mass): float32 running sums reach 1.0 before the
+    tail is counted, which must not drop the tail when p = 1."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(32, 211)).astype(np.float32) * 10)
+    probs = jax.nn.softmax(logits, axis=-1)
+    assert bool((probs > 0).all())  # every token is a possible sample
+    keep = jax.jit(jax.vmap(sampling.top_p_mask, in_axes=(0, None)))(logits, 1.0)
+    assert bool(keep.all())
+    keys = jax.random.split(jax.random.key(0), 32)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(TopP(p=1.0).sample)(logits, keys)),
+                                  np.asarray(jax.vmap(Temperature(1.0).sample)(logits, keys)))
+
+
 @pytest.mark.parametrize("p, support", [(0.6, {1, 3}), (0.75, {1, 3, 4}), (0.3, {1}), (1.0, {0, 1, 2, 3, 4})])
 def test_top_p_samples_only_the_nucleus_in_proportion(p, support):
     probs = np.array([0.05, 0.4, 0.1, 0.3, 0.15])

@@ -94,6 +94,10 @@ def test_bos_eos_flags(ours, meta, bos, eos):
     assert (got[-1] == ours.eos_id) == eos
 
 
+def test_encode_defaults_to_a_prompt_bos_and_no_eos(ours, meta):
+    assert ours.encode(ENGLISH) == meta.encode(ENGLISH, bos=True, eos=False)
+
+
 def test_special_looking_text_is_plain_text(ours, meta):
     got = ours.encode(SPECIAL_LOOKING, bos=False, eos=False)
     assert max(got) < 128_000

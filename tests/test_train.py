@@ -7,10 +7,13 @@ tests; the 8-device run and the kill/resume runs are subprocesses (jax reads XLA
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -385,10 +388,10 @@ def test_bad_batch_and_mesh_are_one_line_errors(corpus, capsys):
 def test_unknown_override_key_suggests_the_closest(capsys):
     with pytest.raises(ValueError, match="unknown key 'stpes'; did you mean 'steps'"):
         train.run_train(None, ["stpes=3"])
-    with pytest.raises(ValueError, match="optim: unknown key 'warmup'; did you mean 'warmup_steps'"):
+    with pytest.raises(ValueError, match="unknown key 'optim.warmup'; did you mean 'optim.warmup_steps'"):
         train.run_train(None, ["optim.warmup=3"])
     assert cli.main(["train", "mesh.fsdb=2"]) == 2
-    assert "unknown key 'fsdb'; did you mean 'fsdp'" in capsys.readouterr().err
+    assert "unknown key 'mesh.fsdb'; did you mean 'mesh.fsdp'" in capsys.readouterr().err
 
 
 def test_tiny_config_is_the_real_architecture():
@@ -416,3 +419,129 @@ def test_optimizer_masks_norms_and_embeddings_and_follows_the_schedule():
     cos = [0.01 + 0.5 * (0.1 - 0.01) * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 11)]
     np.testing.assert_allclose([float(lr(s)) for s in range(2, 11)], cos, rtol=1e-6)
     assert float(lr(1)) == pytest.approx(0.05) and float(lr(50)) == pytest.approx(0.01)
+
+
+# ------------------------------------------------------------------ start-up checks, new-user paths
+
+TINY_RUN = ["model={preset: test-small, vocab_size: 262}", "tokenizer=bytes", "seq_len=32", "batch_size=4",
+            "compute_dtype=float32", "optim.warmup_steps=2", "sample_tokens=2", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def text_file_run(tmp_path_factory):
+    """The issue's command (a single text file: one document, so no eval documents, with eval_every > 0),
+    shrunk to test-small with the byte tokenizer. In-process: (workdir, argv, exit status, stderr)."""
+    wd = tmp_path_factory.mktemp("textfile") / "run"
+    argv = ["train", "--config", str(REPO / "configs" / "tiny.yaml"), f"data.path={REPO / 'README.md'}",
+            f"workdir={wd}", "steps=4", "eval_every=2", "checkpoint_every=2", *TINY_RUN]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli.main(argv)
+    return wd, argv, rc, err.getvalue()
+
+
+def test_single_text_file_with_eval_every_trains_without_eval(text_file_run):
+    wd, _, rc, err = text_file_run
+    assert rc == 0, err
+    assert err.count("train: warning: no eval documents in data.path") == 1 and "eval_every=2 ignored" in err
+    assert "done: steps 0 -> 4" in err and _steps_on_disk(wd) == [2, 4]
+    assert [r["step"] for r in read_metrics(wd)] == [1, 4] and "eval_loss" not in str(read_metrics(wd))
+    assert (wd / "sample.txt").read_text().startswith("def ")  # the end-of-run sample ran
+
+
+def test_no_eval_documents_is_decided_at_startup(tmp_path, capsys):
+    """A one-line JSONL and data.eval_fraction=0 also mean "no eval", said once before any step."""
+    from llama3_jax.train.loop import _eval_every
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"text": "the only document"}\n')
+    many = write_corpus(tmp_path / "many.jsonl", n_docs=20)
+    for path, fraction, expected in [(one, 0.5, 0), (many, 0.0, 0), (many, 0.1, 3)]:
+        cfg = load_yaml_config(train.TrainConfig, None, [f"data.path={path}", f"data.eval_fraction={fraction}",
+                                                         "eval_every=3"])
+        assert _eval_every(cfg, True) == expected
+        assert capsys.readouterr().err.count("no eval documents") == (expected == 0)
+
+
+def test_generate_uses_the_tokenizer_the_run_trained_with(text_file_run):
+    """`tokenizer: bytes` is recorded in the workdir's config.json, and the Generator picks it up."""
+    from llama3_jax.engine import Generator
+    from llama3_jax.tokenizer import ByteTokenizer
+    wd = text_file_run[0]
+    assert json.loads((wd / "config.json").read_text())["tokenizer"] == "bytes"
+    gen = Generator(wd, dtype="float32")
+    assert isinstance(gen.tokenizer, ByteTokenizer)
+    gen.check_ids(gen.tokenizer.encode("def f():", bos=True, eos=False))  # every id inside the 262-row vocab
+
+
+def test_resume_refuses_model_overrides_and_warns_of_a_new_schedule(text_file_run, tmp_path, capsys):
+    """A resumed run refuses a model that disagrees with its checkpoint; a refused run (or one that fails
+    on its data path) rewrites neither config.json nor train_config.json; a new `steps` says the
+    schedule changes."""
+    wd0, argv0, rc, _ = text_file_run
+    assert rc == 0
+    wd = tmp_path / "run"
+    shutil.copytree(wd0, wd)
+    argv = [a.replace(str(wd0), str(wd)) for a in argv0]
+    before = {f: (wd / f).read_bytes() for f in ("config.json", "train_config.json")}
+    assert cli.main(argv + ["model.n_layers=1", "model.dim=64"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and (f"resuming {wd}: its model has dim=40, n_layers=2 but the run config says "
+                                     "model.dim=64, model.n_layers=1") in err, err
+    assert cli.main(argv + ["data.path=/nonexistent/corpus.jsonl"]) == 2
+    assert "/nonexistent/corpus.jsonl" in capsys.readouterr().err
+    assert {f: (wd / f).read_bytes() for f in before} == before
+    assert cli.main(argv + ["steps=6", "sample_tokens=0"]) == 0  # the same model again: it resumes
+    err = capsys.readouterr().err
+    assert "train: warning: resuming at step 4 with a different learning-rate schedule (steps 4 -> 6)" in err
+    assert "done: steps 4 -> 6" in err
+
+
+def test_refused_runs_write_nothing(tmp_path, corpus, hf, capsys):
+    """seq_len past the model's max_seq_len (test-small: 128) is refused before anything is built, a
+    missing data path before anything is written, and init_from refuses a disagreeing `model`."""
+    wd = tmp_path / "run"
+    assert cli.main(["train", *base_overrides(wd, corpus, seq_len=200)]) == 2
+    assert "seq_len 200 is longer than the model's max_seq_len 128" in capsys.readouterr().err
+    assert cli.main(["train", *base_overrides(wd, tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert not wd.exists()
+    cfg = load_yaml_config(train.TrainConfig, None, base_overrides(wd, corpus, hf[1], model="test-small"))
+    with pytest.raises(ValueError, match=r"init_from .*: its model has vocab_size=262 but the run config says "
+                                         r"model.vocab_size=211"):
+        train.model_config(cfg)
+
+
+def test_first_ctrl_c_saves_and_stops_second_stops_at_once():
+    """In-process: the first SIGINT only sets the flag; the second raises KeyboardInterrupt; the old
+    handlers come back afterwards."""
+    old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with train.Preemption() as p:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert p.requested and p.signal == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == old
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(reference, cli_env, tmp_path):
+    """Ctrl-C during `train` (a subprocess): the step in flight finishes, is saved, exit status 0; the
+    losses so far equal the uninterrupted run's."""
+    ref_wd, overrides, _ = reference
+    wd = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd([o.replace(str(ref_wd), str(wd)) for o in overrides]), env=cli_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait(proc, lambda: len(_logged(wd)) >= 3, "three logged steps")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "preempted (SIGINT), saved" in out, out[-2000:]
+    stopped = checkpoint.latest_step(wd)
+    assert stopped == max(_logged(wd)) < STEPS
+    reference_losses = train_losses(ref_wd)
+    assert train_losses(wd) == {s: reference_losses[s] for s in range(1, stopped + 1)}
+
+
+def test_cli_help_describes_the_tool():
+    text = cli.build_parser().format_help()
+    assert "parse, validate" not in text and "Hugging Face" in text and "llama3-jax train --config" in text

@@ -33,11 +33,14 @@ def main() -> int:
             print(f"inspect_checkpoint: error: {args.directory}: no step {step} (steps: {steps})", file=sys.stderr)
             return 2
         items = sorted(p.name for p in (Path(args.directory) / str(step)).iterdir() if p.is_dir())
-    meta = ocp.StandardCheckpointer().metadata(Path(args.directory).absolute() / str(step) / "params")
+    # The item's handler reads its own array metadata. A Checkpointer pointed at the item directory
+    # would also look there for the step's metadata file (kept one level up) and log a spurious
+    # absl warning that it does not exist.
+    meta = ocp.StandardCheckpointHandler().metadata(Path(args.directory).absolute() / str(step) / "params")
     print(f"{args.directory}: {cfg.num_params():,} parameters; steps {steps}; step {step} items {items}")
     for key, value in cfg.to_dict().items():
         print(f"  {key}: {value}")
-    leaves = ocp.tree.to_flat_dict(meta.item_metadata, sep="/")
+    leaves = ocp.tree.to_flat_dict(meta, sep="/")
     for name, leaf in sorted(leaves.items()):
         print(f"  {name:<20} {str(tuple(leaf.shape)):<28} {leaf.dtype}")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 import shutil
 import sys
 import time
@@ -88,6 +89,52 @@ def _writer(fmt: str, dst: Path, cfg: ModelConfig, dtype, options: dict):
     return _impl(fmt, 2)(dst, cfg, dtype, **options)
 
 
+# writer options per output format; each is also a CLI flag (max_shard_size -> --max-shard-size)
+WRITER_OPTIONS = {"hf": ("max_shard_size",), "meta": ("shards",), "jax": ()}
+
+
+def check_options(dst_format: str, options: dict) -> dict:
+    """Refuse options that do not apply to the output format (one line naming the flag); parse sizes."""
+    for key in options:
+        flag = "--" + key.replace("_", "-")
+        fits = [fmt for fmt, keys in WRITER_OPTIONS.items() if key in keys]
+        if not fits:
+            raise ConvertError(f"unknown option {key!r}")
+        if dst_format not in fits:
+            raise ConvertError(f"{flag} applies only to --to {' or '.join(fits)} output, not --to {dst_format}")
+    options = dict(options)
+    if "max_shard_size" in options:
+        options["max_shard_size"] = parse_size(options["max_shard_size"], "--max-shard-size")
+    return options
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?)(b))?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str | int, flag: str) -> int:
+    """A byte count as transformers' `max_shard_size` reads it: an integer (bytes), or a number with a
+    unit: KB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (powers of 1024); as in transformers, a
+    lowercase final b without the i ("5Gb", "500mb") counts bits."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        n = text
+    else:
+        m = _SIZE.fullmatch(text) if isinstance(text, str) else None
+        if m is None:
+            raise ConvertError(f"{flag} {text!r}: not a size (give bytes, or a number with a unit: "
+                               f"5GB, 500MB, 5GiB)")
+        number, prefix, binary, b = m.groups()
+        n = float(number) if "." in number else int(number)
+        if prefix:
+            power = "kmgt".index(prefix.lower()) + 1
+            n = n * (1024 ** power if binary else 1000 ** power)
+            if b == "b" and not binary:
+                n = n / 8
+        n = int(n)
+    if n < 1:
+        raise ConvertError(f"{flag} {text!r}: must be at least 1 byte")
+    return n
+
+
 def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: str, dtype: str | None = None,
             progress: bool = True, **options) -> ModelConfig:
     """Convert a checkpoint between `hf`, `meta` and `jax`; keeps the source dtype unless `dtype` is given.
@@ -99,6 +146,7 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
     for fmt in (src_format, dst_format):
         if fmt not in FORMATS:
             raise ConvertError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    options = check_options(dst_format, options)
     if not src.is_dir():
         raise ConvertError(f"{src}: not a directory")
     if dst.exists():

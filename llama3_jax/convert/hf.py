@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from ..config import ModelConfig, from_hf_config, read_json, to_hf_config, to_hf_generation_config
-from .core import ConvertError, Tensor, expected_shapes
+from .core import ConvertError, Tensor, expected_shapes, parse_size
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -97,6 +97,10 @@ def read_header(path: Path) -> tuple[dict, int]:
             raise ConvertError(f"{path}: truncated file, tensor {name} ends at byte {end} of {size}")
         if info["dtype"] not in DTYPES:
             raise ConvertError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        lo, hi = info["data_offsets"]
+        if hi - lo != int(np.prod(info["shape"])) * np.dtype(DTYPES[info["dtype"]]).itemsize:
+            raise ConvertError(f"{path}: tensor {name} has {hi - lo} bytes, not what shape {info['shape']} "
+                               f"of {info['dtype']} needs")
     return header, 8 + n
 
 
@@ -139,34 +143,48 @@ class HFReader:
                     self.names[hf_name(name, i)] = (name, i)
             else:
                 self.names[hf_name(name, None)] = (name, None)
+        self._check_headers()
         dtypes = {info["dtype"] for header, _ in self.headers.values() for info in header.values()}
         self.dtype = np.dtype(DTYPES[sorted(dtypes)[0]]) if len(dtypes) == 1 else np.dtype(np.float32)
 
+    def _skipped(self, hname: str) -> bool:
+        return hname.endswith("rotary_emb.inv_freq") or (self.config.tie_embeddings and hname == "lm_head.weight")
+
+    def _check_headers(self) -> None:
+        """Every tensor's name and full shape against config.json, from the headers alone (before any
+        data is read): a transposed non-square projection has the right element count but would
+        reshape into scrambled weights, so element counts are not enough."""
+        shapes = expected_shapes(self.config)
+        for path in self.files:
+            header, _ = self.headers[path]
+            for hname, info in header.items():
+                if self._skipped(hname):
+                    continue
+                if hname not in self.names:
+                    raise ConvertError(f"{path}: unexpected tensor {hname}")
+                name, _ = self.names[hname]
+                want = _hf_shape(name, shapes[name])
+                if tuple(info["shape"]) != want:
+                    raise ConvertError(f"{path}: tensor {hname} has shape {tuple(info['shape'])}, "
+                                       f"config.json implies {want}")
+        present = {h for header, _ in self.headers.values() for h in header}
+        missing = [h for h in self.names if h not in present]
+        if missing:
+            raise ConvertError(f"{self.files[0].parent}: missing tensor {missing[0]} ({len(missing)} missing)")
+
     def tensors(self) -> Iterator[Tensor]:
         shapes = expected_shapes(self.config)
-        seen = set()
-        tied = self.config.tie_embeddings
         for path in self.files:
             header, start = self.headers[path]
             data = np.memmap(path, dtype=np.uint8, mode="r")
             for hname, info in header.items():
-                if hname.endswith("rotary_emb.inv_freq") or (tied and hname == "lm_head.weight"):
+                if self._skipped(hname):
                     continue
-                if hname not in self.names:
-                    raise ConvertError(f"{path}: unexpected tensor {hname}")
-                name, layer = self.names[hname]
+                name, layer = self.names[hname]  # names and shapes were checked in _check_headers
                 lo, hi = info["data_offsets"]
                 a = data[start + lo:start + hi].view(DTYPES[info["dtype"]]).reshape(info["shape"])
-                want = shapes[name]
-                if a.size != int(np.prod(want)):
-                    raise ConvertError(f"{path}: tensor {hname} has shape {tuple(info['shape'])}, "
-                                       f"config.json implies {_hf_shape(name, want)}")
-                seen.add(hname)
-                yield Tensor(name, layer, _to_ours(NAMES[name][1], a, want), f"{path.name}:{hname}")
+                yield Tensor(name, layer, _to_ours(NAMES[name][1], a, shapes[name]), f"{path.name}:{hname}")
             del data
-        missing = [h for h in self.names if h not in seen]
-        if missing:
-            raise ConvertError(f"{self.files[0].parent}: missing tensor {missing[0]} ({len(missing)} missing)")
 
 
 def _hf_shape(name, ours):
@@ -175,16 +193,6 @@ def _hf_shape(name, ours):
 
 
 # ---------------------------------------------------------------------------------------- writer
-
-
-def parse_size(text: str | int) -> int:
-    if isinstance(text, int):
-        return text
-    t = text.strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(t)
 
 
 class HFWriter:
@@ -198,7 +206,7 @@ class HFWriter:
         for i in range(cfg.n_layers):
             order += [(n, i) for n in NAMES if n.startswith("layers/")]
         order += [("norm", None)] + ([] if cfg.tie_embeddings else [("lm_head", None)])
-        limit = parse_size(max_shard_size)
+        limit = parse_size(max_shard_size, "--max-shard-size")
         shards, cur, cur_size = [], [], 0
         for key in order:
             nbytes = int(np.prod(shapes[key[0]])) * self.dtype.itemsize

@@ -12,6 +12,10 @@ from ..attention import NAMES as ATTENTION_NAMES
 from ..data import DataConfig
 from ..model import remat_policy
 from ..optim import OptimConfig
+from ..tokenizer import ByteTokenizer, load_tokenizer as make_tokenizer  # noqa: F401 (the train API names them)
+
+# A model given as keys without a `preset:` base must give all of these (the rest have Llama 3 defaults).
+SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +28,10 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     workdir: str = "runs/default"
-    model: str | dict = "tiny"  # preset name, or ModelConfig keys (with optional `preset` as the base)
+    # a preset name, or ModelConfig keys: with `preset:` as the base, else every SHAPE_KEYS key;
+    # None: the resumed workdir's model, else init_from's, else the "tiny" preset
+    model: str | dict | None = dataclasses.field(
+        default=None, metadata={"keys": ModelConfig, "extra_keys": ("preset",)})
     init_from: str | None = None  # a jax checkpoint (convert output or a train workdir): its config + params
     tokenizer: str | None = None  # None: Llama 3's tokenizer.model; a path to one; or "bytes" (UTF-8 bytes)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -66,37 +73,53 @@ class TrainConfig:
             raise ValueError(f"loss_chunk must be -1 (auto), 0 (whole) or positive, got {self.loss_chunk}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
+        preset = self.model.get("preset") if isinstance(self.model, dict) else self.model
+        if preset is not None:
+            try:  # an unknown preset is refused here, where the error can name the config file
+                load_model_config(preset)
+            except ValueError as e:
+                raise ValueError(f"model: {e}") from None
+        elif isinstance(self.model, dict):
+            if missing := [k for k in SHAPE_KEYS if k not in self.model]:
+                raise ValueError(f"model: without a `preset:` base every shape key is needed; missing "
+                                 f"{', '.join(missing)} (add e.g. `preset: tiny` to take the rest from a preset)")
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as ids 0-255, BOS 256, EOS 257 (`tokenizer: bytes`): a real tokenizer for models
-    with a tiny vocabulary (tests, quick experiments), with no 128K-row embedding to pay for."""
-
-    bos_id, eos_id, n_words = 256, 257, 258
-    stop_tokens = (257,)
-
-    def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
-        return [self.bos_id] * bos + list(text.encode("utf-8")) + [self.eos_id] * eos
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+def tokenizer_spec(cfg: TrainConfig) -> str | None:
+    """`tokenizer` as a trained checkpoint records it: "bytes", an absolute path, or None (Llama 3's)."""
+    if cfg.tokenizer in (None, "bytes"):
+        return cfg.tokenizer
+    return str(Path(cfg.tokenizer).expanduser().absolute())
 
 
-def make_tokenizer(spec: str | None):
-    if spec == "bytes":
-        return ByteTokenizer()
-    from ..tokenizer import Tokenizer
-    return Tokenizer(spec)
+def _requested_model(model: str | dict) -> ModelConfig:
+    if isinstance(model, str):
+        return load_model_config(model)
+    keys = dict(model)
+    base = load_model_config(keys.pop("preset")).to_dict() if "preset" in keys else {}
+    return ModelConfig.from_dict(base | keys, source="model")
 
 
 def model_config(cfg: TrainConfig, resume_dir: Path | None = None) -> ModelConfig:
-    """The model's shape: a resumed workdir's, else init_from's, else `model`; dtypes from the run."""
-    if resume_dir is not None or cfg.init_from:
-        mc = checkpoint.load_config(resume_dir or cfg.init_from)
-    elif isinstance(cfg.model, str):
-        mc = load_model_config(cfg.model)
+    """The model's shape: a resumed workdir's, else init_from's, else `model` (default: the tiny preset);
+    dtypes from the run. A `model` given beside a stored one must agree with it: the shape of a
+    checkpoint cannot change, and a silently ignored override would be recorded as if it had applied."""
+    stored = resume_dir if resume_dir is not None else cfg.init_from
+    if stored is None:
+        mc = _requested_model("tiny" if cfg.model is None else cfg.model)
     else:
-        keys = dict(cfg.model)
-        base = load_model_config(keys.pop("preset")).to_dict() if "preset" in keys else {}
-        mc = ModelConfig.from_dict(base | keys)
+        mc = checkpoint.load_config(stored)
+        if cfg.model is not None:
+            asked = _requested_model(cfg.model)
+            # dtypes come from the run; init_from's special-token ids are its tokenizer's, not the preset's
+            free = ("dtype", "param_dtype") + (("bos_id", "eos_ids") if resume_dir is None else ())
+            differ = [f.name for f in dataclasses.fields(mc)
+                      if f.name not in free and getattr(asked, f.name) != getattr(mc, f.name)]
+            if differ:
+                what = "resuming" if resume_dir is not None else "init_from"
+                raise ValueError(
+                    f"{what} {stored}: its model has " + ", ".join(f"{k}={getattr(mc, k)!r}" for k in differ)
+                    + " but the run config says " + ", ".join(f"model.{k}={getattr(asked, k)!r}" for k in differ)
+                    + (" (a workdir's model cannot change: use a new workdir)" if resume_dir is not None
+                       else " (drop `model` to take init_from's)"))
     return dataclasses.replace(mc, dtype=cfg.compute_dtype, param_dtype="float32")

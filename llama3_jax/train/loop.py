@@ -16,6 +16,7 @@ iterator positioned at batch N + 1; metrics line N reports the loss of batch N (
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import signal
@@ -28,34 +29,44 @@ import numpy as np
 
 from .. import checkpoint
 from ..config import load_yaml_config
-from ..data import BATCH_KEYS, make_iterator
+from ..data import BATCH_KEYS, list_documents, make_iterator, split_documents
+from ..optim import OptimConfig, schedule
 from ..sharding import logical_spec, make_mesh
-from .config import TrainConfig, make_tokenizer, model_config
+from .config import TrainConfig, make_tokenizer, model_config, tokenizer_spec
 from .metrics import MetricsLog, model_flops_per_token, peak_flops
 from .state import restore_state, save_state
 from .step import Setup, build
 
 
 class Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint at the end of the step and exits cleanly."""
+    """SIGTERM, or a first Ctrl-C (SIGINT), sets a flag: the loop saves a checkpoint at the end of the
+    step and exits cleanly. A second Ctrl-C stops at once (KeyboardInterrupt), saving nothing more."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signal = None  # the name of the first signal received
+        self._old = {}
 
     def __enter__(self):
         try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
         except ValueError:  # not the main thread: leave signals alone
-            self._old = None
+            pass
         return self
 
-    def _handle(self, *_):
-        self.requested = True
+    def _handle(self, signum, _frame):
+        self.requested, self.signal = True, self.signal or signal.Signals(signum).name
+        if signum == signal.SIGINT:  # the next Ctrl-C interrupts, whatever SIGINT was set to before
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("\ntrain: SIGINT: saving a checkpoint after this step, then stopping "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def run_train(config_path: str | None, overrides=(), *, tokenizer=None) -> dict:
@@ -85,9 +96,45 @@ def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok) -> dict:
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": int(count)}
 
 
+def _eval_every(cfg: TrainConfig, is_main: bool) -> int:
+    """`eval_every`, or 0 when the data holds no eval documents (a single text file, a one-line JSONL,
+    data.eval_fraction=0): decided here, before any step, rather than failing at the first eval."""
+    if not cfg.eval_every:
+        return 0
+    docs = list_documents(cfg.data)
+    if split_documents(docs, "eval", cfg.data.eval_fraction):
+        return cfg.eval_every
+    if is_main:
+        print(f"train: warning: no eval documents in data.path {cfg.data.path} ({len(docs)} document"
+              f"{'s' * (len(docs) != 1)}, data.eval_fraction={cfg.data.eval_fraction}): eval_every="
+              f"{cfg.eval_every} ignored, no eval", file=sys.stderr)
+    return 0
+
+
+def _warn_if_schedule_changed(cfg: TrainConfig, workdir: Path, step: int) -> None:
+    """One warning line when a resumed run's learning-rate schedule differs from the one it was
+    trained with so far (usually a new `steps`: the cosine is stretched or squeezed from here on)."""
+    try:
+        before = json.loads((workdir / "train_config.json").read_text())
+        old, old_steps = OptimConfig(**before["optim"]), int(before["steps"])
+    except (OSError, ValueError, KeyError, TypeError):  # an older or hand-made workdir: nothing to compare
+        return
+    new = cfg.optim
+    ahead = np.arange(step, max(old_steps, cfg.steps) + 1)
+    if np.allclose(schedule(old, old_steps)(ahead), schedule(new, cfg.steps)(ahead), rtol=1e-6, atol=0):
+        return  # e.g. a new `steps` with a fixed optim.decay_steps: the same rates from here on
+    changed = [f"{k} {a} -> {b}" for k, a, b in [
+        ("steps", old_steps, cfg.steps), ("optim.decay_steps", old.decay_steps, new.decay_steps),
+        ("optim.warmup_steps", old.warmup_steps, new.warmup_steps), ("optim.lr", old.lr, new.lr),
+        ("optim.min_lr_ratio", old.min_lr_ratio, new.min_lr_ratio)] if a != b]
+    was, now = float(schedule(old, old_steps)(step)), float(schedule(new, cfg.steps)(step))
+    print(f"train: warning: resuming at step {step} with a different learning-rate schedule "
+          f"({', '.join(changed)}): the rate here is now {now:.3g}, was {was:.3g}", file=sys.stderr)
+
+
 def _sample(cfg: TrainConfig, setup: Setup, params: dict, tok) -> str:
     """Greedy continuation of `sample_prompt` with the serving engine."""
-    from .engine import Generator
+    from ..engine import Generator
     gen = Generator(cfg=setup.model_cfg, params=params, dtype=cfg.compute_dtype, mesh=setup.mesh, tokenizer=tok)
     [completion] = gen.generate([cfg.sample_prompt], max_new_tokens=cfg.sample_tokens, batch_size=1)
     return completion.text
@@ -118,25 +165,35 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                          f"the {n_batch} batch shards of the mesh (mesh.data*mesh.fsdp)")
     resume = checkpoint.latest_step(workdir) if checkpoint.is_checkpoint(workdir) else None
     mc = model_config(cfg, workdir if resume is not None else None)
+    if cfg.seq_len > mc.max_seq_len:  # RoPE would run past the positions the model is made for
+        raise ValueError(f"seq_len {cfg.seq_len} is longer than the model's max_seq_len {mc.max_seq_len} "
+                         f"(lower seq_len, or give a new model a larger model.max_seq_len)")
     tok = tokenizer or make_tokenizer(cfg.tokenizer)
     if tok.n_words > mc.vocab_size:
         raise ValueError(f"tokenizer has {tok.n_words} ids but the model's vocab_size is {mc.vocab_size}")
+    eval_every = _eval_every(cfg, is_main)
+    if resume is not None and is_main:
+        _warn_if_schedule_changed(cfg, workdir, resume)
     setup = build(cfg, mc, mesh)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     flops_per_step = model_flops_per_token(mc, cfg.seq_len) * tokens_per_step
     peak = peak_flops(cfg.peak_flops, list(mesh.devices.flat))
 
-    with Preemption() as preempt:  # from here on SIGTERM means "save and stop", even during compilation
+    with Preemption() as preempt:  # from here on SIGTERM or Ctrl-C means "save and stop", even while compiling
         state, data_state, start, tokens_seen, origin = _start_state(cfg, setup, workdir, resume)
-        if is_main:
-            checkpoint.save_config(workdir, mc)
-            checkpoint.write_json_atomic(workdir / "train_config.json", dataclasses.asdict(cfg))
-            print(f"train: {mc.num_params():,} params, mesh {dict(mesh.shape)}, {origin}, "
-                  f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", file=sys.stderr)
         it = make_iterator(cfg.data, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                            process_index=jax.process_index(), process_count=jax.process_count())
-        if data_state is not None:
-            it.set_state(data_state)
+        try:
+            if data_state is not None:
+                it.set_state(data_state)
+            if is_main:  # the run starts now: record what it is (not before, so a refused run changes nothing)
+                checkpoint.save_config(workdir, mc, tokenizer=tokenizer_spec(cfg) if tokenizer is None else None)
+                checkpoint.write_json_atomic(workdir / "train_config.json", dataclasses.asdict(cfg))
+                print(f"train: {mc.num_params():,} params, mesh {dict(mesh.shape)}, {origin}, "
+                      f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", file=sys.stderr)
+        except BaseException:
+            it.close()
+            raise
         log = MetricsLog(workdir, start, cfg.tensorboard)
         mgr = checkpoint.manager(workdir, max_to_keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
         from tqdm import tqdm
@@ -168,7 +225,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                         losses.append(m["loss"])
                         log.write(record)
                         bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{record['tokens_per_second'] or 0:.0f}")
-                    if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    if eval_every and (step % eval_every == 0 or step == cfg.steps):
                         t_eval = time.time()
                         last_eval = _evaluate(cfg, setup, state["params"], tok)
                         log.write({"step": step, **last_eval})
@@ -192,6 +249,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
 
     timed = step - start - 1  # steps after the first (which includes compilation)
     summary = {"workdir": str(workdir), "start_step": start, "step": step, "preempted": step < cfg.steps,
+               "stopped_by": preempt.signal,
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "seconds": round(time.time() - t0, 1), "startup_seconds": startup and round(startup, 1),
                "tokens_per_second": timed * tokens_per_step / (t_end - t_first) if timed > 0 else None,
@@ -208,7 +266,7 @@ def _report(cfg: TrainConfig, s: dict, workdir: Path) -> None:
         tmp.write_text(text + "\n")
         os.replace(tmp, workdir / "sample.txt")
         print(f"sample (greedy, {cfg.sample_tokens} tokens): {text!r}", file=sys.stderr)
-    how = "preempted (SIGTERM), saved" if s["preempted"] else "done"
+    how = f"preempted ({s['stopped_by'] or 'SIGTERM'}), saved" if s["preempted"] else "done"
     loss = f", loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}" if s["first_loss"] is not None else ""
     ev = f", eval loss {s['eval_loss']:.4f}" if "eval_loss" in s else ""
     speed = f", {s['tokens_per_second']:.0f} tokens/s" if s["tokens_per_second"] else ""
