@@ -51,17 +51,22 @@ def bench_jax(args, tokens: np.ndarray) -> float:
     return (time.perf_counter() - t) / args.steps
 
 
+def hf_config(args):
+    """The transformers config of the benchmark shape (also used by benchmarks/finetune.py)."""
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=args.ffn,
+                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                       num_key_value_heads=args.kv_heads, head_dim=args.dim // args.heads,
+                       max_position_embeddings=args.seq, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
 def bench_torch(args, tokens: np.ndarray) -> float:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=args.ffn,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                      num_key_value_heads=args.kv_heads, head_dim=args.dim // args.heads,
-                      max_position_embeddings=args.seq, rms_norm_eps=1e-5, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).train()
+    model = LlamaForCausalLM(hf_config(args)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     ids = torch.tensor(tokens[:, :-1].astype(np.int64))
     labels = torch.tensor(tokens[:, 1:].astype(np.int64))

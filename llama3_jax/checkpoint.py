@@ -5,12 +5,21 @@ for training runs also `opt_state`, `data` (iterator state) and `meta`. `convert
 with params only; `train` writes more steps in the same directory; every reader (generate, score,
 convert --from jax, init_from) takes the latest step's params. Restores always go into an abstract,
 sharded target built for the current mesh, so any mesh reads any checkpoint.
+
+Integrity (integrity.py): every step a manager saves gets a manifest of its files' sizes and sha256
+once committed; readers take the latest step whose files still match it, warning about each newer
+step they skip and the file at fault. Unfinished step directories (a save killed midway) are removed
+when a writing manager opens the directory. Before a restore, the stored arrays' shapes are compared
+with the target's, so a checkpoint of another model shape fails naming the first parameter that
+differs (orbax would otherwise pad or cut arrays to the target's shape).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,9 +27,10 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from . import integrity, lora
 from .config import ModelConfig, read_json
 from .model import abstract_model
-from .sharding import state_shardings
+from .sharding import make_mesh, state_shardings
 
 FORMAT = "llama3-jax"
 CONFIG_FILE = "config.json"
@@ -36,13 +46,29 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def save_config(directory: Path, cfg: ModelConfig, tokenizer: str | None = None) -> None:
+def save_config(directory: Path, cfg: ModelConfig, tokenizer: str | None = None,
+                lora_record: dict | None = None) -> None:
     """`tokenizer`: what a training run tokenized with ("bytes" or a tokenizer.model path), for readers
-    to use by default; None (Llama 3's tokenizer) is not written."""
+    to use by default; None (Llama 3's tokenizer) is not written. A LoRA workdir also records its
+    adapters' settings and base (`lora_record`, lora.config_record)."""
     if jax.process_index() == 0:
         Path(directory).mkdir(parents=True, exist_ok=True)
         data = {"format": FORMAT, "model": cfg.to_dict()} | ({"tokenizer": tokenizer} if tokenizer else {})
+        data |= {"lora": lora_record} if lora_record else {}
         write_json_atomic(Path(directory) / CONFIG_FILE, data)
+
+
+def lora_base(directory: str | Path) -> tuple[dict, Path] | None:
+    """(lora record, base checkpoint dir) of a LoRA workdir, None for a full checkpoint. A base that is
+    gone is a one-line error naming its path."""
+    path = Path(directory) / CONFIG_FILE
+    record = read_json(path, "a llama3-jax checkpoint").get("lora") if path.exists() else None
+    if not record:
+        return None
+    base = Path(record["base"])
+    if not is_checkpoint(base):
+        raise FileNotFoundError(f"{directory}: the LoRA base checkpoint {base} is missing (config.json lora.base)")
+    return record, base
 
 
 def load_config(directory: str | Path) -> ModelConfig:
@@ -64,18 +90,133 @@ def is_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / CONFIG_FILE).exists()
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, no permission, ...): one line naming the path."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class Manager(ocp.CheckpointManager):
+    """An orbax CheckpointManager that seals (integrity.seal) each step it saved once the save is
+    committed (orbax waits for the previous save in `save`, `wait_until_finished` and `close`: that is
+    where the manifests are written), and turns a failed write (often raised later, from the async
+    writer) into one CheckpointWriteError naming the directory, the step and orbax's first line."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._unsealed: list[int] = []
+
+    def save(self, step: int, *args, **kwargs) -> bool:
+        self.wait_until_finished()
+        try:
+            saved = super().save(step, *args, **kwargs)
+        except Exception as e:
+            raise CheckpointWriteError(f"{self.directory}: checkpoint step {step} not written: {_first_line(e)}") from e
+        if saved:
+            self._unsealed.append(step)
+        return saved
+
+    def wait_until_finished(self) -> None:
+        pending, self._unsealed = getattr(self, "_unsealed", []), []
+        try:
+            super().wait_until_finished()
+            for step in pending:
+                step_dir = Path(self.directory) / str(step)
+                if jax.process_index() == 0 and step_dir.is_dir() and not integrity.is_sealed(step_dir):
+                    integrity.seal(step_dir)
+        except CheckpointWriteError:
+            raise
+        except Exception as e:
+            steps = ", ".join(map(str, pending)) or "?"
+            raise CheckpointWriteError(f"{self.directory}: checkpoint step {steps} not written: {_first_line(e)}") from e
+
+
 def manager(directory: str | Path, *, max_to_keep: int | None = None, async_save: bool = False,
             read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=not read_only)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    if not read_only:
+        remove_unfinished(directory)
+    return Manager(Path(directory).absolute(), options=options)
+
+
+def remove_unfinished(directory: str | Path) -> list[Path]:
+    """Delete step directories whose save never finished (`N.orbax-checkpoint-tmp*`: the process died
+    before orbax's commit rename); orbax never reads them. Process 0 only; returns what it removed."""
+    directory = Path(directory)
+    if jax.process_index() != 0 or not directory.is_dir():
+        return []
+    removed = sorted(p for p in directory.glob("*.orbax-checkpoint-tmp*") if p.is_dir())
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+        print(f"checkpoint: removed {p}, a save that never finished", file=sys.stderr)
+    return removed
 
 
 def latest_step(directory: str | Path) -> int | None:
+    """The latest committed step (not checked against its manifest: see latest_intact_step)."""
     if not Path(directory).exists():
         return None
     with manager(directory, read_only=True) as m:
         return m.latest_step()
+
+
+def all_steps(directory: str | Path) -> list[int]:
+    if not Path(directory).exists():
+        return []
+    with manager(directory, read_only=True) as m:
+        return sorted(m.all_steps())
+
+
+def latest_intact_step(directory: str | Path, *, set_aside: bool = False) -> int | None:
+    """The latest step whose files match its manifest. Each newer step that does not is reported on
+    stderr with the file at fault, and with `set_aside` (a writer, which will save that step number
+    again) renamed to `STEP.corrupt`. None if there are no steps; ValueError if none is intact."""
+    steps = all_steps(directory)
+    problems = []
+    for step in reversed(steps):
+        problem = integrity.verify(Path(directory) / str(step))
+        if problem is None:
+            if problems:
+                print(f"checkpoint: warning: using step {step} of {directory} instead", file=sys.stderr)
+            return step
+        problems.append(f"step {step}: {problem}")
+        print(f"checkpoint: warning: {directory} step {step} is corrupt: {problem}", file=sys.stderr)
+        if set_aside:
+            _sync(f"llama3_jax_verified_{step}")  # every process has read the step before it moves
+            if jax.process_index() == 0:
+                os.replace(Path(directory) / str(step), Path(directory) / f"{step}.corrupt")
+            _sync(f"llama3_jax_set_aside_{step}")
+    if problems:
+        raise ValueError(f"{directory}: no intact checkpoint step ({'; '.join(problems)})")
+    return None
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def check_shapes(directory: str | Path, step: int, item: str, target: dict) -> None:
+    """ValueError naming the first parameter of `target` (a pure dict of ShapeDtypeStruct) whose
+    stored shape differs or which is not stored, before orbax pads or cuts it to fit."""
+    stored = ocp.StandardCheckpointHandler().metadata(Path(directory).absolute() / str(step) / item).tree
+    for path, want in jax.tree_util.tree_flatten_with_path(target)[0]:
+        keys = [str(getattr(k, "key", k)) for k in path]
+        node = stored
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        name = "/".join(keys)
+        if node is None:
+            raise ValueError(f"{directory} step {step}: {item} {name} is not in the checkpoint "
+                             f"(the model expects shape {tuple(want.shape)})")
+        if tuple(node.shape) != tuple(want.shape):
+            raise ValueError(f"{directory} step {step}: {item} {name} has shape {tuple(node.shape)} in the "
+                             f"checkpoint, the model expects {tuple(want.shape)} (a checkpoint of another model?)")
 
 
 def save_params(directory: str | Path, cfg: ModelConfig, params: dict, step: int = 0) -> None:
@@ -101,19 +242,39 @@ def abstract_params(cfg: ModelConfig, mesh=None) -> dict:
 
 def restore_params(directory: str | Path, mesh=None, step: int | None = None,
                    cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict]:
-    """(config, params) from the latest (or given) step, restored straight into their shardings."""
+    """(config, params) from the latest (or given) step, restored straight into their shardings.
+
+    A LoRA workdir gives its merged model: base (restored from the path it records) + adapters."""
     cfg = cfg or load_config(directory)
+    adapted = lora_base(directory)
+    if adapted is not None:
+        record, base = adapted
+        _, params = restore_params(base, mesh, cfg=cfg)
+        lc = lora.from_record(record)
+        adapters = restore_adapters(directory, cfg, lc, mesh, step)
+        return cfg, jax.jit(lora.merge, static_argnums=2)(params, adapters, lc.scale)
     target = abstract_params(cfg, mesh)
     return cfg, _restore_params_item(directory, step, ocp.args.StandardRestore(target),
-                                     "params do not match config.json")
+                                     "params do not match config.json", target)
 
 
-def _restore_params_item(directory, step: int | None, args, what: str):
-    """The `params` item of the latest (or given) step; orbax's errors become one line naming the step."""
+def restore_adapters(directory, cfg: ModelConfig, lc, mesh=None, step: int | None = None) -> dict:
+    """The LoRA adapters of a LoRA workdir (its `params` item)."""
+    mesh = mesh if mesh is not None else make_mesh(devices=jax.devices()[:1])
+    target = lora.abstract(cfg, lc, mesh)
+    return _restore_params_item(directory, step, ocp.args.StandardRestore(target),
+                                "LoRA adapters do not match config.json", target)
+
+
+def _restore_params_item(directory, step: int | None, args, what: str, target: dict):
+    """The `params` item of the latest intact step (or the given one: the caller chose it, e.g. with
+    latest_intact_step), its stored shapes checked against `target`; orbax's errors become one line."""
+    if step is None:
+        step = latest_intact_step(directory)
+    if step is None:
+        raise FileNotFoundError(f"{directory}: no checkpoint step found")
+    check_shapes(directory, step, "params", target)
     with manager(directory, read_only=True) as m:
-        step = m.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{directory}: no checkpoint step found")
         try:
             return m.restore(step, args=ocp.args.Composite(params=args))["params"]
         except (ValueError, KeyError) as e:
@@ -122,9 +283,31 @@ def _restore_params_item(directory, step: int | None, args, what: str):
 
 
 def restore_one(directory: str | Path, cfg: ModelConfig, name: str, step: int | None = None) -> jax.Array:
-    """One parameter ("embed", "layers/wq", ...) by partial restore, so converters never hold the model."""
+    """One parameter ("embed", "layers/wq", ...) by partial restore, so converters never hold the model.
+    From a LoRA workdir: the base's parameter with its adapter merged."""
+    adapted = lora_base(directory)
+    if adapted is not None:
+        record, base = adapted
+        w = restore_one(base, cfg, name)
+        lc = lora.from_record(record)
+        target = name.split("/", 1)[1] if name.startswith("layers/") else None
+        if target not in lc.targets:
+            return w
+        a, b = (_restore_leaf(directory, cfg, f"layers/{target}/{k}", step, lc) for k in ("a", "b"))
+        return lora.merge({"layers": {target: w}}, {"layers": {target: {"a": a, "b": b}}}, lc.scale)["layers"][target]
+    return _restore_leaf(directory, cfg, name, step)
+
+
+def _restore_leaf(directory, cfg: ModelConfig, name: str, step: int | None, lc=None) -> jax.Array:
     path = name.split("/")
-    leaf = abstract_params(cfg)
+    if lc is not None:  # an adapter array of a LoRA workdir
+        leaf = lora.abstract(cfg, lc, make_mesh(devices=jax.devices()[:1]))
+        path = ["layers", *path[1:]]
+        return _restore_path(directory, step, leaf, path, name)
+    return _restore_path(directory, step, abstract_params(cfg), path, name)
+
+
+def _restore_path(directory, step, leaf, path: list[str], name: str) -> jax.Array:
     for p in path:
         leaf = leaf[p]
     sub = leaf
@@ -133,7 +316,7 @@ def restore_one(directory: str | Path, cfg: ModelConfig, name: str, step: int | 
     restore_args = jax.tree.map(
         lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), sub)
     out = _restore_params_item(directory, step, ocp.args.PyTreeRestore(
-        item=sub, restore_args=restore_args, partial_restore=True), f"cannot restore {name}")
+        item=sub, restore_args=restore_args, partial_restore=True), f"cannot restore {name}", sub)
     for p in path:
         out = out[p]
     return out

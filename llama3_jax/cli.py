@@ -18,6 +18,8 @@ def _convert(args) -> None:
         options["max_shard_size"] = args.max_shard_size
     if args.shards is not None:
         options["shards"] = args.shards
+    if args.base is not None:
+        options["base"] = args.base
     convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format, dtype=args.dtype,
             progress=not args.quiet, **options)
 
@@ -76,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert weights between hf, meta and jax formats")
-    c.add_argument("--from", dest="src_format", required=True, choices=["hf", "meta", "jax"])
-    c.add_argument("--to", dest="dst_format", required=True, choices=["hf", "meta", "jax"])
+    c.add_argument("--from", dest="src_format", required=True, choices=["hf", "meta", "jax", "peft"])
+    c.add_argument("--to", dest="dst_format", required=True, choices=["hf", "meta", "jax", "peft"])
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "reads it: 5GB, 500MB, 5GiB (default: 5GB)")
     c.add_argument("--shards", type=int, default=None, help="meta output only: model-parallel files (default: 1)")
     c.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
+    c.add_argument("--base", default=None,
+                   help="--from peft only: the hf or jax model the adapter is merged into (default: none; "
+                        "needed with --from peft)")
     c.set_defaults(func=_convert)
 
     t = sub.add_parser("train", help="pretrain or fine-tune from a YAML config", description=TRAIN_DESCRIPTION,
@@ -116,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at stop tokens: generate --max-new-tokens tokens, or to the end of the "
                         "context (default: stop)")
+    g.add_argument("--num-samples", type=int, default=1,
+                   help="completions per input line, each its own output line with a 'sample' index (default: 1)")
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("score", help="per-token log-probs of given completions",
@@ -141,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except (ValueError, KeyError, OSError) as e:  # OSError: also a full disk or a read-only path
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"llama3-jax {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import types
 import typing
@@ -51,10 +52,11 @@ class ModelConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        _check_model_values(self)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
 
     def num_params(self) -> int:
@@ -71,6 +73,28 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "model config") -> "ModelConfig":
         return _build(cls, d, source=source)
+
+
+# Generous bounds (the largest Llama 3 is far inside them) so a hostile or mistyped config.json is
+# refused by name before anything is sized from it: vocab_size 10^12 would ask for terabytes.
+SIZE_LIMITS = {"vocab_size": 1 << 24, "dim": 1 << 17, "n_layers": 1 << 12, "n_heads": 1 << 12,
+               "n_kv_heads": 1 << 12, "head_dim": 1 << 12, "intermediate_size": 1 << 20, "max_seq_len": 1 << 24}
+MAX_PARAMS = 10**13
+
+
+def _check_model_values(cfg: ModelConfig) -> None:
+    for key, limit in SIZE_LIMITS.items():
+        v = getattr(cfg, key)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
+            raise ValueError(f"{key}={v!r}: expected an integer in [1, {limit}] (refused before allocating anything)")
+    floats = {"norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta}
+    if isinstance(cfg.rope_scaling, RopeScaling):
+        floats.update({f"rope_scaling.{k}": v for k, v in dataclasses.asdict(cfg.rope_scaling).items()})
+    for key, v in floats.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{key}={v!r}: expected a finite number > 0")
+    if cfg.num_params() > MAX_PARAMS:
+        raise ValueError(f"these sizes make {cfg.num_params():.3g} parameters (more than {MAX_PARAMS:.0e}): refusing")
 
 
 # ---------------------------------------------------------------------------------------- presets
@@ -144,6 +168,8 @@ def from_hf_config(hf: dict, *, source: str = "config.json") -> ModelConfig:
         )
     except KeyError as e:
         raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(e if str(e).startswith(source) else f"{source}: {e}") from None
 
 
 def to_hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
@@ -224,6 +250,8 @@ def from_meta_params(p: dict, *, tie_embeddings: bool = False, source: str = "pa
         )
     except KeyError as e:
         raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(e if str(e).startswith(source) else f"{source}: {e}") from None
 
 
 def to_meta_params(cfg: ModelConfig) -> dict:
@@ -417,6 +445,8 @@ def _coerce(tp, value, key: str, ctx: _Where, schema=(None, ())):
     if tp in (int, float) and not isinstance(value, (int, float)) or isinstance(value, bool) and tp in (int, float):
         raise ctx.error(key, f"expected {tp.__name__}, got {value!r}")
     if tp is float:
+        if not math.isfinite(value):
+            raise ctx.error(key, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is int and isinstance(value, float):
         if not value.is_integer():

@@ -5,6 +5,9 @@ generate input lines (one of prompt / messages / tokens):
     {"id": ..., "messages": [{"role", "content"}]} Llama 3 chat format, ends in an open assistant header
     {"id": ..., "tokens": [ids]}                  used as given
 output lines: {"id", "text", "tokens", "finish_reason": "stop" | "length"}; tokens exclude the stop token.
+--num-samples N > 1: N lines per input line, each with its "sample" index 0..N-1 (best-of-N data sets:
+generate, then score, then keep the best as SFT data); sample k's random stream comes from (id, k), so
+it is the same whatever the batching, and sample 0 is what a single-sample run draws.
 score input lines: {"id", "prompt", "completion"} (text; BOS before the prompt) or
 {"id", "prompt_tokens", "completion_tokens"}; output {"id", "tokens", "logprobs", "sum_logprob"}.
 
@@ -59,7 +62,7 @@ def read_done(path: Path) -> set[str]:
     for lineno, line in enumerate(body.split(b"\n") if body else [], start=1):
         try:
             rec = json.loads(line)
-            key = _key(rec["id"])
+            key = _key(rec["id"]) if "sample" not in rec else (_key(rec["id"]), int(rec["sample"]))
         except (ValueError, KeyError, TypeError):
             if line.strip():
                 _report(f"{path}:{lineno}: unreadable output line ignored")
@@ -221,10 +224,12 @@ def run_generate(args, generator: Generator | None = None) -> dict:
     def parse(rec):
         kind = _one_of(rec, ("prompt", "messages", "tokens"))
         if kind == "prompt":
-            if not isinstance(rec["prompt"], str):
-                raise ValueError("'prompt' must be a string")
+            if not isinstance(rec["prompt"], str) or not rec["prompt"]:
+                raise ValueError("'prompt' must be a non-empty string")
             ids = gen.tokenizer.encode(rec["prompt"], bos=True, eos=False)
         elif kind == "messages":
+            if isinstance(rec["messages"], list) and not rec["messages"]:
+                raise ValueError("'messages' is empty")
             if not hasattr(gen.tokenizer, "encode_dialog"):
                 raise ValueError(f"'messages' needs Llama 3's chat format, which this checkpoint's tokenizer "
                                  f"({type(gen.tokenizer).__name__}) does not have")
@@ -234,20 +239,29 @@ def run_generate(args, generator: Generator | None = None) -> dict:
         gen.check_ids(ids, repr(kind))
         return ids
 
-    items, counts = read_lines(args.input, done, parse)
+    n = getattr(args, "num_samples", 1)
+    if n < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {n}")
+    if n > 1:  # an id is done when all its samples are in the output
+        ids_done = {k for k in done if isinstance(k, str)}
+        ids_done |= {k for k, _ in (x for x in done if isinstance(x, tuple))
+                     if all((k, i) in done for i in range(n))}
+    items, counts = read_lines(args.input, ids_done if n > 1 else done, parse)
     out = Appender(args.output)
     todo, errors = _fitting(items, lambda ids: gen.context_error(len(ids), max_new or 0), args.input, out)
+    # --num-samples: one row per (id, sample) not yet written; sample 0 draws what a single sample would
+    samples = [(id_, k, ids) for id_, ids in todo for k in range(n) if n == 1 or (_key(id_), k) not in done]
 
-    progress = Progress(len(todo), "prompt")
+    progress = Progress(len(samples), "sample" if n > 1 else "prompt")
     try:
         # each row's random stream comes from its id: the same output whatever batch it lands in,
         # and after a resume
-        seeds = [zlib.crc32(_key(id_).encode()) & 0x7FFFFFFF for id_, _ in todo]
-        for batch in gen.generate_batches([ids for _, ids in todo], max_new, sampler,
+        seeds = [zlib.crc32((_key(id_) + (f"\0{k}" if k else "")).encode()) & 0x7FFFFFFF for id_, k, _ in samples]
+        for batch in gen.generate_batches([ids for _, _, ids in samples], max_new, sampler,
                                           seed=args.seed, row_seeds=seeds, ignore_eos=args.ignore_eos,
                                           batch_size=args.batch_size):
-            out.write([{"id": todo[i][0], "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason}
-                       for i, c in batch])
+            out.write([{"id": samples[i][0], **({"sample": samples[i][1]} if n > 1 else {}), "text": c.text,
+                        "tokens": c.tokens, "finish_reason": c.finish_reason} for i, c in batch])
             progress.update(len(batch), sum(len(c.tokens) + (c.finish_reason == "stop") for _, c in batch))
     finally:
         progress.close()

@@ -21,7 +21,7 @@ k kv heads (or head dim in weight einsums), g heads per kv head, f mlp width, v 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,8 +67,33 @@ def rms_norm(x, weight, eps: float):
     return weight.astype(x.dtype) * xf.astype(x.dtype)
 
 
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the weights LoRA may adapt
+
+
+class Adapters(NamedTuple):
+    """LoRA adapters (lora.py) for `Llama.__call__`: `weights` name -> {"a", "b"} stacked on `layers`
+    (one layer's slice inside `decoder_layer`); `key` (or None) drives dropout on their input."""
+    weights: dict
+    scale: float
+    dropout: float = 0.0
+    key: jax.Array | None = None
+
+
+def _project(eq: str, h, w: dict, name: str, lora: Adapters | None, layer):
+    """`h` through weight `name`, plus the low-rank delta scale * (h A) B when `lora` adapts it."""
+    y = jnp.einsum(eq, h, w[name].astype(h.dtype))
+    if lora is None or name not in lora.weights:
+        return y
+    a, b = lora.weights[name]["a"].astype(h.dtype), lora.weights[name]["b"].astype(h.dtype)
+    if lora.dropout and lora.key is not None:
+        key = jax.random.fold_in(jax.random.fold_in(lora.key, layer), PROJECTIONS.index(name))
+        h = h * jax.random.bernoulli(key, 1.0 - lora.dropout, h.shape).astype(h.dtype) / (1.0 - lora.dropout)
+    n_in = a.ndim - 1
+    return y + lora.scale * jnp.tensordot(jnp.tensordot(h, a, n_in), b, 1)
+
+
 def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, cache_seg=None, index=0, layer=0,
-                  attend=attn.reference.attend):
+                  lora: Adapters | None = None, attend=attn.reference.attend):
     """One transformer block as a pure function of its weights `w` (one layer's slice).
 
     `attend` is the attention backend (attention/__init__.py: one interface, proven equal to the
@@ -77,6 +102,7 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
     [index, index + T) of layer `layer` of cache_kv = (k, v), each the whole stacked (L, B, S, KV, K)
     buffer, and attention reads that layer's slots. Writing into the whole buffer (not a per-layer
     slice that is stacked again) keeps the update in place: no copy of the cache per decode step.
+    `lora`: adapters whose weights are this layer's slices (LoRA fine-tuning), else None.
     Returns (x, (k, v) or None).
     """
     dt = x.dtype
@@ -85,9 +111,9 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
     # Projections and the MLP see tokens as one flat axis n = b*t: the same math, but XLA:CPU runs the
     # backward of (n, d) matmuls about 2x faster than of 3-D einsums (benchmarks/train.py).
     h = rms_norm(x, w["attn_norm"], cfg.norm_eps).reshape(b * t, d)
-    q = jnp.einsum("nd,dhk->nhk", h, w["wq"].astype(dt)).reshape(b, t, *w["wq"].shape[1:])
-    k = jnp.einsum("nd,dhk->nhk", h, w["wk"].astype(dt)).reshape(b, t, *w["wk"].shape[1:])
-    v = jnp.einsum("nd,dhk->nhk", h, w["wv"].astype(dt)).reshape(b, t, *w["wv"].shape[1:])
+    q = _project("nd,dhk->nhk", h, w, "wq", lora, layer).reshape(b, t, *w["wq"].shape[1:])
+    k = _project("nd,dhk->nhk", h, w, "wk", lora, layer).reshape(b, t, *w["wk"].shape[1:])
+    v = _project("nd,dhk->nhk", h, w, "wv", lora, layer).reshape(b, t, *w["wv"].shape[1:])
     q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
     q, k, v = checkpoint_name(q, "q_proj"), checkpoint_name(k, "k_proj"), checkpoint_name(v, "v_proj")
     q_idx = index + jnp.arange(t)
@@ -100,12 +126,12 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
         k_seg, k_idx, new_kv = cache_seg, jnp.arange(ck.shape[2]), (ck, cv)
         keys, values = ck[layer].astype(dt), cv[layer].astype(dt)
     a = checkpoint_name(attend(q, keys, values, seg, k_seg, q_idx, k_idx), "attn_out").reshape(b * t, *q.shape[2:])
-    x = x + jnp.einsum("nhk,hkd->nd", a, w["wo"].astype(dt)).reshape(b, t, d)
+    x = x + _project("nhk,hkd->nd", a, w, "wo", lora, layer).reshape(b, t, d)
     x = constrain(x, ("batch", "seq", "act_embed"))
     h = rms_norm(x, w["mlp_norm"], cfg.norm_eps).reshape(b * t, d)
-    gate = jnp.einsum("nd,df->nf", h, w["w_gate"].astype(dt))
-    up = jnp.einsum("nd,df->nf", h, w["w_up"].astype(dt))
-    x = x + jnp.einsum("nf,fd->nd", jax.nn.silu(gate) * up, w["w_down"].astype(dt)).reshape(b, t, d)
+    gate = _project("nd,df->nf", h, w, "w_gate", lora, layer)
+    up = _project("nd,df->nf", h, w, "w_up", lora, layer)
+    x = x + _project("nf,fd->nd", jax.nn.silu(gate) * up, w, "w_down", lora, layer).reshape(b, t, d)
     return constrain(x, ("batch", "seq", "act_embed")), new_kv
 
 
@@ -177,7 +203,7 @@ class Llama(nnx.Module):
             self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), std, pd)
 
     def __call__(self, tokens, positions, segment_ids, cache: KVCache | None = None, last_only: bool = False,
-                 hidden_only: bool = False):
+                 hidden_only: bool = False, lora: Adapters | None = None):
         """tokens, positions, segment_ids: (B, T) int32 (segment 0 = padding).
 
         Returns float32 logits (B, T, vocab) and the updated cache (None without one). `last_only` gives
@@ -185,6 +211,7 @@ class Llama(nnx.Module):
         B * T * vocab float32 logits would dominate its memory. `hidden_only` returns the final-norm
         hidden states (B, T, D) in the compute dtype instead of logits: the chunked loss (losses.py)
         applies `output_weight()` a chunk at a time, so the (tokens, vocab) logits never exist at once.
+        `lora`: LoRA adapters added to the projections (stacked layouts only; serving uses merged weights).
         """
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
@@ -206,9 +233,13 @@ class Llama(nnx.Module):
             kv = (cache.k, cache.v)
 
         attend = attn.get("reference" if cache is not None else self.attention)
+        if lora is not None and self.split_layers:
+            raise ValueError("LoRA adapters need the stacked layer layout (merge them to serve)")
+        lw = None if lora is None else lora.weights
 
-        def layer(x, w, kv, i):
-            return decoder_layer(cfg, w, x, cos, sin, segment_ids, kv, cache_seg, index, i, attend=attend)
+        def layer(x, w, kv, i, lw=None):
+            ad = None if lw is None else lora._replace(weights=lw)
+            return decoder_layer(cfg, w, x, cos, sin, segment_ids, kv, cache_seg, index, i, ad, attend=attend)
 
         rematerialise, policy = remat_policy(self.remat)
         if rematerialise:
@@ -220,9 +251,9 @@ class Llama(nnx.Module):
 
             def body(carry, xs):
                 x, kv = carry
-                w, i = xs
-                return layer(x, w, kv, i), None
-            (x, new_kv), _ = jax.lax.scan(body, (x, kv), (weights, jnp.arange(cfg.n_layers)))
+                w, lwi, i = xs
+                return layer(x, w, kv, i, lwi), None
+            (x, new_kv), _ = jax.lax.scan(body, (x, kv), (weights, lw, jnp.arange(cfg.n_layers)))
         else:  # unrolled: over per-layer arrays, or over slices of the stacked ones
             if self.split_layers:
                 per_layer = [{n: p[...] for n, p in w.items()} for w in self.layers]
@@ -231,7 +262,7 @@ class Llama(nnx.Module):
                 per_layer = [{n: a[i] for n, a in stacked.items()} for i in range(cfg.n_layers)]
             new_kv = kv
             for i, w in enumerate(per_layer):
-                x, new_kv = layer(x, w, new_kv, i)
+                x, new_kv = layer(x, w, new_kv, i, None if lw is None else jax.tree.map(lambda a: a[i], lw))
 
         if last_only:
             x = x[:, -1:]

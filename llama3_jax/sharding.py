@@ -31,6 +31,7 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "act_embed": None,  # activations keep the model dim whole: fsdp shards weights, not activations
     "act_vocab": ("tensor",),
     "cache_seq": None,
+    "lora_rank": None,  # LoRA adapters (lora.py): the rank is tiny, never split
 }
 
 
@@ -74,6 +75,17 @@ def logical_spec(names: tuple[str | None, ...], shape: tuple[int, ...] | None = 
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
     return P(*out)
+
+
+def require_divisible(name: str, size: int, mesh: Mesh, what: str) -> None:
+    """ValueError unless the mesh axes the rules give logical axis `name` divide `size`. For axes whose
+    even split is the point (q heads over tensor, batch rows over data*fsdp): replicating them instead
+    would waste the axis silently, so the run is refused before anything is compiled or allocated."""
+    axes = [a for a in RULES.get(name) or () if mesh.shape[a] > 1]
+    n = math.prod(mesh.shape[a] for a in axes)
+    if size % n:
+        over = " * ".join(f"mesh.{a} = {mesh.shape[a]}" for a in axes)
+        raise ValueError(f"{what} = {size} does not split evenly over {over} (the {name!r} rule)")
 
 
 def named_sharding(mesh: Mesh, names, shape) -> NamedSharding:

@@ -260,10 +260,15 @@ class Tokenizer:
 
 class ByteTokenizer:
     """UTF-8 bytes as ids 0-255, BOS 256, EOS 257 (`tokenizer: bytes` in a run config): a real tokenizer
-    for models with a tiny vocabulary (tests, quick experiments), with no 128K-row embedding to pay for."""
+    for models with a tiny vocabulary (tests, quick experiments), with no 128K-row embedding to pay for.
+    Chat fine-tuning data (data/chat.py) renders with Llama 3's message layout over three more ids:
+    <|start_header_id|> 258, <|end_header_id|> 259, <|eot_id|> 260."""
 
-    bos_id, eos_id, n_words = 256, 257, 258
-    stop_tokens = (257,)
+    bos_id, eos_id, eot_id, n_words = 256, 257, 260, 261
+    stop_tokens = (257, 260)
+
+    def encode_header(self, role: str) -> list[int]:
+        return [258, *_ROLE_HEADERS.get(role, role).encode("utf-8"), 259, *b"\n\n"]
 
     def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
         return [self.bos_id] * bos + list(text.encode("utf-8")) + [self.eos_id] * eos

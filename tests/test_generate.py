@@ -516,3 +516,25 @@ def test_messages_for_a_tokenizer_without_chat_format_are_skipped_in_one_line(ge
     assert re.search(r"in\.jsonl:1: skipped: 'messages' needs Llama 3's chat format.*ByteTokenizer",
                      capsys.readouterr().err)
     assert summary["all_failed"]
+
+
+def test_num_samples_lines_are_independent_of_batching(gen, ckpt, tmp_path):
+    """--num-samples 3 at temperature 1: one line per (id, sample); the same tokens at batch size 8 and
+    2; sample 0 is what a single-sample run draws; a rerun finds everything done."""
+    from llama3_jax.generate import run_generate
+    prompts = ragged_prompts([4, 9, 17], seed=8)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"q{i}", "tokens": p}) + "\n" for i, p in enumerate(prompts)))
+    runs = {}
+    for bs in (8, 2):
+        out = tmp_path / f"out{bs}.jsonl"
+        run_generate(gen_args(ckpt, inp, out, batch_size=bs, temperature=1.0, num_samples=3), generator=gen)
+        runs[bs] = {(r["id"], r["sample"]): r["tokens"] for r in read_jsonl(out)}
+    assert sorted(runs[8]) == [(f"q{i}", k) for i in range(3) for k in range(3)]
+    assert runs[8] == runs[2]
+    assert len({tuple(runs[8][("q2", k)]) for k in range(3)}) > 1  # different random streams
+    single = tmp_path / "single.jsonl"
+    run_generate(gen_args(ckpt, inp, single, temperature=1.0), generator=gen)
+    assert {r["id"]: r["tokens"] for r in read_jsonl(single)} == {f"q{i}": runs[8][(f"q{i}", 0)] for i in range(3)}
+    again = run_generate(gen_args(ckpt, inp, tmp_path / "out8.jsonl", temperature=1.0, num_samples=3), generator=gen)
+    assert again["already_done"] == 3 and len(read_jsonl(tmp_path / "out8.jsonl")) == 9

@@ -21,8 +21,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ..config import ModelConfig
+from ..failpoints import kill_point
 
-FORMATS = ("hf", "meta", "jax")
+FORMATS = ("hf", "meta", "jax", "peft")  # peft: LoRA adapters (convert/peft.py)
 
 
 class ConvertError(ValueError):
@@ -72,7 +73,7 @@ def parse_dtype(name: str | None):
 
 
 _IMPLS = {"hf": ("hf", "HFReader", "HFWriter"), "meta": ("meta", "MetaReader", "MetaWriter"),
-          "jax": ("native", "JaxReader", "JaxWriter")}
+          "jax": ("native", "JaxReader", "JaxWriter"), "peft": ("peft", "PeftReader", None)}
 
 
 def _impl(fmt: str, which: int):
@@ -139,26 +140,37 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
             progress: bool = True, **options) -> ModelConfig:
     """Convert a checkpoint between `hf`, `meta` and `jax`; keeps the source dtype unless `dtype` is given.
 
-    Options go to the writer: `max_shard_size` (hf), `shards` (meta model-parallel files).
+    Options go to the writer: `max_shard_size` (hf), `shards` (meta model-parallel files); `base` (the
+    model a `peft` adapter is merged into) to the reader. `--to peft` writes a LoRA workdir's adapters.
     Returns the model config. Raises ConvertError (one line, naming file and tensor) on bad input.
     """
     src, dst = Path(src), Path(dst)
     for fmt in (src_format, dst_format):
         if fmt not in FORMATS:
             raise ConvertError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    base = options.pop("base", None)  # the reader's option (--from peft), not a writer's
+    if base is not None and src_format != "peft":
+        raise ConvertError(f"--base applies only to --from peft, not --from {src_format}")
     options = check_options(dst_format, options)
     if not src.is_dir():
         raise ConvertError(f"{src}: not a directory")
     if dst.exists():
         raise ConvertError(f"{dst}: already exists (refusing to overwrite)")
+    if dst_format == "peft":  # the adapters alone, not a model: no tensor stream
+        if src_format != "jax":
+            raise ConvertError("--to peft exports a LoRA workdir: use --from jax")
+        from .peft import export_peft
+        export_peft(src, dst)
+        return _impl("jax", 1)(src).config
     out_dtype = parse_dtype(dtype)
-    reader = _reader(src_format, src)
+    reader = _impl("peft", 1)(src, base) if src_format == "peft" else _reader(src_format, src)
     cfg = reader.config
     out_dtype = out_dtype or reader.dtype
     cfg = dataclasses.replace(cfg, param_dtype=out_dtype.name)
     shapes = expected_shapes(cfg)
     keys = set(all_keys(cfg))
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    _remove_stale_temps(dst)
     shutil.rmtree(tmp, ignore_errors=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
     start, done_bytes, last = time.time(), 0, 0.0
@@ -176,6 +188,7 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
                                    f"(expected {shapes[t.name]} in llama3-jax layout)")
             seen.add(key)
             writer.add(t.name, t.layer, t.array.astype(out_dtype, copy=False))
+            kill_point("convert.tensor")
             done_bytes += t.array.nbytes
             if progress and (time.time() - last >= 0.5 or len(seen) == len(keys)):
                 last = time.time()
@@ -185,6 +198,7 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
             name, layer = missing[0]
             raise ConvertError(f"{src}: missing tensor {name}" + (f" of layer {layer}" if layer is not None else ""))
         writer.finish()
+        kill_point("convert.finish")
         os.replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -198,6 +212,21 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
               f"{done_bytes / 1e6:.1f} MB read in {secs:.1f}s ({done_bytes / 1e6 / max(secs, 1e-9):.1f} MB/s), "
               f"dtype {out_dtype.name}", file=sys.stderr)
     return cfg
+
+
+def _remove_stale_temps(dst: Path) -> None:
+    """Delete the temp directories of earlier conversions to DST whose process is gone (killed before
+    its rename), so a crash leaves no litter after the next run. A live writer's temp is left alone."""
+    for old in dst.parent.glob(f".{dst.name}.tmp-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _progress(n: int, total: int, nbytes: int, start: float) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..config import ModelConfig, from_hf_config, read_json, to_hf_config, to_hf_generation_config
 from .core import ConvertError, Tensor, expected_shapes, parse_size
+from .untrusted import check_header_size, check_index_entry, check_tensor_table
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -84,23 +85,14 @@ def read_header(path: Path) -> tuple[dict, int]:
         if len(raw) < 8:
             raise ConvertError(f"{path}: truncated safetensors file (no header)")
         (n,) = struct.unpack("<Q", raw)
-        if 8 + n > size:
-            raise ConvertError(f"{path}: truncated safetensors file (header of {n} bytes, file {size})")
+        check_header_size(path, n, size)  # before reading n bytes
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ConvertError(f"{path}: corrupt safetensors header") from None
-    header.pop("__metadata__", None)
-    for name, info in header.items():
-        end = 8 + n + info["data_offsets"][1]
-        if end > size:
-            raise ConvertError(f"{path}: truncated file, tensor {name} ends at byte {end} of {size}")
-        if info["dtype"] not in DTYPES:
-            raise ConvertError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        lo, hi = info["data_offsets"]
-        if hi - lo != int(np.prod(info["shape"])) * np.dtype(DTYPES[info["dtype"]]).itemsize:
-            raise ConvertError(f"{path}: tensor {name} has {hi - lo} bytes, not what shape {info['shape']} "
-                               f"of {info['dtype']} needs")
+    if isinstance(header, dict):
+        header.pop("__metadata__", None)
+    check_tensor_table(path, header, {k: np.dtype(v).itemsize for k, v in DTYPES.items()}, size - 8 - n)
     return header, 8 + n
 
 
@@ -109,13 +101,15 @@ def hf_weight_files(src: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise ConvertError(f"{index}: corrupt index (no weight_map)") from None
-        files = sorted(set(weight_map.values()))
+        if not isinstance(weight_map, dict):
+            raise ConvertError(f"{index}: weight_map is not an object")
+        files = sorted({check_index_entry(index, src, f) for f in weight_map.values()})
         for f in files:
-            if not (src / f).exists():
-                raise ConvertError(f"{index}: lists {f}, which does not exist")
-        return [src / f for f in files]
+            if not f.exists():
+                raise ConvertError(f"{index}: lists {f.name}, which does not exist")
+        return files
     single = src / "model.safetensors"
     if single.exists():
         return [single]

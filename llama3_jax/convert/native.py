@@ -17,6 +17,7 @@ class JaxReader:
     def __init__(self, src: Path):
         try:
             self.config = checkpoint.load_config(src)
+            self.step = checkpoint.latest_intact_step(src)  # checked once, not per tensor
         except (FileNotFoundError, ValueError) as e:
             raise ConvertError(str(e)) from None
         self.src = src
@@ -25,7 +26,7 @@ class JaxReader:
     def tensors(self) -> Iterator[Tensor]:
         for name in expected_shapes(self.config):  # one stored array at a time (partial restore)
             try:
-                a = np.asarray(checkpoint.restore_one(self.src, self.config, name))
+                a = np.asarray(checkpoint.restore_one(self.src, self.config, name, self.step))
             except (FileNotFoundError, ValueError) as e:
                 raise ConvertError(str(e)) from None
             if name.startswith("layers/"):

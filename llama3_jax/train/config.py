@@ -10,7 +10,9 @@ from .. import checkpoint
 from ..config import ModelConfig, load_model_config
 from ..attention import NAMES as ATTENTION_NAMES
 from ..data import DataConfig
+from ..lora import LoraConfig
 from ..model import remat_policy
+from ..objectives import OBJECTIVES, DPOConfig
 from ..optim import OptimConfig
 from ..tokenizer import ByteTokenizer, load_tokenizer as make_tokenizer  # noqa: F401 (the train API names them)
 
@@ -33,6 +35,9 @@ class TrainConfig:
     model: str | dict | None = dataclasses.field(
         default=None, metadata={"keys": ModelConfig, "extra_keys": ("preset",)})
     init_from: str | None = None  # a jax checkpoint (convert output or a train workdir): its config + params
+    objective: str = "lm"  # lm (pretraining) | sft (chat records, assistant-only loss) | dpo (preference pairs)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # rank > 0: train adapters only
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     tokenizer: str | None = None  # None: Llama 3's tokenizer.model; a path to one; or "bytes" (UTF-8 bytes)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -58,6 +63,9 @@ class TrainConfig:
     sample_tokens: int = 32  # 0 = no sample at the end
     peak_flops: float = 0.0  # per device, for MFU; 0 = PEAK_FLOPS by device kind (CPU: see above)
     progress: bool = True
+    nan_policy: str = "stop"  # non-finite loss/grad norm: stop (name the step) | skip the update (numerics.py)
+    nan_max_consecutive: int = 10  # skip: stop after more skipped steps than this in a row
+    spike_factor: float = 0.0  # > 0: warn when loss > spike_factor x running mean of recent losses
 
     def __post_init__(self):
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "checkpoint_every", "eval_batches")
@@ -71,6 +79,16 @@ class TrainConfig:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_NAMES)}; got {self.attention!r}")
         if self.loss_chunk < -1:
             raise ValueError(f"loss_chunk must be -1 (auto), 0 (whole) or positive, got {self.loss_chunk}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.lora.rank and not self.init_from:
+            raise ValueError("lora.rank > 0 needs init_from (the base checkpoint the adapters are trained on)")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"nan_policy must be stop or skip, got {self.nan_policy!r}")
+        if self.nan_max_consecutive < 0:
+            raise ValueError(f"nan_max_consecutive must be >= 0, got {self.nan_max_consecutive}")
+        if not (self.spike_factor == 0 or self.spike_factor > 1):  # also refuses NaN
+            raise ValueError(f"spike_factor must be 0 (off) or > 1, got {self.spike_factor}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
         preset = self.model.get("preset") if isinstance(self.model, dict) else self.model

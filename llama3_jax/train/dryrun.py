@@ -81,7 +81,7 @@ def compile_step(cfg: TrainConfig, devices, mc=None):
     batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=batch_sh)
              for k in BATCH_KEYS}
     with jax.set_mesh(mesh):
-        compiled = setup.step_fn.lower(setup.abstract, batch).compile()
+        compiled = setup.step_jit.lower(setup.abstract, batch, setup.frozen_abstract).compile()
     return compiled, mc, mesh
 
 

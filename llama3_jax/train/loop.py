@@ -27,15 +27,20 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from .. import checkpoint
+from .. import checkpoint, lora, objectives
 from ..config import load_yaml_config
-from ..data import BATCH_KEYS, list_documents, make_iterator, split_documents
+from ..data import BATCH_KEYS, list_documents, make_iterator, record_check, skipped_line_count, split_documents
+from ..failpoints import kill_point
+from ..objectives import DPO_METRICS
 from ..optim import OptimConfig, schedule
-from ..sharding import logical_spec, make_mesh
+from ..sharding import logical_spec, make_mesh, require_divisible
 from .config import TrainConfig, make_tokenizer, model_config, tokenizer_spec
 from .metrics import MetricsLog, model_flops_per_token, peak_flops
+from .numerics import Guard
 from .state import restore_state, save_state
-from .step import Setup, build
+from .step import Setup, build, forward, init_params
+
+DATA_KIND = {"lm": "text", "sft": "sft", "dpo": "dpo"}  # objective -> data/ pipeline
 
 
 class Preemption:
@@ -74,7 +79,36 @@ def run_train(config_path: str | None, overrides=(), *, tokenizer=None) -> dict:
     return train(load_yaml_config(TrainConfig, config_path, list(overrides)), tokenizer=tokenizer)
 
 
-def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok) -> dict:
+def _reference_table(cfg: TrainConfig, setup: Setup, tok, workdir: Path) -> dict | None:
+    """dpo.precompute_reference: every pair's reference log-probs (chosen, rejected), computed once in
+    a pass over the whole data set before training and kept in WORKDIR/reference_logps.json (a resume
+    reads it back), so the steps need no reference forward pass and full DPO holds no reference copy."""
+    if cfg.objective != "dpo" or not cfg.dpo.precompute_reference:
+        return None
+    path = workdir / "reference_logps.json"
+    workdir.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        return {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
+    if jax.process_count() > 1:
+        raise ValueError("dpo.precompute_reference runs on one process (set it to false on multi-host jobs)")
+    params = setup.frozen["base"] if setup.frozen else _frozen(cfg, setup, force=True)["ref"]
+    fn = jax.jit(lambda p, b: objectives.token_logps(forward(setup.graphdef, p, b), b["targets"]))
+    table = {}
+    every = dataclasses.replace(cfg.data, eval_fraction=0.0, shuffle=False)
+    with make_iterator(every, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                       num_epochs=1, kind="dpo", pair_index=True) as it:
+        for batch in it:
+            logps = np.asarray(fn(params, setup.put_batch({k: batch[k] for k in BATCH_KEYS})), np.float64)
+            for r, seg in enumerate(batch["segment_ids"]):
+                trained = batch["loss_mask"][r] == 1
+                for p in range(1, int(seg.max()) // 2 + 1):
+                    sides = [float(logps[r][(seg == s) & trained].sum()) for s in (2 * p - 1, 2 * p)]
+                    table[it.documents[batch["pair"][r][seg == 2 * p - 1][0]].key] = tuple(sides)
+    checkpoint.write_json_atomic(path, {k: list(v) for k, v in table.items()})
+    return table
+
+
+def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok, reference: dict | None = None) -> dict:
     """Mean loss over the first `eval_batches` batches of the held-out split (the same every time).
 
     Every process runs exactly `eval_batches` steps (each is a collective): a process whose share of
@@ -82,15 +116,18 @@ def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok) -> dict:
     total, count = 0.0, 0.0
     with make_iterator(cfg.data, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                        split="eval", process_index=jax.process_index(),
-                       process_count=jax.process_count()) as it:
+                       process_count=jax.process_count(), kind=DATA_KIND[cfg.objective],
+                       reference=reference) as it:
         padding = None
         for _ in range(cfg.eval_batches):
             batch = next(it, None)
             if batch is None:
                 rows = cfg.batch_size // jax.process_count()
-                padding = padding or {k: np.zeros((rows, cfg.seq_len), np.int32) for k in BATCH_KEYS}
+                padding = padding or {k: np.zeros((rows, cfg.seq_len), np.float32 if k == "ref_logps" else np.int32)
+                                      for k in BATCH_KEYS + (("ref_logps",) if reference else ())}
                 batch = padding
             s, n = setup.eval_fn(params, setup.put_batch(batch))
+            kill_point("train.eval")
             total, count = total + float(s), count + float(n)
     loss = total / max(count, 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": int(count)}
@@ -101,7 +138,7 @@ def _eval_every(cfg: TrainConfig, is_main: bool) -> int:
     data.eval_fraction=0): decided here, before any step, rather than failing at the first eval."""
     if not cfg.eval_every:
         return 0
-    docs = list_documents(cfg.data)
+    docs = list_documents(cfg.data, record_check(DATA_KIND[cfg.objective]))
     if split_documents(docs, "eval", cfg.data.eval_fraction):
         return cfg.eval_every
     if is_main:
@@ -135,17 +172,37 @@ def _warn_if_schedule_changed(cfg: TrainConfig, workdir: Path, step: int) -> Non
 def _sample(cfg: TrainConfig, setup: Setup, params: dict, tok) -> str:
     """Greedy continuation of `sample_prompt` with the serving engine."""
     from ..engine import Generator
-    gen = Generator(cfg=setup.model_cfg, params=params, dtype=cfg.compute_dtype, mesh=setup.mesh, tokenizer=tok)
+    gen = Generator(cfg=setup.model_cfg, params=setup.model_params(params), dtype=cfg.compute_dtype, mesh=setup.mesh,
+                    tokenizer=tok)
     [completion] = gen.generate([cfg.sample_prompt], max_new_tokens=cfg.sample_tokens, batch_size=1)
     return completion.text
 
 
+def _frozen(cfg: TrainConfig, setup: Setup, force: bool = False) -> dict:
+    """The weights a fine-tuning step reads but does not train, in the compute dtype: the LoRA base, or
+    full DPO's reference model (both the starting checkpoint: `init_from`, else the seeded init)."""
+    if not setup.frozen_abstract and not force:
+        return {}
+    abstract = setup.frozen_abstract or {"ref": jax.tree.map(lambda a: a.sharding, setup.abstract["params"])}
+    target = jax.tree.map(lambda a: getattr(a, "sharding", a), abstract)
+    if cfg.init_from:
+        _, params = checkpoint.restore_params(cfg.init_from, setup.mesh, cfg=setup.model_cfg)
+    else:
+        params = jax.jit(lambda: init_params(setup.model_cfg, cfg.seed))()
+    (name, target), = target.items()  # one frozen model: "base" or "ref"
+    cast = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(cfg.compute_dtype), p), out_shardings=target)
+    return {name: cast(params)}
+
+
 def _start_state(cfg: TrainConfig, setup: Setup, workdir: Path, resume: int | None):
     """(state, data iterator state, start step, tokens seen, where it came from): the workdir's latest
-    checkpoint wins over `init_from`, which wins over a fresh init."""
+    checkpoint wins over `init_from`, which wins over a fresh init. Fills `setup.frozen`."""
+    setup.frozen = _frozen(cfg, setup)
     if resume is not None:
         state, data_state, meta = restore_state(workdir, resume, setup.abstract)
         return state, data_state, resume, meta.get("tokens", 0), f"resumed {workdir} at step {resume}"
+    if cfg.lora.rank:
+        return setup.init_state(cfg.seed), None, 0, 0, f"LoRA rank {cfg.lora.rank} on {cfg.init_from}"
     if cfg.init_from:
         _, params = checkpoint.restore_params(cfg.init_from, setup.mesh, cfg=setup.model_cfg)
         return setup.init_state(cfg.seed, params), None, 0, 0, f"weights from {cfg.init_from}"
@@ -163,8 +220,10 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
     if (cfg.batch_size // cfg.grad_accum) % n_batch:
         raise ValueError(f"batch_size/grad_accum = {cfg.batch_size // cfg.grad_accum} sequences do not split over "
                          f"the {n_batch} batch shards of the mesh (mesh.data*mesh.fsdp)")
-    resume = checkpoint.latest_step(workdir) if checkpoint.is_checkpoint(workdir) else None
+    # a corrupt latest step is reported and set aside; the newest intact one is resumed
+    resume = checkpoint.latest_intact_step(workdir, set_aside=True) if checkpoint.is_checkpoint(workdir) else None
     mc = model_config(cfg, workdir if resume is not None else None)
+    require_divisible("q_heads", mc.n_heads, mesh, "the model's n_heads")  # before any compile
     if cfg.seq_len > mc.max_seq_len:  # RoPE would run past the positions the model is made for
         raise ValueError(f"seq_len {cfg.seq_len} is longer than the model's max_seq_len {mc.max_seq_len} "
                          f"(lower seq_len, or give a new model a larger model.max_seq_len)")
@@ -181,13 +240,17 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
 
     with Preemption() as preempt:  # from here on SIGTERM or Ctrl-C means "save and stop", even while compiling
         state, data_state, start, tokens_seen, origin = _start_state(cfg, setup, workdir, resume)
+        reference = _reference_table(cfg, setup, tok, workdir)
         it = make_iterator(cfg.data, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                           process_index=jax.process_index(), process_count=jax.process_count())
+                           process_index=jax.process_index(), process_count=jax.process_count(),
+                           kind=DATA_KIND[cfg.objective], reference=reference)
         try:
             if data_state is not None:
                 it.set_state(data_state)
             if is_main:  # the run starts now: record what it is (not before, so a refused run changes nothing)
-                checkpoint.save_config(workdir, mc, tokenizer=tokenizer_spec(cfg) if tokenizer is None else None)
+                record = lora.config_record(cfg.lora, str(Path(cfg.init_from).absolute())) if cfg.lora.rank else None
+                checkpoint.save_config(workdir, mc, tokenizer=tokenizer_spec(cfg) if tokenizer is None else None,
+                                       lora_record=record)
                 checkpoint.write_json_atomic(workdir / "train_config.json", dataclasses.asdict(cfg))
                 print(f"train: {mc.num_params():,} params, mesh {dict(mesh.shape)}, {origin}, "
                       f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", file=sys.stderr)
@@ -201,22 +264,28 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                    dynamic_ncols=True, file=sys.stderr)
         step, saved, losses, last_eval, sample = start, start if resume is not None else None, [], None, None
         t_first = t_log = startup = None  # wall clock after the first step (compilation excluded after it)
+        guard = Guard(cfg.nan_policy, cfg.nan_max_consecutive, cfg.spike_factor, last_checkpoint=lambda: saved)
         try:
             with jax.set_mesh(mesh):
                 while step < cfg.steps and not preempt.requested:
                     state, metrics = setup.step_fn(state, setup.put_batch(next(it)))
+                    kill_point("train.step")
                     step += 1
+                    guard.push(step, metrics)  # checks the previous step: stop / count a skip / spike
                     tokens_seen += tokens_per_step
                     bar.update(1)
                     if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1:
+                        guard.flush()
                         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                         now = time.time()
                         record = {"step": step, "loss": m["loss"], "learning_rate": m["learning_rate"],
                                   "grad_norm": m["grad_norm"], "tokens_per_second": None, "mfu": None,
-                                  "loss_tokens": int(m["tokens"]), "tokens": tokens_seen}
+                                  "loss_tokens": int(m["tokens"]), "tokens": tokens_seen,
+                                  "skipped_updates": guard.skipped, **{k: m[k] for k in DPO_METRICS if k in m}}
                         if t_log is None:  # the first step of a (re)start: restore, data, compilation
                             t_first, startup = now, now - t0
                             record["startup_seconds"] = round(startup, 2)
+                            record["data_skipped_lines"] = skipped_line_count()  # reported on stderr
                         else:
                             n, dt = step - step_log, now - t_log
                             record["tokens_per_second"] = n * tokens_per_step / dt
@@ -227,16 +296,20 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                         bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{record['tokens_per_second'] or 0:.0f}")
                     if eval_every and (step % eval_every == 0 or step == cfg.steps):
                         t_eval = time.time()
-                        last_eval = _evaluate(cfg, setup, state["params"], tok)
+                        last_eval = _evaluate(cfg, setup, state["params"], tok, reference)
                         log.write({"step": step, **last_eval})
                         if t_log is not None:  # eval time is not training time
                             t_log, t_first = t_log + time.time() - t_eval, t_first + time.time() - t_eval
                     if step % cfg.checkpoint_every == 0:
+                        guard.flush()  # never save a non-finite state
                         save_state(mgr, step, state, it.get_state(), {"step": step, "tokens": tokens_seen})
+                        kill_point("train.save")
                         saved = step
+                guard.flush()
                 t_end = time.time()
                 if saved != step:
                     save_state(mgr, step, state, it.get_state(), {"step": step, "tokens": tokens_seen})
+                    kill_point("train.final_save")
                 mgr.wait_until_finished()
                 # the engine places its inputs from one host; multi-process decoding is not built yet
                 if cfg.sample_tokens and step >= cfg.steps and jax.process_count() == 1:
@@ -253,7 +326,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "seconds": round(time.time() - t0, 1), "startup_seconds": startup and round(startup, 1),
                "tokens_per_second": timed * tokens_per_step / (t_end - t_first) if timed > 0 else None,
-               **(last_eval or {}), "sample": sample}
+               **(last_eval or {}), "sample": sample, "truncated": it.truncated}
     if is_main:
         _report(cfg, summary, workdir)
     return summary
@@ -269,6 +342,7 @@ def _report(cfg: TrainConfig, s: dict, workdir: Path) -> None:
     how = f"preempted ({s['stopped_by'] or 'SIGTERM'}), saved" if s["preempted"] else "done"
     loss = f", loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}" if s["first_loss"] is not None else ""
     ev = f", eval loss {s['eval_loss']:.4f}" if "eval_loss" in s else ""
+    ev += f", {s['truncated']} records truncated to seq_len" if s["truncated"] else ""
     speed = f", {s['tokens_per_second']:.0f} tokens/s" if s["tokens_per_second"] else ""
     print(f"train: {how}: steps {s['start_step']} -> {s['step']} in {s['seconds']:.0f}s "
           f"(startup {s['startup_seconds'] or 0:.0f}s){loss}{ev}{speed}; checkpoint {workdir} step {s['step']}",

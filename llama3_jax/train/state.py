@@ -51,6 +51,7 @@ def restore_state(directory: Path, step: int, abstract: dict) -> tuple[dict, dic
     shardings (any mesh: a checkpoint from 8 devices restores on 1 or 4)."""
     if not (Path(directory) / str(step) / "opt_state").exists():
         raise ValueError(f"{directory} step {step}: no optimizer state (a converted model? use it as init_from)")
+    checkpoint.check_shapes(directory, step, "params", abstract["params"])
     with checkpoint.manager(directory, read_only=True) as m:
         out = m.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract["params"]),

@@ -12,14 +12,17 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from .. import checkpoint
+from .. import checkpoint, lora, objectives
 from ..config import ModelConfig
 from .. import attention
+from ..lora import LoraConfig
 from ..losses import chunked_lm_loss, resolve_chunk
-from ..model import Llama, abstract_model
+from ..model import Adapters, Llama, abstract_model
+from ..objectives import DPOConfig
 from ..optim import make_optimizer, schedule
 from ..sharding import constrain, global_batch, logical_spec, replicated
 from .config import TrainConfig
+from .numerics import is_finite_step, keep_finite
 
 
 def split_microbatches(batch: dict, n: int) -> dict:
@@ -30,48 +33,113 @@ def split_microbatches(batch: dict, n: int) -> dict:
     return jax.tree.map(one, batch)
 
 
-def loss_and_count(graphdef, params: dict, batch: dict, loss_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What the step minimises (static under jit): `objective` (objectives.py), LoRA or full weights."""
+
+    name: str = "lm"
+    lora: LoraConfig = LoraConfig()
+    dpo: DPOConfig = DPOConfig()
+    seed: int = 0  # LoRA dropout keys: fold_in(key(seed), step), then the microbatch
+    loss_chunk: int = 0  # lm/sft: output projection + NLL over chunks of this many positions (0 = at once)
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, loss_chunk: int = 0) -> Objective:
+        return cls(cfg.objective, cfg.lora, cfg.dpo, cfg.seed, loss_chunk)
+
+
+def forward(graphdef, params: dict, batch: dict, adapters: Adapters | None = None) -> jax.Array:
+    logits, _ = nnx.merge(graphdef, params)(batch["tokens"], batch["positions"], batch["segment_ids"], lora=adapters)
+    return logits
+
+
+def loss_and_count(graphdef, params: dict, batch: dict, loss_chunk: int = 0,
+                   adapters: Adapters | None = None) -> tuple[jax.Array, jax.Array]:
     """Summed next-token loss and counted tokens of a batch (losses.chunked_lm_loss: the output
     projection applied `loss_chunk` positions at a time; 0 = at once)."""
     model = nnx.merge(graphdef, params)
-    hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], hidden_only=True)
+    hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], hidden_only=True, lora=adapters)
     return chunked_lm_loss(hidden, model.output_weight(), batch["targets"], batch["loss_mask"], loss_chunk)
 
 
-def train_step(graphdef, tx: optax.GradientTransformation, lr_schedule, grad_accum: int,
-               state: dict, batch: dict, loss_chunk: int = 0) -> tuple[dict, dict]:
-    """One update. state = {params, opt_state, step}; batch = dict of (B, T) int32 (data.BATCH_KEYS).
+def objective_loss(obj: Objective, graphdef, trainable: dict, frozen: dict, batch: dict,
+                   key: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+    """(summed loss, (count, summed metrics)) of the objective; differentiable in `trainable`.
+
+    Full fine-tuning: `trainable` is the model's params; DPO's reference is `frozen["ref"]`. LoRA:
+    `trainable` is the adapters, the model is `frozen["base"]`, and the reference is that base with the
+    adapters off (no second copy of the weights).
+    """
+    if obj.lora.rank:
+        params = frozen["base"]
+        adapters = Adapters(trainable["layers"], obj.lora.scale, obj.lora.dropout, key)
+    else:
+        params, adapters = trainable, None
+    if obj.name != "dpo":  # lm and sft: the loss mask says which tokens count
+        loss_sum, count = loss_and_count(graphdef, params, batch, obj.loss_chunk, adapters)
+        return loss_sum, (count, {})
+    logits = forward(graphdef, params, batch, adapters)
+    if "ref_logps" in batch:  # dpo.precompute_reference: computed once before training (loop.py)
+        ref = batch["ref_logps"]
+    else:
+        ref_params = frozen["base"] if obj.lora.rank else frozen["ref"]
+        ref = jax.lax.stop_gradient(objectives.token_logps(forward(graphdef, ref_params, batch), batch["targets"]))
+    loss_sum, count, metrics = objectives.dpo(objectives.token_logps(logits, batch["targets"]), ref, batch,
+                                              obj.dpo.beta, obj.dpo.label_smoothing)
+    return loss_sum, (count, metrics)
+
+
+def train_step(obj: Objective, graphdef, tx: optax.GradientTransformation, lr_schedule, grad_accum: int,
+               state: dict, batch: dict, frozen: dict, *, nan_skip: bool = False) -> tuple[dict, dict]:
+    """One update. state = {params, opt_state, step} (params: the model's, or LoRA adapters);
+    batch = dict of (B, T) int32 (data.BATCH_KEYS); frozen = weights not trained (LoRA base, DPO reference).
 
     Gradients of the SUMMED loss are added over `grad_accum` microbatches (lax.scan) and divided once
-    by the batch's token count, so any microbatching gives the same update as one big batch.
+    by the batch's count (tokens, or DPO pairs), so any microbatching gives the same update as one big batch.
+    `nan_skip`: a non-finite loss or gradient norm keeps the old params and optimizer state (numerics.py).
     """
-    grad_fn = jax.value_and_grad(functools.partial(loss_and_count, graphdef, loss_chunk=loss_chunk), has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(objective_loss, obj, graphdef), has_aux=True)
     params = state["params"]
+    key = jax.random.fold_in(jax.random.key(obj.seed), state["step"]) if obj.lora.dropout else None
     if grad_accum == 1:
-        (loss_sum, count), grads = grad_fn(params, batch)
+        (loss_sum, (count, msum)), grads = grad_fn(params, frozen, batch, key)
     else:
-        def micro(carry, mb):
-            (l, n), g = grad_fn(params, mb)
-            return jax.tree.map(jnp.add, carry, (g, l, n)), None
-        zero = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
-        (grads, loss_sum, count), _ = jax.lax.scan(micro, zero, split_microbatches(batch, grad_accum))
+        def micro(carry, xs):
+            mb, j = xs
+            k = None if key is None else jax.random.fold_in(key, j)
+            (l, (n, m)), g = grad_fn(params, frozen, mb, k)
+            return jax.tree.map(jnp.add, carry, (g, l, n, m)), None
+        metric_names = objectives.DPO_METRICS if obj.name == "dpo" else ()
+        zero = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0),
+                {k: jnp.float32(0) for k in metric_names})
+        (grads, loss_sum, count, msum), _ = jax.lax.scan(
+            micro, zero, (split_microbatches(batch, grad_accum), jnp.arange(grad_accum)))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
-    metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
-               "learning_rate": lr_schedule(state["step"]), "tokens": count}
+    new_params, grad_norm = optax.apply_updates(params, updates), optax.global_norm(grads)
+    if nan_skip:
+        ok = is_finite_step(loss_sum, grad_norm)
+        new_params, opt_state = keep_finite(ok, (new_params, opt_state), (params, state["opt_state"]))
+    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+    metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm,
+               "learning_rate": lr_schedule(state["step"]), "tokens": count,
+               **{k: v / denom for k, v in msum.items()}}
     return new_state, metrics
 
 
-def eval_step(graphdef, params: dict, batch: dict, grad_accum: int = 1, loss_chunk: int = 0):
-    """(loss sum, token count) of a batch, in the train step's `grad_accum` microbatches (a run that
-    needs microbatches to fit a train step needs them for eval too)."""
+def eval_step(obj: Objective, graphdef, params: dict, batch: dict, frozen: dict,
+              grad_accum: int = 1) -> tuple[jax.Array, jax.Array]:
+    """(loss sum, count) of a batch, in the train step's `grad_accum` microbatches (a run that needs
+    microbatches to fit a train step needs them for eval too)."""
+    def one(mb):
+        loss_sum, (count, _) = objective_loss(obj, graphdef, params, frozen, mb)
+        return loss_sum, count
     if grad_accum == 1:
-        return loss_and_count(graphdef, params, batch, loss_chunk)
+        return one(batch)
 
     def micro(carry, mb):
-        return jax.tree.map(jnp.add, carry, loss_and_count(graphdef, params, mb, loss_chunk)), None
+        return jax.tree.map(jnp.add, carry, one(mb)), None
     total, _ = jax.lax.scan(micro, (jnp.float32(0), jnp.float32(0)), split_microbatches(batch, grad_accum))
     return total
 
@@ -91,9 +159,24 @@ class Setup:
     mesh: jax.sharding.Mesh
     graphdef: nnx.GraphDef
     tx: optax.GradientTransformation
-    abstract: dict  # {params, opt_state, step}: ShapeDtypeStruct with shardings
-    step_fn: Callable  # (state, batch) -> (state, metrics); donates state
-    eval_fn: Callable  # (params, batch) -> (loss sum, token count)
+    abstract: dict  # {params, opt_state, step}: ShapeDtypeStruct with shardings (params: LoRA adapters)
+    step_jit: Callable  # (state, batch, frozen) -> (state, metrics); donates state
+    eval_jit: Callable  # (params, batch, frozen) -> (loss sum, count)
+    objective: Objective = Objective()
+    frozen_abstract: dict = dataclasses.field(default_factory=dict)  # {"base"} (LoRA), {"ref"} (full DPO)
+    frozen: dict = dataclasses.field(default_factory=dict)  # their values, placed by the loop
+
+    def step_fn(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        return self.step_jit(state, batch, self.frozen)
+
+    def eval_fn(self, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+        return self.eval_jit(params, batch, self.frozen)
+
+    def model_params(self, params: dict) -> dict:
+        """The full model's params: LoRA adapters merged into the frozen base (for sampling)."""
+        if not self.objective.lora.rank:
+            return params
+        return jax.jit(functools.partial(lora.merge, scale=self.objective.lora.scale))(self.frozen["base"], params)
 
     @property
     def shardings(self) -> dict:
@@ -107,7 +190,10 @@ class Setup:
         sh = self.shardings
         if params is None:
             def fresh():
-                p = init_params(self.model_cfg, seed)
+                if self.objective.lora.rank:
+                    p = lora.init(self.model_cfg, self.objective.lora, jax.random.key(seed))
+                else:
+                    p = init_params(self.model_cfg, seed)
                 return {"params": p, "opt_state": self.tx.init(p), "step": jnp.int32(0)}
             return jax.jit(fresh, out_shardings=sh)()
         opt_state = jax.jit(self.tx.init, out_shardings=sh["opt_state"])(params)
@@ -116,12 +202,23 @@ class Setup:
 
 def build(cfg: TrainConfig, model_cfg: ModelConfig, mesh) -> Setup:
     """Abstract sharded state (optimizer shardings mirror the params' via optax.tree_map_params) and
-    the jitted step/eval with explicit in/out shardings. Nothing is allocated here."""
+    the jitted step/eval with explicit in/out shardings. Nothing is allocated here.
+
+    With LoRA the trained params are the adapters (float32) and the base model is frozen in the compute
+    dtype, with no optimizer state; full DPO keeps a frozen reference copy in the compute dtype."""
     tx = make_optimizer(cfg.optim, cfg.steps)
     backend = attention.resolve(cfg.attention, mesh.devices.flat[0].platform, cfg.seq_len)
     loss_chunk = resolve_chunk(cfg.loss_chunk, cfg.batch_size // cfg.grad_accum, cfg.seq_len, model_cfg.vocab_size)
+    obj = Objective.of(cfg, loss_chunk)
     graphdef, _ = nnx.split(abstract_model(model_cfg, scan_layers=cfg.scan_layers, remat=cfg.remat, attention=backend))
-    params = checkpoint.abstract_params(model_cfg, mesh)
+    base = checkpoint.abstract_params(model_cfg, mesh)
+    frozen_model = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(cfg.compute_dtype),
+                                                               sharding=a.sharding), base)
+    if obj.lora.rank:
+        params, frozen = lora.abstract(model_cfg, obj.lora, mesh), {"base": frozen_model}
+    else:
+        in_step_ref = obj.name == "dpo" and not obj.dpo.precompute_reference
+        params, frozen = base, ({"ref": frozen_model} if in_step_ref else {})
     param_sh = jax.tree.map(lambda a: a.sharding, params)
     opt = jax.eval_shape(tx.init, params)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt, param_sh, transform_non_params=lambda _: replicated(mesh))
@@ -131,12 +228,12 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, mesh) -> Setup:
         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh)),
     }
     state_sh = jax.tree.map(lambda a: a.sharding, abstract)
+    frozen_sh = jax.tree.map(lambda a: a.sharding, frozen)
     batch_sh = jax.sharding.NamedSharding(mesh, logical_spec(("batch", "seq"), None, mesh))
-    step_fn = jax.jit(functools.partial(train_step, graphdef, tx, schedule(cfg.optim, cfg.steps), cfg.grad_accum,
-                                        loss_chunk=loss_chunk),
-                      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),
-                      donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef, grad_accum=cfg.grad_accum, loss_chunk=loss_chunk),
-                      in_shardings=(param_sh, batch_sh),
-                      out_shardings=replicated(mesh))
-    return Setup(model_cfg, mesh, graphdef, tx, abstract, step_fn, eval_fn)
+    step_jit = jax.jit(functools.partial(train_step, obj, graphdef, tx, schedule(cfg.optim, cfg.steps), cfg.grad_accum,
+                                         nan_skip=cfg.nan_policy == "skip"),
+                       in_shardings=(state_sh, batch_sh, frozen_sh), out_shardings=(state_sh, replicated(mesh)),
+                       donate_argnums=0)
+    eval_jit = jax.jit(functools.partial(eval_step, obj, graphdef, grad_accum=cfg.grad_accum), in_shardings=(param_sh, batch_sh, frozen_sh),
+                       out_shardings=replicated(mesh))
+    return Setup(model_cfg, mesh, graphdef, tx, abstract, step_jit, eval_jit, obj, frozen)

@@ -1,0 +1,174 @@
+"""Fine-tuning records (TRL's dataset formats) -> token ids + which targets the loss counts.
+
+SFT records (``objective: sft``):
+    {"messages": [{"role", "content"}, ...]}                       conversational
+    {"prompt": [messages], "completion": [messages]}               conversational prompt-completion
+    {"prompt": str, "completion": str}                             plain prompt-completion
+DPO records (``objective: dpo``):
+    {"prompt": [messages] | str, "chosen": [messages] | str, "rejected": [messages] | str}
+
+Conversations are rendered with the Llama 3 chat format of the tokenizer (tokenizer.py: BOS, then per
+message ``<|start_header_id|>role<|end_header_id|>\\n\\n content <|eot_id|>``). The loss covers exactly
+the content tokens of the assistant turns and their closing ``<|eot_id|>`` (for prompt-completion: of
+the completion only; plain text: the completion's tokens and EOS) -- never a header, never a system,
+user or ipython turn.
+
+An example is the model's view of one record, already shifted: ``tokens = ids[:-1]``,
+``targets = ids[1:]``, ``loss_mask[i] = 1`` when ``targets[i]`` is a trained token. Shifting per
+record (not per packed row as pretraining does) keeps a record whole inside one row. A record longer
+than ``seq_len`` (a DPO pair: each side longer than ``seq_len // 2``) is cut to fit, and counted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .sources import Document, read_record, report
+from .text import TokenizerHolder
+
+ROLES = frozenset({"system", "user", "assistant", "ipython", "tool"})
+
+
+# ------------------------------------------------------------------------------ validation
+def _messages_problem(messages, where: str) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return f"{where!r} must be a non-empty list of messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return f"{where}[{i}] must have 'role' and 'content'"
+        if m["role"] not in ROLES:
+            return f"{where}[{i}]: unknown role {m['role']!r} (expected one of {', '.join(sorted(ROLES))})"
+        if not isinstance(m["content"], str):
+            return f"{where}[{i}]['content'] must be a string"
+    return None
+
+
+def _has_assistant(messages) -> bool:
+    return any(m["role"] == "assistant" for m in messages)
+
+
+def sft_problem(record) -> str | None:
+    """Why an SFT record cannot be used, or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if "messages" in record:
+        why = _messages_problem(record["messages"], "messages")
+        if why:
+            return why
+        return None if _has_assistant(record["messages"]) else "no assistant turn"
+    if "prompt" in record and "completion" in record:
+        p, c = record["prompt"], record["completion"]
+        if isinstance(p, str) and isinstance(c, str):
+            return None
+        why = _messages_problem(p, "prompt") or _messages_problem(c, "completion")
+        if why:
+            return why
+        return None if _has_assistant(c) else "no assistant turn in 'completion'"
+    return "missing field: need 'messages', or 'prompt' and 'completion'"
+
+
+def dpo_problem(record) -> str | None:
+    """Why a preference record cannot be used, or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
+    if missing:
+        return f"missing field {missing[0]!r}"
+    p = record["prompt"]
+    if isinstance(p, str):
+        if not all(isinstance(record[k], str) for k in ("chosen", "rejected")):
+            return "with a string 'prompt', 'chosen' and 'rejected' must be strings"
+        return None
+    why = _messages_problem(p, "prompt")
+    for k in ("chosen", "rejected"):
+        why = why or _messages_problem(record[k], k) or (None if _has_assistant(record[k]) else f"no assistant turn in {k!r}")
+    return why
+
+
+# ------------------------------------------------------------------------------- rendering
+def render_messages(tok, messages, trained_from: int = 0) -> tuple[list[int], list[int]]:
+    """(ids, label mask) of a dialog in the Llama 3 chat format (no open assistant header at the end).
+
+    The ids equal ``tok.encode_dialog(messages, add_generation_prompt=False)``; the mask is 1 on the
+    content and ``<|eot_id|>`` of each assistant message at index >= ``trained_from``.
+    """
+    ids, mask = [tok.bos_id], [0]
+    for i, m in enumerate(messages):
+        header = tok.encode_header(m["role"])
+        content = tok.encode(m["content"], bos=False, eos=False)
+        on = int(m["role"] == "assistant" and i >= trained_from)
+        ids += [*header, *content, tok.eot_id]
+        mask += [0] * len(header) + [on] * (len(content) + 1)
+    return ids, mask
+
+
+def render_completion(tok, prompt, completion) -> tuple[list[int], list[int]]:
+    """(ids, label mask) of a prompt and its completion: chat messages or plain strings."""
+    if isinstance(prompt, str):
+        p = tok.encode(prompt, bos=True, eos=False)
+        c = tok.encode(completion, bos=False, eos=True)
+        return p + c, [0] * len(p) + [1] * len(c)
+    return render_messages(tok, list(prompt) + list(completion), trained_from=len(prompt))
+
+
+def render_sft(tok, record) -> tuple[list[int], list[int]]:
+    if "messages" in record:
+        return render_messages(tok, record["messages"])
+    return render_completion(tok, record["prompt"], record["completion"])
+
+
+def example(ids, mask, max_len: int) -> dict[str, np.ndarray]:
+    """Shifted, cut to at most ``max_len`` inputs."""
+    ids, mask = ids[: max_len + 1], mask[: max_len + 1]
+    n = len(ids) - 1
+    return {"tokens": np.asarray(ids[:-1], np.int32), "targets": np.asarray(ids[1:], np.int32),
+            "loss_mask": np.asarray(mask[1:], np.int32), "positions": np.arange(n, dtype=np.int32)}
+
+
+class RenderRecords(TokenizerHolder):
+    """Document -> an example ready for packing (SFT), or a pair of examples in one (DPO): for DPO,
+    the chosen then the rejected sequence, ``half`` 1 / 2, positions restarting at the rejected one."""
+
+    def __init__(self, tokenizer, kind: str, seq_len: int, reference: dict | None = None,
+                 index: dict | None = None):
+        super().__init__(tokenizer)
+        self.kind, self.seq_len = kind, seq_len
+        self.reference, self.index = reference, index  # DPO precomputed reference: see add_reference
+        self.truncated = 0
+
+    def _cut(self, n: int, limit: int, doc: Document) -> None:
+        if n > limit:
+            self.truncated += 1
+            if self.truncated == 1:  # reported once; the run summary gives the count
+                report(f"{doc.path}:{doc.line}: truncated: {n} tokens > {limit} (this and every longer record is "
+                       f"cut to fit seq_len and counted; the count is in the run summary)")
+
+    def __call__(self, doc: Document) -> dict[str, np.ndarray]:
+        record, tok = read_record(doc), self._tokenizer
+        if self.kind == "sft":
+            ids, mask = render_sft(tok, record)
+            self._cut(len(ids) - 1, self.seq_len, doc)
+            return example(ids, mask, self.seq_len)
+        half = self.seq_len // 2
+        sides = [render_completion(tok, record["prompt"], record[k]) for k in ("chosen", "rejected")]
+        for ids, _ in sides:
+            self._cut(len(ids) - 1, half, doc)
+        chosen, rejected = (example(ids, mask, half) for ids, mask in sides)
+        out = {k: np.concatenate([chosen[k], rejected[k]]) for k in chosen}
+        out["half"] = np.repeat(np.int32([1, 2]), [len(chosen["tokens"]), len(rejected["tokens"])])
+        if self.index is not None:  # the pass that computes reference log-probs: which pair this is
+            out["pair"] = np.full(len(out["tokens"]), self.index[doc.key], np.int32)
+        if self.reference is not None:
+            out["ref_logps"] = add_reference(out, *self.reference[doc.key])
+        return out
+
+
+def add_reference(pair: dict[str, np.ndarray], chosen: float, rejected: float) -> np.ndarray:
+    """A float feature whose masked sum per side is the precomputed reference log-prob of that side:
+    each sum sits on the side's first trained token (objectives.pair_logps sums masked tokens)."""
+    ref = np.zeros(len(pair["tokens"]), np.float32)
+    for half, value in ((1, chosen), (2, rejected)):
+        trained = np.flatnonzero((pair["half"] == half) & (pair["loss_mask"] == 1))
+        if trained.size:
+            ref[trained[0]] = value
+    return ref

@@ -1,0 +1,238 @@
+"""The batch iterator: documents -> shuffled, sharded, tokenized, packed, batched, prefetched, with
+grain's small JSON iterator state for checkpoints (see the package docstring for the steps)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags as absl_flags
+from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset, ThreadPrefetchIterDataset
+
+from .chat import RenderRecords, dpo_problem, sft_problem
+from .packing import EXAMPLE_KEYS, example_batch, text_batch
+from .sources import DataConfig, Document, list_documents, split_documents
+from .text import ReadAndTokenize
+
+KINDS = ("text", "sft", "dpo")
+# In-process reading: threads that read + tokenize, and documents read ahead of the packer.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
+
+
+def _jsonable(x: Any) -> Any:
+    """grain's state as plain JSON types (its packer keeps tuples and numpy ints)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    raise TypeError(f"grain iterator state holds a {type(x).__name__}, not JSON-serialisable")
+
+
+def _from_json(x: Any, key: str = "") -> Any:
+    """Undo what JSON did to grain's state: its packer compares slices with tuples."""
+    if isinstance(x, dict):
+        if key == "remainder_slices":
+            return {k: tuple(v) for k, v in x.items()}
+        if key == "future_states":  # keyed by shard index
+            return {int(k): _from_json(v) for k, v in x.items()}
+        return {k: _from_json(v, k) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_from_json(v) for v in x]
+    return x
+
+
+def record_check(kind: str):
+    """The validation `list_documents` applies to JSONL/Parquet records of a pipeline kind (None: text)."""
+    return {"text": None, "sft": sft_problem, "dpo": dpo_problem}[kind]
+
+
+class BatchIterator:
+    """Yields this process's rows of each global batch: dict of int32 (rows, seq_len).
+
+    Keys ``BATCH_KEYS``: ``tokens``, ``targets`` (next token), ``positions`` (0 at each
+    segment start), ``segment_ids`` (1, 2, ... per document piece in a row; 0 = padding),
+    ``loss_mask`` (1 where ``targets`` is the next token of the same document).
+    ``get_state()`` describes what the caller has consumed (not what the prefetch
+    thread read ahead); ``set_state`` on a fresh iterator with the same arguments
+    continues with exactly the batches the saved one would have produced.
+    """
+
+    def __init__(
+        self,
+        dataset: grain.IterDataset,
+        *,
+        documents: list[Document],
+        rows: int,
+        seq_len: int,
+        process_count: int,
+        fingerprint: dict[str, Any],
+        render: RenderRecords | None = None,
+    ):
+        self._it = dataset.__iter__()
+        self.documents = documents  # this process's documents (after split + sharding)
+        self.rows, self.seq_len, self.process_count = rows, seq_len, process_count
+        self._fingerprint = fingerprint
+        self._render = render
+
+    @property
+    def truncated(self) -> int:
+        """Fine-tuning records cut to fit seq_len so far (read in this process's threads)."""
+        return self._render.truncated if self._render is not None else 0
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.documents)
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """Token slots per batch in this process (padding included)."""
+        return self.rows * self.seq_len
+
+    @property
+    def global_tokens_per_batch(self) -> int:
+        return self.rows * self.seq_len * self.process_count
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"fingerprint": dict(self._fingerprint), "grain": _jsonable(self._it.get_state())}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        saved = state.get("fingerprint", {})
+        for name, now in self._fingerprint.items():
+            if saved.get(name) != now:
+                raise ValueError(
+                    f"data iterator state is for another pipeline: {name} was "
+                    f"{saved.get(name)!r}, now {now!r}"
+                )
+        self._it.set_state(_from_json(state["grain"]))
+
+    def close(self) -> None:
+        """Stop prefetch threads and worker processes."""
+        self._it.close()
+
+    def __enter__(self) -> BatchIterator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_iterator(
+    cfg: DataConfig,
+    *,
+    tokenizer,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    split: str = "train",
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    kind: str = "text",
+    reference: dict | None = None,
+    pair_index: bool = False,
+) -> BatchIterator:
+    """Build the batch iterator for one process (see module docstring for the steps).
+
+    ``batch_size`` is global; this process gets ``batch_size // process_count`` rows.
+    Train loops forever (reshuffled each epoch with ``seed + epoch``) unless
+    ``num_epochs`` is set; eval is one pass in file order. ``kind``: ``text`` (pretraining),
+    ``sft`` or ``dpo`` (fine-tuning records, chat.py). DPO only: ``reference`` (document key ->
+    (chosen, rejected) reference log-probs) adds the float32 batch key ``ref_logps``; ``pair_index``
+    adds ``pair`` (each token's index into ``.documents``) for the pass that computes them.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown data kind {kind!r} (choose from {', '.join(KINDS)})")
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+    if not 0 <= process_index < process_count or batch_size % process_count:
+        raise ValueError(
+            f"batch_size {batch_size} must divide over process_count {process_count} "
+            f"and 0 <= process_index {process_index} < process_count"
+        )
+    if cfg.worker_count < 0 or cfg.prefetch < 0:
+        raise ValueError(f"worker_count and prefetch must be >= 0: {cfg}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    rows = batch_size // process_count
+    shuffle = cfg.shuffle and split == "train"
+    if split == "eval":
+        num_epochs = num_epochs or 1
+    docs = split_documents(list_documents(cfg, record_check(kind)), split, cfg.eval_fraction)[
+        process_index::process_count
+    ]
+    # An eval share may be empty (few held-out documents, several processes): that iterator simply
+    # ends at once, and the caller feeds padding batches so every process runs the same collectives.
+    if not docs and split == "train":
+        raise ValueError(
+            f"no {split} documents for process {process_index}/{process_count} in data "
+            f"path {cfg.path} (eval_fraction={cfg.eval_fraction})"
+        )
+
+    ds = grain.MapDataset.source(docs)
+    if shuffle:
+        ds = ds.shuffle(seed)  # grain reshuffles each epoch with seed + epoch
+    render = None
+    if kind == "text":
+        ds = ds.repeat(num_epochs).map(ReadAndTokenize(tokenizer, cfg.text_field))
+        packed = ConcatThenSplitIterDataset(
+            ds.to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len + 1}
+        )
+        batch_fn = text_batch
+    else:
+        index = {d.key: i for i, d in enumerate(docs)} if pair_index else None
+        render = RenderRecords(tokenizer, kind, seq_len, reference, index)
+        ds = ds.repeat(num_epochs).map(render)
+        keys = EXAMPLE_KEYS + (("half",) if kind == "dpo" else ())
+        keys += (("ref_logps",) if reference is not None else ()) + (("pair",) if pair_index else ())
+        packed = FirstFitPackIterDataset(
+            ds.to_iter_dataset(_READ_OPTIONS), length_struct={k: seq_len for k in keys},
+            num_packing_bins=cfg.packing_bins, shuffle_bins=False,
+        )
+        batch_fn = example_batch
+    batches = packed.batch(
+        rows, batch_fn=functools.partial(batch_fn, n_rows=rows, seq_len=seq_len)
+    )
+    if cfg.worker_count:
+        # grain reads an absl flag when starting workers; outside absl.app it is unparsed.
+        if not absl_flags.FLAGS.is_parsed():
+            absl_flags.FLAGS.mark_as_parsed()
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+    if cfg.prefetch:
+        batches = ThreadPrefetchIterDataset(batches, prefetch_buffer_size=cfg.prefetch)
+
+    keys = hashlib.sha1("\n".join(d.key for d in docs).encode()).hexdigest()
+    # A restored state only makes sense for the same documents read the same way.
+    fingerprint = {
+        "documents": f"{len(docs)}:{keys}",
+        "split": split,
+        "seq_len": seq_len,
+        "rows": rows,
+        "seed": seed,
+        "shuffle": shuffle,
+        "num_epochs": num_epochs,
+        "process": f"{process_index}/{process_count}",
+        "worker_count": cfg.worker_count,
+        **({} if kind == "text" else {"kind": kind, "packing_bins": cfg.packing_bins}),
+    }
+    return BatchIterator(
+        batches,
+        documents=docs,
+        rows=rows,
+        seq_len=seq_len,
+        process_count=process_count,
+        fingerprint=fingerprint,
+        render=render,
+    )
