@@ -143,8 +143,9 @@ def score_batch(graphdef, params, tokens, lengths):
     model = nnx.merge(graphdef, params)
     positions, segment_ids = left_padded_layout(lengths, tokens.shape[1])
     logits, _ = model(tokens, positions, segment_ids)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    logits = logits[:, :-1]  # picked logit - log-sum-exp: no second (B, T, vocab) log-softmax copy
+    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 # ----------------------------------------------------------------------------------------- Generator
