@@ -1,7 +1,15 @@
-"""Decode throughput: llama3-jax vs transformers `generate` on the same weights, and the bandwidth roofline.
+"""Decode throughput: llama3-jax (continuous and static batching) vs transformers `generate` on the same
+weights, on a uniform and a ragged workload, and the bandwidth roofline.
 
     python benchmarks/decode.py                      # ~126M-param Llama-3-shaped model, float32
     python benchmarks/decode.py --dim 256 --layers 4 --new-tokens 32   # a quick smoke run
+
+Workloads: `uniform` is --batch-size rows of --prompt-len tokens, each generating --new-tokens; `ragged`
+is --ragged-rows rows (default 2 x batch) with prompt lengths uniform in --ragged-prompt-len and
+max_new_tokens uniform in --ragged-new-tokens (per row). tokens/s counts the tokens each row asked for
+(transformers, which has one max_new_tokens per call, decodes each batch of rows to its longest budget;
+its extra tokens are not counted). llama3-jax runs both its continuous batching (the default engine:
+--batch-size slots refilled as rows finish) and its static batching (whole batches sorted by length).
 
 A random `transformers.LlamaForCausalLM` (GQA, SwiGLU, llama3 rope scaling) is converted with
 `llama3-jax convert`; both sides then greedily generate --new-tokens tokens (never stopping: --ignore-eos
@@ -52,6 +60,10 @@ def parse_args(argv=None):
                    help="keep XLA:CPU's default dot fusion (by default this script turns off its YNN fusion, "
                         "which made f32 decode ~1.6x slower on the 2-core x86 VM this was written on)")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--workloads", nargs="+", choices=["uniform", "ragged"], default=["uniform", "ragged"])
+    p.add_argument("--ragged-rows", type=int, default=None, help="rows of the ragged workload (default: 2 x batch)")
+    p.add_argument("--ragged-prompt-len", type=int, nargs=2, default=[16, 1024])
+    p.add_argument("--ragged-new-tokens", type=int, nargs=2, default=[8, 256])
     return p.parse_args(argv)
 
 
@@ -88,22 +100,39 @@ def main(argv=None) -> None:
     hf = hf.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype])
     n = args.new_tokens
     rng = np.random.default_rng(0)
-    prompts = {b: rng.integers(3, args.vocab, (b, args.prompt_len)).tolist() for b in args.batch_sizes}
+    work = {}  # (workload, batch) -> [(prompt ids, max new tokens)]
+    for b in args.batch_sizes:
+        if "uniform" in args.workloads:
+            work["uniform", b] = [(p, n) for p in rng.integers(3, args.vocab, (b, args.prompt_len)).tolist()]
+        if "ragged" in args.workloads:
+            rows = args.ragged_rows or 2 * b
+            lo, hi = args.ragged_prompt_len
+            nlo, nhi = args.ragged_new_tokens
+            work["ragged", b] = [(rng.integers(3, args.vocab, int(rng.integers(lo, hi + 1))).tolist(),
+                                  int(rng.integers(nlo, nhi + 1))) for _ in range(rows)]
 
     # transformers first, before jax is imported: XLA's CPU thread pool would compete with torch's threads
     t_hf = {}
-    for b in ([] if args.skip_transformers else args.batch_sizes):
-        print(f"batch {b}: transformers warm-up + run ...", file=sys.stderr)
-        ids = torch.tensor(prompts[b])
+    for (w, b), rows in ([] if args.skip_transformers else work.items()):
+        print(f"{w} batch {b}: transformers warm-up + run ...", file=sys.stderr)
 
         def hf_run():
-            with torch.inference_mode():
-                out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                                  min_new_tokens=n, pad_token_id=0)
-            assert out.shape == (b, args.prompt_len + n)
+            for i in range(0, len(rows), b):
+                chunk = rows[i:i + b]
+                width = max(len(p) for p, _ in chunk)
+                ids = torch.zeros((len(chunk), width), dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for r, (p, _) in enumerate(chunk):  # left-padded, as generate wants for decoder-only models
+                    ids[r, width - len(p):] = torch.tensor(p)
+                    mask[r, width - len(p):] = 1
+                new = max(m for _, m in chunk)
+                with torch.inference_mode():
+                    out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                                      min_new_tokens=new, pad_token_id=0)
+                assert out.shape == (len(chunk), width + new)
 
         hf_run()  # every cache length once: oneDNN builds kernels per shape
-        t_hf[b] = min(_timed(hf_run) for _ in range(args.repeats))
+        t_hf[w, b] = min(_timed(hf_run) for _ in range(args.repeats))
 
     flag = "--xla_cpu_experimental_ynn_fusion_type="
     if not args.xla_defaults and "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
@@ -119,16 +148,20 @@ def main(argv=None) -> None:
     gen = Generator(Path(tmp.name) / "jax", dtype=args.dtype)
     tmp.cleanup()
 
-    t_jax = {}
-    for b in args.batch_sizes:
-        print(f"batch {b}: llama3-jax warm-up + run ...", file=sys.stderr)
+    t_jax = {}  # (workload, batch, continuous) -> seconds
+    for (w, b), rows in work.items():
+        reqs = [gen.request(p, m) for p, m in rows]
+        for continuous in (True, False):
+            print(f"{w} batch {b}: llama3-jax {'continuous' if continuous else 'static'} warm-up + run ...",
+                  file=sys.stderr)
 
-        def run():
-            out = gen.generate(prompts[b], n, ignore_eos=True, batch_size=b, decode_text=False)
-            assert all(len(c.tokens) == n for c in out)
+            def run():
+                got = {i: c for batch in gen.generate_requests(reqs, ignore_eos=True, batch_size=b, decode_text=False,
+                                                                continuous=continuous) for i, c in batch}
+                assert [len(got[i].tokens) for i in range(len(rows))] == [m for _, m in rows]
 
-        run()  # compiles
-        t_jax[b] = min(_timed(run) for _ in range(args.repeats))
+            run()  # compiles
+            t_jax[w, b, continuous] = min(_timed(run) for _ in range(args.repeats))
 
     cfg = gen.cfg
     itemsize = np.dtype(jax.numpy.dtype(args.dtype)).itemsize
@@ -136,16 +169,20 @@ def main(argv=None) -> None:
     weight_bytes = (n_params - cfg.vocab_size * cfg.dim * (0 if cfg.tie_embeddings else 1)) * itemsize
     print("measuring memory bandwidth ...", file=sys.stderr)
     bandwidth = measure_bandwidth()
-    rows = []
-    for b in args.batch_sizes:
-        # KV cache read per step, at the mean decode length
-        kv_bytes = 2 * cfg.n_layers * b * (args.prompt_len + n / 2) * cfg.n_kv_heads * cfg.head_dim * itemsize
-        roof = b * bandwidth / (weight_bytes + kv_bytes)
-        rows.append((b, b * n / t_jax[b], b * n / t_hf[b] if b in t_hf else None, roof, 1e3 * t_jax[b] / n))
+    table = []
+    for (w, b), rows in work.items():
+        useful = sum(m for _, m in rows)
+        roof = None
+        if w == "uniform":  # KV cache read per step, at the mean decode length
+            kv_bytes = 2 * cfg.n_layers * b * (args.prompt_len + n / 2) * cfg.n_kv_heads * cfg.head_dim * itemsize
+            roof = b * bandwidth / (weight_bytes + kv_bytes)
+        table.append((w, b, len(rows), useful / t_jax[w, b, True], useful / t_jax[w, b, False],
+                      useful / t_hf[w, b] if (w, b) in t_hf else None, roof))
 
     dev = jax.devices()[0]
-    print(f"\n### Decode throughput ({args.dtype}, prompt {args.prompt_len} tokens, {n} new tokens, greedy, "
-          f"ignore-eos)\n")
+    print(f"\n### Decode throughput ({args.dtype}, greedy, ignore-eos; uniform: prompt {args.prompt_len} tokens, "
+          f"{n} new tokens, one batch of rows; ragged: prompts {args.ragged_prompt_len[0]}-{args.ragged_prompt_len[1]} "
+          f"tokens, {args.ragged_new_tokens[0]}-{args.ragged_new_tokens[1]} new tokens per row)\n")
     print(f"- model: Llama-3-shaped, {n_params / 1e6:.1f}M params (dim {cfg.dim}, {cfg.n_layers} layers, "
           f"{cfg.n_heads} heads / {cfg.n_kv_heads} kv heads x {cfg.head_dim}, mlp {cfg.intermediate_size}, "
           f"vocab {cfg.vocab_size}); random weights converted from transformers")
@@ -155,13 +192,13 @@ def main(argv=None) -> None:
           f"transformers {transformers.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"- measured memory bandwidth (numpy copy of 1 GiB): {bandwidth / 1e9:.1f} GB/s; weights read per "
           f"decode step: {weight_bytes / 1e6:.0f} MB (+ KV cache)\n")
-    print("| batch | llama3-jax tokens/s | ms / step | transformers tokens/s | jax / transformers | "
-          "bandwidth roofline tokens/s | jax % of roofline |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for b, tj, th, roof, ms in rows:
-        hf_s = "-" if th is None else f"{th:.1f}"
-        ratio = "-" if th is None else f"{tj / th:.2f}x"
-        print(f"| {b} | {tj:.1f} | {ms:.1f} | {hf_s} | {ratio} | {roof:.1f} | {100 * tj / roof:.0f}% |")
+    print("| workload | batch | rows | continuous tokens/s | static tokens/s | continuous / static | "
+          "transformers tokens/s | continuous / transformers | bandwidth roofline tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for w, b, n_rows, tc, ts, th, roof in table:
+        hf_s, ratio = ("-", "-") if th is None else (f"{th:.1f}", f"{tc / th:.2f}x")
+        roof_s = "-" if roof is None else f"{roof:.1f}"
+        print(f"| {w} | {b} | {n_rows} | {tc:.1f} | {ts:.1f} | {tc / ts:.2f}x | {hf_s} | {ratio} | {roof_s} |")
 
 
 if __name__ == "__main__":

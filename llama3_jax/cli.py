@@ -24,9 +24,22 @@ def _convert(args) -> None:
             progress=not args.quiet, **options)
 
 
-def _train(args) -> None:
-    from .train import run_train
-    run_train(args.config, args.overrides)
+def _train(args) -> int:
+    if not args.dry_run:
+        if args.topology or args.num_slices != 1:
+            raise ValueError("--topology and --num-slices need --dry-run")
+        from .train import run_train
+        run_train(args.config, args.overrides)
+        return 0
+    from .config import load_yaml_config
+    from .train import TrainConfig
+    from .train.dryrun import DoesNotFit, dry_run
+    try:
+        dry_run(load_yaml_config(TrainConfig, args.config, list(args.overrides)), args.topology, args.num_slices)
+    except DoesNotFit as e:
+        print(f"llama3-jax train: does not fit: {e}", file=sys.stderr)
+        return 3
+    return 0
 
 
 def _generate(args) -> int:
@@ -86,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", default=None, help="YAML run config (e.g. configs/tiny.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    t.add_argument("--dry-run", action="store_true",
+                   help="compile one train step for the configured mesh, report memory/FLOPs, allocate nothing "
+                        "(exit 0 fits, 3 does not fit)")
+    t.add_argument("--topology", default=None,
+                   help="with --dry-run: compile for this TPU topology, e.g. v5e:4x4, v5p:8x8x8 (needs libtpu)")
+    t.add_argument("--num-slices", type=int, default=1, help="with --topology: a multislice job of N slices")
     t.set_defaults(func=_train)
 
     g = sub.add_parser("generate", help="batched generation: JSONL prompts in, JSONL completions out",
@@ -108,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at stop tokens: generate --max-new-tokens tokens, or to the end of the "
                         "context (default: stop)")
+    g.add_argument("--static-batching", action="store_true",
+                   help="decode whole batches sorted by length, each until its longest row is done, instead of "
+                        "refilling --batch-size slots as rows finish, for comparison (default: continuous)")
     g.add_argument("--num-samples", type=int, default=1,
                    help="completions per input line, each its own output line with a 'sample' index (default: 1)")
     g.set_defaults(func=_generate)
@@ -161,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"llama3-jax {args.command}: interrupted", file=sys.stderr)
         return 130
-    return rc if isinstance(rc, int) else 0  # generate/score: 1 when every line failed
+    return rc if isinstance(rc, int) else 0  # generate/score: 1 when every line failed; train --dry-run: 3
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""The decoding engine: restore once, then prefill + decode whole batches on device.
+"""The decoding engine: restore once, then prefill + decode on device.
 
-Per batch, one call of one jitted function does everything:
+By default rows run through a fixed number of decode slots refilled as rows finish (continuous
+batching, scheduler.py). The static path below (`continuous=False`) decodes whole batches; it is kept
+for the benchmark comparison. Per batch, one call of one jitted function does everything:
   * prompts are LEFT-padded to a power-of-two bucket P (few compiles), so every row's last prompt token
     sits in the same slot and all rows write the same cache slot each step (see kv_cache.py);
   * prefill runs the ragged batch in one pass: per-row positions restart at 0 at the first real token,
@@ -38,16 +40,12 @@ from . import sampling as sampling_lib
 from .config import ModelConfig
 from .kv_cache import CACHE_AXES, KVCache
 from .model import abstract_model, split_layer_params
+from .scheduler import (MIN_BUCKET, Completion, Request, Scheduler, bucket, decode_step, is_stop,  # noqa: F401
+                        cut_at_stop, left_padded_layout, prefill, row_keys, sample)
 from .sharding import named_sharding
 
-MIN_BUCKET = 16
 FIRST_CHUNK = 256  # new tokens decoded before the cache first grows, when no max_new_tokens is given
 STOP_SLOTS = 8  # stop-id arrays are padded with -1 to a multiple of this: one compile for any stop set
-
-
-def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
-    """Smallest power of two >= n (and >= minimum): the padded prompt length."""
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
 def left_padded_batches(seqs: Sequence[Sequence[int]], batch_size: int
@@ -70,13 +68,6 @@ def left_padded_batches(seqs: Sequence[Sequence[int]], batch_size: int
 
 
 @dataclasses.dataclass(frozen=True)
-class Completion:
-    tokens: list[int]     # generated ids, without the stop token
-    finish_reason: str    # "stop" (a stop token was generated) or "length" (max_new_tokens or the context's end)
-    text: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
 class Scored:
     tokens: list[int]     # the completion ids
     logprobs: list[float]  # log p(token_i | prompt, tokens_<i), one per completion token
@@ -89,41 +80,7 @@ class Scored:
 # ----------------------------------------------------------------------------- pure device functions
 
 
-def left_padded_layout(lengths: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
-    """lengths (B,) -> positions, segment_ids (B, width) for rows right-aligned in `width` slots."""
-    pad = width - lengths[:, None]
-    slot = jnp.arange(width)[None, :]
-    segment_ids = (slot >= pad).astype(jnp.int32)
-    positions = jnp.maximum(slot - pad, 0).astype(jnp.int32)
-    return positions, segment_ids
-
-
-def prefill(model, tokens: jax.Array, lengths: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """tokens (B, P) left-padded, lengths (B,) -> logits of each row's last prompt token (B, V), cache."""
-    positions, segment_ids = left_padded_layout(lengths, tokens.shape[1])
-    logits, cache = model(tokens, positions, segment_ids, cache, last_only=True)
-    return logits[:, 0], cache
-
-
-def decode_step(model, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """One new token per row: tokens, positions (B,) -> logits (B, V), cache advanced by one slot."""
-    ones = jnp.ones_like(tokens)[:, None]
-    logits, cache = model(tokens[:, None], positions[:, None], ones, cache)
-    return logits[:, 0], cache
-
-
-def _row_keys(seed: jax.Array, row_seeds: jax.Array) -> jax.Array:
-    base = jax.random.key(seed)
-    return jax.vmap(lambda r: jax.random.fold_in(base, r))(row_seeds)
-
-
-def _sample(sampler, logits: jax.Array, row_keys: jax.Array, step) -> jax.Array:
-    """Each row draws with its own key folded with the step: independent of batch composition."""
-    keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-    return jax.vmap(sampler.sample)(logits, keys)
-
-
-def _decode_loop(model, sampler, max_new: int, state, lengths, row_keys, stop_ids, limits):
+def _decode_loop(model, knobs, max_new: int, state, lengths, keys, stop_ids, limits):
     """Decode until every row is done or `max_new` steps; state = (step, tok, out, done, n_kept, cache).
 
     Row r is done when it samples a stop token (n_kept[r] = its step) or once it has limits[r] tokens.
@@ -135,21 +92,17 @@ def _decode_loop(model, sampler, max_new: int, state, lengths, row_keys, stop_id
     def body(state):
         step, tok, out, done, n_kept, cache = state
         logits, cache = decode_step(model, tok, lengths + step - 1, cache)
-        tok = _sample(sampler, logits, row_keys, step)
+        tok = sample(logits, keys, step, knobs)
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
-        hit = _is_stop(tok, stop_ids) & ~done
+        hit = is_stop(tok, stop_ids) & ~done
         n_kept = jnp.where(hit, step, n_kept)
         return step + 1, tok, out, done | hit | (step + 1 >= limits), n_kept, cache
 
     return jax.lax.while_loop(cond, body, state)
 
 
-def _is_stop(tok, stop_ids):
-    return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-
-
-def generate_batch(graphdef, sampler, max_new: int, params, cache: KVCache, tokens, lengths, active,
-                   row_seeds, seed, stop_ids, limits):
+def generate_batch(graphdef, max_new: int, params, cache: KVCache, tokens, lengths, active,
+                   row_seeds, seeds, knobs, stop_ids, limits):
     """Prefill + decode one batch. Returns the loop state (step, last tok, out (B, N), done, n_kept, cache).
 
     Row r's answer is out[r, :n_kept[r]]; n_kept < limits[r] (its token budget, <= N) means it stopped on
@@ -159,18 +112,18 @@ def generate_batch(graphdef, sampler, max_new: int, params, cache: KVCache, toke
     model = nnx.merge(graphdef, params)
     b = tokens.shape[0]
     cache = dataclasses.replace(cache, index=jnp.zeros((), jnp.int32))  # reused buffers: start at slot 0
-    row_keys = _row_keys(seed, row_seeds)
+    keys = row_keys(seeds, row_seeds)
     last_logits, cache = prefill(model, tokens, lengths, cache)
-    tok = _sample(sampler, last_logits, row_keys, 0)
+    tok = sample(last_logits, keys, 0, knobs)
     out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok)
-    hit = _is_stop(tok, stop_ids)
+    hit = is_stop(tok, stop_ids)
     n_kept = jnp.where(hit, 0, limits).astype(jnp.int32)
     done = hit | ~active | (limits <= 1)
     state = (jnp.ones((), jnp.int32), tok, out, done, n_kept, cache)
-    return _decode_loop(model, sampler, max_new, state, lengths, row_keys, stop_ids, limits)
+    return _decode_loop(model, knobs, max_new, state, lengths, keys, stop_ids, limits)
 
 
-def extend_batch(graphdef, sampler, max_new: int, params, state, lengths, row_seeds, seed, stop_ids, limits):
+def extend_batch(graphdef, max_new: int, params, state, lengths, row_seeds, seeds, knobs, stop_ids, limits):
     """Continue `generate_batch`'s loop state with room for `max_new` (> its N) tokens: the out buffer and
     the cache grow by zeros (empty slots, segment 0), and each row keeps its random stream (keys fold in
     the step), so the tokens equal one uninterrupted run with the larger N."""
@@ -182,7 +135,7 @@ def extend_batch(graphdef, sampler, max_new: int, params, state, lengths, row_se
     cache = KVCache(k=jnp.pad(cache.k, slots), v=jnp.pad(cache.v, slots),
                     segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, grow))), index=cache.index)
     state = (step, tok, out, done, n_kept, cache)
-    return _decode_loop(model, sampler, max_new, state, lengths, _row_keys(seed, row_seeds), stop_ids, limits)
+    return _decode_loop(model, knobs, max_new, state, lengths, row_keys(seeds, row_seeds), stop_ids, limits)
 
 
 def score_batch(graphdef, params, tokens, lengths):
@@ -190,8 +143,9 @@ def score_batch(graphdef, params, tokens, lengths):
     model = nnx.merge(graphdef, params)
     positions, segment_ids = left_padded_layout(lengths, tokens.shape[1])
     logits, _ = model(tokens, positions, segment_ids)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    logits = logits[:, :-1]  # picked logit - log-sum-exp: no second (B, T, vocab) log-softmax copy
+    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 # ----------------------------------------------------------------------------------------- Generator
@@ -235,10 +189,11 @@ class Generator:
             tokenizer = checkpoint.load_tokenizer_spec(checkpoint_dir)
         self._tokenizer = tokenizer
         self._cache: KVCache | None = None
+        self._scheduler: Scheduler | None = None
         self._generate = jax.jit(functools.partial(generate_batch, self.graphdef),
-                                 static_argnames=("sampler", "max_new"), donate_argnames=("cache",))
+                                 static_argnames=("max_new",), donate_argnames=("cache",))
         self._extend = jax.jit(functools.partial(extend_batch, self.graphdef),  # no donation: it grows
-                               static_argnames=("sampler", "max_new"))
+                               static_argnames=("max_new",))
         self._score = jax.jit(functools.partial(score_batch, self.graphdef))
 
     # ------------------------------------------------------------------ helpers
@@ -328,8 +283,8 @@ class Generator:
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int | None = None,
                  sampling: sampling_lib.Sampler = sampling_lib.Greedy(), *, seed: int = 0, ignore_eos: bool = False,
-                 stop_ids: Sequence[int] | None = None, batch_size: int = 8, decode_text: bool = True
-                 ) -> list[Completion]:
+                 stop_ids: Sequence[int] | None = None, batch_size: int = 8, decode_text: bool = True,
+                 continuous: bool = True) -> list[Completion]:
         """Complete each prompt (text: BOS is added; or a list of token ids, used as given).
 
         `max_new_tokens` None: until a stop token or the end of the model's context. Results come back in
@@ -347,54 +302,89 @@ class Generator:
                 raise ValueError(f"prompt {i}: {err}")
         results: list[Completion | None] = [None] * len(ids)
         for batch in self.generate_batches(ids, max_new_tokens, sampling, seed=seed, ignore_eos=ignore_eos,
-                                           stop_ids=stop_ids, batch_size=batch_size, decode_text=decode_text):
+                                           stop_ids=stop_ids, batch_size=batch_size, decode_text=decode_text,
+                                           continuous=continuous):
             for i, c in batch:
                 results[i] = c
         return results
+
+    def request(self, tokens: Sequence[int], max_new_tokens: int | None = None,
+                sampling: sampling_lib.Sampler = sampling_lib.Greedy(), *, seed: int = 0, row_seed: int = 0,
+                stop: Sequence[str] = ()) -> Request:
+        """A Request for checked prompt ids; max_new_tokens None: the rest of the context."""
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        budget = self.cfg.max_seq_len - len(tokens) if max_new_tokens is None else max_new_tokens
+        if budget < 1:
+            raise ValueError(f"{len(tokens)} tokens leave no room in the model's context of "
+                             f"{self.cfg.max_seq_len} tokens")
+        t, k, p = sampling_lib.row_params(sampling)
+        return Request(list(tokens), budget, t, k, p, seed, row_seed, tuple(stop))
 
     def generate_batches(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | None,
                          sampling: sampling_lib.Sampler = sampling_lib.Greedy(), *, seed: int = 0,
                          row_seeds: Sequence[int] | None = None, ignore_eos: bool = False,
                          stop_ids: Sequence[int] | None = None, batch_size: int = 8,
-                         decode_text: bool = True) -> Iterator[list[tuple[int, Completion]]]:
-        """Yield [(prompt index, Completion)] per finished batch; prompts are checked token-id lists,
-        batched by `left_padded_batches`. `row_seeds` (default: the prompt index) picks each row's
-        random stream.
+                         decode_text: bool = True, continuous: bool = True
+                         ) -> Iterator[list[tuple[int, Completion]]]:
+        """Yield [(prompt index, Completion)] as rows finish; prompts are checked token-id lists. `row_seeds`
+        (default: the prompt index) picks each row's random stream. One set of knobs for every prompt:
+        `generate_requests` takes them per prompt."""
+        row_seeds = list(range(len(prompts))) if row_seeds is None else list(row_seeds)
+        reqs = []
+        for i, p in enumerate(prompts):
+            try:
+                reqs.append(self.request(p, max_new_tokens, sampling, seed=seed, row_seed=row_seeds[i]))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        yield from self.generate_requests(reqs, ignore_eos=ignore_eos, stop_ids=stop_ids, batch_size=batch_size,
+                                          decode_text=decode_text, continuous=continuous)
 
-        `max_new_tokens` None gives each row the rest of the context (max_seq_len - its length). The
-        cache is then not sized for that up front (a 128K context would not fit): the batch decodes
-        FIRST_CHUNK new tokens, and while a row has room left and no stop token the cache and the out
-        buffer double (`extend_batch`), so memory follows the longest answer, not the context.
-        """
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    def generate_requests(self, requests: Sequence[Request], *, ignore_eos: bool = False,
+                          stop_ids: Sequence[int] | None = None, batch_size: int = 8, decode_text: bool = True,
+                          continuous: bool = True) -> Iterator[list[tuple[int, Completion]]]:
+        """Yield [(request index, Completion)] as rows finish. `continuous` (default): `batch_size` decode
+        slots refilled as rows finish (scheduler.py); False: whole static batches sorted by length, each
+        decoding until its longest row is done (kept for the benchmark comparison)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not prompts:
+        if not requests:
             return
-        row_seeds = list(range(len(prompts))) if row_seeds is None else list(row_seeds)
         stops = [] if ignore_eos else list(self.default_stop_ids() if stop_ids is None else stop_ids)
         width = max(STOP_SLOTS, -(-len(stops) // STOP_SLOTS) * STOP_SLOTS)
         stop_arr = jnp.asarray(np.array(stops + [-1] * (width - len(stops)), np.int32))
-        for rows, tokens, lengths in left_padded_batches(prompts, batch_size):
+        needs_text = decode_text or any(r.stop for r in requests)
+        decode = self.tokenizer.decode if needs_text else None
+        if continuous:
+            if self._scheduler is None or self._scheduler.b != batch_size:
+                self._scheduler = Scheduler(self, batch_size)
+            batches = self._scheduler.run(requests, stop_arr, decode)
+        else:
+            batches = self._static_batches(requests, stop_arr, batch_size, decode)
+        for batch in batches:
+            if decode is not None and not decode_text:
+                batch = [(i, dataclasses.replace(c, text=None)) for i, c in batch]
+            yield batch
+
+    def _static_batches(self, requests: Sequence[Request], stop_arr, batch_size: int, decode
+                        ) -> Iterator[list[tuple[int, Completion]]]:
+        """Whole batches of `left_padded_batches`. The cache holds the bucket of the longest budget, at
+        most FIRST_CHUNK new tokens at first: while a row has room and no stop token the cache and the
+        out buffer double (`extend_batch`), so memory follows the longest answer, not the context."""
+        for rows, tokens, lengths in left_padded_batches([r.tokens for r in requests], batch_size):
             b, p = tokens.shape
             active = np.arange(b) < len(rows)
-            seeds = np.zeros((b,), np.int32)
-            seeds[:len(rows)] = [row_seeds[i] for i in rows]
-            if max_new_tokens is None:  # the rest of the context, in doubling chunks
-                limits = np.ones((b,), np.int32)
-                limits[:len(rows)] = [self.cfg.max_seq_len - len(prompts[i]) for i in rows]
-                if limits.min() < 1:
-                    i = rows[int(limits.argmin())]
-                    raise ValueError(f"prompt {i}: {len(prompts[i])} tokens leave no room in the model's "
-                                     f"context of {self.cfg.max_seq_len} tokens")
-                n = min(bucket(int(limits.max())), FIRST_CHUNK)
-            else:
-                limits, n = np.full((b,), max_new_tokens, np.int32), max_new_tokens
+            col = lambda f, dtype, fill: np.array([f(requests[i]) for i in rows] + [fill] * (b - len(rows)), dtype)
+            seeds, row_seeds = col(lambda r: r.seed, np.int32, 0), col(lambda r: r.row_seed, np.int32, 0)
+            knobs = tuple(self._put(col(f, dt, fill), ("batch",)) for f, dt, fill in (
+                (lambda r: r.temperature, np.float32, 0.0), (lambda r: r.top_k, np.int32, 0),
+                (lambda r: r.top_p, np.float32, 1.0)))
+            limits = col(lambda r: r.max_new_tokens, np.int32, 1)
+            n = min(bucket(int(limits.max()), 1), FIRST_CHUNK)
             cache = self._cache_for(b, p + n)
-            common = dict(params=self.params, sampler=sampling, lengths=self._put(lengths, ("batch",)),
-                          row_seeds=self._put(seeds, ("batch",)), seed=jnp.int32(seed), stop_ids=stop_arr,
-                          limits=self._put(limits, ("batch",)))
+            common = dict(params=self.params, lengths=self._put(lengths, ("batch",)), knobs=knobs,
+                          row_seeds=self._put(row_seeds, ("batch",)), seeds=self._put(seeds, ("batch",)),
+                          stop_ids=stop_arr, limits=self._put(limits, ("batch",)))
             with self._scope():
                 state = self._generate(cache=cache, tokens=self._put(tokens, ("batch", "seq")),
                                        active=self._put(active, ("batch",)), max_new=n, **common)
@@ -408,8 +398,11 @@ class Generator:
             for r, i in enumerate(rows):
                 toks = out[r, :n_kept[r]].tolist()
                 reason = "stop" if n_kept[r] < limits[r] else "length"
-                text = self.tokenizer.decode(toks) if decode_text else None
-                batch.append((i, Completion(toks, reason, text)))
+                cut = cut_at_stop(toks, requests[i].stop, decode) if decode is not None else None
+                if cut is not None:
+                    batch.append((i, Completion(toks[:cut[0]], "stop", cut[1])))
+                else:
+                    batch.append((i, Completion(toks, reason, decode(toks) if decode is not None else None)))
             yield batch
 
     # ------------------------------------------------------------------ scoring

@@ -4,16 +4,21 @@ generate input lines (one of prompt / messages / tokens):
     {"id": ..., "prompt": "text"}                 BOS is added
     {"id": ..., "messages": [{"role", "content"}]} Llama 3 chat format, ends in an open assistant header
     {"id": ..., "tokens": [ids]}                  used as given
-output lines: {"id", "text", "tokens", "finish_reason": "stop" | "length"}; tokens exclude the stop token.
+optional per-line knobs, overriding the command line: "max_new_tokens", "temperature", "top_p", "top_k",
+"seed", "stop" (a list of strings: generation ends at the first one, cut from "text").
+output lines: {"id", "text", "tokens", "finish_reason": "stop" | "length"}; tokens exclude a stop token
+(with a stop string they end with the token that completed it).
 --num-samples N > 1: N lines per input line, each with its "sample" index 0..N-1 (best-of-N data sets:
-generate, then score, then keep the best as SFT data); sample k's random stream comes from (id, k), so
-it is the same whatever the batching, and sample 0 is what a single-sample run draws.
+generate, then score, then keep the best as SFT data); sample k's random stream comes from (id, k) (or
+from (the line's seed, k)), so it is the same whatever the batching, and sample 0 is what a
+single-sample run draws.
 score input lines: {"id", "prompt", "completion"} (text; BOS before the prompt) or
 {"id", "prompt_tokens", "completion_tokens"}; output {"id", "tokens", "logprobs", "sum_logprob"}.
 
 Behaviour the tests pin down:
-  * prompts are sorted by length into batches (less padding); each finished batch is appended to the
-    output at once (flush + fsync), so output order is not input order;
+  * rows run through --batch-size decode slots refilled as rows finish (--static-batching: whole batches
+    sorted by length); finished rows are appended to the output at once (flush + fsync), so output
+    order is not input order;
   * a rerun with the same output skips ids already there; a torn last line from a crash is cut off;
   * a bad input line (invalid JSON, missing or duplicate id, no prompt, a token id outside the
     vocabulary, ...) is reported on stderr as `FILE:LINE: skipped: why` and skipped;
@@ -236,12 +241,36 @@ class Progress:
 # ------------------------------------------------------------------------------------------ generate
 
 
+KNOBS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+
+
+def line_knobs(rec: dict, args) -> dict:
+    """A line's knobs over the command line's: {max_new_tokens, temperature, top_k, top_p, seed, stop}.
+    Raises ValueError naming the bad key."""
+    k = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+         "top_p": args.top_p, "seed": None, "stop": ()}
+    k.update({n: rec[n] for n in KNOBS if n in rec})
+    m = k["max_new_tokens"]
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ValueError(f"'max_new_tokens' must be an integer >= 1, got {m!r}")
+    sampling.check_flags(k["temperature"], k["top_k"], k["top_p"], where="'")
+    if k["seed"] is not None and (isinstance(k["seed"], bool) or not isinstance(k["seed"], int)
+                                  or not -2**31 <= k["seed"] < 2**31):
+        raise ValueError(f"'seed' must be a 32-bit integer, got {k['seed']!r}")
+    stop = k["stop"]
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or any(not isinstance(x, str) or not x for x in stop):
+        raise ValueError(f"'stop' must be a list of non-empty strings, got {stop!r}")
+    k["stop"] = tuple(stop)
+    return k
+
+
 def run_generate(args, generator: Generator | None = None) -> dict:
     """The `generate` command (argparse Namespace from cli.py). Returns the summary counts."""
-    sampler = sampling.from_flags(args.temperature, args.top_k, args.top_p)
-    max_new = args.max_new_tokens  # None: until a stop token or the end of the context
-    if max_new is not None and max_new < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new}")
+    sampling.check_flags(args.temperature, args.top_k, args.top_p)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     args, keep = _shard(args)
     done, gen = _open(args, generator)
 
@@ -261,7 +290,7 @@ def run_generate(args, generator: Generator | None = None) -> dict:
         else:
             ids = _token_list(rec, "tokens")
         gen.check_ids(ids, repr(kind))
-        return ids
+        return ids, line_knobs(rec, args)
 
     n = getattr(args, "num_samples", 1)
     if n < 1:
@@ -272,18 +301,27 @@ def run_generate(args, generator: Generator | None = None) -> dict:
                      if all((k, i) in done for i in range(n))}
     items, counts = read_lines(args.input, ids_done if n > 1 else done, parse, keep)
     out = Appender(args.output)
-    todo, errors = _fitting(items, lambda ids: gen.context_error(len(ids), max_new or 0), args.input, out)
+    todo, errors = _fitting(items, lambda p: gen.context_error(len(p[0]), p[1]["max_new_tokens"] or 0),
+                            args.input, out)
     # --num-samples: one row per (id, sample) not yet written; sample 0 draws what a single sample would
-    samples = [(id_, k, ids) for id_, ids in todo for k in range(n) if n == 1 or (_key(id_), k) not in done]
+    samples = [(id_, k, p) for id_, p in todo for k in range(n) if n == 1 or (_key(id_), k) not in done]
+
+    def request(id_, k, ids, knobs):
+        # each row's random stream comes from its id (and --seed), or from its own 'seed' alone, and the
+        # sample index: the same output whatever batch it lands in, and after a resume
+        if knobs["seed"] is None:
+            seed, row_seed = args.seed, zlib.crc32((_key(id_) + (f"\0{k}" if k else "")).encode()) & 0x7FFFFFFF
+        else:
+            seed, row_seed = knobs["seed"], k
+        return gen.request(ids, knobs["max_new_tokens"],
+                           sampling.from_flags(knobs["temperature"], knobs["top_k"], knobs["top_p"]),
+                           seed=seed, row_seed=row_seed, stop=knobs["stop"])
 
     progress = Progress(len(samples), "sample" if n > 1 else "prompt")
     try:
-        # each row's random stream comes from its id: the same output whatever batch it lands in,
-        # and after a resume
-        seeds = [zlib.crc32((_key(id_) + (f"\0{k}" if k else "")).encode()) & 0x7FFFFFFF for id_, k, _ in samples]
-        for batch in gen.generate_batches([ids for _, _, ids in samples], max_new, sampler,
-                                          seed=args.seed, row_seeds=seeds, ignore_eos=args.ignore_eos,
-                                          batch_size=args.batch_size):
+        requests = [request(id_, k, ids, knobs) for id_, k, (ids, knobs) in samples]
+        for batch in gen.generate_requests(requests, ignore_eos=args.ignore_eos, batch_size=args.batch_size,
+                                           continuous=not getattr(args, "static_batching", False)):
             out.write([{"id": samples[i][0], **({"sample": samples[i][1]} if n > 1 else {}), "text": c.text,
                         "tokens": c.tokens, "finish_reason": c.finish_reason} for i, c in batch])
             progress.update(len(batch), sum(len(c.tokens) + (c.finish_reason == "stop") for _, c in batch))

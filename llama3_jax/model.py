@@ -26,6 +26,7 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from . import attention as attn
 from . import rope
@@ -33,7 +34,30 @@ from .config import ModelConfig
 from .kv_cache import KVCache
 from .sharding import constrain
 
-Remat = Literal["none", "full", "dots"]
+Remat = Literal["none", "full", "dots", "save_qkv_proj", "offload"]
+# Activations a remat policy may keep (named with jax.ad_checkpoint.checkpoint_name in decoder_layer).
+SAVEABLE = ("layer_in", "q_proj", "k_proj", "v_proj", "attn_out")
+
+
+def remat_policy(name: str):
+    """A `remat` name -> (rematerialise?, jax.checkpoint policy), following jax.checkpoint_policies:
+    none (store every activation), full (store nothing; recompute the layer in the backward), dots
+    (store matmul outputs without batch dims), save_qkv_proj (store only the q/k/v projections),
+    offload (store each layer's input, q/k/v projections and attention output in host memory, as
+    MaxText does for 405B: the per-layer inputs are what a scanned stack keeps for the backward)."""
+    cp = jax.checkpoint_policies
+    policies = {
+        "none": (False, None),
+        "full": (True, None),
+        "dots": (True, cp.dots_with_no_batch_dims_saveable),
+        "save_qkv_proj": (True, cp.save_only_these_names("q_proj", "k_proj", "v_proj")),
+        "offload": (True, cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=list(SAVEABLE),
+            offload_src="device", offload_dst="pinned_host")),
+    }
+    if name not in policies:
+        raise ValueError(f"remat must be one of {', '.join(policies)}; got {name!r}")
+    return policies[name]
 
 
 def rms_norm(x, weight, eps: float):
@@ -69,9 +93,11 @@ def _project(eq: str, h, w: dict, name: str, lora: Adapters | None, layer):
 
 
 def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, cache_seg=None, index=0, layer=0,
-                  lora: Adapters | None = None):
+                  lora: Adapters | None = None, attend=attn.reference.attend):
     """One transformer block as a pure function of its weights `w` (one layer's slice).
 
+    `attend` is the attention backend (attention/__init__.py: one interface, proven equal to the
+    reference).
     x (B, T, D). Without a cache, keys are this call's tokens; with one, k/v are written at slots
     [index, index + T) of layer `layer` of cache_kv = (k, v), each the whole stacked (L, B, S, KV, K)
     buffer, and attention reads that layer's slots. Writing into the whole buffer (not a per-layer
@@ -81,6 +107,7 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
     """
     dt = x.dtype
     b, t, d = x.shape
+    x = checkpoint_name(x, "layer_in")  # the residual stream a layer scan keeps per layer
     # Projections and the MLP see tokens as one flat axis n = b*t: the same math, but XLA:CPU runs the
     # backward of (n, d) matmuls about 2x faster than of 3-D einsums (benchmarks/train.py).
     h = rms_norm(x, w["attn_norm"], cfg.norm_eps).reshape(b * t, d)
@@ -88,6 +115,7 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
     k = _project("nd,dhk->nhk", h, w, "wk", lora, layer).reshape(b, t, *w["wk"].shape[1:])
     v = _project("nd,dhk->nhk", h, w, "wv", lora, layer).reshape(b, t, *w["wv"].shape[1:])
     q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+    q, k, v = checkpoint_name(q, "q_proj"), checkpoint_name(k, "k_proj"), checkpoint_name(v, "v_proj")
     q_idx = index + jnp.arange(t)
     if cache_kv is None:
         keys, values, k_seg, k_idx, new_kv = k, v, seg, jnp.arange(t), None
@@ -97,7 +125,7 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
         cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, index, 0, 0))
         k_seg, k_idx, new_kv = cache_seg, jnp.arange(ck.shape[2]), (ck, cv)
         keys, values = ck[layer].astype(dt), cv[layer].astype(dt)
-    a = attn.attention(q, keys, values, attn.mask(seg, k_seg, q_idx, k_idx)).reshape(b * t, *q.shape[2:])
+    a = checkpoint_name(attend(q, keys, values, seg, k_seg, q_idx, k_idx), "attn_out").reshape(b * t, *q.shape[2:])
     x = x + _project("nhk,hkd->nd", a, w, "wo", lora, layer).reshape(b, t, d)
     x = constrain(x, ("batch", "seq", "act_embed"))
     h = rms_norm(x, w["mlp_norm"], cfg.norm_eps).reshape(b * t, d)
@@ -105,6 +133,15 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
     up = _project("nd,df->nf", h, w, "w_up", lora, layer)
     x = x + _project("nf,fd->nd", jax.nn.silu(gate) * up, w, "w_down", lora, layer).reshape(b, t, d)
     return constrain(x, ("batch", "seq", "act_embed")), new_kv
+
+
+def output_logits(hidden, out_weight):
+    """Final-norm hidden (B, T, D) x output projection (D, V) -> float32 logits (B, T, V)."""
+    b, t, d = hidden.shape
+    # (b*t, d) x (d, v) as one 2-D matmul: XLA:CPU runs the backward of the 3-D einsum 2x slower
+    out = jnp.einsum("nd,dv->nv", hidden.reshape(b * t, d), out_weight.astype(hidden.dtype),
+                     preferred_element_type=jnp.float32)
+    return constrain(out.reshape(b, t, -1), ("batch", "seq", "act_vocab"))
 
 
 def _param(rngs, shape, axes, std, dtype):
@@ -130,7 +167,9 @@ def layer_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str,
 
 
 class Llama(nnx.Module):
-    """Llama 3. `scan_layers`, `split_layers` and `remat` are runtime choices over the same weights.
+    """Llama 3. `scan_layers`, `split_layers`, `remat` and `attention` are runtime choices over the same
+    weights (`attention`: a backend resolved by attention.resolve; cached decoding always runs the
+    reference, whose masks handle a partly filled cache).
 
     By default the layer weights are stacked (layers, ...) arrays, scanned or unrolled. With
     `split_layers=True` each layer owns separate arrays (an nnx.List, always unrolled): XLA:CPU streams
@@ -140,8 +179,11 @@ class Llama(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, scan_layers: bool = True, remat: Remat = "none",
-                 split_layers: bool = False):
+                 split_layers: bool = False, attention: str = "reference"):
+        remat_policy(remat)  # refuse an unknown name here, not at the first call
+        attn.get(attention)
         self.cfg = cfg
+        self.attention = attention
         self.scan_layers = scan_layers and not split_layers
         self.split_layers = split_layers
         self.remat = remat
@@ -161,20 +203,24 @@ class Llama(nnx.Module):
             self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), std, pd)
 
     def __call__(self, tokens, positions, segment_ids, cache: KVCache | None = None, last_only: bool = False,
-                 lora: Adapters | None = None):
+                 hidden_only: bool = False, lora: Adapters | None = None):
         """tokens, positions, segment_ids: (B, T) int32 (segment 0 = padding).
 
         Returns float32 logits (B, T, vocab) and the updated cache (None without one). `last_only` gives
         logits (B, 1, vocab) of the last slot only: prefill of left-padded prompts needs no more, and
-        B * T * vocab float32 logits would dominate its memory. `lora`: LoRA adapters added to the
-        projections (stacked layouts only; serving uses merged weights).
+        B * T * vocab float32 logits would dominate its memory. `hidden_only` returns the final-norm
+        hidden states (B, T, D) in the compute dtype instead of logits: the chunked loss (losses.py)
+        applies `output_weight()` a chunk at a time, so the (tokens, vocab) logits never exist at once.
+        `lora`: LoRA adapters added to the projections (stacked layouts only; serving uses merged weights).
         """
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         # gather from the table with its model dim whole (all-gathered over fsdp, as for any weight):
         # a gather whose output is sharded on the model dim cannot be resharded to the batch cheaply
-        table = constrain(self.embed[...], ("vocab", None))
-        x = jnp.take(table, tokens, axis=0).astype(dt)
+        # cast BEFORE the constraint: the all-gather then moves the table in the compute dtype (half the
+        # bytes in bfloat16; for 8B under fsdp the float32 gather was 2.1 GB per device per step)
+        table = constrain(self.embed[...].astype(dt), ("vocab", None))
+        x = jnp.take(table, tokens, axis=0)
         x = constrain(x, ("batch", "seq", "act_embed"))
         cos, sin = rope.cos_sin(positions, cfg)
 
@@ -186,16 +232,17 @@ class Llama(nnx.Module):
             cache_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, index))
             kv = (cache.k, cache.v)
 
+        attend = attn.get("reference" if cache is not None else self.attention)
         if lora is not None and self.split_layers:
             raise ValueError("LoRA adapters need the stacked layer layout (merge them to serve)")
         lw = None if lora is None else lora.weights
 
         def layer(x, w, kv, i, lw=None):
             ad = None if lw is None else lora._replace(weights=lw)
-            return decoder_layer(cfg, w, x, cos, sin, segment_ids, kv, cache_seg, index, i, ad)
+            return decoder_layer(cfg, w, x, cos, sin, segment_ids, kv, cache_seg, index, i, ad, attend=attend)
 
-        if self.remat != "none":
-            policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "dots" else None
+        rematerialise, policy = remat_policy(self.remat)
+        if rematerialise:
             layer = jax.checkpoint(layer, policy=policy)
 
         # the whole cache is carried through the layers (not scanned as xs/ys, which would copy it)
@@ -220,20 +267,22 @@ class Llama(nnx.Module):
         if last_only:
             x = x[:, -1:]
         x = rms_norm(x, self.norm[...], cfg.norm_eps)
-        # (b*t, d) x (d, v) as one 2-D matmul: XLA:CPU runs the backward of the 3-D einsum 2x slower
-        b, t, d = x.shape
-        if cfg.tie_embeddings:
-            logits = jnp.einsum("nd,vd->nv", x.reshape(b * t, d), self.embed[...].astype(dt),
-                                preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("nd,dv->nv", x.reshape(b * t, d), self.lm_head[...].astype(dt),
-                                preferred_element_type=jnp.float32)
-        logits = logits.reshape(b, t, -1)
-        logits = constrain(logits, ("batch", "seq", "act_vocab"))
+        if hidden_only:
+            return x, None if cache is None else self._new_cache(new_kv, cache_seg, index, tokens)
+        logits = output_logits(x, self.output_weight())
         if cache is None:
             return logits, None
-        new_cache = KVCache(k=new_kv[0], v=new_kv[1], segment_ids=cache_seg, index=index + tokens.shape[1])
-        return logits, new_cache
+        return logits, self._new_cache(new_kv, cache_seg, index, tokens)
+
+    def output_weight(self):
+        """The output projection (D, vocab) in the compute dtype: `lm_head`, or the embedding table
+        transposed when tied (Llama 3.2)."""
+        dt = jnp.dtype(self.cfg.dtype)
+        return self.embed[...].astype(dt).T if self.cfg.tie_embeddings else self.lm_head[...].astype(dt)
+
+    @staticmethod
+    def _new_cache(new_kv, cache_seg, index, tokens) -> KVCache:
+        return KVCache(k=new_kv[0], v=new_kv[1], segment_ids=cache_seg, index=index + tokens.shape[1])
 
 
 def split_layer_params(params: dict) -> dict:

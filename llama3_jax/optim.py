@@ -1,4 +1,4 @@
-"""The optimizer (optax AdamW + global-norm clip + warmup/cosine schedule) and the loss family.
+"""The optimizer (optax AdamW + global-norm clip + warmup/cosine schedule) and the FLOP count.
 
 Llama 3 was pretrained with AdamW (b1 0.9, b2 0.95, weight decay 0.1), gradients clipped to global
 norm 1.0, linear warmup then cosine decay to a floor; those are the defaults here. Weight decay pulls
@@ -13,6 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import optax
+
+from .losses import lm_loss  # noqa: F401  (its home is losses.py; kept importable from here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,19 +63,6 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
                              weight_decay=cfg.weight_decay,
                              mask=lambda p: decay_mask(p, cfg.decay_embeddings)))
     return optax.chain(*parts)
-
-
-def lm_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Next-token cross-entropy, summed (not averaged) so microbatches and shards add up exactly.
-
-    logits (B, T, V) float32, targets (B, T) int, loss_mask (B, T) (0 for padding and for the last
-    token of each document). Returns (sum of token losses, number of counted tokens), both float32.
-    """
-    logits = logits.astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    mask = loss_mask.astype(jnp.float32)
-    return jnp.sum((logz - picked) * mask), jnp.sum(mask)
 
 
 def flops_per_token(n_matmul_params: int, n_layers: int, n_heads: int, head_dim: int, seq_len: int) -> float:

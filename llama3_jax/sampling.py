@@ -1,7 +1,8 @@
 """Sampling strategies: small frozen dataclasses with one method, `sample(logits, key) -> ids`.
 
-They are hashable, so the engine passes them to `jax.jit` as static arguments: one compile per strategy,
-and every choice (greedy, temperature, top-k, top-p) runs on device inside the decode loop.
+The engine does not compile per strategy: `row_params` turns one into per-row (temperature, top_k,
+top_p) values and `sample_rows` draws for a whole batch whose rows each have their own values (greedy is
+temperature 0), so requests with different knobs share one compiled decode program.
 `logits` is (..., V) float32 and `key` one PRNG key; the engine gives each row its own key
 (`fold_in(fold_in(seed, row), step)`), so a row's sample never depends on its neighbours in the batch.
 
@@ -15,7 +16,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Greedy", "Temperature", "TopK", "TopP", "from_flags", "top_k_mask", "top_p_mask"]
+__all__ = ["Greedy", "Temperature", "TopK", "TopP", "from_flags", "row_params", "sample_rows", "top_k_mask",
+           "top_k_mask_rows", "top_p_mask"]
 
 
 def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
@@ -52,6 +54,47 @@ def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
     # p = 1 keeps every token. The bisection cannot promise it: float32 sums of the largest
     # probabilities round to 1.0 before the tail is in, and would drop the tail.
     return (probs >= jax.lax.bitcast_convert_type(lo, jnp.float32)[..., None]) | (jnp.asarray(p) >= 1)[..., None]
+
+
+def _ordered_bits(x: jax.Array) -> jax.Array:
+    """float32 -> int32 with the same order (negative floats have their magnitude bits flipped)."""
+    b = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return jnp.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+def top_k_mask_rows(logits: jax.Array, k: jax.Array) -> jax.Array:
+    """(B, V), k (B,) int32 traced (0 = keep all) -> bool (B, V): each row's k largest logits, ties at the
+    k-th value kept, as `top_k_mask`. `lax.top_k` needs a static k; a per-row traced k is found instead
+    by bisecting for the largest value t with count(logits >= t) >= k over the order-preserving int32 view
+    of the floats (32 steps, no sort over the vocabulary)."""
+    keys = _ordered_bits(logits)
+    k = jnp.where(k > 0, jnp.minimum(k, logits.shape[-1]), logits.shape[-1])[:, None]
+    lo = jnp.min(keys, axis=-1, keepdims=True)          # count(>= lo) = V >= k
+    hi = jnp.max(keys, axis=-1, keepdims=True)          # count(>= hi + 1) = 0 < k: hi is a candidate
+
+    def step(_, bounds):  # invariant: count(keys >= lo) >= k; the answer is in [lo, hi]
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1) + ((lo ^ hi) & 1)  # ceil((lo + hi) / 2), no overflow
+        ok = jnp.sum(keys >= mid, axis=-1, keepdims=True) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, 33, step, (lo, hi))
+    return keys >= lo
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array) -> jax.Array:
+    """logits (B, V), one key per row, per-row temperature (0 = greedy), top_k (0 = off), top_p (1 = off)
+    -> ids (B,). One program for any mix of values; the top-k / top-p passes run only when some row asks
+    for them. A row draws what the strategy `from_flags` gives for its values draws with the same key."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    t = jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)
+    x = logits / t[:, None]
+    neg = jnp.asarray(-jnp.inf, x.dtype)
+    x = jax.lax.cond(jnp.any(top_k > 0), lambda x: jnp.where(top_k_mask_rows(x, top_k), x, neg), lambda x: x, x)
+    x = jax.lax.cond(jnp.any(top_p < 1), lambda x: jnp.where(top_p_mask(x, top_p), x, neg), lambda x: x, x)
+    drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row, axis=-1))(keys, x).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
 
 
 def _check_temperature(t: float) -> None:
@@ -126,14 +169,31 @@ class TopP:
 Sampler = Greedy | Temperature | TopK | TopP
 
 
+def row_params(sampler: "Sampler") -> tuple[float, int, float]:
+    """A strategy -> its (temperature, top_k, top_p) for `sample_rows` (greedy: temperature 0)."""
+    if isinstance(sampler, Greedy):
+        return 0.0, 0, 1.0
+    if isinstance(sampler, Temperature):
+        return sampler.temperature, 0, 1.0
+    if isinstance(sampler, TopK):
+        return sampler.temperature, sampler.k, 1.0
+    return sampler.temperature, sampler.k, sampler.p
+
+
+def check_flags(temperature: float, top_k: int, top_p: float, where: str = "--") -> None:
+    """Raise ValueError naming the bad value; `where` prefixes the names ("--" for flags, "'" for keys)."""
+    q = "'" if where == "'" else ""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"{where}temperature{q} must be a number >= 0, got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"{where}top{'_' if q else '-'}k{q} must be an integer >= 0, got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"{where}top{'_' if q else '-'}p{q} must be in (0, 1], got {top_p!r}")
+
+
 def from_flags(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> Sampler:
     """The CLI's flags -> a strategy. temperature 0 is greedy (top-k/top-p then change nothing)."""
-    if temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"--top-k must be >= 0, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+    check_flags(temperature, top_k, top_p)
     if temperature == 0:
         return Greedy()
     if top_p < 1:

@@ -89,11 +89,11 @@ def test_greedy_equals_transformers_on_a_ragged_batch(gen, hf_model):
 
 def test_prompt_lengths_in_one_bucket_share_one_compile(gen):
     assert [engine.bucket(n) for n in (1, 16, 17, 32, 33, 64, 65)] == [16, 16, 32, 32, 64, 64, 128]
-    gen.generate(ragged_prompts(LENGTHS), N_NEW, ignore_eos=True, batch_size=8, decode_text=False)
+    gen.generate(ragged_prompts(LENGTHS), N_NEW, ignore_eos=True, batch_size=8, decode_text=False, continuous=False)
     compiles = gen._generate._cache_size()
     other = ragged_prompts([2, 4, 6, 9, 34, 35, 50, 63], seed=9)  # also pads to 64
-    gen.generate(other, N_NEW, ignore_eos=True, batch_size=8, decode_text=False)
-    gen.generate(other[::-1], N_NEW, stop_ids=[1, 2, 3], batch_size=8, decode_text=False)
+    gen.generate(other, N_NEW, ignore_eos=True, batch_size=8, decode_text=False, continuous=False)
+    gen.generate(other[::-1], N_NEW, stop_ids=[1, 2, 3], batch_size=8, decode_text=False, continuous=False)
     assert gen._generate._cache_size() == compiles
 
 
@@ -204,8 +204,9 @@ def test_the_cache_is_donated_and_updated_in_place(gen):
     b, p, n = 8, 64, N_NEW
     cache = gen._cache_for(b, p + n)
     args = dict(params=gen.params, tokens=jnp.zeros((b, p), jnp.int32), lengths=jnp.ones((b,), jnp.int32),
-                active=jnp.ones((b,), bool), row_seeds=jnp.zeros((b,), jnp.int32), seed=jnp.int32(0),
-                stop_ids=jnp.full((engine.STOP_SLOTS,), -1, jnp.int32), sampler=engine.sampling_lib.Greedy(),
+                active=jnp.ones((b,), bool), row_seeds=jnp.zeros((b,), jnp.int32), seeds=jnp.zeros((b,), jnp.int32),
+                stop_ids=jnp.full((engine.STOP_SLOTS,), -1, jnp.int32),
+                knobs=(jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.float32)),
                 max_new=n, limits=jnp.full((b,), n, jnp.int32))
     hlo = gen._generate.lower(cache=cache, **args).compile().as_text()
     shape = "f32[" + ",".join(map(str, cache.k.shape)) + "]"

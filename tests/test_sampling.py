@@ -118,3 +118,27 @@ def test_from_flags():
     for bad in (dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             sampling.from_flags(**{"temperature": 1.0, **bad})
+
+
+def test_per_row_top_k_mask_equals_the_static_one():
+    logits = jnp.asarray(np.random.RandomState(0).randn(5, 40).astype(np.float32))
+    logits = logits.at[1, :10].set(-3.0).at[2, 5].set(-jnp.inf)  # ties and -inf
+    ks = jnp.asarray([1, 3, 11, 40, 0])
+    got = np.asarray(jax.jit(sampling.top_k_mask_rows)(logits, ks))
+    for r, k in enumerate([1, 3, 11, 40, 40]):
+        np.testing.assert_array_equal(got[r], np.asarray(sampling.top_k_mask(logits[r], k)), err_msg=f"row {r}")
+
+
+def test_sample_rows_draws_what_each_rows_strategy_draws_with_the_same_key():
+    """One program, per-row knobs: row r draws exactly what its own strategy draws with its key."""
+    strategies = [Greedy(), Temperature(0.7), TopK(5, 0.9), TopP(0.8, 1.2, k=10), TopP(0.5)]
+    logits = jnp.asarray(np.random.RandomState(1).randn(len(strategies), 30).astype(np.float32))
+    knobs = [jnp.asarray(v) for v in zip(*map(sampling.row_params, strategies))]
+    knobs = [knobs[0].astype(jnp.float32), knobs[1].astype(jnp.int32), knobs[2].astype(jnp.float32)]
+    f = jax.jit(jax.vmap(lambda keys: sampling.sample_rows(logits, keys, *knobs)))
+    keys = jax.random.split(jax.random.key(3), 300 * len(strategies)).reshape(300, len(strategies))
+    got = np.asarray(f(keys))
+    for r, s in enumerate(strategies):
+        want = np.asarray(jax.vmap(lambda k: s.sample(logits[r], k))(keys[:, r]))
+        np.testing.assert_array_equal(got[:, r], want, err_msg=repr(s))
+    assert len(set(got[:, 1])) > 3  # it really sampled

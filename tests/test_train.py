@@ -135,6 +135,21 @@ def test_sharded_training_matches_single_device(reference, sharded):
     assert losses[10] < losses[1] - 0.3  # it learns, not just agrees
 
 
+def test_sharded_training_with_faster_backends_matches_single_device(reference, corpus, hf, tmp_path):
+    """blockwise and splash (Pallas interpret mode, under shard_map) attention with the chunked loss, on
+    8 fake devices (data=2, fsdp=2, tensor=2): the same losses as the 1-device reference run."""
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    cmd = [sys.executable, str(REPO / "tests" / "train_helpers.py"), "--backends", str(tmp_path),
+           *base_overrides(tmp_path / "unused", corpus, hf[1], checkpoint_every=100)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = train_losses(reference[0])
+    for backend, losses in json.loads((tmp_path / "backends.json").read_text()).items():
+        losses = {int(k): v for k, v in losses.items()}
+        np.testing.assert_allclose([losses[s] for s in range(1, 11)], [single[s] for s in range(1, 11)], rtol=1e-4,
+                                   err_msg=backend)
+
+
 def test_param_and_optimizer_shardings_golden_table(sharded):
     specs = sharded[0]["restores"]["mesh222"]["specs"]
     params = {k[len("['params']"):]: v for k, v in specs.items() if k.startswith("['params']")}
@@ -211,11 +226,15 @@ def test_packed_documents_never_attend_across(hf, corpus):
 
 def test_grad_accumulation_and_scan_give_the_same_step(corpus, hf):
     """2 microbatches == 1 batch (loss, grad norm, updated params); unrolled layers == scanned;
-    rematerialised (remat=dots) == stored activations."""
+    rematerialised (remat=dots, save_qkv_proj) == stored activations; blockwise attention and the
+    loss in chunks of 8 positions (T = 32: 4 chunks) == the reference attention and the whole loss;
+    eval in 2 microbatches == eval at once."""
     batch = first_batch(corpus)
     results = {}
-    variants = [("base", {}), ("accum2", {"grad_accum": 2}), ("unrolled", {"scan_layers": False}),
-                ("remat_dots", {"remat": "dots"})]
+    variants = [("base", {"attention": "reference", "loss_chunk": 0}), ("accum2", {"grad_accum": 2}),
+                ("unrolled", {"scan_layers": False}), ("remat_dots", {"remat": "dots"}),
+                ("remat_qkv", {"remat": "save_qkv_proj"}),
+                ("blockwise_chunked", {"attention": "blockwise", "loss_chunk": 8, "grad_accum": 2})]
     for name, extra in variants:
         cfg = load_yaml_config(train.TrainConfig, None, base_overrides("/nonexistent", corpus, hf[1], **extra))
         mc = train.model_config(cfg)
@@ -223,8 +242,10 @@ def test_grad_accumulation_and_scan_give_the_same_step(corpus, hf):
         setup = train.build(cfg, mc, mesh)
         _, params = checkpoint.restore_params(hf[1], mesh, cfg=mc)
         with jax.set_mesh(mesh):
+            evaluated = jax.device_get(setup.eval_fn(params, setup.put_batch(batch)))
             state, metrics = setup.step_fn(setup.init_state(cfg.seed, params), setup.put_batch(batch))
         results[name] = jax.device_get(metrics), flat_state(state["params"])
+        np.testing.assert_allclose(evaluated[0] / evaluated[1], results[name][0]["loss"], rtol=1e-5, err_msg=name)
     base_m, base_p = results["base"]
     for name, _ in variants[1:]:
         m, p = results[name]

@@ -5,6 +5,10 @@ trains with the overrides on a data=2, fsdp=2, tensor=2 mesh, then restores the 
 a 1-device mesh, an fsdp=4 mesh and the training mesh, and writes OUT_DIR/report.json (losses,
 PartitionSpecs, equality checks) and OUT_DIR/final_state.npz (the trained state, for the parent
 process to compare with its own 1-device restore).
+
+`python tests/train_helpers.py --backends OUT_DIR key=value ...`: the same training on the same mesh
+once per faster attention backend (blockwise, splash in interpret mode), with the loss in chunks;
+writes OUT_DIR/backends.json = {backend: {step: loss}}.
 """
 
 from __future__ import annotations
@@ -109,5 +113,25 @@ def _flat_arrays(state):
     return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
+def _backends_main(out: Path, overrides: list[str]) -> None:
+    import jax
+
+    from llama3_jax import train
+    from llama3_jax.config import load_yaml_config
+
+    assert jax.device_count() == 8, jax.devices()
+    report = {}
+    for backend in ("blockwise", "splash"):
+        extra = [f"workdir={out / backend}", f"attention={backend}", "loss_chunk=8",
+                 "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+        cfg = load_yaml_config(train.TrainConfig, None, overrides + extra)
+        train.train(cfg)
+        report[backend] = train_losses(cfg.workdir)
+    (out / "backends.json").write_text(json.dumps(report))
+
+
 if __name__ == "__main__":
-    _sharded_main(Path(sys.argv[1]), sys.argv[2:])
+    if sys.argv[1] == "--backends":
+        _backends_main(Path(sys.argv[2]), sys.argv[3:])
+    else:
+        _sharded_main(Path(sys.argv[1]), sys.argv[2:])

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from .. import checkpoint
 from ..config import ModelConfig, load_model_config
+from ..attention import NAMES as ATTENTION_NAMES
 from ..data import DataConfig
 from ..distributed import DistributedConfig
 from ..lora import LoraConfig
+from ..model import remat_policy
 from ..objectives import OBJECTIVES, DPOConfig
 from ..optim import OptimConfig
 from ..tokenizer import ByteTokenizer, load_tokenizer as make_tokenizer  # noqa: F401 (the train API names them)
@@ -51,7 +53,9 @@ class TrainConfig:
     seq_len: int = 512
     grad_accum: int = 1  # microbatches per step (scanned inside the step)
     compute_dtype: str = "bfloat16"
-    remat: str = "none"  # none | full | dots
+    remat: str = "none"  # none | full | dots | save_qkv_proj | offload (model.remat_policy)
+    attention: str = "auto"  # auto | reference | blockwise | splash | cudnn (attention/__init__.py)
+    loss_chunk: int = -1  # positions per chunk of the output layer + loss; 0 = whole, -1 = auto (losses.py)
     scan_layers: bool = True
     seed: int = 0
     log_every: int = 10
@@ -76,8 +80,11 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.compute_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"compute_dtype must be bfloat16 or float32, got {self.compute_dtype!r}")
-        if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"remat must be none, full or dots, got {self.remat!r}")
+        remat_policy(self.remat)
+        if self.attention not in ATTENTION_NAMES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_NAMES)}; got {self.attention!r}")
+        if self.loss_chunk < -1:
+            raise ValueError(f"loss_chunk must be -1 (auto), 0 (whole) or positive, got {self.loss_chunk}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.lora.rank and not self.init_from:

@@ -12,10 +12,9 @@ from pathlib import Path
 import jax
 
 from ..config import ModelConfig
+from ..hardware import PEAK_FLOPS, lookup
 from ..optim import flops_per_token
 
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 # CPU: nominal float32 FMA peak per core, 2 AVX2 FMA units * 8 lanes * 2 flops * 3 GHz = 96 GFLOP/s,
 # for the whole host however many (fake) devices it is split into.
 CPU_PEAK_FLOPS_PER_CORE = 96e9
@@ -82,8 +81,7 @@ def peak_flops(cfg_peak: float, devices) -> float:
         return cfg_peak * len(devices)
     if devices[0].platform == "cpu":
         return CPU_PEAK_FLOPS_PER_CORE * (os.cpu_count() or 1)
-    kind = devices[0].device_kind
-    per = next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
+    per = lookup(PEAK_FLOPS, devices[0].device_kind)
     return per * len(devices) if per else float("nan")  # unknown accelerator: set `peak_flops`
 
 

@@ -14,7 +14,9 @@ from flax import nnx
 
 from .. import checkpoint, lora, objectives
 from ..config import ModelConfig
+from .. import attention
 from ..lora import LoraConfig
+from ..losses import chunked_lm_loss, resolve_chunk
 from ..model import Adapters, Llama, abstract_model
 from ..objectives import DPOConfig
 from ..optim import make_optimizer, schedule
@@ -39,10 +41,11 @@ class Objective:
     lora: LoraConfig = LoraConfig()
     dpo: DPOConfig = DPOConfig()
     seed: int = 0  # LoRA dropout keys: fold_in(key(seed), step), then the microbatch
+    loss_chunk: int = 0  # lm/sft: output projection + NLL over chunks of this many positions (0 = at once)
 
     @classmethod
-    def of(cls, cfg: TrainConfig) -> Objective:
-        return cls(cfg.objective, cfg.lora, cfg.dpo, cfg.seed)
+    def of(cls, cfg: TrainConfig, loss_chunk: int = 0) -> Objective:
+        return cls(cfg.objective, cfg.lora, cfg.dpo, cfg.seed, loss_chunk)
 
 
 def forward(graphdef, params: dict, batch: dict, adapters: Adapters | None = None) -> jax.Array:
@@ -50,9 +53,13 @@ def forward(graphdef, params: dict, batch: dict, adapters: Adapters | None = Non
     return logits
 
 
-def loss_and_count(graphdef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token loss and counted tokens of a batch (see optim.lm_loss)."""
-    return objectives.lm(forward(graphdef, params, batch), batch)[:2]
+def loss_and_count(graphdef, params: dict, batch: dict, loss_chunk: int = 0,
+                   adapters: Adapters | None = None) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token loss and counted tokens of a batch (losses.chunked_lm_loss: the output
+    projection applied `loss_chunk` positions at a time; 0 = at once)."""
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], hidden_only=True, lora=adapters)
+    return chunked_lm_loss(hidden, model.output_weight(), batch["targets"], batch["loss_mask"], loss_chunk)
 
 
 def objective_loss(obj: Objective, graphdef, trainable: dict, frozen: dict, batch: dict,
@@ -68,10 +75,10 @@ def objective_loss(obj: Objective, graphdef, trainable: dict, frozen: dict, batc
         adapters = Adapters(trainable["layers"], obj.lora.scale, obj.lora.dropout, key)
     else:
         params, adapters = trainable, None
+    if obj.name != "dpo":  # lm and sft: the loss mask says which tokens count
+        loss_sum, count = loss_and_count(graphdef, params, batch, obj.loss_chunk, adapters)
+        return loss_sum, (count, {})
     logits = forward(graphdef, params, batch, adapters)
-    if obj.name != "dpo":
-        loss_sum, count, metrics = objectives.lm(logits, batch)
-        return loss_sum, (count, metrics)
     if "ref_logps" in batch:  # dpo.precompute_reference: computed once before training (loop.py)
         ref = batch["ref_logps"]
     else:
@@ -121,9 +128,20 @@ def train_step(obj: Objective, graphdef, tx: optax.GradientTransformation, lr_sc
     return new_state, metrics
 
 
-def eval_step(obj: Objective, graphdef, params: dict, batch: dict, frozen: dict) -> tuple[jax.Array, jax.Array]:
-    loss_sum, (count, _) = objective_loss(obj, graphdef, params, frozen, batch)
-    return loss_sum, count
+def eval_step(obj: Objective, graphdef, params: dict, batch: dict, frozen: dict,
+              grad_accum: int = 1) -> tuple[jax.Array, jax.Array]:
+    """(loss sum, count) of a batch, in the train step's `grad_accum` microbatches (a run that needs
+    microbatches to fit a train step needs them for eval too)."""
+    def one(mb):
+        loss_sum, (count, _) = objective_loss(obj, graphdef, params, frozen, mb)
+        return loss_sum, count
+    if grad_accum == 1:
+        return one(batch)
+
+    def micro(carry, mb):
+        return jax.tree.map(jnp.add, carry, one(mb)), None
+    total, _ = jax.lax.scan(micro, (jnp.float32(0), jnp.float32(0)), split_microbatches(batch, grad_accum))
+    return total
 
 
 def init_params(cfg: ModelConfig, seed: int) -> dict:
@@ -188,9 +206,11 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, mesh) -> Setup:
 
     With LoRA the trained params are the adapters (float32) and the base model is frozen in the compute
     dtype, with no optimizer state; full DPO keeps a frozen reference copy in the compute dtype."""
-    obj = Objective.of(cfg)
     tx = make_optimizer(cfg.optim, cfg.steps)
-    graphdef, _ = nnx.split(abstract_model(model_cfg, scan_layers=cfg.scan_layers, remat=cfg.remat))
+    backend = attention.resolve(cfg.attention, mesh.devices.flat[0].platform, cfg.seq_len)
+    loss_chunk = resolve_chunk(cfg.loss_chunk, cfg.batch_size // cfg.grad_accum, cfg.seq_len, model_cfg.vocab_size)
+    obj = Objective.of(cfg, loss_chunk)
+    graphdef, _ = nnx.split(abstract_model(model_cfg, scan_layers=cfg.scan_layers, remat=cfg.remat, attention=backend))
     base = checkpoint.abstract_params(model_cfg, mesh)
     frozen_model = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(cfg.compute_dtype),
                                                                sharding=a.sharding), base)
@@ -214,6 +234,6 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, mesh) -> Setup:
                                          nan_skip=cfg.nan_policy == "skip"),
                        in_shardings=(state_sh, batch_sh, frozen_sh), out_shardings=(state_sh, replicated(mesh)),
                        donate_argnums=0)
-    eval_jit = jax.jit(functools.partial(eval_step, obj, graphdef), in_shardings=(param_sh, batch_sh, frozen_sh),
+    eval_jit = jax.jit(functools.partial(eval_step, obj, graphdef, grad_accum=cfg.grad_accum), in_shardings=(param_sh, batch_sh, frozen_sh),
                        out_shardings=replicated(mesh))
     return Setup(model_cfg, mesh, graphdef, tx, abstract, step_jit, eval_jit, obj, frozen)

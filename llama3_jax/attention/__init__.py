@@ -1,0 +1,75 @@
+"""Attention backends behind one switch (the `attention` key of a train run).
+
+Every backend has the same interface and the same masking rule (reference.py's docstring):
+
+    attend(q, k, v, q_seg, k_seg, q_idx, k_idx) -> out
+    q (B, T, H, K), k/v (B, S, KV, K), q_seg (B, T), k_seg (B, S), q_idx (T,) or (B, T), k_idx (S,)
+
+    reference   plain jnp; float32 (B, H, T, S) scores: the oracle, fastest for short sequences on CPU
+    blockwise   pure-JAX online softmax over blocks, custom VJP: O(T * block) memory on any backend
+    splash      the Pallas TPU splash-attention kernel (interpret mode off TPU: tests only)
+    cudnn       cuDNN flash attention with packed segments (NVIDIA GPU)
+    auto        splash on TPU, cudnn on GPU, blockwise on CPU from BLOCKWISE_MIN_LEN tokens, else reference
+
+splash and cudnn compute self-attention from slot 0 (training, prefill without a cache); the model
+runs cached decoding on the reference path whatever the choice. `resolve` turns the user's choice
+into a concrete backend for a platform and sequence length once, when the step is built; `get`
+returns its function.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from . import blockwise, reference
+from .reference import NEG_INF, attention, mask
+
+NAMES = ("auto", "reference", "blockwise", "splash", "cudnn")
+# On CPU the reference is faster for short rows (one big matmul); from here on its (T, T) float32
+# scores cost more memory than the blockwise loops cost time (benchmarks/memory.py).
+BLOCKWISE_MIN_LEN = 2048
+
+
+def resolve(name: str, platform: str, seq_len: int) -> str:
+    """The user's choice (NAMES) -> the concrete backend for `platform` ("cpu", "gpu", "tpu")."""
+    if name not in NAMES:
+        raise ValueError(f"attention must be one of {', '.join(NAMES)}; got {name!r}")
+    if name == "auto":
+        if platform == "tpu":
+            return "splash"
+        if platform == "gpu":
+            try:
+                from . import cudnn
+                cudnn.check_available()
+                return "cudnn"
+            except ValueError:
+                return "blockwise"
+        return "blockwise" if seq_len >= BLOCKWISE_MIN_LEN else "reference"
+    if name == "cudnn":
+        if platform != "gpu":
+            raise ValueError(f"attention=cudnn needs an NVIDIA GPU; the devices here are {platform} "
+                             f"(use auto, blockwise or reference)")
+        from . import cudnn
+        cudnn.check_available()
+    if name == "splash" and platform != "tpu":
+        return "splash_interpret"  # Pallas interpret mode: the same kernel code on CPU, for tests
+    return name
+
+
+def get(backend: str) -> Callable:
+    """A resolved backend name -> its attend function."""
+    if backend == "reference":
+        return reference.attend
+    if backend == "blockwise":
+        return blockwise.attend
+    if backend in ("splash", "splash_interpret"):
+        from . import splash
+        return functools.partial(splash.attend, interpret=backend == "splash_interpret")
+    if backend == "cudnn":
+        from . import cudnn
+        return cudnn.attend
+    raise ValueError(f"unknown attention backend {backend!r}")
+
+
+__all__ = ["BLOCKWISE_MIN_LEN", "NAMES", "NEG_INF", "attention", "get", "mask", "resolve"]

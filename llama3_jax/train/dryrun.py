@@ -1,0 +1,172 @@
+"""`llama3-jax train ... --dry-run [--topology NAME [--num-slices N]]`: compile one real train step for
+the configured mesh and report its memory and cost, allocating nothing.
+
+The step is the one `train` runs (train/step.py `build`: the same shardings, attention backend, loss
+chunking, remat and donation), lowered from abstract shapes (`jax.jit(...).lower(...).compile()`). On
+the local devices, or, with `--topology v5e:4x4` / `v5p:8x8x8` / `v6e:16x16` (`--num-slices 2` for a
+multislice job), for TPU chips that need not exist: libtpu's compile-only mode
+(`jax.experimental.topologies.get_topology_desc`) compiles for the real chips on a CPU-only machine,
+so a pod configuration's fit (out of memory or not) is known from a laptop.
+
+Output: human-readable lines, then as the LAST line one JSON object: topology, devices,
+bytes_per_device {arguments, temporaries, outputs, peak}, device_memory_bytes, fits, flops_per_step,
+estimated_step_seconds, estimated_mfu. Exit status (cli.py): 0 fits, 3 does not fit, 2 config error.
+`peak` = arguments + temporaries + outputs - aliased (the donated state is updated in place). The
+compiler's cost model gives FLOPs (incl. rematerialised work) and, on TPU, an optimal step time
+(`optimal_seconds`; see `cost_estimate` for how loops and kernels are counted); the MFU estimate divides the model
+FLOPs (6 N + attention, as the train metrics count them) by that time and the chips' dense bf16 peak:
+a compiler's estimate, not a measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from ..data import BATCH_KEYS
+from .. import attention
+from ..hardware import HBM_BYTES, PEAK_FLOPS, GiB, lookup
+from ..sharding import logical_spec, make_mesh
+from .config import TrainConfig, model_config
+from .metrics import model_flops_per_token, peak_flops
+from .step import build
+
+
+
+class DoesNotFit(Exception):
+    """The compiled step needs more memory per device than the chip has (exit status 3)."""
+
+
+def topology_devices(name: str, num_slices: int = 1) -> list:
+    """Compile-only TPU devices for a topology name such as "v5e:4x4" (needs libtpu, the `tpu` extra)."""
+    from jax.experimental import topologies
+    try:
+        kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+        return list(topologies.get_topology_desc(name, "tpu", **kwargs).devices)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "not installed" in first:
+            raise ValueError(f"--topology {name}: needs libtpu (pip install 'llama3-jax[tpu]')") from None
+        raise ValueError(f"--topology {name}: {first}") from None
+
+
+def device_memory_bytes(devices) -> int:
+    """HBM of one device; CPU: the host's memory shared by its local devices."""
+    d = devices[0]
+    if d.platform == "cpu":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return total // max(1, sum(1 for x in devices if x.process_index == d.process_index))
+    try:
+        limit = (d.memory_stats() or {}).get("bytes_limit")
+        if limit:
+            return int(limit)
+    except Exception:  # noqa: BLE001 - compile-only devices have no runtime stats
+        pass
+    return lookup(HBM_BYTES, d.device_kind) or 0
+
+
+def compile_step(cfg: TrainConfig, devices, mc=None):
+    """(compiled train step, model config, mesh) for `cfg` on `devices`, from abstract shapes only."""
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    mc = mc or model_config(cfg)
+    setup = build(cfg, mc, mesh)
+    batch_sh = jax.sharding.NamedSharding(mesh, logical_spec(("batch", "seq"), None, mesh))
+    batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=batch_sh)
+             for k in BATCH_KEYS}
+    with jax.set_mesh(mesh):
+        compiled = setup.step_jit.lower(setup.abstract, batch, setup.frozen_abstract).compile()
+    return compiled, mc, mesh
+
+
+def cost_estimate(cfg: TrainConfig, mc, devices) -> tuple[float, float | None]:
+    """(FLOPs per device, cost-model seconds or None) of one whole step.
+
+    XLA's cost analysis counts a loop body once, whatever its trip count, and a custom call (the
+    splash kernel) not at all. So the figures come from two extra compiles with the layers unrolled
+    (1 and 2 layers, one microbatch, the loss in one piece; total = c1 + (layers - 1) * (c2 - c1),
+    times `grad_accum`), plus the attention the compiler cannot see (the splash/cuDNN kernel, or the
+    blockwise loops): causal score and value matmuls, forward + backward (+ the forward again under
+    remat), counted at the chip's peak FLOP/s. None when those compiles do not fit either."""
+    flat = dataclasses.replace(cfg, scan_layers=False, loss_chunk=0, grad_accum=1,
+                               batch_size=cfg.batch_size // cfg.grad_accum)
+    costs = []
+    for n in (1, 2):
+        try:
+            cost = compile_step(flat, devices, dataclasses.replace(mc, n_layers=n))[0].cost_analysis() or {}
+        except jax.errors.JaxRuntimeError:
+            return model_flops_per_token(mc, cfg.seq_len) * cfg.batch_size * cfg.seq_len / len(devices), None
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        costs.append((float(cost.get("flops", 0.0)), float(cost.get("optimal_seconds", -1.0))))
+    (f1, s1), (f2, s2) = costs
+    flops = (f1 + (mc.n_layers - 1) * (f2 - f1)) * cfg.grad_accum
+    seconds = (s1 + (mc.n_layers - 1) * (s2 - s1)) * cfg.grad_accum if min(s1, s2) > 0 else None
+    backend = attention.resolve(cfg.attention, devices[0].platform, cfg.seq_len)
+    if backend != "reference":
+        passes = 4 if cfg.remat != "none" else 3  # forward, backward (2x), forward again under remat
+        unseen = 2 * mc.n_layers * mc.n_heads * mc.head_dim * cfg.seq_len * passes  # per token, causal
+        unseen *= cfg.batch_size * cfg.seq_len / len(devices)
+        flops += unseen
+        peak = lookup(PEAK_FLOPS, devices[0].device_kind)
+        seconds = seconds + unseen / peak if seconds is not None and peak else None
+    return flops, seconds
+
+
+def dry_run(cfg: TrainConfig, topology: str | None = None, num_slices: int = 1, out=None) -> dict:
+    """Compile, print the report (last line JSON) and return it; raises DoesNotFit when it does not fit."""
+    out = out or sys.stdout
+    if num_slices < 1:
+        raise ValueError(f"--num-slices must be >= 1, got {num_slices}")
+    if num_slices > 1 and topology is None:
+        raise ValueError("--num-slices needs --topology")
+    devices = topology_devices(topology, num_slices) if topology else jax.devices()
+    n = len(devices)
+    hbm = device_memory_bytes(devices)
+    name = topology + (f" x{num_slices}" if num_slices > 1 else "") if topology else \
+        f"{devices[0].platform}:{len(devices)}"
+    try:
+        compiled, mc, mesh = compile_step(cfg, devices)
+    except jax.errors.JaxRuntimeError as e:
+        # the TPU compiler refuses a program whose temporaries exceed HBM: that is the answer too
+        first = str(e).strip().splitlines()[0]
+        if "RESOURCE_EXHAUSTED" not in first:
+            raise
+        found = re.search(r"temporaries \(([\d.]+)([KMGT])\)", first)
+        temp = int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2))) if found else None
+        report = {"topology": name, "devices": n, "bytes_per_device": {"arguments": None, "temporaries": temp,
+                  "outputs": None, "peak": None}, "device_memory_bytes": hbm, "fits": False,
+                  "flops_per_step": None, "estimated_step_seconds": None, "estimated_mfu": None}
+        print(f"dry run: {name}: the compiler ran out of memory: {first}", file=out)
+        print(json.dumps(report), file=out, flush=True)
+        raise DoesNotFit(first.split(":", 1)[-1].strip()) from None
+    mem = compiled.memory_analysis()
+    per_device = {"arguments": int(mem.argument_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
+                  "outputs": int(mem.output_size_in_bytes)}
+    per_device["peak"] = sum(per_device.values()) - int(mem.alias_size_in_bytes)
+    fits = bool(hbm) and per_device["peak"] <= hbm
+    flops, seconds = cost_estimate(cfg, mc, devices)
+    flops *= n
+    model_flops = model_flops_per_token(mc, cfg.seq_len) * cfg.batch_size * cfg.seq_len
+    peak = peak_flops(cfg.peak_flops, devices) if devices[0].platform != "cpu" or cfg.peak_flops else float("nan")
+    mfu = model_flops / (seconds * peak) if seconds and math.isfinite(peak) else None
+    report = {"topology": name, "devices": n, "bytes_per_device": per_device, "device_memory_bytes": hbm,
+              "fits": fits, "flops_per_step": flops, "estimated_step_seconds": seconds, "estimated_mfu": mfu}
+    gib = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+    print(f"dry run: {mc.num_params():,} params, {name} ({devices[0].device_kind}), mesh {dict(mesh.shape)}, "
+          f"{cfg.batch_size}x{cfg.seq_len} tokens, attention={cfg.attention}, remat={cfg.remat}", file=out)
+    print(f"per device: arguments {gib(per_device['arguments'])}, temporaries {gib(per_device['temporaries'])}, "
+          f"outputs {gib(per_device['outputs'])}, peak {gib(per_device['peak'])} of {gib(hbm)}", file=out)
+    print(f"compiler: {flops:.3e} FLOPs per step (model: {model_flops:.3e}), cost-model step "
+          f"{'n/a' if seconds is None else f'{seconds:.3f} s'}, MFU {'n/a' if mfu is None else f'{mfu:.1%}'}",
+          file=out)
+    print(json.dumps(report), file=out, flush=True)
+    if not fits:
+        raise DoesNotFit(f"needs {gib(per_device['peak'])} per device, the device has {gib(hbm)}"
+                         if hbm else "the device's memory size is unknown")
+    return report

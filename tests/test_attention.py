@@ -1,0 +1,108 @@
+"""Attention backends equal the reference (outputs and gradients), and the switch picks and refuses
+as documented. Shapes: GQA ratios 1/4/8, packed documents, left padding (segment 0), T not a multiple
+of the block size. Splash runs in Pallas interpret mode (the kernel's own code, on CPU)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama3_jax import attention
+from llama3_jax.attention import blockwise, reference
+
+T, D, H = 40, 16, 8
+
+
+def inputs(kv: int, dtype=jnp.float32, b: int = 2, t: int = T, seed: int = 0):
+    """Row 0: three packed documents then right padding; row 1: left padding then one document."""
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(ks[0], (b, t, H, D), dtype)
+    k = jax.random.normal(ks[1], (b, t, kv, D), dtype)
+    v = jax.random.normal(ks[2], (b, t, kv, D), dtype)
+    seg = np.zeros((b, t), np.int32)
+    seg[0, : t // 3], seg[0, t // 3: t - 7], seg[0, t - 7: t - 3] = 1, 2, 3
+    seg[1, 5:] = 1
+    cot = jax.random.normal(ks[3], (b, t, H, D), jnp.float32) * (seg != 0)[..., None, None]
+    return q, k, v, jnp.asarray(seg), cot
+
+
+def loss_of(fn, seg, cot):
+    """A scalar whose gradient is the VJP with cotangent `cot` (zero on padding rows, which no real
+    token reads and whose values the backends need not agree on)."""
+    idx = jnp.arange(seg.shape[1])
+    return lambda q, k, v: jnp.sum(fn(q, k, v, seg, seg, idx, idx).astype(jnp.float32) * cot)
+
+
+def check_equal(fn, kv, dtype, tol):
+    q, k, v, seg, cot = inputs(kv, dtype)
+    idx = jnp.arange(T)
+    valid = np.asarray(seg != 0)[..., None, None]
+    ref = jax.jit(reference.attend)(q, k, v, seg, seg, idx, idx).astype(jnp.float32)
+    out = jax.jit(fn)(q, k, v, seg, seg, idx, idx).astype(jnp.float32)
+    np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, ref, 0), atol=tol, rtol=tol)
+    g_ref = jax.jit(jax.grad(loss_of(reference.attend, seg, cot), argnums=(0, 1, 2)))(q, k, v)
+    g_new = jax.jit(jax.grad(loss_of(fn, seg, cot), argnums=(0, 1, 2)))(q, k, v)
+    for name, a, b in zip("qkv", g_new, g_ref):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol * 4, rtol=tol,
+                                   err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("kv", [8, 2, 1])  # GQA ratios 1, 4, 8
+def test_blockwise_equals_reference_float32(kv):
+    # blocks of 16 and 8 over T = 40: ragged last blocks, and many block pairs skipped as fully masked
+    check_equal(lambda *a: blockwise.attend(*a, block_q=16, block_k=8), kv, jnp.float32, 1e-5)
+
+
+def test_blockwise_equals_reference_bfloat16():
+    check_equal(lambda *a: blockwise.attend(*a, block_q=16, block_k=16), 2, jnp.bfloat16, 2e-2)
+
+
+def test_blockwise_with_a_cache_shape_equals_reference():
+    """Queries at slots [index, index + T) against a longer cache (S > T), as in chunked prefill."""
+    q, k, v, seg, _ = inputs(2, t=24)
+    kc = jnp.concatenate([k, k[:, :16]], axis=1)
+    vc = jnp.concatenate([v, v[:, :16]], axis=1)
+    k_seg = jnp.concatenate([seg, seg[:, :16]], axis=1)
+    q_idx, k_idx = 8 + jnp.arange(24), jnp.arange(40)
+    q_seg = k_seg[:, 8:32]
+    valid = np.asarray(q_seg != 0)[..., None, None]
+    ref = jax.jit(reference.attend)(q, kc, vc, q_seg, k_seg, q_idx, k_idx)
+    out = jax.jit(lambda *a: blockwise.attend(*a, block_q=8, block_k=16))(q, kc, vc, q_seg, k_seg, q_idx, k_idx)
+    np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, ref, 0), atol=1e-5)
+
+
+@pytest.mark.parametrize("kv", [8, 2, 1])
+def test_splash_interpret_equals_reference_float32(kv):
+    check_equal(attention.get("splash_interpret"), kv, jnp.float32, 1e-5)
+
+
+def test_splash_interpret_equals_reference_bfloat16():
+    check_equal(attention.get("splash_interpret"), 2, jnp.bfloat16, 2e-2)
+
+
+def test_switch_resolves_and_refuses():
+    assert attention.resolve("auto", "cpu", 512) == "reference"
+    assert attention.resolve("auto", "cpu", attention.BLOCKWISE_MIN_LEN) == "blockwise"
+    assert attention.resolve("auto", "tpu", 512) == "splash"
+    assert attention.resolve("splash", "cpu", 64) == "splash_interpret"
+    assert attention.resolve("blockwise", "tpu", 64) == "blockwise"
+    with pytest.raises(ValueError, match="attention=cudnn needs an NVIDIA GPU"):
+        attention.resolve("cudnn", "cpu", 64)
+    with pytest.raises(ValueError, match="attention must be one of auto, reference, blockwise, splash, cudnn"):
+        attention.resolve("flash", "cpu", 64)
+
+
+def test_cudnn_segments_become_packed_runs():
+    """The packed-layout offsets/lengths cuDNN gets describe exactly the non-zero segment runs."""
+    from llama3_jax.attention.cudnn import _runs
+    _, _, _, seg, _ = inputs(2)
+    offsets, lengths = map(np.asarray, _runs(seg))
+    for row, off, ln in zip(np.asarray(seg), offsets, lengths):
+        runs = [(int(o), int(n)) for o, n in zip(off, ln) if o >= 0]
+        rebuilt = np.zeros_like(row)
+        for i, (o, n) in enumerate(runs):
+            rebuilt[o: o + n] = row[o]
+            assert np.all(row[o: o + n] == row[o]) and row[o] != 0
+        assert np.array_equal(rebuilt, row) and np.all(off[len(runs):] == -1)

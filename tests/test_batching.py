@@ -1,0 +1,113 @@
+"""Continuous batching and per-request knobs: rows come out as if each ran alone, whatever the batch.
+
+Reuses test_generate's tiny transformers model (the oracle) and its converted checkpoint. Few shapes:
+prompts in the 16 and 32 buckets, slot counts 1, 7 and 10 (batch 32 over 10 prompts).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from llama3_jax.generate import run_generate
+from llama3_jax.sampling import Temperature, TopK, TopP
+from llama3_jax.scheduler import cut_at_stop
+
+from test_generate import ckpt, gen, gen_args, hf_greedy, hf_model, ragged_prompts, read_jsonl  # noqa: F401
+
+LENGTHS = [3, 30, 9, 17, 1, 25, 12, 31, 6, 20]
+BUDGETS = [5, 24, 9, 3, 17, 12, 1, 20, 8, 14]  # rows finish at different steps: slots are refilled
+
+
+def requests(gen, order=None, **kw):
+    prompts = ragged_prompts(LENGTHS, seed=2)
+    order = range(len(prompts)) if order is None else order
+    return [gen.request(prompts[i], BUDGETS[i], row_seed=i, **kw) for i in order], prompts
+
+
+def run(gen, reqs, batch_size, **kw):
+    out = {}
+    for batch in gen.generate_requests(reqs, ignore_eos=True, batch_size=batch_size, decode_text=False, **kw):
+        for i, c in batch:
+            assert i not in out
+            out[i] = c
+    return [out[i] for i in range(len(reqs))]
+
+
+def test_greedy_rows_equal_transformers_whatever_the_batch_size_and_arrival_order(gen, hf_model):
+    reqs, prompts = requests(gen)
+    want = [hf_greedy(hf_model, p, n) for p, n in zip(prompts, BUDGETS)]
+    for b in (1, 7, 32):
+        got = run(gen, reqs, b)
+        assert [c.tokens for c in got] == want, f"batch size {b}"
+        assert all(c.finish_reason == "length" for c in got)
+    order = [7, 2, 9, 0, 4, 1, 8, 3, 6, 5]
+    shuffled, _ = requests(gen, order)
+    got = run(gen, shuffled, 7)
+    assert [c.tokens for c in got] == [want[i] for i in order]
+    # the static path gives the same tokens
+    assert [c.tokens for c in run(gen, reqs, 7, continuous=False)] == want
+
+
+def test_distinct_knobs_share_one_compile_and_a_seeded_row_ignores_its_batch(gen):
+    reqs, _ = requests(gen)
+    run(gen, reqs, 7)  # compiles for this shape (if the test above has not)
+    compiles = gen._scheduler.compiles()
+    samplers = [Temperature(0.7), TopP(0.8, 1.3), TopK(5, 0.9), TopP(0.95, 0.6, k=20), Temperature(1.1)]
+    mixed = [gen.request(r.tokens, r.max_new_tokens, samplers[i % len(samplers)], seed=40 + i)
+             for i, r in enumerate(reqs)]
+    a = run(gen, mixed, 7)
+    assert gen._scheduler.compiles() == compiles
+    # each row alone (batch size 1) with its own seed: the same tokens
+    for i in (1, 7):
+        [alone] = run(gen, [mixed[i]], 1)
+        assert alone.tokens == a[i].tokens
+    # another seed changes the draws; the same seed in another batch position does not
+    b = run(gen, mixed[::-1], 7)[::-1]
+    assert [c.tokens for c in b] == [c.tokens for c in a]
+    other = run(gen, [gen.request(r.tokens, r.max_new_tokens, TopP(0.8, 1.3), seed=99) for r in reqs], 7)
+    assert [c.tokens for c in other] != [c.tokens for c in a]
+
+
+def test_cut_at_stop_spans_tokens_and_keeps_the_completing_token():
+    pieces = {1: "ab", 2: "c\n", 3: "\nd", 4: "e"}
+    decode = lambda ts: "".join(pieces[t] for t in ts)  # noqa: E731
+    assert cut_at_stop([1, 2, 3, 4], ["\n\n"], decode) == (3, "abc")
+    assert cut_at_stop([1, 2, 3, 4], ["zz", "bc"], decode) == (2, "a")
+    assert cut_at_stop([1, 2, 3, 4], ["q"], decode) is None
+    assert cut_at_stop([1, 2, 3, 4], [], decode) is None
+
+
+def test_per_line_knobs_max_new_tokens_stop_and_seed(gen, ckpt, tmp_path, capsys):
+    prompts = ragged_prompts([5, 12, 20, 8], seed=7)
+    full = run(gen, [gen.request(p, 12) for p in prompts], 7)
+    texts = [[gen.tokenizer.decode([t]) for t in c.tokens] for c in full]
+    # a stop string made of the end of token 3's text and the start of token 4's: split across two tokens
+    stop = texts[1][3][-1:] + texts[1][4][:1]
+    head = gen.tokenizer.decode(full[1].tokens[:5])
+    assert stop in head and stop not in gen.tokenizer.decode(full[1].tokens[:4])
+    lines = [{"id": "short", "tokens": prompts[0], "max_new_tokens": 3},
+             {"id": "stop", "tokens": prompts[1], "stop": ["\u2603never", stop]},
+             {"id": "seeded", "tokens": prompts[2], "temperature": 0.9, "top_p": 0.9, "seed": 11},
+             {"id": "default", "tokens": prompts[3]},
+             {"id": "bad", "tokens": prompts[3], "top_p": 0},
+             {"id": "bad2", "tokens": prompts[3], "stop": [3]}]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    run_generate(gen_args(ckpt, inp, out, batch_size=2, max_new_tokens=12, ignore_eos=True), generator=gen)
+    err = capsys.readouterr().err
+    assert "in.jsonl:5: skipped: 'top_p' must be in (0, 1], got 0" in err
+    assert "in.jsonl:6: skipped: 'stop' must be a list of non-empty strings" in err
+    rows = {r["id"]: r for r in read_jsonl(out)}
+    assert set(rows) == {"short", "stop", "seeded", "default"}
+    assert (rows["short"]["tokens"], rows["short"]["finish_reason"]) == (full[0].tokens[:3], "length")
+    assert rows["stop"]["tokens"] == full[1].tokens[:5]
+    assert rows["stop"]["text"] == head[:head.index(stop)]
+    assert rows["stop"]["finish_reason"] == "stop"
+    assert rows["default"]["tokens"] == full[3].tokens
+    # a line's own seed: its stream is fold_in(key(seed), 0), independent of its id and batch
+    [seeded] = run(gen, [gen.request(prompts[2], 12, TopP(0.9, 0.9), seed=11)], 1)
+    assert rows["seeded"]["tokens"] == seeded.tokens
+    assert seeded.tokens != full[2].tokens
