@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from .losses import lm_loss  # noqa: F401  (its home is losses.py; kept importable from here)
