@@ -80,7 +80,7 @@ def run_peft(args, rank: int) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
-    from train import hf_config  # benchmarks/train.py: the same transformers shape
+    from train import hf_config, torch_step_seconds  # benchmarks/train.py: the same shape and step
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -91,22 +91,8 @@ def run_peft(args, rank: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.0)
     tokens = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq + 1))
-    ids, labels = torch.tensor(tokens[:, :-1]), torch.tensor(tokens[:, 1:])
-
-    def step():
-        logits = model(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, args.vocab), labels.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-
-    for _ in range(2):
-        step()
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    return {"step_s": (time.perf_counter() - t) / args.steps, "trainable": sum(p.numel() for p in params),
+    step_s = torch_step_seconds(model, params, opt, tokens, args.steps)
+    return {"step_s": step_s, "trainable": sum(p.numel() for p in params),
             "compiled_mb": None, "rss_mb": _rss_mb()}
 
 

@@ -67,24 +67,33 @@ def bench_torch(args, tokens: np.ndarray) -> float:
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     model = LlamaForCausalLM(hf_config(args)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    return torch_step_seconds(model, params, opt, tokens, args.steps)
+
+
+def torch_step_seconds(model, params, opt, tokens: np.ndarray, steps: int) -> float:
+    """Seconds per torch train step (forward, next-token loss, backward, clip 1.0 on `params`, `opt`
+    update) on `tokens` (B, T + 1), after two warm-up steps (also used by benchmarks/finetune.py)."""
+    import torch
+
     ids = torch.tensor(tokens[:, :-1].astype(np.int64))
     labels = torch.tensor(tokens[:, 1:].astype(np.int64))
 
     def step():
         logits = model(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, args.vocab), labels.reshape(-1))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
     for _ in range(2):
         step()
     t = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         step()
-    return (time.perf_counter() - t) / args.steps
+    return (time.perf_counter() - t) / steps
 
 
 def main() -> None:
