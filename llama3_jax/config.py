@@ -50,11 +50,15 @@ class ModelConfig:
     eos_ids: tuple[int, ...] = (128001, 128008, 128009)
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"
+    # None: float matrices; "int8": int8 matrices + per-output-channel scales (quant.py), for generate/score
+    quantization: str | None = None
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         _check_model_values(self)
+        if self.quantization not in (None, "int8"):
+            raise ValueError(f"quantization={self.quantization!r}: expected \"int8\" or null")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))

@@ -28,11 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
-from .model import PROJECTIONS, layer_specs
+from .model import N_IN, PROJECTIONS, layer_specs
 
 TARGETS = PROJECTIONS
-# where each projection's input dims end in our layout (the rest are outputs)
-N_IN = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
 PEFT_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
                 "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
                 "w_down": "mlp.down_proj"}
