@@ -20,6 +20,8 @@ def _convert(args) -> None:
         options["shards"] = args.shards
     if args.base is not None:
         options["base"] = args.base
+    if args.quantize is not None:
+        options["quantize"] = args.quantize
     convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format, dtype=args.dtype,
             progress=not args.quiet, **options)
 
@@ -89,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "reads it: 5GB, 500MB, 5GiB (default: 5GB)")
     c.add_argument("--shards", type=int, default=None, help="meta output only: model-parallel files (default: 1)")
     c.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
+    c.add_argument("--quantize", choices=["int8"], default=None,
+                   help="--to jax only: store int8 matrices + per-output-channel scales, for generate/score "
+                        "(default: float)")
     c.add_argument("--base", default=None,
                    help="--from peft only: the hf or jax model the adapter is merged into (default: none; "
                         "needed with --from peft)")
@@ -132,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "refilling --batch-size slots as rows finish, for comparison (default: continuous)")
     g.add_argument("--num-samples", type=int, default=1,
                    help="completions per input line, each its own output line with a 'sample' index (default: 1)")
+    g.add_argument("--kv-cache-dtype", choices=["bfloat16", "float32", "int8"], default=None,
+                   help="KV cache storage; int8: one scale per (position, kv head), a quarter of float32's "
+                        "memory (default: the compute dtype)")
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("score", help="per-token log-probs of given completions",
@@ -165,6 +173,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="compute dtype; float32 matches transformers' float32 logits (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model path (default: the one in llama-models)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights with one scale per output channel, made at load (a checkpoint from "
+                        "convert --quantize int8 is int8 already) (default: the checkpoint's weights)")
 
 
 def main(argv: list[str] | None = None) -> int:

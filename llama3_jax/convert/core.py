@@ -91,7 +91,7 @@ def _writer(fmt: str, dst: Path, cfg: ModelConfig, dtype, options: dict):
 
 
 # writer options per output format; each is also a CLI flag (max_shard_size -> --max-shard-size)
-WRITER_OPTIONS = {"hf": ("max_shard_size",), "meta": ("shards",), "jax": ()}
+WRITER_OPTIONS = {"hf": ("max_shard_size",), "meta": ("shards",), "jax": ("quantize",)}
 
 
 def check_options(dst_format: str, options: dict) -> dict:
@@ -104,6 +104,8 @@ def check_options(dst_format: str, options: dict) -> dict:
         if dst_format not in fits:
             raise ConvertError(f"{flag} applies only to --to {' or '.join(fits)} output, not --to {dst_format}")
     options = dict(options)
+    if options.get("quantize") not in (None, "int8"):
+        raise ConvertError(f"--quantize {options['quantize']!r}: expected int8")
     if "max_shard_size" in options:
         options["max_shard_size"] = parse_size(options["max_shard_size"], "--max-shard-size")
     return options
@@ -140,7 +142,8 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
             progress: bool = True, **options) -> ModelConfig:
     """Convert a checkpoint between `hf`, `meta` and `jax`; keeps the source dtype unless `dtype` is given.
 
-    Options go to the writer: `max_shard_size` (hf), `shards` (meta model-parallel files); `base` (the
+    Options go to the writer: `max_shard_size` (hf), `shards` (meta model-parallel files), `quantize`
+    ("int8", jax: int8 matrices + scales for generate/score, quant.py); `base` (the
     model a `peft` adapter is merged into) to the reader. `--to peft` writes a LoRA workdir's adapters.
     Returns the model config. Raises ConvertError (one line, naming file and tensor) on bad input.
     """

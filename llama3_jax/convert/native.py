@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Iterator
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from .. import checkpoint
 from ..config import ModelConfig
+from ..model import quantize_params
 from .core import ConvertError, Tensor, expected_shapes
 
 
@@ -20,6 +22,9 @@ class JaxReader:
             self.step = checkpoint.latest_intact_step(src)  # checked once, not per tensor
         except (FileNotFoundError, ValueError) as e:
             raise ConvertError(str(e)) from None
+        if self.config.quantization is not None:
+            raise ConvertError(f"{src}: holds {self.config.quantization} weights (convert --quantize), which only "
+                               f"generate and score read: convert the float checkpoint instead")
         self.src = src
         self.dtype = np.dtype(self.config.param_dtype)
 
@@ -38,10 +43,13 @@ class JaxReader:
 
 
 class JaxWriter:
-    """Stacks per-layer tensors into the model's arrays, then saves them with orbax."""
+    """Stacks per-layer tensors into the model's arrays, then saves them with orbax. `quantize="int8"`
+    stores int8 matrices + per-output-channel scales (model.quantize_params), quantised from the
+    tensors in the output dtype (which the norms keep): the same int8 weights as `generate --quantize
+    int8` makes at load from a float checkpoint of that dtype."""
 
-    def __init__(self, dst: Path, cfg: ModelConfig, dtype: np.dtype):
-        self.dst, self.cfg = dst, cfg
+    def __init__(self, dst: Path, cfg: ModelConfig, dtype: np.dtype, quantize: str | None = None):
+        self.dst, self.cfg, self.quantize = dst, cfg, quantize
         shapes = expected_shapes(cfg)
         self.arrays = {}
         for name, shape in shapes.items():
@@ -63,4 +71,8 @@ class JaxWriter:
                 params["layers"][name.split("/", 1)[1]] = a
             else:
                 params[name] = a
-        checkpoint.save_params(self.dst, self.cfg, params)
+        cfg = self.cfg
+        if self.quantize is not None:
+            cfg = dataclasses.replace(cfg, quantization=self.quantize)
+            params = quantize_params(params, cfg)
+        checkpoint.save_params(self.dst, cfg, params)

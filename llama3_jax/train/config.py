@@ -146,4 +146,8 @@ def model_config(cfg: TrainConfig, resume_dir: Path | None = None) -> ModelConfi
                     + " but the run config says " + ", ".join(f"model.{k}={getattr(asked, k)!r}" for k in differ)
                     + (" (a workdir's model cannot change: use a new workdir)" if resume_dir is not None
                        else " (drop `model` to take init_from's)"))
+    if mc.quantization is not None:  # int8 weights are for generate/score (quant.py): nothing to train
+        where = f"{stored}: its model has" if stored is not None else "the run config sets"
+        raise ValueError(f"{where} quantization={mc.quantization!r}: training needs float weights "
+                         f"(train from the float checkpoint)")
     return dataclasses.replace(mc, dtype=cfg.compute_dtype, param_dtype="float32")
