@@ -210,14 +210,15 @@ def test_convert_quantize_equals_quantize_at_load_and_bad_combinations(tmp_path,
     convert(tmp_path / "hf", tmp_path / "jax", src_format="hf", dst_format="jax", progress=False)
     convert(tmp_path / "hf", tmp_path / "q", src_format="hf", dst_format="jax", progress=False, quantize="int8")
     at_load = Generator(tmp_path / "jax", dtype="float32", quantize="int8")
-    stored = Generator(tmp_path / "q", dtype="float32")  # int8 already: no flag needed
+    stored = Generator(tmp_path / "q", dtype="float32", kv_cache_dtype="int8")  # int8 already: no flag needed
     assert stored.cfg == at_load.cfg and stored.cfg.quantization == "int8"
     # bit-identical int8 weights and scales under the same config: the same tokens by construction (one
-    # generate below shows the stored checkpoint decodes; a second would only cost another compile)
+    # generate below runs the stored checkpoint with an int8 KV cache through continuous batching, whose
+    # insert copies a prefilled int8 cache row into its slot; a second would only cost more compiles)
     same = jax.tree.map(lambda a, b: a.dtype == b.dtype and bool(jnp.all(a == b)), stored.params, at_load.params)
     assert all(jax.tree.leaves(same))
-    [c] = stored.generate([[1, 5, 9, 33, 4]], 6, ignore_eos=True, decode_text=False, batch_size=1, continuous=False)
-    assert len(c.tokens) == 6
+    [c] = stored.generate([[1, 5, 9, 33, 4]], 6, ignore_eos=True, decode_text=False, batch_size=1)
+    assert len(c.tokens) == 6 and stored._cache.k.dtype == jnp.int8
 
     def error(argv):  # one line on stderr, exit status 2
         capsys.readouterr()
