@@ -113,7 +113,6 @@ def int8_child(args) -> None:
 
             run()
             out[f"{quantize or 'float'} {b}"] = min(_timed(run) for _ in range(args.repeats))
-        del gen
     print(json.dumps(out))
 
 
@@ -258,7 +257,7 @@ def main(argv=None) -> None:
         roof_s = "-" if roof is None else f"{roof:.1f}"
         print(f"| {w} | {b} | {n_rows} | {tc:.1f} | {ts:.1f} | {tc / ts:.2f}x | {hf_s} | {ratio} | {roof_s} |")
     if t_int8:
-        print(f"\n#### int8 weights (uniform workload, continuous batching; child process with XLA's default flags)\n")
+        print("\n#### int8 weights (uniform workload, continuous batching; child process with XLA's default flags)\n")
         print(f"| batch | {args.dtype} tokens/s (this script's flags) | {args.dtype} tokens/s (XLA defaults) | "
               f"int8 tokens/s | int8 / {args.dtype} (best of the two) |")
         print("|---:|---:|---:|---:|---:|")
