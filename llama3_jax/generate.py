@@ -323,12 +323,7 @@ def run_generate(args, generator: Generator | None = None) -> dict:
         samples = [(id_, k, p) for id_, p in todo for k in range(n) if n == 1 or (_key(id_), k) not in done]
         return {"samples": samples, "counts": counts, "todo": len(todo), "errors": len(errors)}
 
-    try:
-        plan = on_main(plan)
-    except BaseException:
-        if out is not None:
-            out.close()
-        raise
+    plan = on_main(plan)  # (on an error, `out` is closed when collected)
     samples, counts = plan["samples"], plan["counts"]
 
     def request(id_, k, ids, knobs):
@@ -415,12 +410,7 @@ def run_score(args, generator: Generator | None = None) -> dict:
                                 args.input, out)
         return {"todo": todo, "counts": counts, "errors": len(errors)}
 
-    try:
-        plan = on_main(plan)
-    except BaseException:
-        if out is not None:
-            out.close()
-        raise
+    plan = on_main(plan)  # (on an error, `out` is closed when collected)
     todo, counts = plan["todo"], plan["counts"]
     progress = Progress(len(todo), "seq")
     try:
