@@ -80,6 +80,24 @@ def test_bad_distributed_settings_are_one_line_errors(no_cluster, tmp_path, caps
     assert rc == 2 and "distributed.process_id 5 is not below" in capsys.readouterr().err
 
 
+def test_bad_mesh_flags_are_one_line_errors(tmp_path, capsys):
+    import jax
+    from llama3_jax.sharding import inference_mesh, parse_mesh
+    assert parse_mesh("data=1, fsdp=1,tensor=-1") == {"data": 1, "fsdp": 1, "tensor": -1} and parse_mesh(None) == {}
+    assert dict(inference_mesh().shape) == {"data": 1, "fsdp": 1, "tensor": len(jax.devices())}
+    for text, why in [("data=x", "data='x' is not an integer"), ("pipe=2", "'pipe=2' is not AXIS=SIZE"),
+                      ("tensor=2,tensor=2", "tensor given twice"), ("dcn_data=-1", "dcn_data must be >= 1")]:
+        with pytest.raises(ValueError, match=why):
+            parse_mesh(text)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("")
+    rc = cli_main(["score", "--checkpoint", str(tmp_path), "--input", str(inp), "--output", str(tmp_path / "o"),
+                   "--mesh", "tensor=two"])
+    assert rc == 2 and "error: --mesh 'tensor=two': tensor='two' is not an integer" in capsys.readouterr().err
+    rc = cli_main(["convert", "--from", "jax", "--to", "hf", str(tmp_path), str(tmp_path / "hf"), "--mesh", "tensor=1"])
+    assert rc == 2 and "--mesh applies only to --to jax output, not --to hf" in capsys.readouterr().err
+
+
 @dataclasses.dataclass(frozen=True)
 class FakeDevice:
     id: int
