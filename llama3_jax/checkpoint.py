@@ -30,6 +30,7 @@ from flax import nnx
 from . import integrity, lora
 from .config import ModelConfig, read_json
 from .model import abstract_model
+from .multihost_io import on_main
 from .sharding import make_mesh, state_shardings
 
 FORMAT = "llama3-jax"
@@ -174,25 +175,35 @@ def all_steps(directory: str | Path) -> list[int]:
 def latest_intact_step(directory: str | Path, *, set_aside: bool = False) -> int | None:
     """The latest step whose files match its manifest. Each newer step that does not is reported on
     stderr with the file at fault, and with `set_aside` (a writer, which will save that step number
-    again) renamed to `STEP.corrupt`. None if there are no steps; ValueError if none is intact."""
+    again) renamed to `STEP.corrupt`. None if there are no steps; ValueError if none is intact.
+
+    Several processes (every one calls this): process 0 alone checks the files, reports and renames;
+    the others take its verdict (multihost_io.on_main), so all restore the same step even if their
+    views of a shared file system differ, and none hashes the checkpoint again."""
     steps = all_steps(directory)
-    problems = []
-    for step in reversed(steps):
-        problem = integrity.verify(Path(directory) / str(step))
-        if problem is None:
-            if problems:
-                print(f"checkpoint: warning: using step {step} of {directory} instead", file=sys.stderr)
-            return step
-        problems.append(f"step {step}: {problem}")
-        print(f"checkpoint: warning: {directory} step {step} is corrupt: {problem}", file=sys.stderr)
-        if set_aside:
-            _sync(f"llama3_jax_verified_{step}")  # every process has read the step before it moves
-            if jax.process_index() == 0:
+
+    def check() -> tuple[int | None, list[tuple[int, str]]]:
+        corrupt = []
+        for step in reversed(steps):
+            problem = integrity.verify(Path(directory) / str(step))
+            if problem is None:
+                if corrupt:
+                    print(f"checkpoint: warning: using step {step} of {directory} instead", file=sys.stderr)
+                return step, corrupt
+            corrupt.append((step, problem))
+            print(f"checkpoint: warning: {directory} step {step} is corrupt: {problem}", file=sys.stderr)
+        return None, corrupt
+
+    intact, corrupt = on_main(check)
+    if set_aside and corrupt:
+        if jax.process_index() == 0:
+            for step, _ in corrupt:
                 os.replace(Path(directory) / str(step), Path(directory) / f"{step}.corrupt")
-            _sync(f"llama3_jax_set_aside_{step}")
-    if problems:
-        raise ValueError(f"{directory}: no intact checkpoint step ({'; '.join(problems)})")
-    return None
+        _sync(f"llama3_jax_set_aside_{corrupt[-1][0]}")  # no process lists the steps before they moved
+    if intact is None and corrupt:
+        raise ValueError(f"{directory}: no intact checkpoint step "
+                         f"({'; '.join(f'step {step}: {problem}' for step, problem in corrupt)})")
+    return intact
 
 
 def _sync(name: str) -> None:
