@@ -1,0 +1,125 @@
+"""Prepared data (tools/prepare_data.py -> ArrayRecord shards): the same batches and iterator states as
+the corpus it was made from, with no record read before it is needed. (Training from it gives the
+corpus's losses: tests/test_train.py, beside the reference run.)"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama3_jax.data import BATCH_KEYS, DataConfig, list_documents, make_iterator, split_documents
+from llama3_jax.data import iterator as data_iterator
+from llama3_jax.data import prepared
+from llama3_jax.tokenizer import ByteTokenizer, Tokenizer
+from train_helpers import write_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+import prepare_data  # noqa: E402
+
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A JSONL of 120 short documents, one bad line, and its prepared form (Llama 3 tokenizer)."""
+    root = tmp_path_factory.mktemp("prepared")
+    path = write_corpus(root / "corpus.jsonl")
+    with open(path, "a") as f:
+        f.write('{"no_text": 1}\n')
+    out = root / "prepared"
+    assert prepare_data.main([str(path), str(out), "--eval-fraction", "0.1", "--shard-size", "1KB", "--quiet"]) == 0
+    return path, out
+
+
+class CountingSource:
+    """The prepared split's real ArrayRecord source, counting the records grain asks it for."""
+
+    def __init__(self, inner):
+        self.inner, self.reads = inner, 0
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.inner[i]
+
+
+def _batches(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_prepared_shards_give_the_corpus_batches_states_and_eval(corpus, tok, monkeypatch):
+    path, out = corpus
+    meta = json.loads((out / prepared.METADATA).read_text())
+    raw_cfg = DataConfig(path=str(path), eval_fraction=0.1, prefetch=0)
+    docs = list_documents(raw_cfg)
+    for split in prepared.SPLITS:  # counts, tokens and identity from an independent tokenization
+        part = split_documents(docs, split, 0.1)
+        texts = [json.loads(Path(d.path).read_bytes()[d.offset:].split(b"\n")[0])["text"] for d in part]
+        assert meta["splits"][split]["records"] == len(part) > 0
+        assert meta["splits"][split]["tokens"] == sum(len(tok.encode(t, bos=True, eos=True)) for t in texts)
+        assert meta["splits"][split]["documents"] == prepared.documents_fingerprint(part)
+    assert len(meta["splits"]["train"]["shards"]) > 1  # --shard-size 1KB: several files, read as one source
+
+    counters = []
+    real_source = prepared.source
+
+    def counting(*a):
+        counters.append(CountingSource(real_source(*a)))
+        return counters[-1]
+    monkeypatch.setattr(prepared, "source", counting)
+    kw = dict(tokenizer=tok, seq_len=SEQ, batch_size=2, seed=7)
+    prep_cfg = DataConfig(path=str(out), eval_fraction=0.1, prefetch=0)
+    n_train = meta["splits"]["train"]["records"]
+    with make_iterator(raw_cfg, **kw) as raw, make_iterator(prep_cfg, **kw) as prep:
+        assert prep.documents is None and prep.num_documents == raw.num_documents == n_train
+        assert counters[0].reads == 0  # opening the shards reads no record
+        first = _batches(prep, 1)
+        # one batch reads the documents it packs plus grain's read-ahead, not the corpus
+        assert counters[0].reads <= 2 * SEQ + data_iterator._READ_OPTIONS.prefetch_buffer_size < n_train
+        state = raw.get_state()
+        n = (meta["splits"]["train"]["tokens"] // (2 * SEQ)) + 3  # past the end of the first epoch
+        expected = [next(raw)] + _batches(raw, n)
+        got = first + _batches(prep, n)
+        assert prep.get_state() == raw.get_state()  # interchangeable states: the same pipeline
+    for a, b in zip(expected, got, strict=True):
+        for k in BATCH_KEYS:
+            np.testing.assert_array_equal(a[k], b[k])
+    with make_iterator(prep_cfg, **kw) as resumed:  # a raw run's checkpointed state continues on prepared
+        resumed.set_state(state)
+        np.testing.assert_array_equal(next(resumed)["tokens"], expected[0]["tokens"])
+
+    ev = dict(kw, split="eval", process_index=1, process_count=2)
+    with make_iterator(raw_cfg, **ev) as raw, make_iterator(prep_cfg, **ev) as prep:
+        want, have = list(raw), list(prep)
+    assert len(want) == len(have) > 0
+    for a, b in zip(want, have):
+        for k in BATCH_KEYS:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_a_run_that_asks_what_preparing_fixed_is_refused(corpus, tok, tmp_path, capsys):
+    path, out = corpus
+    kw = dict(seq_len=SEQ, batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="eval_fraction=0.1, the run asks data.eval_fraction=0.01"):
+        make_iterator(DataConfig(path=str(out)), tokenizer=tok, **kw)
+    with pytest.raises(ValueError, match="tokenized with Llama 3 .*this run's tokenizer is bytes"):
+        make_iterator(DataConfig(path=str(out), eval_fraction=0.1), tokenizer=ByteTokenizer(), **kw)
+    with pytest.raises(ValueError, match="sft/dpo reads JSONL"):
+        make_iterator(DataConfig(path=str(out), eval_fraction=0.1), tokenizer=tok, kind="sft", **kw)
+    with pytest.raises(ValueError, match="no metadata.json"):
+        make_iterator(DataConfig(path=str(tmp_path), format="array_record"), tokenizer=tok, **kw)
+    assert prepare_data.main([str(path), str(out), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert not list(out.parent.glob(".prepared.tmp-*"))
