@@ -20,6 +20,8 @@ def _convert(args) -> None:
         options["shards"] = args.shards
     if args.base is not None:
         options["base"] = args.base
+    if args.mesh is not None:
+        options["mesh"] = args.mesh
     convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format, dtype=args.dtype,
             progress=not args.quiet, **options)
 
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base", default=None,
                    help="--from peft only: the hf or jax model the adapter is merged into (default: none; "
                         "needed with --from peft)")
+    _add_mesh_arg(c, "--to jax only: the arrays are placed and saved shard by shard on this mesh")
     _add_distributed_args(c)
     c.set_defaults(func=_convert)
 
@@ -157,6 +160,14 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
                    help="this process's id, 0..N-1 (default: the cluster's, else 0)")
 
 
+def _add_mesh_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T",
+                   help=f"{what}: the mesh of training's mesh.* keys and sharding rules, e.g. "
+                        "data=1,fsdp=1,tensor=-1 (-1: the rest of the devices; axes not named: 1; also dcn_data, "
+                        "dcn_fsdp) (default: the model split over each host's devices, tensor = local devices, "
+                        "data = processes)")
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a jax checkpoint (convert --to jax, or a train workdir)")
     p.add_argument("--input", required=True, help="input JSONL")
@@ -165,6 +176,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="compute dtype; float32 matches transformers' float32 logits (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model path (default: the one in llama-models)")
+    _add_mesh_arg(p, "parameters, KV cache and batch rows")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "train":  # train starts it from its distributed.* keys
             distributed.initialize(distributed.DistributedConfig(
                 args.coordinator_address, args.num_processes, args.process_id))
-            distributed.refuse_several_processes(f"llama3-jax {args.command}")
+            if args.command == "convert":
+                distributed.refuse_several_processes(f"llama3-jax {args.command}")
         rc = args.func(args)
     except (ValueError, KeyError, OSError) as e:  # OSError: also a full disk or a read-only path
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

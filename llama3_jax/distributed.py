@@ -134,11 +134,10 @@ def error_prefix() -> str:
 
 
 def refuse_several_processes(what: str) -> None:
-    """generate, score and convert run in one process for now (one global batch across hosts, and a
-    conversion where each host writes its slices, are not built): refuse clearly instead of having every
-    process write the same files. Independent machines: generate --num-shards."""
+    """convert runs in one process for now (a conversion where each host writes its slices is not
+    built): refuse clearly instead of having every process write the same files. (generate and score
+    run across processes: multihost_io.py.)"""
     jax = sys.modules.get("jax")
     if jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1:
         raise ValueError(f"{what} across {jax.process_count()} processes is not supported yet: run it in one "
-                         f"process per machine (generate: --num-shards N --shard-index I, then "
-                         f"tools/merge_outputs.py)")
+                         f"process")

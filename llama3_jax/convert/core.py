@@ -91,7 +91,7 @@ def _writer(fmt: str, dst: Path, cfg: ModelConfig, dtype, options: dict):
 
 
 # writer options per output format; each is also a CLI flag (max_shard_size -> --max-shard-size)
-WRITER_OPTIONS = {"hf": ("max_shard_size",), "meta": ("shards",), "jax": ()}
+WRITER_OPTIONS = {"hf": ("max_shard_size",), "meta": ("shards",), "jax": ("mesh",)}
 
 
 def check_options(dst_format: str, options: dict) -> dict:
@@ -140,7 +140,8 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
             progress: bool = True, **options) -> ModelConfig:
     """Convert a checkpoint between `hf`, `meta` and `jax`; keeps the source dtype unless `dtype` is given.
 
-    Options go to the writer: `max_shard_size` (hf), `shards` (meta model-parallel files); `base` (the
+    Options go to the writer: `max_shard_size` (hf), `shards` (meta model-parallel files), `mesh` (jax:
+    "data=1,fsdp=1,tensor=-1", default sharding.inference_mesh's); `base` (the
     model a `peft` adapter is merged into) to the reader. `--to peft` writes a LoRA workdir's adapters.
     Returns the model config. Raises ConvertError (one line, naming file and tensor) on bad input.
     """

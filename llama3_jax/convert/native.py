@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import checkpoint
 from ..config import ModelConfig
+from ..sharding import inference_mesh, parse_mesh
 from .core import ConvertError, Tensor, expected_shapes
 
 
@@ -38,10 +39,13 @@ class JaxReader:
 
 
 class JaxWriter:
-    """Stacks per-layer tensors into the model's arrays, then saves them with orbax."""
+    """Stacks per-layer tensors into the model's arrays, then saves them with orbax, each array placed
+    shard by shard on `mesh` ("data=1,fsdp=1,tensor=-1"; default: sharding.inference_mesh's, the model
+    split over every local device) as the rules table shards it, so no device ever holds the whole model."""
 
-    def __init__(self, dst: Path, cfg: ModelConfig, dtype: np.dtype):
+    def __init__(self, dst: Path, cfg: ModelConfig, dtype: np.dtype, mesh: str | None = None):
         self.dst, self.cfg = dst, cfg
+        self.mesh_sizes = parse_mesh(mesh)  # a bad --mesh fails before the first tensor is read
         shapes = expected_shapes(cfg)
         self.arrays = {}
         for name, shape in shapes.items():
@@ -56,9 +60,13 @@ class JaxWriter:
 
     def finish(self) -> None:
         # Hand each array to jax and drop the numpy copy at once, so the model is never held twice.
+        target = checkpoint.abstract_params(self.cfg, inference_mesh(self.mesh_sizes))
         params: dict = {"layers": {}}
         for name in list(self.arrays):
-            a = jax.device_put(self.arrays.pop(name))
+            where = target
+            for key in name.split("/"):
+                where = where[key]
+            a = jax.device_put(self.arrays.pop(name), where.sharding)
             if name.startswith("layers/"):
                 params["layers"][name.split("/", 1)[1]] = a
             else:
