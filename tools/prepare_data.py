@@ -21,9 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from llama3_jax.convert.core import ConvertError, parse_size  # noqa: E402
+from llama3_jax.convert.core import parse_size  # noqa: E402
 from llama3_jax.data import DataConfig  # noqa: E402
 from llama3_jax.data import prepared  # noqa: E402
+from llama3_jax.paths import local_path  # noqa: E402
 from llama3_jax.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -47,9 +48,10 @@ def main(argv=None) -> int:
                          max_documents=args.max_documents, format="raw")
         tok = load_tokenizer(args.tokenizer)
         spec = args.tokenizer if args.tokenizer in (None, "bytes") else str(Path(args.tokenizer).absolute())
-        meta = prepared.prepare(cfg, args.dst, tok, tokenizer_spec=spec, shard_bytes=parse_size(args.shard_size, "--shard-size"),
+        meta = prepared.prepare(cfg, local_path(args.dst, "DST"), tok, tokenizer_spec=spec,
+                                shard_bytes=parse_size(args.shard_size, "--shard-size"),
                                 threads=max(1, args.threads), progress=not args.quiet)
-    except (ValueError, OSError, ConvertError) as e:
+    except (ValueError, OSError) as e:  # ConvertError (a bad --shard-size) is a ValueError
         print(f"prepare_data: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     s = meta["splits"]

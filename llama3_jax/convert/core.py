@@ -28,6 +28,7 @@ import numpy as np
 from .. import distributed
 from ..config import ModelConfig
 from ..failpoints import kill_point
+from ..paths import local_path
 
 FORMATS = ("hf", "meta", "jax", "peft")  # peft: LoRA adapters (convert/peft.py)
 
@@ -151,11 +152,11 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
     model a `peft` adapter is merged into) to the reader. `--to peft` writes a LoRA workdir's adapters.
     Returns the model config. Raises ConvertError (one line, naming file and tensor) on bad input.
     """
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(local_path(src, "SRC")), Path(local_path(dst, "DST"))  # file:///x -> /x
     for fmt in (src_format, dst_format):
         if fmt not in FORMATS:
             raise ConvertError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
-    base = options.pop("base", None)  # the reader's option (--from peft), not a writer's
+    base = local_path(options.pop("base", None), "--base")  # the reader's option (--from peft), not a writer's
     if base is not None and src_format != "peft":
         raise ConvertError(f"--base applies only to --from peft, not --from {src_format}")
     options = check_options(dst_format, options)
