@@ -45,7 +45,7 @@ METADATA = "metadata.json"
 SUFFIX = ".array_record"
 SPLITS = ("train", "eval")
 DTYPE = np.dtype("<i4")
-_WRITER_OPTIONS = "group_size:1"  # one record per chunk: what grain's random access wants
+X
 
 
 # ------------------------------------------------------------------------------ identity checks
