@@ -45,7 +45,9 @@ METADATA = "metadata.json"
 SUFFIX = ".array_record"
 SPLITS = ("train", "eval")
 DTYPE = np.dtype("<i4")
-X
+# one record per chunk (what grain's random access wants); zstd level 1 with a 64 KiB window read a
+# random record in ~0.18 ms against ~0.31 ms for ArrayRecord's default zstd:3 (2^20 window), same size
+_WRITER_OPTIONS = "group_size:1,zstd:1,window_log:16"
 
 
 # ------------------------------------------------------------------------------ identity checks
