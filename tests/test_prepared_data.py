@@ -45,14 +45,37 @@ class CountingSource:
     """The prepared split's real ArrayRecord source, counting the records grain asks it for."""
 
     def __init__(self, inner):
-        self.inner, self.reads = inner, 0
+        self.inner, self.read = inner, []
+
+    @property
+    def reads(self):
+        return len(self.read)
 
     def __len__(self):
         return len(self.inner)
 
     def __getitem__(self, i):
-        self.reads += 1
+        self.read.append(int(i))
         return self.inner[i]
+
+
+def _count_reads(monkeypatch) -> list[CountingSource]:
+    """Every prepared source opened from now on, counting its reads."""
+    counters = []
+    real_source = prepared.source
+
+    def counting(*a):
+        counters.append(CountingSource(real_source(*a)))
+        return counters[-1]
+    monkeypatch.setattr(prepared, "source", counting)
+    return counters
+
+
+def _assert_batches_equal(expected, got):
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got):
+        for k in BATCH_KEYS:
+            np.testing.assert_array_equal(a[k], b[k])
 
 
 def _batches(it, n):
@@ -72,13 +95,7 @@ def test_prepared_shards_give_the_corpus_batches_states_and_eval(corpus, tok, mo
         assert meta["splits"][split]["documents"] == prepared.documents_fingerprint(part)
     assert len(meta["splits"]["train"]["shards"]) > 1  # --shard-size 1KB: several files, read as one source
 
-    counters = []
-    real_source = prepared.source
-
-    def counting(*a):
-        counters.append(CountingSource(real_source(*a)))
-        return counters[-1]
-    monkeypatch.setattr(prepared, "source", counting)
+    counters = _count_reads(monkeypatch)
     kw = dict(tokenizer=tok, seq_len=SEQ, batch_size=2, seed=7)
     prep_cfg = DataConfig(path=str(out), eval_fraction=0.1, prefetch=0)
     n_train = meta["splits"]["train"]["records"]
@@ -93,9 +110,7 @@ def test_prepared_shards_give_the_corpus_batches_states_and_eval(corpus, tok, mo
         expected = [next(raw)] + _batches(raw, n)
         got = first + _batches(prep, n)
         assert prep.get_state() == raw.get_state()  # interchangeable states: the same pipeline
-    for a, b in zip(expected, got, strict=True):
-        for k in BATCH_KEYS:
-            np.testing.assert_array_equal(a[k], b[k])
+    _assert_batches_equal(expected, got)
     with make_iterator(prep_cfg, **kw) as resumed:  # a raw run's checkpointed state continues on prepared
         resumed.set_state(state)
         np.testing.assert_array_equal(next(resumed)["tokens"], expected[0]["tokens"])
@@ -103,10 +118,8 @@ def test_prepared_shards_give_the_corpus_batches_states_and_eval(corpus, tok, mo
     ev = dict(kw, split="eval", process_index=1, process_count=2)
     with make_iterator(raw_cfg, **ev) as raw, make_iterator(prep_cfg, **ev) as prep:
         want, have = list(raw), list(prep)
-    assert len(want) == len(have) > 0
-    for a, b in zip(want, have):
-        for k in BATCH_KEYS:
-            np.testing.assert_array_equal(a[k], b[k])
+    assert len(want) > 0
+    _assert_batches_equal(want, have)
 
 
 def test_a_run_that_asks_what_preparing_fixed_is_refused(corpus, tok, tmp_path, capsys):
@@ -123,3 +136,40 @@ def test_a_run_that_asks_what_preparing_fixed_is_refused(corpus, tok, tmp_path, 
     assert prepare_data.main([str(path), str(out), "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert not list(out.parent.glob(".prepared.tmp-*"))
+
+
+def test_packed_rows_are_the_first_epoch_and_each_process_reads_only_its_rows(corpus, tok, tmp_path, monkeypatch):
+    """--seq-len packs the train documents in the order `data.seed` 7 reads them in its first epoch:
+    read in stored order (data.shuffle false) the rows give that run's batches (until the first epoch's
+    last, padded row); each of two processes reads only its rows of each batch, and their iterator
+    states are the one-process state. Eval rows are the raw eval batches."""
+    path, _ = corpus
+    out = tmp_path / "packed"
+    assert prepare_data.main([str(path), str(out), "--eval-fraction", "0.1", "--seq-len", str(SEQ), "--seed", "7",
+                              "--quiet"]) == 0
+    n_rows = json.loads((out / prepared.METADATA).read_text())["splits"]["train"]["records"]
+    B = 4
+    k = (n_rows - 1) // B  # batches made of whole rows of the first epoch
+    raw_cfg = DataConfig(path=str(path), eval_fraction=0.1, prefetch=0)
+    packed_cfg = DataConfig(path=str(out), eval_fraction=0.1, prefetch=0, shuffle=False)
+    with make_iterator(raw_cfg, tokenizer=tok, seq_len=SEQ, batch_size=B, seed=7) as raw:
+        expected = _batches(raw, k)
+    counters = _count_reads(monkeypatch)
+    kw = dict(tokenizer=tok, seq_len=SEQ, batch_size=B, seed=0)
+    with make_iterator(packed_cfg, **kw) as one:
+        _assert_batches_equal(expected, _batches(one, k))
+        state = one.get_state()
+    for p in range(2):
+        with make_iterator(packed_cfg, process_index=p, process_count=2, **kw) as it:
+            got = _batches(it, k)
+            assert it.get_state() == state  # the global batch number: any process count resumes it
+        _assert_batches_equal([{key: b[key][2 * p:2 * p + 2] for key in BATCH_KEYS} for b in expected], got)
+        assert counters[-1].read and {i % B for i in counters[-1].read} == {2 * p, 2 * p + 1}
+    with pytest.raises(ValueError, match=f"packed into rows for seq_len {SEQ}, the run has seq_len {2 * SEQ}"):
+        make_iterator(packed_cfg, **dict(kw, seq_len=2 * SEQ))
+
+    ev = dict(kw, split="eval", process_index=1, process_count=2)
+    with make_iterator(raw_cfg, **ev) as raw, make_iterator(packed_cfg, **ev) as packed:
+        want, have = list(raw), list(packed)
+    assert len(want) > 0
+    _assert_batches_equal(want, have)

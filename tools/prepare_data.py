@@ -39,6 +39,11 @@ def main(argv=None) -> int:
     p.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction,
                    help="held-out documents, by hash: the run's data.eval_fraction (default: %(default)s)")
     p.add_argument("--max-documents", type=int, default=0, help="0 = all (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="pack into rows for this seq_len (default: one record per document, any seq_len)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="--seq-len: the data.seed whose first-epoch document order the rows follow (default: "
+                        "%(default)s)")
     p.add_argument("--shard-size", default="512MB", help="about this much per shard file (default: %(default)s)")
     p.add_argument("--threads", type=int, default=4, help="tokenizer threads (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -48,7 +53,7 @@ def main(argv=None) -> int:
                          max_documents=args.max_documents, format="raw")
         tok = load_tokenizer(args.tokenizer)
         spec = args.tokenizer if args.tokenizer in (None, "bytes") else str(Path(args.tokenizer).absolute())
-        meta = prepared.prepare(cfg, local_path(args.dst, "DST"), tok, tokenizer_spec=spec,
+        meta = prepared.prepare(cfg, local_path(args.dst, "DST"), tok, tokenizer_spec=spec, seq_len=args.seq_len, seed=args.seed,
                                 shard_bytes=parse_size(args.shard_size, "--shard-size"),
                                 threads=max(1, args.threads), progress=not args.quiet)
     except (ValueError, OSError) as e:  # ConvertError (a bad --shard-size) is a ValueError

@@ -20,6 +20,8 @@ from .text import ReadAndTokenize
 KINDS = ("text", "sft", "dpo")
 # In-process reading: threads that read + tokenize, and documents read ahead of the packer.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
+# Prepared rows are read a batch (this process's rows) at a time: a couple of batches ahead.
+_ROW_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 
 
 def _jsonable(x: Any) -> Any:
@@ -199,11 +201,15 @@ def make_iterator(
         num_epochs = num_epochs or 1
     # Every process reads the same global order and keeps its rows of each batch (below): the order
     # does not depend on the process count, so N processes' checkpoint continues on M (elastic resume).
+    rows_packed = None  # prepared data packed into rows: (seed it was shuffled with, row count)
     if uses_prepared(cfg):
         meta = prepared.load_metadata(cfg.path)
-        prepared.check_run(meta, cfg, tokenizer, kind)
-        docs, n_docs, docs_id = None, meta["splits"][split]["records"], meta["splits"][split]["documents"]
+        prepared.check_run(meta, cfg, tokenizer, kind, seq_len)
+        docs, docs_id = None, meta["splits"][split]["documents"]
+        n_docs = int(docs_id.split(":")[0])
         ds, read = grain.MapDataset.source(prepared.source(cfg.path, meta, split)), prepared.decode
+        if meta["packed"]:
+            rows_packed, read = (meta["packed"]["seed"], meta["splits"][split]["records"]), prepared.decode_row
     else:
         docs = documents if documents is not None else list_documents(cfg, record_check(kind))
         docs = split_documents(docs, split, cfg.eval_fraction)
@@ -216,7 +222,11 @@ def make_iterator(
     if shuffle:
         ds = ds.shuffle(seed)  # grain reshuffles each epoch with seed + epoch
     render = None
-    if kind == "text":
+    if rows_packed is not None:  # rows read by index: each process reads only its rows of each batch
+        batches = prepared.ProcessRows(
+            ds.repeat(num_epochs).map(read), batch_size, process_index * rows, (process_index + 1) * rows,
+            functools.partial(text_batch, n_rows=rows, seq_len=seq_len)).to_iter_dataset(_ROW_READ_OPTIONS)
+    elif kind == "text":
         ds = ds.repeat(num_epochs).map(read)
         packed = ConcatThenSplitIterDataset(
             ds.to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len + 1}
@@ -233,10 +243,11 @@ def make_iterator(
             num_packing_bins=cfg.packing_bins, shuffle_bins=False,
         )
         batch_fn = example_batch
-    batches = packed.batch(
-        batch_size, batch_fn=functools.partial(batch_fn, n_rows=batch_size, seq_len=seq_len)
-    )
-    if process_count > 1:  # the global batch is the same in every process; each keeps its rows
+    if rows_packed is None:
+        batches = packed.batch(
+            batch_size, batch_fn=functools.partial(batch_fn, n_rows=batch_size, seq_len=seq_len)
+        )
+    if process_count > 1 and rows_packed is None:  # the global batch is the same in every process; each keeps its rows
         batches = batches.map(functools.partial(_rows_of, start=process_index * rows, stop=(process_index + 1) * rows))
     if cfg.worker_count:
         # grain reads an absl flag when starting workers; outside absl.app it is unparsed.
@@ -257,6 +268,8 @@ def make_iterator(
         "num_epochs": num_epochs,
         "worker_count": cfg.worker_count,
         **({} if kind == "text" else {"kind": kind, "packing_bins": cfg.packing_bins}),
+        # rows packed when preparing: another pipeline than packing documents here
+        **({} if rows_packed is None else {"packed_rows": f"{rows_packed[1]} rows, seed {rows_packed[0]}"}),
     }
     return BatchIterator(
         batches,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import grain
 import numpy as np
+from grain.experimental import ConcatThenSplitIterDataset
 
 from .sources import DataConfig, Document, list_documents, split_documents
 from .text import ReadAndTokenize
@@ -95,11 +95,14 @@ def load_metadata(path: str) -> dict:
     return meta
 
 
-def check_run(meta: dict, cfg: DataConfig, tok, kind: str) -> None:
+def check_run(meta: dict, cfg: DataConfig, tok, kind: str, seq_len: int) -> None:
     """Refuse a run that asks for what was fixed when preparing (see the module docstring)."""
     where = f"data.path {cfg.path} (prepared data)"
     if kind != "text":
         raise ValueError(f"{where} holds pretraining text; objective sft/dpo reads JSONL or Parquet records")
+    if meta["packed"] and meta["packed"]["seq_len"] != seq_len:
+        raise ValueError(f"{where} is packed into rows for seq_len {meta['packed']['seq_len']}, the run has "
+                         f"seq_len {seq_len} (set it, or prepare again with --seq-len {seq_len})")
     if meta["tokenizer"]["id"] != tokenizer_id(tok):
         raise ValueError(f"{where} was tokenized with {meta['tokenizer']['spec'] or 'Llama 3'} "
                          f"({meta['tokenizer']['id']}), this run's tokenizer is {tokenizer_id(tok)}: prepare it again")
@@ -125,6 +128,39 @@ def decode(raw: bytes) -> dict[str, np.ndarray] | None:
     return {"tokens": np.frombuffer(raw, DTYPE).astype(np.int32)}
 
 
+def decode_row(raw: bytes) -> dict[str, np.ndarray]:
+    """A packed row -> the packer's row (packing.text_batch): tokens, segment ids, and positions,
+    which restart at 0 at each segment start (a document continued from the previous row included)."""
+    tokens, seg = np.frombuffer(raw, DTYPE).reshape(2, -1).astype(np.int32)
+    idx = np.arange(seg.size, dtype=np.int32)
+    start = np.maximum.accumulate(np.where(np.r_[True, seg[1:] != seg[:-1]], idx, 0))
+    return {"tokens": tokens, "tokens_segment_ids": seg, "tokens_positions": np.where(seg > 0, idx - start, 0)}
+
+
+class ProcessRows(grain.MapDataset):
+    """Element b = this process's rows [b * batch_size + start, b * batch_size + stop) of `parent`'s
+    global batch b, through `batch_fn`. Each process reads only its rows, and the element index (the
+    iterator state) is the global batch number whatever the process count: elastic resume holds."""
+
+    def __init__(self, parent: grain.MapDataset, batch_size: int, start: int, stop: int, batch_fn):
+        super().__init__(parent)
+        self._batch_size, self._start, self._stop, self._batch_fn = batch_size, start, stop, batch_fn
+        self._length = -(-len(parent) // batch_size)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        base = index * self._batch_size
+        stop = min(base + self._stop, len(self._parent))  # a finite split's last batch may be short
+        return self._batch_fn([self._parent[i] for i in range(base + self._start, stop)])
+
+    def __str__(self) -> str:
+        return f"ProcessRows(batch_size={self._batch_size}, rows=[{self._start}, {self._stop}))"
+
+
 # ------------------------------------------------------------------------------ writing
 class _Tokenize(ReadAndTokenize):
     """ReadAndTokenize that keeps a place for an unreadable document (an empty record)."""
@@ -134,58 +170,77 @@ class _Tokenize(ReadAndTokenize):
         return b"" if out is None else out["tokens"].astype(DTYPE).tobytes()
 
 
-def _write_split(docs: list[Document], tok, cfg: DataConfig, out: Path, split: str, num_shards: int,
-                 threads: int, progress: bool) -> dict:
+def _document_records(docs: list[Document], tok, cfg: DataConfig, read: grain.ReadOptions):
+    """(record, tokens) per document, in order."""
+    ds = grain.MapDataset.source(docs).map(_Tokenize(tok, cfg.text_field)).to_iter_dataset(read)
+    for raw in ds:
+        yield raw, len(raw) // DTYPE.itemsize
+
+
+def _row_records(docs: list[Document], tok, cfg: DataConfig, read: grain.ReadOptions, seq_len: int,
+                 seed: int | None):
+    """(record, tokens) per packed row of seq_len + 1, as the raw pipeline packs the split's first epoch
+    (documents shuffled with `seed`, None: in order): tokens and segment ids, int32."""
+    ds = grain.MapDataset.source(docs)
+    ds = (ds.shuffle(seed) if seed is not None else ds).map(ReadAndTokenize(tok, cfg.text_field))
+    for row in ConcatThenSplitIterDataset(ds.to_iter_dataset(read), length_struct={"tokens": seq_len + 1}):
+        seg = row["tokens_segment_ids"]
+        yield np.stack([row["tokens"], seg]).astype(DTYPE).tobytes(), int(np.count_nonzero(seg))
+
+
+def _write_split(records, out: Path, split: str, shard_bytes: int, progress: bool) -> dict:
+    """Write `records` ((bytes, tokens) pairs) into shard files of about `shard_bytes` each."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    n = len(docs)
-    shards = max(1, min(num_shards, n))
-    bounds = [round(i * n / shards) for i in range(shards + 1)]
-    tokenized = iter(grain.MapDataset.source(docs).map(_Tokenize(tok, cfg.text_field)).to_iter_dataset(
-        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)))
-    listed, tokens, done, last = [], 0, 0, 0.0
-    for s in range(shards):
-        name = f"{split}-{s:05d}-of-{shards:05d}{SUFFIX}"
-        writer = ArrayRecordWriter(str(out / name), _WRITER_OPTIONS)
-        for _ in range(bounds[s], bounds[s + 1]):
-            raw = next(tokenized)
+    shards, writer, size, count, tokens, last = [], None, 0, 0, 0, 0.0
+    try:
+        for raw, n in records:
+            if writer is None or size >= shard_bytes:
+                if writer is not None:
+                    writer.close()
+                shards.append({"file": f"{split}-{len(shards):05d}{SUFFIX}", "records": 0})
+                writer, size = ArrayRecordWriter(str(out / shards[-1]["file"]), _WRITER_OPTIONS), 0
             writer.write(raw)
-            tokens += len(raw) // DTYPE.itemsize
-            done += 1
-            if progress and (time.time() - last > 1 or done == n):
+            shards[-1]["records"] += 1
+            size, count, tokens = size + len(raw), count + 1, tokens + n
+            if progress and time.time() - last > 1:
                 last = time.time()
-                print(f"\rprepare_data: {split}: {done}/{n} documents, {tokens:,} tokens", end="",
-                      file=sys.stderr, flush=True)
-        writer.close()
-        listed.append({"file": name, "records": bounds[s + 1] - bounds[s]})
-    if progress and n:
+                print(f"\rprepare_data: {split}: {count:,} records, {tokens:,} tokens", end="", file=sys.stderr, flush=True)
+    finally:
+        if writer is not None:
+            writer.close()
+    if progress and count:
         print(file=sys.stderr)
-    return {"shards": listed if n else [], "records": n, "tokens": tokens, "documents": documents_fingerprint(docs)}
+    return {"shards": shards, "records": count, "tokens": tokens}
 
 
-def prepare(cfg: DataConfig, out: str | Path, tok, *, tokenizer_spec: str | None = None,
-            shard_bytes: int = 512 << 20, threads: int = 4, progress: bool = True) -> dict:
-    """Tokenize `cfg.path` into prepared shards in `out` (written to a temp dir, renamed when complete).
-
-    Returns the metadata. `shard_bytes`: about how many token bytes go in one shard file."""
+def prepare(cfg: DataConfig, out: str | Path, tok, *, tokenizer_spec: str | None = None, seq_len: int | None = None,
+            seed: int | None = 0, shard_bytes: int = 512 << 20, threads: int = 4, progress: bool = True) -> dict:
+    """Tokenize `cfg.path` into prepared shards in `out` (written to a temp dir, renamed when complete):
+    one record per document, or with `seq_len` packed rows (train documents shuffled with `seed`, None:
+    in order; eval documents in order). Returns the metadata."""
     out = Path(out).expanduser()
     if out.exists():
         raise ValueError(f"{out}: already exists (refusing to overwrite)")
+    if seq_len is not None and seq_len < 1:
+        raise ValueError(f"--seq-len must be >= 1, got {seq_len}")
     docs = list_documents(cfg)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
     try:
         splits = {}
-        # shard count from the source's size: BPE makes ~4 bytes of text one token, stored in 4 bytes
-        src_bytes = sum(os.stat(f).st_size for f in {d.path for d in docs})
         for split in SPLITS:
             part = split_documents(docs, split, cfg.eval_fraction)
-            shards = max(1, math.ceil(src_bytes * len(part) / len(docs) / shard_bytes))
-            splits[split] = _write_split(part, tok, cfg, tmp, split, shards, threads, progress)
+            records = (_document_records(part, tok, cfg, read) if seq_len is None else
+                       _row_records(part, tok, cfg, read, seq_len, seed if split == "train" else None))
+            splits[split] = _write_split(records, tmp, split, shard_bytes, progress)
+            splits[split].update(documents=documents_fingerprint(part))
         meta = {"format": FORMAT, "version": VERSION, "source": str(cfg.path), "text_field": cfg.text_field,
                 "eval_fraction": cfg.eval_fraction, "max_documents": cfg.max_documents, "dtype": DTYPE.str,
                 "tokenizer": {"spec": tokenizer_spec, "id": tokenizer_id(tok), "n_words": tok.n_words},
+                "packed": None if seq_len is None else {"seq_len": seq_len, "seed": seed},
                 "splits": splits}
         (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, out)
