@@ -224,7 +224,7 @@ def make_iterator(
     render = None
     if rows_packed is not None:  # rows read by index: each process reads only its rows of each batch
         batches = prepared.ProcessRows(
-            ds.repeat(num_epochs).map(read), batch_size, process_index * rows, (process_index + 1) * rows,
+            ds.repeat(num_epochs), batch_size, process_index * rows, (process_index + 1) * rows, read,
             functools.partial(text_batch, n_rows=rows, seq_len=seq_len)).to_iter_dataset(_ROW_READ_OPTIONS)
     elif kind == "text":
         ds = ds.repeat(num_epochs).map(read)

@@ -139,12 +139,15 @@ def decode_row(raw: bytes) -> dict[str, np.ndarray]:
 
 class ProcessRows(grain.MapDataset):
     """Element b = this process's rows [b * batch_size + start, b * batch_size + stop) of `parent`'s
-    global batch b, through `batch_fn`. Each process reads only its rows, and the element index (the
-    iterator state) is the global batch number whatever the process count: elastic resume holds."""
+    global batch b, each through `decode`, then `batch_fn`. Each process reads only its rows, and the
+    element index (the iterator state) is the global batch number whatever the process count: elastic
+    resume holds. The rows are fetched together (grain's `_getitems`, down to ArrayRecord's parallel
+    `__getitems__`: ~0.1 ms a record here against ~1.8 ms one by one)."""
 
-    def __init__(self, parent: grain.MapDataset, batch_size: int, start: int, stop: int, batch_fn):
+    def __init__(self, parent: grain.MapDataset, batch_size: int, start: int, stop: int, decode, batch_fn):
         super().__init__(parent)
-        self._batch_size, self._start, self._stop, self._batch_fn = batch_size, start, stop, batch_fn
+        self._batch_size, self._start, self._stop = batch_size, start, stop
+        self._decode, self._batch_fn = decode, batch_fn
         self._length = -(-len(parent) // batch_size)
 
     def __len__(self) -> int:
@@ -155,7 +158,8 @@ class ProcessRows(grain.MapDataset):
             return self.slice(index)
         base = index * self._batch_size
         stop = min(base + self._stop, len(self._parent))  # a finite split's last batch may be short
-        return self._batch_fn([self._parent[i] for i in range(base + self._start, stop)])
+        rows = self._parent._getitems(list(range(base + self._start, stop)))  # noqa: SLF001 (grain's batch read)
+        return self._batch_fn([self._decode(r) for r in rows])
 
     def __str__(self) -> str:
         return f"ProcessRows(batch_size={self._batch_size}, rows=[{self._start}, {self._stop}))"
