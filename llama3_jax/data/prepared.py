@@ -45,6 +45,7 @@ METADATA = "metadata.json"
 SUFFIX = ".array_record"
 SPLITS = ("train", "eval")
 DTYPE = np.dtype("<i4")
+_KEYS = ("tokenizer", "text_field", "eval_fraction", "max_documents", "packed", "splits")
 # one record per chunk (what grain's random access wants); zstd level 1 with a 64 KiB window read a
 # random record in ~0.18 ms against ~0.31 ms for ArrayRecord's default zstd:3 (2^20 window), same size
 _WRITER_OPTIONS = "group_size:1,zstd:1,window_log:16"
@@ -88,6 +89,9 @@ def load_metadata(path: str) -> dict:
                          if isinstance(meta, dict) else f"{meta_path}: not a JSON object")
     if meta.get("version") != VERSION:
         raise ValueError(f"{meta_path}: version {meta.get('version')!r}, this llama3-jax reads {VERSION}")
+    missing = [k for k in _KEYS if k not in meta] or [f"splits.{k}" for k in SPLITS if k not in meta["splits"]]
+    if missing:
+        raise ValueError(f"{meta_path}: no {missing[0]} (made by another version of tools/prepare_data.py?)")
     for split in SPLITS:
         for shard in meta["splits"][split]["shards"]:
             if not (root / shard["file"]).is_file():
