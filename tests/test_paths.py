@@ -25,7 +25,8 @@ def test_file_urls_are_local_paths_and_object_stores_are_refused():
 def test_train_keys_take_file_urls(tmp_path):
     cfg = load_yaml_config(TrainConfig, None, [f"workdir=file://{tmp_path}/run", f"init_from=file://{tmp_path}/ckpt",
                                                f"data.path=file://{tmp_path}/docs.jsonl"])
-    assert (cfg.workdir, cfg.init_from, cfg.data.path) == (f"{tmp_path}/run", f"{tmp_path}/ckpt", f"{tmp_path}/docs.jsonl")
+    got = (cfg.workdir, cfg.init_from, cfg.data.path)
+    assert got == (f"{tmp_path}/run", f"{tmp_path}/ckpt", f"{tmp_path}/docs.jsonl")
 
 
 @pytest.mark.parametrize("argv", [["train", "workdir=gs://b/run"], ["train", "data.path=s3://b/docs.jsonl"],

@@ -53,7 +53,8 @@ def main(argv=None) -> int:
                          max_documents=args.max_documents, format="raw")
         tok = load_tokenizer(args.tokenizer)
         spec = args.tokenizer if args.tokenizer in (None, "bytes") else str(Path(args.tokenizer).absolute())
-        meta = prepared.prepare(cfg, local_path(args.dst, "DST"), tok, tokenizer_spec=spec, seq_len=args.seq_len, seed=args.seed,
+        meta = prepared.prepare(cfg, local_path(args.dst, "DST"), tok, tokenizer_spec=spec,
+                                seq_len=args.seq_len, seed=args.seed,
                                 shard_bytes=parse_size(args.shard_size, "--shard-size"),
                                 threads=max(1, args.threads), progress=not args.quiet)
     except (ValueError, OSError) as e:  # ConvertError (a bad --shard-size) is a ValueError

@@ -73,9 +73,11 @@ class JaxWriter:
             for key in name.split("/"):
                 t = t[key]
             self.targets[name] = t
-            by_device = {d: _span(idx, t.shape) for d, idx in t.sharding.addressable_devices_indices_map(t.shape).items()}
+            where = t.sharding.addressable_devices_indices_map(t.shape)
+            by_device = {d: _span(idx, t.shape) for d, idx in where.items()}
             self.devices[name] = by_device  # a replicated shard is filled once, placed on each of its devices
-            self.shards[name] = {span: np.empty([b - a for a, b in span], self.dtype) for span in set(by_device.values())}
+            self.shards[name] = {span: np.empty([b - a for a, b in span], self.dtype)
+                                 for span in set(by_device.values())}
 
     def add(self, name: str, layer: int | None, array: np.ndarray) -> None:
         for span, buf in self.shards[name].items():

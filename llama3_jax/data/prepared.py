@@ -213,7 +213,8 @@ def _write_split(records, out: Path, split: str, shard_bytes: int, progress: boo
             size, count, tokens = size + len(raw), count + 1, tokens + n
             if progress and time.time() - last > 1:
                 last = time.time()
-                print(f"\rprepare_data: {split}: {count:,} records, {tokens:,} tokens", end="", file=sys.stderr, flush=True)
+                print(f"\rprepare_data: {split}: {count:,} records, {tokens:,} tokens", end="", file=sys.stderr,
+                      flush=True)
     finally:
         if writer is not None:
             writer.close()
