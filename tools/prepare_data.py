@@ -11,6 +11,7 @@ document (its Llama 3 tokens, BOS text EOS, as int32), written to a temp directo
 complete. The train/eval split (--eval-fraction), --text-field, --max-documents and the tokenizer
 are fixed here; training from DST gives the batches, and so the losses, of training from SRC with the
 same settings (llama3_jax/data/prepared.py), with no listing, parsing or tokenizing at start-up or eval.
+With --seq-len the rows are packed here instead (records = rows, read by each process for its own rows).
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:  # ConvertError (a bad --shard-size) is a ValueError
         print(f"prepare_data: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    s = meta["splits"]
-    print(f"prepare_data: {args.dst}: train {s['train']['records']} documents ({s['train']['tokens']:,} tokens, "
-          f"{len(s['train']['shards'])} shards), eval {s['eval']['records']} ({s['eval']['tokens']:,} tokens)",
+    s, unit = meta["splits"], "rows" if meta["packed"] else "documents"
+    print(f"prepare_data: {args.dst}: train {s['train']['records']} {unit} ({s['train']['tokens']:,} tokens, "
+          f"{len(s['train']['shards'])} shards), eval {s['eval']['records']} {unit} ({s['eval']['tokens']:,} tokens)",
           file=sys.stderr)
     return 0
 

@@ -17,8 +17,14 @@ and its fingerprint, so opening DIR reads one small JSON and no record (shards a
 `file[0:n]` read instructions, which do not even open the file); grain reads a record when the shuffled
 index reaches it, and an eval reads the held-out records it uses.
 
+Packed rows (`prepare_data --seq-len N`): a record is one row of N + 1 tokens and its segment ids, as
+the raw pipeline packs the train documents in the order `data.seed = --seed` reads its first epoch
+(eval: in order). Training then reads by index only this process's rows of each global batch
+(`ProcessRows`); its iterator state is the global batch number. Rows read in stored order
+(`data.shuffle: false`) are the raw run's batches up to the first epoch's last, padded row.
+
 What is fixed when preparing (a training run that asks otherwise is refused, naming the key): the
-tokenizer, `text_field`, `eval_fraction` (the split) and `max_documents`. Pretraining text only:
+tokenizer, `text_field`, `eval_fraction` (the split), `max_documents` and, packed, `seq_len`. Pretraining text only:
 fine-tuning records (sft/dpo) keep their JSONL/Parquet form.
 """
 
