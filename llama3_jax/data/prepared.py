@@ -24,8 +24,8 @@ the raw pipeline packs the train documents in the order `data.seed = --seed` rea
 (`data.shuffle: false`) are the raw run's batches up to the first epoch's last, padded row.
 
 What is fixed when preparing (a training run that asks otherwise is refused, naming the key): the
-tokenizer, `text_field`, `eval_fraction` (the split), `max_documents` and, packed, `seq_len`. Pretraining text only:
-fine-tuning records (sft/dpo) keep their JSONL/Parquet form.
+tokenizer, `text_field`, `eval_fraction` (the split), `max_documents` and, packed, `seq_len`.
+Pretraining text only: fine-tuning records (sft/dpo) keep their JSONL/Parquet form.
 """
 
 from __future__ import annotations
