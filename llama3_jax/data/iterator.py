@@ -227,7 +227,8 @@ def make_iterator(
             ds.repeat(num_epochs), batch_size, process_index * rows, (process_index + 1) * rows, read,
             functools.partial(text_batch, n_rows=rows, seq_len=seq_len)).to_iter_dataset(_ROW_READ_OPTIONS)
     elif kind == "text":
-        ds = ds.repeat(num_epochs).map(read)
+        ds = ds.repeat(num_epochs)
+        ds = (prepared.BlockReads(ds) if docs is None else ds).map(read)  # prepared: records read in blocks
         packed = ConcatThenSplitIterDataset(
             ds.to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len + 1}
         )

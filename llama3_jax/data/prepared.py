@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +52,7 @@ METADATA = "metadata.json"
 SUFFIX = ".array_record"
 SPLITS = ("train", "eval")
 DTYPE = np.dtype("<i4")
+READ_BLOCK = 64  # documents read together (BlockReads)
 _KEYS = ("tokenizer", "text_field", "eval_fraction", "max_documents", "packed", "splits")
 # one record per chunk (what grain's random access wants); zstd level 1 with a 64 KiB window read a
 # random record in ~0.18 ms against ~0.31 ms for ArrayRecord's default zstd:3 (2^20 window), same size
@@ -145,6 +147,47 @@ def decode_row(raw: bytes) -> dict[str, np.ndarray]:
     idx = np.arange(seg.size, dtype=np.int32)
     start = np.maximum.accumulate(np.where(np.r_[True, seg[1:] != seg[:-1]], idx, 0))
     return {"tokens": tokens, "tokens_segment_ids": seg, "tokens_positions": np.where(seg > 0, idx - start, 0)}
+
+
+class BlockReads(grain.MapDataset):
+    """`parent` read `block` elements at a time through grain's `_getitems` (down to ArrayRecord's
+    parallel `__getitems__`), for a consumer that walks the indices in order, as grain's iterator does:
+    one read of 64 records instead of 64 reads (measured here: ~0.1 ms a record against ~1-2 ms one by
+    one). A cache of the last few blocks, not part of the iterator state (which stays the index)."""
+
+    def __init__(self, parent: grain.MapDataset, block: int = READ_BLOCK, keep: int = 4):
+        super().__init__(parent)
+        self._block, self._keep = block, keep
+        self._blocks: dict[int, list] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        b = index // self._block
+        with self._lock:  # grain's reader threads share the cache
+            if b not in self._blocks:
+                start = b * self._block
+                keys = list(range(start, min(start + self._block, len(self._parent))))
+                self._blocks[b] = self._parent._getitems(keys)  # noqa: SLF001 (grain's batch read)
+                for old in sorted(self._blocks)[:-self._keep]:
+                    del self._blocks[old]
+            return self._blocks[b][index - b * self._block]
+
+    def __getstate__(self):  # worker processes start with an empty cache and their own lock
+        state = self.__dict__.copy()
+        state["_blocks"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __str__(self) -> str:
+        return f"BlockReads(block={self._block})"
 
 
 class ProcessRows(grain.MapDataset):
