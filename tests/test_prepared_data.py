@@ -60,7 +60,7 @@ class CountingSource:
 
     def __getitems__(self, keys):
         self.read.extend(int(i) for i in keys)
-        return self.inner.__getitems__(keys)
+        return self.inner.__getitems__(keys) if keys else []
 
 
 def _count_reads(monkeypatch) -> list[CountingSource]:

@@ -207,14 +207,16 @@ def make_iterator(
         prepared.check_run(meta, cfg, tokenizer, kind, seq_len)
         docs, docs_id = None, meta["splits"][split]["documents"]
         n_docs = int(docs_id.split(":")[0])
-        ds, read = grain.MapDataset.source(prepared.source(cfg.path, meta, split)), prepared.decode
+        # the record keys go through grain (shuffle, repeat: the raw pipeline's indices); prepared.py reads
+        records = prepared.source(cfg.path, meta, split)
+        ds, read = grain.MapDataset.range(len(records)), prepared.decode
         if meta["packed"]:
             rows_packed, read = (meta["packed"]["seed"], meta["splits"][split]["records"]), prepared.decode_row
     else:
         docs = documents if documents is not None else list_documents(cfg, record_check(kind))
         docs = split_documents(docs, split, cfg.eval_fraction)
         n_docs, docs_id = len(docs), prepared.documents_fingerprint(docs)
-        ds, read = grain.MapDataset.source(docs), ReadAndTokenize(tokenizer, cfg.text_field)
+        records, ds, read = None, grain.MapDataset.source(docs), ReadAndTokenize(tokenizer, cfg.text_field)
     # An empty eval split ends at once; the caller feeds padding batches.
     if not n_docs and split == "train":
         raise ValueError(f"no {split} documents in data path {cfg.path} (eval_fraction={cfg.eval_fraction})")
@@ -224,11 +226,11 @@ def make_iterator(
     render = None
     if rows_packed is not None:  # rows read by index: each process reads only its rows of each batch
         batches = prepared.ProcessRows(
-            ds.repeat(num_epochs), batch_size, process_index * rows, (process_index + 1) * rows, read,
+            ds.repeat(num_epochs), records, batch_size, process_index * rows, (process_index + 1) * rows, read,
             functools.partial(text_batch, n_rows=rows, seq_len=seq_len)).to_iter_dataset(_ROW_READ_OPTIONS)
     elif kind == "text":
         ds = ds.repeat(num_epochs)
-        ds = (prepared.BlockReads(ds) if docs is None else ds).map(read)  # prepared: records read in blocks
+        ds = prepared.BlockReads(ds, records, read) if docs is None else ds.map(read)
         packed = ConcatThenSplitIterDataset(
             ds.to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len + 1}
         )

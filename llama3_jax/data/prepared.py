@@ -149,15 +149,21 @@ def decode_row(raw: bytes) -> dict[str, np.ndarray]:
     return {"tokens": tokens, "tokens_segment_ids": seg, "tokens_positions": np.where(seg > 0, idx - start, 0)}
 
 
-class BlockReads(grain.MapDataset):
-    """`parent` read `block` elements at a time through grain's `_getitems` (down to ArrayRecord's
-    parallel `__getitems__`), for a consumer that walks the indices in order, as grain's iterator does:
-    one read of 64 records instead of 64 reads (measured here: ~0.1 ms a record against ~1-2 ms one by
-    one). A cache of the last few blocks, not part of the iterator state (which stays the index)."""
+def _read(records, keys: list[int]) -> list[bytes]:
+    """Records by key, together: ArrayRecord's `__getitems__` reads them in parallel (~0.1 ms a record
+    here, against ~2 ms for one `__getitem__`; grain's own source wrapper reads one by one)."""
+    return list(records.__getitems__(keys)) if keys else []
 
-    def __init__(self, parent: grain.MapDataset, block: int = READ_BLOCK, keep: int = 4):
-        super().__init__(parent)
-        self._block, self._keep = block, keep
+
+class BlockReads(grain.MapDataset):
+    """Element i = `decode(records[keys[i]])`, the records read `block` at a time: `keys` is grain's
+    index dataset (range -> shuffle -> repeat), so the element index, and the iterator state, are those
+    of the raw pipeline (grain's source -> shuffle -> repeat). A consumer walks the indices in order, as
+    grain's iterator does; the last few blocks are cached (not part of the state)."""
+
+    def __init__(self, keys: grain.MapDataset, records, decode, block: int = READ_BLOCK, keep: int = 4):
+        super().__init__(keys)
+        self._records, self._decode, self._block, self._keep = records, decode, block, keep
         self._blocks: dict[int, list] = {}
         self._lock = threading.Lock()
 
@@ -170,17 +176,15 @@ class BlockReads(grain.MapDataset):
         b = index // self._block
         with self._lock:  # grain's reader threads share the cache
             if b not in self._blocks:
-                start = b * self._block
-                keys = list(range(start, min(start + self._block, len(self._parent))))
-                self._blocks[b] = self._parent._getitems(keys)  # noqa: SLF001 (grain's batch read)
+                stop = min((b + 1) * self._block, len(self._parent))
+                self._blocks[b] = _read(self._records, [self._parent[j] for j in range(b * self._block, stop)])
                 for old in sorted(self._blocks)[:-self._keep]:
                     del self._blocks[old]
-            return self._blocks[b][index - b * self._block]
+            raw = self._blocks[b][index - b * self._block]
+        return self._decode(raw)
 
     def __getstate__(self):  # worker processes start with an empty cache and their own lock
-        state = self.__dict__.copy()
-        state["_blocks"], state["_lock"] = {}, None
-        return state
+        return {**self.__dict__, "_blocks": {}, "_lock": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -191,17 +195,16 @@ class BlockReads(grain.MapDataset):
 
 
 class ProcessRows(grain.MapDataset):
-    """Element b = this process's rows [b * batch_size + start, b * batch_size + stop) of `parent`'s
-    global batch b, each through `decode`, then `batch_fn`. Each process reads only its rows, and the
-    element index (the iterator state) is the global batch number whatever the process count: elastic
-    resume holds. The rows are fetched together (grain's `_getitems`, down to ArrayRecord's parallel
-    `__getitems__`: ~0.1 ms a record here against ~1.8 ms one by one)."""
+    """Element b = this process's rows [b * batch_size + start, b * batch_size + stop) of global batch b
+    (`keys`: grain's index dataset over the rows), read together, each through `decode`, then
+    `batch_fn`. Each process reads only its rows, and the element index (the iterator state) is the
+    global batch number whatever the process count: elastic resume holds."""
 
-    def __init__(self, parent: grain.MapDataset, batch_size: int, start: int, stop: int, decode, batch_fn):
-        super().__init__(parent)
-        self._batch_size, self._start, self._stop = batch_size, start, stop
+    def __init__(self, keys: grain.MapDataset, records, batch_size: int, start: int, stop: int, decode, batch_fn):
+        super().__init__(keys)
+        self._records, self._batch_size, self._start, self._stop = records, batch_size, start, stop
         self._decode, self._batch_fn = decode, batch_fn
-        self._length = -(-len(parent) // batch_size)
+        self._length = -(-len(keys) // batch_size)
 
     def __len__(self) -> int:
         return self._length
@@ -211,7 +214,7 @@ class ProcessRows(grain.MapDataset):
             return self.slice(index)
         base = index * self._batch_size
         stop = min(base + self._stop, len(self._parent))  # a finite split's last batch may be short
-        rows = self._parent._getitems(list(range(base + self._start, stop)))  # noqa: SLF001 (grain's batch read)
+        rows = _read(self._records, [self._parent[j] for j in range(base + self._start, stop)])
         return self._batch_fn([self._decode(r) for r in rows])
 
     def __str__(self) -> str:
