@@ -30,7 +30,7 @@ from flax import nnx
 from llama3_jax import checkpoint, cli, train
 from llama3_jax.config import load_yaml_config
 from llama3_jax.convert import convert
-from llama3_jax.data import DataConfig, make_iterator
+from llama3_jax.data import DataConfig, corpus_documents, make_iterator
 from llama3_jax.optim import OptimConfig, decay_mask, make_optimizer, schedule
 from llama3_jax.sharding import make_mesh
 
@@ -478,7 +478,7 @@ def test_no_eval_documents_is_decided_at_startup(tmp_path, capsys):
     for path, fraction, expected in [(one, 0.5, 0), (many, 0.0, 0), (many, 0.1, 3)]:
         cfg = load_yaml_config(train.TrainConfig, None, [f"data.path={path}", f"data.eval_fraction={fraction}",
                                                          "eval_every=3"])
-        assert _eval_every(cfg, True) == expected
+        assert _eval_every(cfg, True, corpus_documents(cfg.data)) == expected
         assert capsys.readouterr().err.count("no eval documents") == (expected == 0)
 
 
