@@ -293,29 +293,31 @@ def _restore_params_item(directory, step: int | None, args, what: str, target: d
             raise ValueError(f"{directory} step {step}: {what} ({msg})") from None
 
 
-def restore_one(directory: str | Path, cfg: ModelConfig, name: str, step: int | None = None) -> jax.Array:
-    """One parameter ("embed", "layers/wq", ...) by partial restore, so converters never hold the model.
-    From a LoRA workdir: the base's parameter with its adapter merged."""
+def restore_one(directory: str | Path, cfg: ModelConfig, name: str, step: int | None = None,
+                mesh=None) -> jax.Array:
+    """One parameter ("embed", "layers/wq", ...) by partial restore, so converters never hold the model;
+    sharded over `mesh` as the rules say (default: on the first device). From a LoRA workdir: the
+    base's parameter with its adapter merged."""
     adapted = lora_base(directory)
     if adapted is not None:
         record, base = adapted
-        w = restore_one(base, cfg, name)
+        w = restore_one(base, cfg, name, mesh=mesh)
         lc = lora.from_record(record)
         target = name.split("/", 1)[1] if name.startswith("layers/") else None
         if target not in lc.targets:
             return w
         a, b = (_restore_leaf(directory, cfg, f"layers/{target}/{k}", step, lc) for k in ("a", "b"))
         return lora.merge({"layers": {target: w}}, {"layers": {target: {"a": a, "b": b}}}, lc.scale)["layers"][target]
-    return _restore_leaf(directory, cfg, name, step)
+    return _restore_leaf(directory, cfg, name, step, mesh=mesh)
 
 
-def _restore_leaf(directory, cfg: ModelConfig, name: str, step: int | None, lc=None) -> jax.Array:
+def _restore_leaf(directory, cfg: ModelConfig, name: str, step: int | None, lc=None, mesh=None) -> jax.Array:
     path = name.split("/")
     if lc is not None:  # an adapter array of a LoRA workdir
         leaf = lora.abstract(cfg, lc, make_mesh(devices=jax.devices()[:1]))
         path = ["layers", *path[1:]]
         return _restore_path(directory, step, leaf, path, name)
-    return _restore_path(directory, step, abstract_params(cfg), path, name)
+    return _restore_path(directory, step, abstract_params(cfg, mesh), path, name)
 
 
 def _restore_path(directory, step, leaf, path: list[str], name: str) -> jax.Array:

@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "train":  # train starts it from its distributed.* keys
             distributed.initialize(distributed.DistributedConfig(
                 args.coordinator_address, args.num_processes, args.process_id))
-            if args.command == "convert":
-                distributed.refuse_several_processes(f"llama3-jax {args.command}")
+        if getattr(args, "checkpoint", None) is not None:  # generate, score
+            from .paths import local_path
+            args.checkpoint = local_path(args.checkpoint, "--checkpoint")  # file:///x -> /x
         rc = args.func(args)
     except (ValueError, KeyError, OSError) as e:  # OSError: also a full disk or a read-only path
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
