@@ -76,10 +76,18 @@ def test_short_run_learns_the_preference(full_run):
     assert all(r["rewards/margins"] > 0 for r in last) and last[-1]["loss"] < math.log(2) - 0.1
 
 
-def test_lora_dpo_first_loss_is_ln2(tmp_path, pairs, base):
-    """The reference is the base with the adapters off: zero-init adapters give exactly ln 2."""
-    train.train(dpo_cfg(tmp_path / "run", pairs, base, steps=1, **{"lora.rank": 4}))
-    assert abs(read_metrics(tmp_path / "run")[0]["loss"] - math.log(2)) < 1e-6
+def test_lora_dpo_first_loss_is_ln2_and_eval_logs_dpo_metrics(tmp_path, pairs, base):
+    """The reference is the base with the adapters off: zero-init adapters give exactly ln 2. Eval
+    after step 1 (learning rate 0 in warmup: the policy is still the reference) logs DPO's loss, ln 2,
+    and TRL's metrics with an `eval_` prefix, not a perplexity (meaningless for a pair loss)."""
+    train.train(dpo_cfg(tmp_path / "run", pairs, base, steps=1, eval_every=1, eval_batches=1,
+                        **{"lora.rank": 4, "data.eval_fraction": 0.3}))
+    first, ev = read_metrics(tmp_path / "run")
+    assert first["learning_rate"] == 0 and abs(first["loss"] - math.log(2)) < 1e-6
+    assert set(ev) == {"step", "eval_loss", "eval_pairs", *(f"eval_{k}" for k in objectives.DPO_METRICS)}, ev
+    assert abs(ev["eval_loss"] - math.log(2)) < 1e-6 and ev["eval_pairs"] >= 1
+    assert ev["eval_rewards/chosen"] == ev["eval_rewards/margins"] == ev["eval_rewards/accuracies"] == 0.0
+    assert ev["eval_logps/chosen"] < 0 and ev["eval_logps/rejected"] < 0
 
 
 def sequence_logps_by_loop(logps, batch):

@@ -121,11 +121,13 @@ def _reference_table(cfg: TrainConfig, setup: Setup, tok, workdir: Path) -> dict
 
 
 def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok, reference: dict | None = None) -> dict:
-    """Mean loss over the first `eval_batches` batches of the held-out split (the same every time).
+    """Mean loss over the first `eval_batches` batches of the held-out split (the same every time):
+    lm/sft: `eval_loss` per target token and `eval_perplexity`; dpo: `eval_loss` per pair and TRL's
+    `eval_rewards/...`, `eval_logps/...` (a perplexity of a DPO loss means nothing).
 
     Every process runs exactly `eval_batches` steps (each is a collective): a process whose share of
     the held-out data ends early feeds all-padding batches, which count no tokens."""
-    total, count = 0.0, 0.0
+    total, count, sums = 0.0, 0.0, {}
     with make_iterator(cfg.data, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                        split="eval", process_index=jax.process_index(),
                        process_count=jax.process_count(), kind=DATA_KIND[cfg.objective],
@@ -138,10 +140,14 @@ def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok, reference: dict
                 padding = padding or {k: np.zeros((rows, cfg.seq_len), np.float32 if k == "ref_logps" else np.int32)
                                       for k in BATCH_KEYS + (("ref_logps",) if reference else ())}
                 batch = padding
-            s, n = setup.eval_fn(params, setup.put_batch(batch))
+            s, n, m = jax.device_get(setup.eval_fn(params, setup.put_batch(batch)))
             kill_point("train.eval")
             total, count = total + float(s), count + float(n)
+            sums = {k: sums.get(k, 0.0) + float(v) for k, v in m.items()}
     loss = total / max(count, 1.0)
+    if cfg.objective == "dpo":
+        return {"eval_loss": loss, **{f"eval_{k}": v / max(count, 1.0) for k, v in sums.items()},
+                "eval_pairs": int(count)}
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": int(count)}
 
 
