@@ -1,6 +1,7 @@
 """DPO (objectives.dpo through the one train step): the first loss is ln 2 (policy = reference), for
 full fine-tuning and LoRA; the loss and TRL's metrics on a fixed batch equal an independent torch
-computation from the same log-probs; a short run on a toy preference set learns the preference."""
+computation from the same log-probs; a short run on a toy preference set learns the preference; eval
+logs DPO's metrics; SIGKILL and rerun give the uninterrupted run's losses bit for bit."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from llama3_jax.data import DataConfig, make_iterator
 from llama3_jax.sharding import make_mesh
 
 from conftest import make_hf_llama
-from train_helpers import VOCAB, base_overrides, read_metrics
+from faults_helpers import cli, cli_env, run_killed_at, run_ok
+from train_helpers import VOCAB, base_overrides, read_metrics, train_losses
 
 COLOURS = "red green blue cyan pink gold teal plum".split()
 
@@ -49,10 +51,14 @@ def pairs(tmp_path_factory):
     return path
 
 
-def dpo_cfg(workdir, pairs, base, **extra):
+def dpo_overrides(workdir, pairs, base, **extra) -> list[str]:
     kv = {"objective": "dpo", "steps": 14, "seq_len": 128, "batch_size": 4, "optim.lr": 3e-3,
           "optim.warmup_steps": 1, "data.eval_fraction": 0.0, "checkpoint_every": 100, **extra}
-    return load_yaml_config(train.TrainConfig, None, base_overrides(workdir, pairs, base, **kv))
+    return base_overrides(workdir, pairs, base, **kv)
+
+
+def dpo_cfg(workdir, pairs, base, **extra):
+    return load_yaml_config(train.TrainConfig, None, dpo_overrides(workdir, pairs, base, **extra))
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +147,18 @@ def test_precomputed_reference_gives_the_in_step_losses(tmp_path, pairs, base, f
             if k == "rewards/accuracies":
                 continue  # a step function of the rewards: margins ~0 early on make it flip on rounding
             np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=2e-5, err_msg=f"step {a['step']} {k}")
+
+
+def test_sigkill_and_rerun_give_bit_identical_dpo_losses(tmp_path, pairs, base, full_run):
+    """Full DPO (in-step reference) killed with SIGKILL inside step 5, after a checkpoint, then the same
+    command again: each step's loss equals the uninterrupted run's (`full_run`; a fixed decay_steps
+    makes its first 6 steps those of a 6-step run), bit for bit, each logged once."""
+    wd = tmp_path / "run"
+    cmd = cli("train", *dpo_overrides(wd, pairs, base, steps=6, checkpoint_every=2))
+    env = cli_env()
+    run_killed_at(cmd, env, "train.step:5")
+    resumed_from = checkpoint.latest_step(wd)
+    assert resumed_from in (2, 4), resumed_from
+    done = run_ok(cmd, env)
+    assert f"resumed {wd} at step {resumed_from}" in done.stderr, done.stderr[-2000:]
+    assert train_losses(wd) == {r["step"]: r["loss"] for r in full_run[:6]}

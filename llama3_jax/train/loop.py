@@ -34,7 +34,7 @@ from ..failpoints import kill_point
 from ..objectives import DPO_METRICS
 from ..optim import OptimConfig, schedule
 from ..sharding import logical_spec, make_mesh, require_divisible
-from .config import TrainConfig, make_tokenizer, model_config, tokenizer_spec
+from .config import TrainConfig, make_tokenizer, model_config, resolve_lora, tokenizer_spec
 from .metrics import MetricsLog, model_flops_per_token, peak_flops
 from .numerics import Guard
 from .state import restore_state, save_state
@@ -219,6 +219,10 @@ def _start_state(cfg: TrainConfig, setup: Setup, workdir: Path, resume: int | No
     if resume is not None:
         state, data_state, meta = restore_state(workdir, resume, setup.abstract)
         return state, data_state, resume, meta.get("tokens", 0), f"resumed {workdir} at step {resume}"
+    if cfg.lora.init_from:  # train on from a LoRA checkpoint's adapters (fresh optimizer state)
+        adapters = checkpoint.restore_adapters(cfg.lora.init_from, setup.model_cfg, cfg.lora, setup.mesh)
+        return (setup.init_state(cfg.seed, adapters), None, 0, 0,
+                f"LoRA rank {cfg.lora.rank} adapters from {cfg.lora.init_from} on {cfg.init_from}")
     if cfg.lora.rank:
         return setup.init_state(cfg.seed), None, 0, 0, f"LoRA rank {cfg.lora.rank} on {cfg.init_from}"
     if cfg.init_from:
@@ -231,6 +235,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
     """Run (or resume) the job described by `cfg`; returns a summary dict (losses, throughput, sample)."""
     t0 = time.time()
     distributed.initialize(cfg.distributed)  # before any other JAX call
+    cfg = resolve_lora(cfg)  # lora.init_from: its base and LoRA settings
     workdir = Path(cfg.workdir)
     is_main = jax.process_index() == 0
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, dcn_data=cfg.mesh.dcn_data,
