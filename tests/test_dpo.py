@@ -14,14 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama3_jax import checkpoint, objectives, train
+from llama3_jax import objectives, train
 from llama3_jax.config import load_yaml_config
 from llama3_jax.convert import convert
 from llama3_jax.data import DataConfig, make_iterator
 from llama3_jax.sharding import make_mesh
 
 from conftest import make_hf_llama
-from faults_helpers import cli, cli_env, run_killed_at, run_ok
+from faults_helpers import cli, train_killed_then_rerun
 from train_helpers import VOCAB, base_overrides, read_metrics, train_losses
 
 COLOURS = "red green blue cyan pink gold teal plum".split()
@@ -155,10 +155,5 @@ def test_sigkill_and_rerun_give_bit_identical_dpo_losses(tmp_path, pairs, base, 
     makes its first 6 steps those of a 6-step run), bit for bit, each logged once."""
     wd = tmp_path / "run"
     cmd = cli("train", *dpo_overrides(wd, pairs, base, steps=6, checkpoint_every=2))
-    env = cli_env()
-    run_killed_at(cmd, env, "train.step:5")
-    resumed_from = checkpoint.latest_step(wd)
-    assert resumed_from in (2, 4), resumed_from
-    done = run_ok(cmd, env)
-    assert f"resumed {wd} at step {resumed_from}" in done.stderr, done.stderr[-2000:]
+    assert train_killed_then_rerun(cmd, wd, "train.step:5") in (2, 4)
     assert train_losses(wd) == {r["step"]: r["loss"] for r in full_run[:6]}

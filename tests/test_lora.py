@@ -29,7 +29,7 @@ from llama3_jax.model import Adapters, abstract_model
 from llama3_jax.sharding import make_mesh
 
 from conftest import make_hf_llama
-from faults_helpers import cli as cli_cmd, cli_env, run_killed_at, run_ok
+from faults_helpers import cli as cli_cmd, train_killed_then_rerun
 from train_helpers import VOCAB, base_overrides, read_metrics, train_losses
 
 REPO = Path(__file__).resolve().parent.parent
@@ -287,12 +287,7 @@ def test_sigkill_and_rerun_give_bit_identical_sft_losses(kind, request, chats, b
     reference = train_losses(request.getfixturevalue("trained" if kind == "lora" else "full_trained"))
     wd = tmp_path / "run"
     cmd = cli_cmd("train", *lora_overrides(wd, chats, base, checkpoint_every=2, **(FULL if kind == "full" else {})))
-    env = cli_env()
-    run_killed_at(cmd, env, "train.step:5")
-    resumed_from = checkpoint.latest_step(wd)
-    assert resumed_from in (2, 4), resumed_from
-    done = run_ok(cmd, env)
-    assert f"resumed {wd} at step {resumed_from}" in done.stderr, done.stderr[-2000:]
+    assert train_killed_then_rerun(cmd, wd, "train.step:5") in (2, 4)
     assert train_losses(wd) == reference
 
 
