@@ -8,6 +8,7 @@ peft; a LoRA workdir whose base is gone is a one-line error naming the path; LoR
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -110,12 +111,20 @@ def tokens_batch():
     return tokens, np.tile(np.arange(13, dtype=np.int32), (2, 1)), np.ones((2, 13), np.int32)
 
 
+@functools.cache
+def _logits_fn(cfg, scale, dropout):
+    """One jitted forward per (model, LoRA scale, dropout): eager calls compile op by op, every time."""
+    graphdef = nnx.graphdef(abstract_model(dataclasses.replace(cfg, dtype="float32")))
+
+    def fn(params, weights, key, tokens, positions, segments):
+        adapters = None if weights is None else Adapters(weights, scale, dropout, key)
+        return nnx.merge(graphdef, params)(tokens, positions, segments, lora=adapters)[0]
+    return jax.jit(fn)
+
+
 def jax_logits(params, cfg, adapters=None):
-    cfg = dataclasses.replace(cfg, dtype="float32")
-    model = abstract_model(cfg)
-    nnx.update(model, params)
-    logits, _ = model(*tokens_batch(), lora=adapters)
-    return np.asarray(logits)
+    a = adapters or Adapters(None, 0.0)
+    return np.asarray(_logits_fn(cfg, a.scale, a.dropout)(params, a.weights, a.key, *tokens_batch()))
 
 
 def torch_logits(model):
