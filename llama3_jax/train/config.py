@@ -157,6 +157,8 @@ def resolve_lora(cfg: TrainConfig) -> TrainConfig:
     src = cfg.lora.init_from
     if not src:
         return cfg
+    if not checkpoint.is_checkpoint(src):
+        raise ValueError(f"lora.init_from {src}: not a llama3-jax checkpoint (no {checkpoint.CONFIG_FILE})")
     adapted = checkpoint.lora_base(src)  # a missing base: one line naming its path
     if adapted is None:
         raise ValueError(f"lora.init_from {src}: not a LoRA checkpoint (its config.json has no 'lora' section; "
