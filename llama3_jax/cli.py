@@ -33,7 +33,7 @@ def _train(args) -> int:
         from .train import run_train
         run_train(args.config, args.overrides)
         return 0
-    from .config import load_yaml_config
+    from .config_loader import load_yaml_config
     from .train import TrainConfig
     from .train.dryrun import DoesNotFit, dry_run
     try:

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from .. import checkpoint, distributed, lora, objectives
-from ..config import load_yaml_config
+from ..config_loader import load_yaml_config
 from ..data import BATCH_KEYS, list_documents, make_iterator, record_check, skipped_line_count, split_documents
 from ..failpoints import kill_point
 from ..objectives import DPO_METRICS
