@@ -230,9 +230,11 @@ def check_shapes(directory: str | Path, step: int, item: str, target: dict) -> N
                              f"checkpoint, the model expects {tuple(want.shape)} (a checkpoint of another model?)")
 
 
-def save_params(directory: str | Path, cfg: ModelConfig, params: dict, step: int = 0) -> None:
-    """Write a params-only checkpoint (what `convert --to jax` produces)."""
-    save_config(directory, cfg)
+def save_params(directory: str | Path, cfg: ModelConfig, params: dict, step: int = 0,
+                tokenizer: str | None = None, lora_record: dict | None = None) -> None:
+    """Write a params-only checkpoint (what `convert --to jax` produces; with `lora_record`, `params`
+    are LoRA adapters on that record's base: `convert --from peft --keep-adapters`)."""
+    save_config(directory, cfg, tokenizer=tokenizer, lora_record=lora_record)
     with manager(directory) as m:
         m.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
         m.wait_until_finished()

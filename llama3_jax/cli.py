@@ -22,6 +22,8 @@ def _convert(args) -> None:
         options["base"] = args.base
     if args.mesh is not None:
         options["mesh"] = args.mesh
+    if args.keep_adapters:
+        options["keep_adapters"] = True
     convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format, dtype=args.dtype,
             progress=not args.quiet, **options)
 
@@ -95,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--from peft only: the hf or jax model the adapter is merged into (default: none; "
                         "needed with --from peft)")
     _add_mesh_arg(c, "--to jax only: the arrays are placed and saved shard by shard on this mesh")
+    c.add_argument("--keep-adapters", action="store_true",
+                   help="--from peft --to jax only: keep the adapter as LoRA adapters on --base (a LoRA checkpoint "
+                        "that generate/score read merged and `train lora.init_from=DST` trains on) instead of "
+                        "merging it (default: merge)")
     _add_distributed_args(c)
     c.set_defaults(func=_convert)
 

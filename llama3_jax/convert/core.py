@@ -148,8 +148,9 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
     """Convert a checkpoint between `hf`, `meta` and `jax`; keeps the source dtype unless `dtype` is given.
 
     Options go to the writer: `max_shard_size` (hf), `shards` (meta model-parallel files), `mesh` (jax:
-    "data=1,fsdp=1,tensor=-1", default sharding.inference_mesh's); `base` (the
-    model a `peft` adapter is merged into) to the reader. `--to peft` writes a LoRA workdir's adapters.
+    "data=1,fsdp=1,tensor=-1", default sharding.inference_mesh's); `base` (the model a `peft` adapter is
+    merged into) to the reader; `keep_adapters` (with `base`): a `peft` adapter becomes a LoRA checkpoint
+    instead (convert/peft.py). `--to peft` writes a LoRA workdir's adapters.
     Returns the model config. Raises ConvertError (one line, naming file and tensor) on bad input.
     """
     src, dst = Path(local_path(src, "SRC")), Path(local_path(dst, "DST"))  # file:///x -> /x
@@ -159,14 +160,20 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
     base = local_path(options.pop("base", None), "--base")  # the reader's option (--from peft), not a writer's
     if base is not None and src_format != "peft":
         raise ConvertError(f"--base applies only to --from peft, not --from {src_format}")
+    keep_adapters = options.pop("keep_adapters", False)
+    if keep_adapters and (src_format, dst_format) != ("peft", "jax"):
+        raise ConvertError("--keep-adapters applies only to --from peft --to jax")
     options = check_options(dst_format, options)
     if not src.is_dir():
         raise ConvertError(f"{src}: not a directory")
     if dst.exists():
         raise ConvertError(f"{dst}: already exists (refusing to overwrite)")
     rank, several = distributed.process_index(), distributed.process_count() > 1
-    if several and dst_format == "peft":
-        raise ConvertError("--to peft runs in one process")
+    if several and (dst_format == "peft" or keep_adapters):
+        raise ConvertError("--to peft and --keep-adapters run in one process")
+    if keep_adapters:  # a LoRA checkpoint (adapters + the base's path), not a merged model
+        from .peft import import_adapters
+        return import_adapters(src, dst, base, dtype, progress)
     if dst_format == "peft":  # the adapters alone, not a model: no tensor stream
         if src_format != "jax":
             raise ConvertError("--to peft exports a LoRA workdir: use --from jax")

@@ -34,7 +34,7 @@ from ..failpoints import kill_point
 from ..objectives import DPO_METRICS
 from ..optim import OptimConfig, schedule
 from ..sharding import logical_spec, make_mesh, require_divisible
-from .config import TrainConfig, make_tokenizer, model_config, tokenizer_spec
+from .config import TrainConfig, make_tokenizer, model_config, resolve_lora, tokenizer_spec
 from .metrics import MetricsLog, model_flops_per_token, peak_flops
 from .numerics import Guard
 from .state import restore_state, save_state
@@ -122,11 +122,13 @@ def _reference_table(cfg: TrainConfig, setup: Setup, tok, workdir: Path) -> dict
 
 def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok, reference: dict | None = None,
               documents: list | None = None) -> dict:
-    """Mean loss over the first `eval_batches` batches of the held-out split (the same every time).
+    """Mean loss over the first `eval_batches` batches of the held-out split (the same every time):
+    lm/sft: `eval_loss` per target token and `eval_perplexity`; dpo: `eval_loss` per pair and TRL's
+    `eval_rewards/...`, `eval_logps/...` (a perplexity of a DPO loss means nothing).
 
     Every process runs exactly `eval_batches` steps (each is a collective): a process whose share of
     the held-out data ends early feeds all-padding batches, which count no tokens."""
-    total, count = 0.0, 0.0
+    total, count, sums = 0.0, 0.0, {}
     with make_iterator(cfg.data, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                        split="eval", process_index=jax.process_index(),
                        process_count=jax.process_count(), kind=DATA_KIND[cfg.objective],
@@ -139,10 +141,14 @@ def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok, reference: dict
                 padding = padding or {k: np.zeros((rows, cfg.seq_len), np.float32 if k == "ref_logps" else np.int32)
                                       for k in BATCH_KEYS + (("ref_logps",) if reference else ())}
                 batch = padding
-            s, n = setup.eval_fn(params, setup.put_batch(batch))
+            s, n, m = jax.device_get(setup.eval_fn(params, setup.put_batch(batch)))
             kill_point("train.eval")
             total, count = total + float(s), count + float(n)
+            sums = {k: sums.get(k, 0.0) + float(v) for k, v in m.items()}
     loss = total / max(count, 1.0)
+    if cfg.objective == "dpo":
+        return {"eval_loss": loss, **{f"eval_{k}": v / max(count, 1.0) for k, v in sums.items()},
+                "eval_pairs": int(count)}
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": int(count)}
 
 
@@ -215,6 +221,10 @@ def _start_state(cfg: TrainConfig, setup: Setup, workdir: Path, resume: int | No
     if resume is not None:
         state, data_state, meta = restore_state(workdir, resume, setup.abstract)
         return state, data_state, resume, meta.get("tokens", 0), f"resumed {workdir} at step {resume}"
+    if cfg.lora.init_from:  # train on from a LoRA checkpoint's adapters (fresh optimizer state)
+        adapters = checkpoint.restore_adapters(cfg.lora.init_from, setup.model_cfg, cfg.lora, setup.mesh)
+        return (setup.init_state(cfg.seed, adapters), None, 0, 0,
+                f"LoRA rank {cfg.lora.rank} adapters from {cfg.lora.init_from} on {cfg.init_from}")
     if cfg.lora.rank:
         return setup.init_state(cfg.seed), None, 0, 0, f"LoRA rank {cfg.lora.rank} on {cfg.init_from}"
     if cfg.init_from:
@@ -227,6 +237,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
     """Run (or resume) the job described by `cfg`; returns a summary dict (losses, throughput, sample)."""
     t0 = time.time()
     distributed.initialize(cfg.distributed)  # before any other JAX call
+    cfg = resolve_lora(cfg)  # lora.init_from: its base and LoRA settings
     workdir = Path(cfg.workdir)
     is_main = jax.process_index() == 0
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, dcn_data=cfg.mesh.dcn_data,
