@@ -4,6 +4,7 @@ corpus's losses: tests/test_train.py, beside the reference run.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -174,6 +175,8 @@ def test_packed_rows_are_the_first_epoch_and_each_process_reads_only_its_rows(co
         assert set(read) >= {b * B + r for b in range(k) for r in (2 * p, 2 * p + 1)}
     with pytest.raises(ValueError, match=f"packed into rows for seq_len {SEQ}, the run has seq_len {2 * SEQ}"):
         make_iterator(packed_cfg, **dict(kw, seq_len=2 * SEQ))
+    with pytest.raises(ValueError, match="packed into rows in a fixed order; data.shuffle_window"):
+        make_iterator(dataclasses.replace(packed_cfg, shuffle_window=64), **kw)
 
     ev = dict(kw, split="eval", process_index=1, process_count=2)
     with make_iterator(raw_cfg, **ev) as raw, make_iterator(packed_cfg, **ev) as packed:

@@ -466,7 +466,7 @@ def test_single_text_file_with_eval_every_trains_without_eval(text_file_run):
     assert err.count("train: warning: no eval documents in data.path") == 1 and "eval_every=2 ignored" in err
     assert "done: steps 0 -> 4" in err and _steps_on_disk(wd) == [2, 4]
     assert [r["step"] for r in read_metrics(wd)] == [1, 4] and "eval_loss" not in str(read_metrics(wd))
-    assert (wd / "sample.txt").read_text().startswith("def ")  # the end-of-run sample ran
+    assert (wd / "sample.txt").read_text().startswith("def")  # the end-of-run sample ran
 
 
 def test_no_eval_documents_is_decided_at_startup(tmp_path, capsys):

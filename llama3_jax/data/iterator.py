@@ -9,7 +9,8 @@ from typing import Any
 import grain
 import numpy as np
 from absl import flags as absl_flags
-from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset, ThreadPrefetchIterDataset
+from grain.experimental import (ConcatThenSplitIterDataset, FirstFitPackIterDataset, ThreadPrefetchIterDataset,
+                                WindowShuffleIterDataset)
 
 from . import prepared
 from .chat import RenderRecords, dpo_problem, sft_problem
@@ -191,8 +192,8 @@ def make_iterator(
             f"batch_size {batch_size} must divide over process_count {process_count} "
             f"and 0 <= process_index {process_index} < process_count"
         )
-    if cfg.worker_count < 0 or cfg.prefetch < 0:
-        raise ValueError(f"worker_count and prefetch must be >= 0: {cfg}")
+    if cfg.worker_count < 0 or cfg.prefetch < 0 or cfg.shuffle_window < 0:
+        raise ValueError(f"worker_count, prefetch and shuffle_window must be >= 0: {cfg}")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     rows = batch_size // process_count
@@ -234,6 +235,8 @@ def make_iterator(
         packed = ConcatThenSplitIterDataset(
             ds.to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len + 1}
         )
+        if shuffle and cfg.shuffle_window > 1:  # tokens flow through in order; rows leave mixed
+            packed = WindowShuffleIterDataset(packed, window_size=cfg.shuffle_window, seed=seed)
         batch_fn = text_batch
     else:
         index = {d.key: i for i, d in enumerate(docs)} if pair_index else None

@@ -115,6 +115,9 @@ def check_run(meta: dict, cfg: DataConfig, tok, kind: str, seq_len: int) -> None
     if meta["packed"] and meta["packed"]["seq_len"] != seq_len:
         raise ValueError(f"{where} is packed into rows for seq_len {meta['packed']['seq_len']}, the run has "
                          f"seq_len {seq_len} (set it, or prepare again with --seq-len {seq_len})")
+    if meta["packed"] and cfg.shuffle_window:
+        raise ValueError(f"{where} is packed into rows in a fixed order; data.shuffle_window applies when "
+                         f"rows are packed at training time (set it to 0, or prepare without --seq-len)")
     if meta["tokenizer"]["id"] != tokenizer_id(tok):
         raise ValueError(f"{where} was tokenized with {meta['tokenizer']['spec'] or 'Llama 3'} "
                          f"({meta['tokenizer']['id']}), this run's tokenizer is {tokenizer_id(tok)}: prepare it again")

@@ -64,6 +64,10 @@ class DataConfig:
     text_field: str = "text"
     eval_fraction: float = 0.01  # held-out documents, chosen by hash (not by order)
     shuffle: bool = True
+    # pretraining: packed rows shuffled within tumbling windows of this many rows (0 = off). Packing cuts
+    # each document into consecutive rows, so without it a small batch is a few rows of one file and a
+    # short run walks through a handful of files one after another
+    shuffle_window: int = 0
     worker_count: int = 0  # grain multiprocessing workers (0 = read in this process)
     prefetch: int = 2  # batches prepared in a background thread ahead of the step
     max_documents: int = 0  # 0 = all

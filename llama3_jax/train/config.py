@@ -68,6 +68,10 @@ class TrainConfig:
     tensorboard: bool = False
     sample_prompt: str = "def "
     sample_tokens: int = 32  # 0 = no sample at the end
+    # the end-of-run sample: 0 = greedy; > 0 draws (seeded by `seed`) among the `sample_top_k` most likely
+    # tokens (0 = all), since greedy decoding of a briefly trained model repeats one token
+    sample_temperature: float = 0.0
+    sample_top_k: int = 0
     peak_flops: float = 0.0  # per device, for MFU; 0 = PEAK_FLOPS by device kind (CPU: see above)
     progress: bool = True
     nan_policy: str = "stop"  # non-finite loss/grad norm: stop (name the step) | skip the update (numerics.py)
@@ -98,6 +102,10 @@ class TrainConfig:
             raise ValueError(f"nan_max_consecutive must be >= 0, got {self.nan_max_consecutive}")
         if not (self.spike_factor == 0 or self.spike_factor > 1):  # also refuses NaN
             raise ValueError(f"spike_factor must be 0 (off) or > 1, got {self.spike_factor}")
+        if not self.sample_temperature >= 0:  # also refuses NaN
+            raise ValueError(f"sample_temperature must be >= 0 (0 = greedy), got {self.sample_temperature}")
+        if self.sample_top_k < 0:
+            raise ValueError(f"sample_top_k must be >= 0 (0 = off), got {self.sample_top_k}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
         preset = self.model.get("preset") if isinstance(self.model, dict) else self.model

@@ -3,7 +3,7 @@
     YAML + overrides -> TrainConfig -> mesh -> abstract sharded state
       -> restore (WORKDIR checkpoint, else `init_from` params, else jitted sharded init)
       -> grain iterator (its saved state) -> loop { step -> metrics line -> eval -> checkpoint }
-      -> final checkpoint -> greedy sample
+      -> final checkpoint -> sample (greedy, or drawn with sample_temperature/sample_top_k)
 
 Parameters and AdamW moments live in float32 with the shardings of the logical rules (sharding.py);
 the optimizer state's shardings come from the params' through `optax.tree_map_params`. The model
@@ -190,11 +190,13 @@ def _warn_if_schedule_changed(cfg: TrainConfig, workdir: Path, step: int) -> Non
 
 
 def _sample(cfg: TrainConfig, setup: Setup, params: dict, tok) -> str:
-    """Greedy continuation of `sample_prompt` with the serving engine."""
+    """Continuation of `sample_prompt` with the serving engine: greedy, or drawn with the run's seed."""
     from ..engine import Generator
+    from ..sampling import from_flags
     gen = Generator(cfg=setup.model_cfg, params=setup.model_params(params), dtype=cfg.compute_dtype, mesh=setup.mesh,
                     tokenizer=tok)
-    [completion] = gen.generate([cfg.sample_prompt], max_new_tokens=cfg.sample_tokens, batch_size=1)
+    [completion] = gen.generate([cfg.sample_prompt], max_new_tokens=cfg.sample_tokens, batch_size=1,
+                                sampling=from_flags(cfg.sample_temperature, cfg.sample_top_k), seed=cfg.seed)
     return completion.text
 
 
@@ -366,7 +368,9 @@ def _report(cfg: TrainConfig, s: dict, workdir: Path) -> None:
         tmp = workdir / ".sample.txt.tmp"
         tmp.write_text(text + "\n")
         os.replace(tmp, workdir / "sample.txt")
-        print(f"sample (greedy, {cfg.sample_tokens} tokens): {text!r}", file=sys.stderr)
+        how = "greedy" if cfg.sample_temperature == 0 else (
+            f"temperature {cfg.sample_temperature:g}" + (f", top-k {cfg.sample_top_k}" if cfg.sample_top_k else ""))
+        print(f"sample ({how}, {cfg.sample_tokens} tokens): {text!r}", file=sys.stderr)
     how = f"preempted ({s['stopped_by'] or 'SIGTERM'}), saved" if s["preempted"] else "done"
     loss = f", loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}" if s["first_loss"] is not None else ""
     ev = f", eval loss {s['eval_loss']:.4f}" if "eval_loss" in s else ""
