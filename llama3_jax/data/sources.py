@@ -33,8 +33,11 @@ TEXT_SUFFIXES = frozenset(
 RECORD_SUFFIXES = (".jsonl", ".parquet")
 DATA_FORMATS = ("auto", "array_record", "raw")  # data.format
 # Standard-library parts that are test data, vendored packages or build-specific.
+# Tests, third-party packages, and generated tables (encodings/cp*.py codec maps, pydoc_data's topic
+# text): a small model trained on a few hundred thousand tokens would spend them on hex tables.
 _STDLIB_SKIP_DIRS = frozenset(
-    {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__"}
+    {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__", "encodings",
+     "pydoc_data"}
 )
 _STDLIB_MAX_BYTES = 200_000
 _reported: set[str] = set()  # bad-input messages already printed (report each once)
