@@ -162,12 +162,15 @@ class Generator:
     the abstract target), halving the bytes each decode step reads. `mesh` (sharding.make_mesh) shards
     parameters and the KV cache by the logical rules; None runs on the first device. `split_layers`
     keeps each layer's weights in separate arrays (default: on CPU, where that doubles decode speed;
-    stacked and scanned elsewhere).
+    stacked and scanned elsewhere). `decode_attention` ("auto", or model.Llama's "reference" / "ragged"):
+    how a decode step reads the cache; auto is "ragged" (only the blocks each row has filled,
+    attention/decode.py) on one device, and the reference under a mesh (its gather of blocks across
+    batch shards would move cache between devices).
     """
 
     def __init__(self, checkpoint_dir: str | Path | None = None, dtype: str = "bfloat16", mesh=None, *,
                  tokenizer=None, cfg: ModelConfig | None = None, params: dict | None = None,
-                 split_layers: bool | None = None):
+                 split_layers: bool | None = None, decode_attention: str = "auto"):
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
         if params is None:
@@ -184,7 +187,11 @@ class Generator:
         if split_layers:
             params = split_layer_params(params)
         self.cfg, self.params, self.mesh, self.dtype = cfg, params, mesh, dtype
-        self.graphdef, _ = nnx.split(abstract_model(cfg, split_layers=split_layers))
+        if decode_attention == "auto":
+            decode_attention = "ragged" if mesh is None else "reference"
+        self.decode_attention = decode_attention
+        self.graphdef, _ = nnx.split(abstract_model(cfg, split_layers=split_layers,
+                                                    decode_attention=decode_attention))
         if tokenizer is None and checkpoint_dir is not None:  # the one it was trained with (train records it)
             tokenizer = checkpoint.load_tokenizer_spec(checkpoint_dir)
         self._tokenizer = tokenizer

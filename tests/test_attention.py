@@ -106,3 +106,31 @@ def test_cudnn_segments_become_packed_runs():
             rebuilt[o: o + n] = row[o]
             assert np.all(row[o: o + n] == row[o]) and row[o] != 0
         assert np.array_equal(rebuilt, row) and np.all(off[len(runs):] == -1)
+
+
+def test_ragged_decode_equals_reference_on_a_ragged_cache():
+    """One query per row against a stacked (L, B, S, KV, K) cache whose rows are filled to different
+    lengths ending at the write slot (the engines' layout), plus a row with a hole in its segments and
+    a row filled from slot 0: equal to the reference over all S slots, with one work item per loop step
+    and with several, and at two block sizes (blocks straddle row starts)."""
+    from llama3_jax.attention import decode
+    n_layers, b, s, kv, index = 3, 5, 48, 2, 37
+    ks = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(ks[0], (b, 1, H, D), jnp.float32)
+    kc = jax.random.normal(ks[1], (n_layers, b, s, kv, D), jnp.float32)
+    vc = jax.random.normal(ks[2], (n_layers, b, s, kv, D), jnp.float32)
+    seg = np.zeros((b, s), np.int32)
+    for r, n in enumerate([1, 9, 20, 38, 30]):  # row r holds n tokens ending at slot index
+        seg[r, index + 1 - n: index + 1] = 1
+    seg[4, 12:15] = 0  # a hole: masked, not skipped
+    seg[2, 40:] = 1    # past the query's slot: masked by the causal rule
+    seg = jnp.asarray(seg)
+    q_seg = jnp.ones((b, 1), jnp.int32)
+    ragged = jax.jit(decode.attend, static_argnames=("block", "chunk"))
+    for layer, block, chunk in ((0, 8, 1), (2, 16, 3)):
+        want = reference.attend(q, kc[layer], vc[layer], q_seg, seg, jnp.array([index]), jnp.arange(s))
+        got = ragged(q, kc, vc, jnp.int32(layer), q_seg, seg, jnp.int32(index), block=block, chunk=chunk)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"block {block} chunk {chunk}")
+    first, count = decode.work_list(seg, jnp.int32(index), 8)
+    assert count.tolist() == [1, 2, 3, 5, 4]  # only the blocks a row has filled are visited
+    assert decode.block_for(48) == 16 and decode.block_for(272) == 16 and decode.block_for(2048) == 64

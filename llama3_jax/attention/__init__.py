@@ -12,7 +12,8 @@ Every backend has the same interface and the same masking rule (reference.py's d
     auto        splash on TPU, cudnn on GPU, blockwise on CPU from BLOCKWISE_MIN_LEN tokens, else reference
 
 splash and cudnn compute self-attention from slot 0 (training, prefill without a cache); the model
-runs cached decoding on the reference path whatever the choice. `resolve` turns the user's choice
+runs cached calls on the reference path whatever the choice, except one-token decode steps with
+`decode_attention="ragged"` (DECODE_NAMES): decode.py reads only the cache blocks each row has filled. `resolve` turns the user's choice
 into a concrete backend for a platform and sequence length once, when the step is built; `get`
 returns its function.
 """
@@ -22,10 +23,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from . import blockwise, reference
+from . import blockwise, decode, reference
 from .reference import NEG_INF, attention, mask
 
 NAMES = ("auto", "reference", "blockwise", "splash", "cudnn")
+DECODE_NAMES = ("reference", "ragged")  # cached one-token decode steps (model.Llama's decode_attention)
 # On CPU the reference is faster for short rows (one big matmul); from here on its (T, T) float32
 # scores cost more memory than the blockwise loops cost time (benchmarks/memory.py).
 BLOCKWISE_MIN_LEN = 2048
@@ -72,4 +74,4 @@ def get(backend: str) -> Callable:
     raise ValueError(f"unknown attention backend {backend!r}")
 
 
-__all__ = ["BLOCKWISE_MIN_LEN", "NAMES", "NEG_INF", "attention", "get", "mask", "resolve"]
+__all__ = ["BLOCKWISE_MIN_LEN", "DECODE_NAMES", "NAMES", "NEG_INF", "attention", "get", "mask", "resolve"]
