@@ -176,9 +176,8 @@ def layer_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str,
 class Llama(nnx.Module):
     """Llama 3. `scan_layers`, `split_layers`, `remat` and `attention` are runtime choices over the same
     weights (`attention`: a backend resolved by attention.resolve, for calls without a cache; cached
-    calls run the reference, whose masks handle a partly filled cache, or with
-    `decode_attention="ragged"` one-token decode steps read only the filled cache blocks
-    (attention/decode.py)).
+    calls run the reference, whose masks handle a partly filled cache; `decode_attention` "window" or
+    "ragged" makes one-token decode steps read only the filled cache blocks (attention/decode.py)).
 
     By default the layer weights are stacked (layers, ...) arrays, scanned or unrolled. With
     `split_layers=True` each layer owns separate arrays (an nnx.List, always unrolled): XLA:CPU streams
@@ -245,8 +244,8 @@ class Llama(nnx.Module):
             kv = (cache.k, cache.v)
 
         attend = attn.get("reference" if cache is not None else self.attention)
-        ragged = cache is not None and tokens.shape[1] == 1 and self.decode_attention == "ragged"
-        cache_attend = attn.decode.attend if ragged else None
+        one_token = cache is not None and tokens.shape[1] == 1
+        cache_attend = attn.decode_backend(self.decode_attention) if one_token else None
         if lora is not None and self.split_layers:
             raise ValueError("LoRA adapters need the stacked layer layout (merge them to serve)")
         lw = None if lora is None else lora.weights

@@ -108,7 +108,7 @@ def test_cudnn_segments_become_packed_runs():
         assert np.array_equal(rebuilt, row) and np.all(off[len(runs):] == -1)
 
 
-def test_ragged_decode_equals_reference_on_a_ragged_cache():
+def test_ragged_and_window_decode_equal_reference_on_a_ragged_cache():
     """One query per row against a stacked (L, B, S, KV, K) cache whose rows are filled to different
     lengths ending at the write slot (the engines' layout), plus a row with a hole in its segments and
     a row filled from slot 0: equal to the reference over all S slots, with one work item per loop step
@@ -127,10 +127,13 @@ def test_ragged_decode_equals_reference_on_a_ragged_cache():
     seg = jnp.asarray(seg)
     q_seg = jnp.ones((b, 1), jnp.int32)
     ragged = jax.jit(decode.attend, static_argnames=("block", "chunk"))
+    window = jax.jit(decode.attend_window, static_argnames=("block",))
     for layer, block, chunk in ((0, 8, 1), (2, 16, 3)):
         want = reference.attend(q, kc[layer], vc[layer], q_seg, seg, jnp.array([index]), jnp.arange(s))
-        got = ragged(q, kc, vc, jnp.int32(layer), q_seg, seg, jnp.int32(index), block=block, chunk=chunk)
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"block {block} chunk {chunk}")
+        args = (q, kc, vc, jnp.int32(layer), q_seg, seg, jnp.int32(index))
+        got = ragged(*args, block=block, chunk=chunk)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f"ragged block {block} chunk {chunk}")
+        np.testing.assert_allclose(window(*args, block=block), want, atol=1e-5, rtol=1e-5, err_msg=f"window {block}")
     first, count = decode.work_list(seg, jnp.int32(index), 8)
     assert count.tolist() == [1, 2, 3, 5, 4]  # only the blocks a row has filled are visited
     assert decode.block_for(48) == 16 and decode.block_for(272) == 16 and decode.block_for(2048) == 64

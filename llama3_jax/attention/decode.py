@@ -1,4 +1,4 @@
-"""Ragged decode attention: one query per row reads only the cache blocks that row has filled.
+"""Ragged decode attention: one query per row reads only the cache blocks the rows have filled.
 
 Why: the decoding cache is one buffer (L, B, S, KV, K) as wide as the longest row the engine has
 room for, and the reference attends every query over all S slots. In a ragged batch (prompts of 16
@@ -18,7 +18,15 @@ key slot <= query slot), so skipping is exact for any layout: a skipped block ho
 or slots after the query.
 
 The engines keep a row's tokens contiguous and ending at the write slot (kv_cache.py), so a row's
-work is ceil(len / block) + 1 blocks at most. Shapes: q (B, 1, H, K); the cache's S must be a
+work is ceil(len / block) + 1 blocks at most.
+
+Two visiting orders, one masking rule (model.Llama's `decode_attention`):
+  ragged (`attend`)         each row its own blocks, gathered: work ~ the SUM of the rows' lengths;
+  window (`attend_window`)  the blocks from the earliest filled one of any row to the query's, for all
+                            rows at once as contiguous slices: work ~ B x the LONGEST row. On XLA:CPU a
+                            gather moves a byte several times slower than a slice, and window wins
+                            (batch 32, rows of 16-1300 tokens in a 2048-slot cache: ~35 ms for two
+                            layers vs ~100 ms ragged vs ~160-220 ms reference, a loaded 2-core VM). Shapes: q (B, 1, H, K); the cache's S must be a
 multiple of `block` (`block_for` picks the largest power of two <= BLOCK dividing S).
 
 The same switch could later route to `jax.experimental.pallas.ops.tpu.ragged_paged_attention` on TPU
@@ -36,6 +44,7 @@ import jax.numpy as jnp
 from .reference import NEG_INF
 
 BLOCK = 64  # slots per visited block: a row wastes at most two partial blocks
+WINDOW_BLOCK = 256  # attend_window: whole-batch blocks, fewer loop steps
 F32 = jnp.float32
 
 
@@ -112,5 +121,42 @@ def attend(q, k_cache, v_cache, layer, q_seg, k_seg, q_slot, *, block: int = BLO
     init = (jnp.zeros((), jnp.int32), jnp.full((b, kv, g), NEG_INF, F32), jnp.zeros((b, kv, g), F32),
             jnp.zeros((b, kv, g, d), F32))
     _, _, l_run, acc = jax.lax.while_loop(cond, body, init)
+    out = acc / jnp.where(l_run == 0, 1.0, l_run)[..., None]
+    return out.reshape(b, 1, h, d).astype(q.dtype)
+
+
+def attend_window(q, k_cache, v_cache, layer, q_seg, k_seg, q_slot, *, block: int = WINDOW_BLOCK):
+    """`attend`'s interface; visits the blocks from the earliest filled block of any row to the query's,
+    for every row at once: contiguous slices of the cache (no gather), so work follows the LONGEST
+    row, not the sum. The faster choice where a gather is slow per byte (XLA:CPU)."""
+    b, t, h, d = q.shape
+    assert t == 1, "ragged decode attention takes one query per row"
+    _, _, s, kv, _ = k_cache.shape
+    block = block_for(s, block)
+    g = h // kv
+    qg = q.reshape(b, kv, g, d)
+    qs = q_seg[:, 0].astype(jnp.int32)
+    first, count = work_list(k_seg, q_slot, block)
+    lo = jnp.min(jnp.where(count > 0, first, q_slot // block))
+    scale = d ** -0.5
+
+    def body(j, c):
+        m_run, l_run, acc = c
+        start = j * block
+        keys = jax.lax.dynamic_slice_in_dim(k_cache[layer], start, block, axis=1)   # (b, s, k, d)
+        vals = jax.lax.dynamic_slice_in_dim(v_cache[layer], start, block, axis=1)
+        seg = jax.lax.dynamic_slice_in_dim(k_seg, start, block, axis=1)
+        slot = start + jnp.arange(block)
+        allowed = (seg == qs[:, None]) & (qs[:, None] != 0) & (slot[None] <= q_slot)
+        sc = jnp.einsum("bkgd,bskd->bkgs", qg, keys, preferred_element_type=F32) * scale
+        sc = jnp.where(allowed[:, None, None], sc, NEG_INF)
+        m_new = jnp.maximum(m_run, sc.max(-1))
+        p = jnp.where(allowed[:, None, None], jnp.exp(sc - m_new[..., None]), 0.0)
+        corr = jnp.exp(m_run - m_new)
+        pv = jnp.einsum("bkgs,bskd->bkgd", p.astype(vals.dtype), vals, preferred_element_type=F32)
+        return m_new, l_run * corr + p.sum(-1), acc * corr[..., None] + pv
+
+    init = (jnp.full((b, kv, g), NEG_INF, F32), jnp.zeros((b, kv, g), F32), jnp.zeros((b, kv, g, d), F32))
+    _, l_run, acc = jax.lax.fori_loop(lo, q_slot // block + 1, body, init)
     out = acc / jnp.where(l_run == 0, 1.0, l_run)[..., None]
     return out.reshape(b, 1, h, d).astype(q.dtype)
