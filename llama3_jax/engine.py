@@ -41,24 +41,24 @@ from .config import ModelConfig
 from .kv_cache import CACHE_AXES, KVCache
 from .model import abstract_model, split_layer_params
 from .scheduler import (MIN_BUCKET, Completion, Request, Scheduler, bucket, decode_step, is_stop,  # noqa: F401
-                        cut_at_stop, left_padded_layout, prefill, row_keys, sample)
+                        cut_at_stop, left_padded_layout, prefill, prompt_width, row_keys, sample)
 from .sharding import named_sharding
 
 FIRST_CHUNK = 256  # new tokens decoded before the cache first grows, when no max_new_tokens is given
 STOP_SLOTS = 8  # stop-id arrays are padded with -1 to a multiple of this: one compile for any stop set
 
 
-def left_padded_batches(seqs: Sequence[Sequence[int]], batch_size: int
+def left_padded_batches(seqs: Sequence[Sequence[int]], batch_size: int, width=bucket
                         ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
     """Sequences sorted longest first (less padding; the largest shapes compile and allocate first, so a
     memory problem shows at once), cut into batches of `batch_size` rows, each left-padded to a
-    power-of-two bucket. Yields (indices of the batch's sequences, tokens (B, P), lengths (B,)); rows
+    power-of-two bucket (or `width(longest)`). Yields (indices of the batch's sequences, tokens (B, P), lengths (B,)); rows
     past len(indices) are padding (length 1, all zeros) so every batch has B rows."""
     b = min(batch_size, len(seqs))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     for start in range(0, len(order), b):
         rows = order[start:start + b]
-        p = bucket(max(len(seqs[i]) for i in rows))
+        p = width(max(len(seqs[i]) for i in rows))
         tokens = np.zeros((b, p), np.int32)
         lengths = np.ones((b,), np.int32)
         for r, i in enumerate(rows):
@@ -102,7 +102,7 @@ def _decode_loop(model, knobs, max_new: int, state, lengths, keys, stop_ids, lim
 
 
 def generate_batch(graphdef, max_new: int, params, cache: KVCache, tokens, lengths, active,
-                   row_seeds, seeds, knobs, stop_ids, limits):
+                   row_seeds, seeds, knobs, stop_ids, limits, prefill_chunk: int | None = None):
     """Prefill + decode one batch. Returns the loop state (step, last tok, out (B, N), done, n_kept, cache).
 
     Row r's answer is out[r, :n_kept[r]]; n_kept < limits[r] (its token budget, <= N) means it stopped on
@@ -113,7 +113,7 @@ def generate_batch(graphdef, max_new: int, params, cache: KVCache, tokens, lengt
     b = tokens.shape[0]
     cache = dataclasses.replace(cache, index=jnp.zeros((), jnp.int32))  # reused buffers: start at slot 0
     keys = row_keys(seeds, row_seeds)
-    last_logits, cache = prefill(model, tokens, lengths, cache)
+    last_logits, cache = prefill(model, tokens, lengths, cache, prefill_chunk)
     tok = sample(last_logits, keys, 0, knobs)
     out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok)
     hit = is_stop(tok, stop_ids)
@@ -166,11 +166,13 @@ class Generator:
     step reads the cache; auto is "window" on one device (only the blocks up to the longest live row,
     attention/decode.py; on CPU ~4x faster than the reference at batch 32 over a 2048-slot cache), the
     reference under a mesh (not yet shard_mapped over the cache's batch and kv-head shards).
+    `prefill_chunk` N: prompts longer than N tokens are padded to a multiple of N (not the next power
+    of two) and prefilled N tokens at a time (scheduler.prefill): bounded activation memory.
     """
 
     def __init__(self, checkpoint_dir: str | Path | None = None, dtype: str = "bfloat16", mesh=None, *,
                  tokenizer=None, cfg: ModelConfig | None = None, params: dict | None = None,
-                 split_layers: bool | None = None, decode_attention: str = "auto"):
+                 split_layers: bool | None = None, decode_attention: str = "auto", prefill_chunk: int | None = None):
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
         if params is None:
@@ -187,6 +189,9 @@ class Generator:
         if split_layers:
             params = split_layer_params(params)
         self.cfg, self.params, self.mesh, self.dtype = cfg, params, mesh, dtype
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         if decode_attention == "auto":
             decode_attention = "window" if mesh is None else "reference"
         self.decode_attention = decode_attention
@@ -197,7 +202,7 @@ class Generator:
         self._tokenizer = tokenizer
         self._cache: KVCache | None = None
         self._scheduler: Scheduler | None = None
-        self._generate = jax.jit(functools.partial(generate_batch, self.graphdef),
+        self._generate = jax.jit(functools.partial(generate_batch, self.graphdef, prefill_chunk=prefill_chunk),
                                  static_argnames=("max_new",), donate_argnames=("cache",))
         self._extend = jax.jit(functools.partial(extend_batch, self.graphdef),  # no donation: it grows
                                static_argnames=("max_new",))
@@ -378,7 +383,8 @@ class Generator:
         """Whole batches of `left_padded_batches`. The cache holds the bucket of the longest budget, at
         most FIRST_CHUNK new tokens at first: while a row has room and no stop token the cache and the
         out buffer double (`extend_batch`), so memory follows the longest answer, not the context."""
-        for rows, tokens, lengths in left_padded_batches([r.tokens for r in requests], batch_size):
+        width = functools.partial(prompt_width, chunk=self.prefill_chunk)
+        for rows, tokens, lengths in left_padded_batches([r.tokens for r in requests], batch_size, width):
             b, p = tokens.shape
             active = np.arange(b) < len(rows)
             col = lambda f, dtype, fill: np.array([f(requests[i]) for i in rows] + [fill] * (b - len(rows)), dtype)

@@ -197,7 +197,8 @@ def _open(args, generator: Generator | None) -> tuple[set[str], Generator]:
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise ValueError(f"--output {args.output} is the input file")
     done = read_done(args.output)
-    return done, generator or Generator(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
+    return done, generator or Generator(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer,
+                                        prefill_chunk=getattr(args, "prefill_chunk", None))
 
 
 def _fitting(items, context_error, input_path, out: Appender) -> tuple[list[tuple[object, object]], list[dict]]:
