@@ -3,7 +3,8 @@
 By default rows run through a fixed number of decode slots refilled as rows finish (continuous
 batching, scheduler.py). The static path below (`continuous=False`) decodes whole batches; it is kept
 for the benchmark comparison. Per batch, one call of one jitted function does everything:
-  * prompts are LEFT-padded to a power-of-two bucket P (few compiles), so every row's last prompt token
+  * prompts are LEFT-padded to a power-of-two bucket P (few compiles; with `prefill_chunk` a long prompt
+    to a multiple of the chunk, prefilled a chunk at a time), so every row's last prompt token
     sits in the same slot and all rows write the same cache slot each step (see kv_cache.py);
   * prefill runs the ragged batch in one pass: per-row positions restart at 0 at the first real token,
     padding has segment 0 and is masked;

@@ -2,8 +2,8 @@
 
 Why: a static batch decodes until its longest row is done, so every finished row's slot idles. Here a
 row that stops frees its slot at the next host visit; the next waiting prompt is prefilled alone (its
-own power-of-two bucket, one compile per bucket) and written into that slot while the others keep
-decoding.
+own power-of-two bucket or multiple of the prefill chunk, one compile per width) and written into that
+slot while the others keep decoding.
 
 The cache layout keeps the one-write-slot rule of kv_cache.py: all rows write slot `index` each step,
 and each live row's tokens fill the slots just before it, [index - len_r, index). A new row's
