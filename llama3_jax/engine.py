@@ -53,8 +53,8 @@ def left_padded_batches(seqs: Sequence[Sequence[int]], batch_size: int, width=bu
                         ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
     """Sequences sorted longest first (less padding; the largest shapes compile and allocate first, so a
     memory problem shows at once), cut into batches of `batch_size` rows, each left-padded to a
-    power-of-two bucket (or `width(longest)`). Yields (indices of the batch's sequences, tokens (B, P), lengths (B,)); rows
-    past len(indices) are padding (length 1, all zeros) so every batch has B rows."""
+    power-of-two bucket (or `width(longest)`). Yields (indices of the batch's sequences, tokens (B, P),
+    lengths (B,)); rows past len(indices) are padding (length 1, all zeros) so every batch has B rows."""
     b = min(batch_size, len(seqs))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     for start in range(0, len(order), b):

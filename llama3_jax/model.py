@@ -191,7 +191,8 @@ class Llama(nnx.Module):
         remat_policy(remat)  # refuse an unknown name here, not at the first call
         attn.get(attention)
         if decode_attention not in attn.DECODE_NAMES:
-            raise ValueError(f"decode_attention must be one of {', '.join(attn.DECODE_NAMES)}; got {decode_attention!r}")
+            raise ValueError(f"decode_attention must be one of {', '.join(attn.DECODE_NAMES)}; "
+                             f"got {decode_attention!r}")
         self.cfg = cfg
         self.attention = attention
         self.decode_attention = decode_attention

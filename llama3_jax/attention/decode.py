@@ -26,8 +26,9 @@ Two visiting orders, one masking rule (model.Llama's `decode_attention`):
                             rows at once as contiguous slices: work ~ B x the LONGEST row. On XLA:CPU a
                             gather moves a byte several times slower than a slice, and window wins
                             (batch 32, rows of 16-1300 tokens in a 2048-slot cache: ~35 ms for two
-                            layers vs ~100 ms ragged vs ~160-220 ms reference, a loaded 2-core VM). Shapes: q (B, 1, H, K); the cache's S must be a
-multiple of `block` (`block_for` picks the largest power of two <= BLOCK dividing S).
+                            layers vs ~100 ms ragged vs ~160-220 ms reference, a loaded 2-core VM).
+Shapes: q (B, 1, H, K); the cache's S must be a multiple of the block (`block_for` picks the largest
+power of two <= the block that divides S).
 
 The same switch could later route to `jax.experimental.pallas.ops.tpu.ragged_paged_attention` on TPU
 (it takes a paged cache and per-row lengths); not wired here. Under a mesh the engine keeps the
