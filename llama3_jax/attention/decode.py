@@ -4,8 +4,8 @@ Why: the decoding cache is one buffer (L, B, S, KV, K) as wide as the longest ro
 room for, and the reference attends every query over all S slots. In a ragged batch (prompts of 16
 to 1024 tokens, answers of 8 to 256) most slots of most rows are empty, so decode cost followed the
 cache size instead of the tokens. Here the cache is read as fixed blocks of `block` slots and only
-the (row, block) pairs that hold a row's tokens are visited: work grows with the sum of the rows'
-filled lengths, not with B * S.
+blocks that hold tokens are visited: work grows with the rows' filled lengths (their sum, or B x the
+longest: the two visiting orders below), not with B * S.
 
 How: a row's filled slots are found from its segment ids (0 = empty): its first non-zero slot up to
 the query's slot (everything past it is masked by the causal rule). The (row, block) pairs of all
