@@ -27,8 +27,9 @@ Two visiting orders, one masking rule (model.Llama's `decode_attention`):
                             gather moves a byte several times slower than a slice, and window wins
                             (batch 32, rows of 16-1300 tokens in a 2048-slot cache: ~35 ms for two
                             layers vs ~100 ms ragged vs ~160-220 ms reference, a loaded 2-core VM).
-Shapes: q (B, 1, H, K); the cache's S must be a multiple of the block (`block_for` picks the largest
-power of two <= the block that divides S).
+Shapes: q (B, 1, H, K). `attend` needs S to be a multiple of its block (`block_for` picks the largest
+power of two <= the block that divides S); `attend_window` does not (its last slice is moved back to
+end at S, and the slots it already visited are masked).
 
 The same switch could later route to `jax.experimental.pallas.ops.tpu.ragged_paged_attention` on TPU
 (it takes a paged cache and per-row lengths); not wired here. Under a mesh the engine keeps the
@@ -133,22 +134,22 @@ def attend_window(q, k_cache, v_cache, layer, q_seg, k_seg, q_slot, *, block: in
     b, t, h, d = q.shape
     assert t == 1, "ragged decode attention takes one query per row"
     _, _, s, kv, _ = k_cache.shape
-    block = block_for(s, block)
+    block = min(block, s)  # need not divide s: the last block's slice is moved back, its overlap masked
     g = h // kv
     qg = q.reshape(b, kv, g, d)
     qs = q_seg[:, 0].astype(jnp.int32)
-    first, count = work_list(k_seg, q_slot, block)
-    lo = jnp.min(jnp.where(count > 0, first, q_slot // block))
+    filled = (k_seg != 0) & (jnp.arange(s)[None] <= q_slot)
+    first_slot = jnp.min(jnp.where(filled.any(1), jnp.argmax(filled, axis=1), q_slot))
     scale = d ** -0.5
 
     def body(j, c):
         m_run, l_run, acc = c
-        start = j * block
+        start = jnp.minimum(j * block, s - block)
         keys = jax.lax.dynamic_slice_in_dim(k_cache[layer], start, block, axis=1)   # (b, s, k, d)
         vals = jax.lax.dynamic_slice_in_dim(v_cache[layer], start, block, axis=1)
         seg = jax.lax.dynamic_slice_in_dim(k_seg, start, block, axis=1)
         slot = start + jnp.arange(block)
-        allowed = (seg == qs[:, None]) & (qs[:, None] != 0) & (slot[None] <= q_slot)
+        allowed = (seg == qs[:, None]) & (qs[:, None] != 0) & (slot[None] <= q_slot) & (slot[None] >= j * block)
         sc = jnp.einsum("bkgd,bskd->bkgs", qg, keys, preferred_element_type=F32) * scale
         sc = jnp.where(allowed[:, None, None], sc, NEG_INF)
         m_new = jnp.maximum(m_run, sc.max(-1))
@@ -158,6 +159,6 @@ def attend_window(q, k_cache, v_cache, layer, q_seg, k_seg, q_slot, *, block: in
         return m_new, l_run * corr + p.sum(-1), acc * corr[..., None] + pv
 
     init = (jnp.full((b, kv, g), NEG_INF, F32), jnp.zeros((b, kv, g), F32), jnp.zeros((b, kv, g, d), F32))
-    _, l_run, acc = jax.lax.fori_loop(lo, q_slot // block + 1, body, init)
+    _, l_run, acc = jax.lax.fori_loop(first_slot // block, q_slot // block + 1, body, init)
     out = acc / jnp.where(l_run == 0, 1.0, l_run)[..., None]
     return out.reshape(b, 1, h, d).astype(q.dtype)
