@@ -164,9 +164,10 @@ class Generator:
     parameters and the KV cache by the logical rules; None runs on the first device. `split_layers`
     keeps each layer's weights in separate arrays (default: on CPU, where that doubles decode speed;
     stacked and scanned elsewhere). `decode_attention` ("auto" or attention.DECODE_NAMES): how a decode
-    step reads the cache; auto is "window" on one device (only the blocks up to the longest live row,
-    attention/decode.py; on CPU ~4x faster than the reference at batch 32 over a 2048-slot cache), the
-    reference under a mesh (not yet shard_mapped over the cache's batch and kv-head shards).
+    step reads the cache; auto is "window" on one device, with or without a 1-device mesh (only the
+    blocks up to the longest live row, attention/decode.py; on CPU ~4x faster than the reference at
+    batch 32 over a 2048-slot cache), the reference on a mesh of several devices (not yet tried
+    there: its slices run along the unsharded slot axis, so it may well work as is).
     `prefill_chunk` N: prompts longer than N tokens are padded to a multiple of N (not the next power
     of two) and prefilled N tokens at a time (scheduler.prefill): bounded activation memory.
     """
@@ -194,7 +195,7 @@ class Generator:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         if decode_attention == "auto":
-            decode_attention = "window" if mesh is None else "reference"
+            decode_attention = "window" if mesh is None or mesh.size == 1 else "reference"
         self.decode_attention = decode_attention
         self.graphdef, _ = nnx.split(abstract_model(cfg, split_layers=split_layers,
                                                     decode_attention=decode_attention))
