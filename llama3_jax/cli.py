@@ -20,6 +20,10 @@ def _convert(args) -> None:
         options["shards"] = args.shards
     if args.base is not None:
         options["base"] = args.base
+    if args.mesh is not None:
+        options["mesh"] = args.mesh
+    if args.keep_adapters:
+        options["keep_adapters"] = True
     convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format, dtype=args.dtype,
             progress=not args.quiet, **options)
 
@@ -31,7 +35,7 @@ def _train(args) -> int:
         from .train import run_train
         run_train(args.config, args.overrides)
         return 0
-    from .config import load_yaml_config
+    from .config_loader import load_yaml_config
     from .train import TrainConfig
     from .train.dryrun import DoesNotFit, dry_run
     try:
@@ -92,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base", default=None,
                    help="--from peft only: the hf or jax model the adapter is merged into (default: none; "
                         "needed with --from peft)")
+    _add_mesh_arg(c, "--to jax only: the arrays are placed and saved shard by shard on this mesh")
+    c.add_argument("--keep-adapters", action="store_true",
+                   help="--from peft --to jax only: keep the adapter as LoRA adapters on --base (a LoRA checkpoint "
+                        "that generate/score read merged and `train lora.init_from=DST` trains on) instead of "
+                        "merging it (default: merge)")
     _add_distributed_args(c)
     c.set_defaults(func=_convert)
 
@@ -161,6 +170,14 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
                    help="this process's id, 0..N-1 (default: the cluster's, else 0)")
 
 
+def _add_mesh_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T",
+                   help=f"{what}: the mesh of training's mesh.* keys and sharding rules, e.g. "
+                        "data=1,fsdp=1,tensor=-1 (-1: the rest of the devices; axes not named: 1; also dcn_data, "
+                        "dcn_fsdp) (default: the model split over each host's devices, tensor = local devices, "
+                        "data = processes)")
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a jax checkpoint (convert --to jax, or a train workdir)")
     p.add_argument("--input", required=True, help="input JSONL")
@@ -169,6 +186,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="compute dtype; float32 matches transformers' float32 logits (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model path (default: the one in llama-models)")
+    _add_mesh_arg(p, "parameters, KV cache and batch rows")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "train":  # train starts it from its distributed.* keys
             distributed.initialize(distributed.DistributedConfig(
                 args.coordinator_address, args.num_processes, args.process_id))
-            distributed.refuse_several_processes(f"llama3-jax {args.command}")
+        if getattr(args, "checkpoint", None) is not None:  # generate, score
+            from .paths import local_path
+            args.checkpoint = local_path(args.checkpoint, "--checkpoint")  # file:///x -> /x
         rc = args.func(args)
     except (ValueError, KeyError, OSError) as e:  # OSError: also a full disk or a read-only path
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -20,7 +20,8 @@ The model runs as a pure function: `nnx.merge(graphdef, params)` inside jit (no 
 Prefill asks the model for the last slot's logits only (B x P x V float32 logits would dominate memory).
 
 Shapes: B batch, P padded prompt, N max new tokens, S = P + N cache slots, V vocab.
-Single process: inputs are placed with `device_put` of host arrays (no multi-host batch assembly yet).
+Several processes (multihost_io.py): every process passes the same host arrays (`device_put` keeps
+its shards of them) and reads results back gathered (`to_host`), so each runs the same steps.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from . import sampling as sampling_lib
 from .config import ModelConfig
 from .kv_cache import CACHE_AXES, KVCache
 from .model import abstract_model, split_layer_params
+from .multihost_io import to_host
 from .scheduler import (MIN_BUCKET, Completion, Request, Scheduler, bucket, decode_step, is_stop,  # noqa: F401
                         cut_at_stop, left_padded_layout, prefill, prompt_width, row_keys, sample)
 from .sharding import named_sharding
@@ -403,12 +405,12 @@ class Generator:
             with self._scope():
                 state = self._generate(cache=cache, tokens=self._put(tokens, ("batch", "seq")),
                                        active=self._put(active, ("batch",)), max_new=n, **common)
-                while n < limits.max() and not bool(np.asarray(state[3]).all()):
+                while n < limits.max() and not bool(to_host(state[3]).all()):
                     n *= 2
                     state = self._extend(state=state, max_new=n, **common)
             _, _, out, _, n_kept, cache = state
             self._cache = cache
-            out, n_kept = np.asarray(out), np.asarray(n_kept)
+            out, n_kept = to_host(out), to_host(n_kept)
             batch = []
             for r, i in enumerate(rows):
                 toks = out[r, :n_kept[r]].tolist()
@@ -449,7 +451,7 @@ class Generator:
         for rows, tokens, lengths in left_padded_batches(seqs, batch_size):
             t = tokens.shape[1]
             with self._scope():
-                logp = np.asarray(self._score(self.params, self._put(tokens, ("batch", "seq")),
+                logp = to_host(self._score(self.params, self._put(tokens, ("batch", "seq")),
                                               self._put(lengths, ("batch",))))
             batch = []
             for r, i in enumerate(rows):

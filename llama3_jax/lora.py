@@ -44,6 +44,9 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0  # on the adapter's input, training only
     targets: tuple[str, ...] = TARGETS
+    # train only: a LoRA checkpoint (a LoRA train workdir, or `convert --from peft --keep-adapters`
+    # output) whose adapters training starts from, on the base it records (train/config.py resolve_lora)
+    init_from: str | None = None
 
     def __post_init__(self):
         if self.rank < 0 or not 0 <= self.dropout < 1:
