@@ -66,6 +66,8 @@ def parse_args(argv=None):
                    help="keep XLA:CPU's default dot fusion (by default this script turns off its YNN fusion, "
                         "which made f32 decode ~1.6x slower on the 2-core x86 VM this was written on)")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--decode-attention", choices=["auto", "reference", "window", "ragged"], default="auto",
+                   help="how llama3-jax decode steps read the cache (engine.Generator; default: %(default)s)")
     p.add_argument("--workloads", nargs="+", choices=["uniform", "ragged"], default=["uniform", "ragged"])
     p.add_argument("--ragged-rows", type=int, default=None, help="rows of the ragged workload (default: 2 x batch)")
     p.add_argument("--ragged-prompt-len", type=int, nargs=2, default=[16, 1024])
@@ -195,7 +197,7 @@ def main(argv=None) -> None:
     from llama3_jax.convert import convert
     from llama3_jax.engine import Generator
     convert(Path(tmp.name) / "hf", Path(tmp.name) / "jax", src_format="hf", dst_format="jax", progress=False)
-    gen = Generator(Path(tmp.name) / "jax", dtype=args.dtype)
+    gen = Generator(Path(tmp.name) / "jax", dtype=args.dtype, decode_attention=args.decode_attention)
 
     t_jax = {}  # (workload, batch, continuous) -> seconds
     for (w, b), rows in work.items():
@@ -246,7 +248,8 @@ def main(argv=None) -> None:
     print(f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
           f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), torch {torch.__version__} "
           f"({args.torch_threads} threads), "
-          f"transformers {transformers.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"transformers {transformers.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+          f"decode attention {gen.decode_attention}; load average {os.getloadavg()[0]:.1f}")
     print(f"- measured memory bandwidth (numpy copy of 1 GiB): {bandwidth / 1e9:.1f} GB/s; weights read per "
           f"decode step: {weight_bytes / 1e6:.0f} MB (+ KV cache)\n")
     print("| workload | batch | rows | continuous tokens/s | static tokens/s | continuous / static | "

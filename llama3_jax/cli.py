@@ -145,10 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode whole batches sorted by length, each until its longest row is done, instead of "
                         "refilling --batch-size slots as rows finish, for comparison (default: continuous)")
     g.add_argument("--num-samples", type=int, default=1,
-                   help="completions per input line, each its own output line with a 'sample' index (default: 1)")
+                   help="completions per input line, each its own output line with a 'sample' index (default: 1; "
+                        "a line's own 'n' overrides it)")
     g.add_argument("--kv-cache-dtype", choices=["bfloat16", "float32", "int8"], default=None,
                    help="KV cache storage; int8: one scale per (position, kv head), a quarter of float32's "
                         "memory (default: the compute dtype)")
+    g.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prefill prompts longer than N tokens N at a time, padded to a multiple of N instead of "
+                        "the next power of two: bounded activation memory for long prompts (default: one pass)")
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("score", help="per-token log-probs of given completions",

@@ -3,7 +3,8 @@
 By default rows run through a fixed number of decode slots refilled as rows finish (continuous
 batching, scheduler.py). The static path below (`continuous=False`) decodes whole batches; it is kept
 for the benchmark comparison. Per batch, one call of one jitted function does everything:
-  * prompts are LEFT-padded to a power-of-two bucket P (few compiles), so every row's last prompt token
+  * prompts are LEFT-padded to a power-of-two bucket P (few compiles; with `prefill_chunk` a long prompt
+    to a multiple of the chunk, prefilled a chunk at a time), so every row's last prompt token
     sits in the same slot and all rows write the same cache slot each step (see kv_cache.py);
   * prefill runs the ragged batch in one pass: per-row positions restart at 0 at the first real token,
     padding has segment 0 and is masked;
@@ -43,24 +44,24 @@ from .kv_cache import CACHE_AXES, KVCache
 from .model import abstract_model, quantize_params, split_layer_params
 from .multihost_io import to_host
 from .scheduler import (MIN_BUCKET, Completion, Request, Scheduler, bucket, decode_step, is_stop,  # noqa: F401
-                        cut_at_stop, left_padded_layout, prefill, row_keys, sample)
+                        cut_at_stop, left_padded_layout, prefill, prompt_width, row_keys, sample)
 from .sharding import named_sharding
 
 FIRST_CHUNK = 256  # new tokens decoded before the cache first grows, when no max_new_tokens is given
 STOP_SLOTS = 8  # stop-id arrays are padded with -1 to a multiple of this: one compile for any stop set
 
 
-def left_padded_batches(seqs: Sequence[Sequence[int]], batch_size: int
+def left_padded_batches(seqs: Sequence[Sequence[int]], batch_size: int, width=bucket
                         ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
     """Sequences sorted longest first (less padding; the largest shapes compile and allocate first, so a
     memory problem shows at once), cut into batches of `batch_size` rows, each left-padded to a
-    power-of-two bucket. Yields (indices of the batch's sequences, tokens (B, P), lengths (B,)); rows
-    past len(indices) are padding (length 1, all zeros) so every batch has B rows."""
+    power-of-two bucket (or `width(longest)`). Yields (indices of the batch's sequences, tokens (B, P),
+    lengths (B,)); rows past len(indices) are padding (length 1, all zeros) so every batch has B rows."""
     b = min(batch_size, len(seqs))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     for start in range(0, len(order), b):
         rows = order[start:start + b]
-        p = bucket(max(len(seqs[i]) for i in rows))
+        p = width(max(len(seqs[i]) for i in rows))
         tokens = np.zeros((b, p), np.int32)
         lengths = np.ones((b,), np.int32)
         for r, i in enumerate(rows):
@@ -104,7 +105,7 @@ def _decode_loop(model, knobs, max_new: int, state, lengths, keys, stop_ids, lim
 
 
 def generate_batch(graphdef, max_new: int, params, cache: KVCache, tokens, lengths, active,
-                   row_seeds, seeds, knobs, stop_ids, limits):
+                   row_seeds, seeds, knobs, stop_ids, limits, prefill_chunk: int | None = None):
     """Prefill + decode one batch. Returns the loop state (step, last tok, out (B, N), done, n_kept, cache).
 
     Row r's answer is out[r, :n_kept[r]]; n_kept < limits[r] (its token budget, <= N) means it stopped on
@@ -115,7 +116,7 @@ def generate_batch(graphdef, max_new: int, params, cache: KVCache, tokens, lengt
     b = tokens.shape[0]
     cache = dataclasses.replace(cache, index=jnp.zeros((), jnp.int32))  # reused buffers: start at slot 0
     keys = row_keys(seeds, row_seeds)
-    last_logits, cache = prefill(model, tokens, lengths, cache)
+    last_logits, cache = prefill(model, tokens, lengths, cache, prefill_chunk)
     tok = sample(last_logits, keys, 0, knobs)
     out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok)
     hit = is_stop(tok, stop_ids)
@@ -167,12 +168,19 @@ class Generator:
     stacked and scanned elsewhere). `quantize="int8"` makes the matrices int8 at load (quant.py; a
     checkpoint written by `convert --quantize int8` is int8 already and loads as it is).
     `kv_cache_dtype` (default: the compute dtype) may be "int8": K and V stored int8 with a scale per
-    (position, kv head).
+    (position, kv head). `decode_attention` ("auto" or attention.DECODE_NAMES): how a decode
+    step reads the cache; auto is "window" on one device, with or without a 1-device mesh (only the
+    blocks up to the longest live row, attention/decode.py; on CPU ~4x faster than the reference at
+    batch 32 over a 2048-slot cache), the reference on a mesh of several devices (not yet tried
+    there: its slices run along the unsharded slot axis, so it may well work as is).
+    `prefill_chunk` N: prompts longer than N tokens are padded to a multiple of N (not the next power
+    of two) and prefilled N tokens at a time (scheduler.prefill): bounded activation memory.
     """
 
     def __init__(self, checkpoint_dir: str | Path | None = None, dtype: str = "bfloat16", mesh=None, *,
                  tokenizer=None, cfg: ModelConfig | None = None, params: dict | None = None,
-                 split_layers: bool | None = None, quantize: str | None = None, kv_cache_dtype: str | None = None):
+                 split_layers: bool | None = None, quantize: str | None = None, kv_cache_dtype: str | None = None,
+                 decode_attention: str = "auto", prefill_chunk: int | None = None):
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
         quant.check(quantize)
@@ -200,13 +208,20 @@ class Generator:
         if split_layers:
             params = split_layer_params(params)
         self.cfg, self.params, self.mesh, self.dtype = cfg, params, mesh, dtype
-        self.graphdef, _ = nnx.split(abstract_model(cfg, split_layers=split_layers))
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        if decode_attention == "auto":
+            decode_attention = "window" if mesh is None or mesh.size == 1 else "reference"
+        self.decode_attention = decode_attention
+        self.graphdef, _ = nnx.split(abstract_model(cfg, split_layers=split_layers,
+                                                    decode_attention=decode_attention))
         if tokenizer is None and checkpoint_dir is not None:  # the one it was trained with (train records it)
             tokenizer = checkpoint.load_tokenizer_spec(checkpoint_dir)
         self._tokenizer = tokenizer
         self._cache: KVCache | None = None
         self._scheduler: Scheduler | None = None
-        self._generate = jax.jit(functools.partial(generate_batch, self.graphdef),
+        self._generate = jax.jit(functools.partial(generate_batch, self.graphdef, prefill_chunk=prefill_chunk),
                                  static_argnames=("max_new",), donate_argnames=("cache",))
         self._extend = jax.jit(functools.partial(extend_batch, self.graphdef),  # no donation: it grows
                                static_argnames=("max_new",))
@@ -387,7 +402,8 @@ class Generator:
         """Whole batches of `left_padded_batches`. The cache holds the bucket of the longest budget, at
         most FIRST_CHUNK new tokens at first: while a row has room and no stop token the cache and the
         out buffer double (`extend_batch`), so memory follows the longest answer, not the context."""
-        for rows, tokens, lengths in left_padded_batches([r.tokens for r in requests], batch_size):
+        width = functools.partial(prompt_width, chunk=self.prefill_chunk)
+        for rows, tokens, lengths in left_padded_batches([r.tokens for r in requests], batch_size, width):
             b, p = tokens.shape
             active = np.arange(b) < len(rows)
             col = lambda f, dtype, fill: np.array([f(requests[i]) for i in rows] + [fill] * (b - len(rows)), dtype)

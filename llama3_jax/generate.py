@@ -5,13 +5,14 @@ generate input lines (one of prompt / messages / tokens):
     {"id": ..., "messages": [{"role", "content"}]} Llama 3 chat format, ends in an open assistant header
     {"id": ..., "tokens": [ids]}                  used as given
 optional per-line knobs, overriding the command line: "max_new_tokens", "temperature", "top_p", "top_k",
-"seed", "stop" (a list of strings: generation ends at the first one, cut from "text").
+"seed", "stop" (a list of strings: generation ends at the first one, cut from "text"), "n" (samples of
+this line, overriding --num-samples).
 output lines: {"id", "text", "tokens", "finish_reason": "stop" | "length"}; tokens exclude a stop token
 (with a stop string they end with the token that completed it).
---num-samples N > 1: N lines per input line, each with its "sample" index 0..N-1 (best-of-N data sets:
-generate, then score, then keep the best as SFT data); sample k's random stream comes from (id, k) (or
-from (the line's seed, k)), so it is the same whatever the batching, and sample 0 is what a
-single-sample run draws.
+--num-samples N > 1 (or a line's "n" > 1): N lines per input line, each with its "sample" index 0..N-1
+(best-of-N data sets: generate, then score, then keep the best as SFT data); sample k's random stream
+comes from (id, k) (or from (the line's seed, k)), so it is the same whatever the batching, and sample 0
+is what a single-sample run draws.
 score input lines: {"id", "prompt", "completion"} (text; BOS before the prompt) or
 {"id", "prompt_tokens", "completion_tokens"}; output {"id", "tokens", "logprobs", "sum_logprob"}.
 
@@ -209,7 +210,8 @@ def _open(args, generator: Generator | None) -> tuple[set[str], Generator]:
     on_main(check)
     gen = generator or Generator(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer,
                                  mesh=inference_mesh(sizes), quantize=getattr(args, "quantize", None),
-                                 kv_cache_dtype=getattr(args, "kv_cache_dtype", None))
+                                 kv_cache_dtype=getattr(args, "kv_cache_dtype", None),
+                                 prefill_chunk=getattr(args, "prefill_chunk", None))
     return mine.get("done", set()), gen
 
 
@@ -255,18 +257,19 @@ class Progress:
 # ------------------------------------------------------------------------------------------ generate
 
 
-KNOBS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+KNOBS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n")
 
 
 def line_knobs(rec: dict, args) -> dict:
-    """A line's knobs over the command line's: {max_new_tokens, temperature, top_k, top_p, seed, stop}.
+    """A line's knobs over the command line's: {max_new_tokens, temperature, top_k, top_p, seed, stop, n}.
     Raises ValueError naming the bad key."""
     k = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-         "top_p": args.top_p, "seed": None, "stop": ()}
+         "top_p": args.top_p, "seed": None, "stop": (), "n": getattr(args, "num_samples", 1)}
     k.update({n: rec[n] for n in KNOBS if n in rec})
-    m = k["max_new_tokens"]
-    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-        raise ValueError(f"'max_new_tokens' must be an integer >= 1, got {m!r}")
+    for name in ("max_new_tokens", "n"):
+        m = k[name]
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"'{name}' must be an integer >= 1, got {m!r}")
     sampling.check_flags(k["temperature"], k["top_k"], k["top_p"], where="'")
     if k["seed"] is not None and (isinstance(k["seed"], bool) or not isinstance(k["seed"], int)
                                   or not -2**31 <= k["seed"] < 2**31):
@@ -306,26 +309,30 @@ def run_generate(args, generator: Generator | None = None) -> dict:
         gen.check_ids(ids, repr(kind))
         return ids, line_knobs(rec, args)
 
-    n = getattr(args, "num_samples", 1)
-    if n < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {n}")
+    n_cli = getattr(args, "num_samples", 1)
+    if n_cli < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {n_cli}")
     out = Appender(args.output) if is_main() else None
 
     def plan():  # process 0 reads the input and writes the error lines; every process gets the rows
-        ids_done = done
-        if n > 1:  # an id is done when all its samples are in the output
-            ids_done = {k for k in done if isinstance(k, str)}
-            ids_done |= {k for k, _ in (x for x in done if isinstance(x, tuple))
-                         if all((k, i) in done for i in range(n))}
-        items, counts = read_lines(args.input, ids_done, parse, keep)
+        # a line of n == 1 is done when its id is in the output; one of n > 1 (its own 'n' or
+        # --num-samples) when all its samples are: that needs the line's n, so those lines are parsed first
+        items, counts = read_lines(args.input, {k for k in done if isinstance(k, str)}, parse, keep)
+        missing = {}  # line id -> the sample indices not yet written
+        for _, id_, (_, knobs) in items:
+            n = knobs["n"]
+            missing[_key(id_)] = [k for k in range(n) if n == 1 or (_key(id_), k) not in done]
+        counts["resumed"] += sum(1 for _, id_, _ in items if not missing[_key(id_)])
+        items = [it for it in items if missing[_key(it[1])]]
         todo, errors = _fitting(items, lambda p: gen.context_error(len(p[0]), p[1]["max_new_tokens"] or 0),
                                 args.input, out)
-        # --num-samples: one row per (id, sample) not yet written; sample 0 draws what a single sample would
-        samples = [(id_, k, p) for id_, p in todo for k in range(n) if n == 1 or (_key(id_), k) not in done]
+        # one row per (id, sample) not yet written; sample 0 draws what a single sample would
+        samples = [(id_, k, p) for id_, p in todo for k in missing[_key(id_)]]
         return {"samples": samples, "counts": counts, "todo": len(todo), "errors": len(errors)}
 
     plan = on_main(plan)  # (on an error, `out` is closed when collected)
     samples, counts = plan["samples"], plan["counts"]
+    many = any(p[1]["n"] > 1 for _, _, p in samples)
 
     def request(id_, k, ids, knobs):
         # each row's random stream comes from its id (and --seed), or from its own 'seed' alone, and the
@@ -338,14 +345,14 @@ def run_generate(args, generator: Generator | None = None) -> dict:
                            sampling.from_flags(knobs["temperature"], knobs["top_k"], knobs["top_p"]),
                            seed=seed, row_seed=row_seed, stop=knobs["stop"])
 
-    progress = Progress(len(samples), "sample" if n > 1 else "prompt")
+    progress = Progress(len(samples), "sample" if many else "prompt")
     try:
         requests = [request(id_, k, ids, knobs) for id_, k, (ids, knobs) in samples]
         for batch in gen.generate_requests(requests, ignore_eos=args.ignore_eos, batch_size=args.batch_size,
                                            continuous=not getattr(args, "static_batching", False)):
             if out is not None:
-                out.write([{"id": samples[i][0], **({"sample": samples[i][1]} if n > 1 else {}), "text": c.text,
-                            "tokens": c.tokens, "finish_reason": c.finish_reason} for i, c in batch])
+                out.write([{"id": samples[i][0], **({"sample": samples[i][1]} if samples[i][2][1]["n"] > 1 else {}),
+                            "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason} for i, c in batch])
             progress.update(len(batch), sum(len(c.tokens) + (c.finish_reason == "stop") for _, c in batch))
     finally:
         progress.close()

@@ -102,7 +102,7 @@ def _project(eq: str, h, w: dict, name: str, lora: Adapters | None, layer):
 
 
 def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, cache_seg=None, index=0, layer=0,
-                  lora: Adapters | None = None, attend=attn.reference.attend):
+                  lora: Adapters | None = None, attend=attn.reference.attend, cache_attend=None):
     """One transformer block as a pure function of its weights `w` (one layer's slice).
 
     `attend` is the attention backend (attention/__init__.py: one interface, proven equal to the
@@ -112,6 +112,8 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
     buffer, and attention reads that layer's slots. Writing into the whole buffer (not a per-layer
     slice that is stacked again) keeps the update in place: no copy of the cache per decode step.
     `lora`: adapters whose weights are this layer's slices (LoRA fine-tuning), else None.
+    `cache_attend`: with a cache, reads the whole stacked buffers itself (attention/decode.py: only the
+    filled blocks, no per-layer slice of the cache); None: `attend` over this layer's slots.
     Returns (x, (k, v) or None).
     """
     dt = x.dtype
@@ -133,8 +135,13 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
         ck = jax.lax.dynamic_update_slice(ck, quant.kv_store(k, ck.dtype)[None], (layer, 0, index, 0, 0))
         cv = jax.lax.dynamic_update_slice(cv, quant.kv_store(v, cv.dtype)[None], (layer, 0, index, 0, 0))
         k_seg, k_idx, new_kv = cache_seg, jnp.arange(ck.shape[2]), (ck, cv)
-        keys, values = quant.kv_load(ck[layer], dt), quant.kv_load(cv[layer], dt)
-    a = checkpoint_name(attend(q, keys, values, seg, k_seg, q_idx, k_idx), "attn_out").reshape(b * t, *q.shape[2:])
+        if cache_attend is None:
+            keys, values = quant.kv_load(ck[layer], dt), quant.kv_load(cv[layer], dt)
+    if cache_kv is not None and cache_attend is not None:  # reads the filled blocks of the stacked cache
+        a = cache_attend(q, ck, cv, layer, seg, k_seg, index, load=lambda c: quant.kv_load(c, dt)).astype(dt)
+    else:
+        a = attend(q, keys, values, seg, k_seg, q_idx, k_idx)
+    a = checkpoint_name(a, "attn_out").reshape(b * t, *q.shape[2:])
     x = x + _project("nhk,hkd->nd", a, w, "wo", lora, layer).reshape(b, t, d)
     x = constrain(x, ("batch", "seq", "act_embed"))
     h = rms_norm(x, w["mlp_norm"], cfg.norm_eps).reshape(b * t, d)
@@ -197,8 +204,9 @@ def layer_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str,
 
 class Llama(nnx.Module):
     """Llama 3. `scan_layers`, `split_layers`, `remat` and `attention` are runtime choices over the same
-    weights (`attention`: a backend resolved by attention.resolve; cached decoding always runs the
-    reference, whose masks handle a partly filled cache).
+    weights (`attention`: a backend resolved by attention.resolve, for calls without a cache; cached
+    calls run the reference, whose masks handle a partly filled cache; `decode_attention` "window" or
+    "ragged" makes one-token decode steps read only the filled cache blocks (attention/decode.py)).
 
     By default the layer weights are stacked (layers, ...) arrays, scanned or unrolled. With
     `split_layers=True` each layer owns separate arrays (an nnx.List, always unrolled): XLA:CPU streams
@@ -208,11 +216,15 @@ class Llama(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, scan_layers: bool = True, remat: Remat = "none",
-                 split_layers: bool = False, attention: str = "reference"):
+                 split_layers: bool = False, attention: str = "reference", decode_attention: str = "reference"):
         remat_policy(remat)  # refuse an unknown name here, not at the first call
         attn.get(attention)
+        if decode_attention not in attn.DECODE_NAMES:
+            raise ValueError(f"decode_attention must be one of {', '.join(attn.DECODE_NAMES)}; "
+                             f"got {decode_attention!r}")
         self.cfg = cfg
         self.attention = attention
+        self.decode_attention = decode_attention
         self.scan_layers = scan_layers and not split_layers
         self.split_layers = split_layers
         self.remat = remat
@@ -270,6 +282,8 @@ class Llama(nnx.Module):
             kv = (cache.k, cache.v)
 
         attend = attn.get("reference" if cache is not None else self.attention)
+        one_token = cache is not None and tokens.shape[1] == 1
+        cache_attend = attn.decode_backend(self.decode_attention) if one_token else None
         if lora is not None and self.split_layers:
             raise ValueError("LoRA adapters need the stacked layer layout (merge them to serve)")
         if lora is not None and cfg.quantization is not None:
@@ -278,7 +292,8 @@ class Llama(nnx.Module):
 
         def layer(x, w, kv, i, lw=None):
             ad = None if lw is None else lora._replace(weights=lw)
-            return decoder_layer(cfg, w, x, cos, sin, segment_ids, kv, cache_seg, index, i, ad, attend=attend)
+            return decoder_layer(cfg, w, x, cos, sin, segment_ids, kv, cache_seg, index, i, ad, attend=attend,
+                                 cache_attend=cache_attend)
 
         rematerialise, policy = remat_policy(self.remat)
         if rematerialise:

@@ -2,8 +2,8 @@
 
 Why: a static batch decodes until its longest row is done, so every finished row's slot idles. Here a
 row that stops frees its slot at the next host visit; the next waiting prompt is prefilled alone (its
-own power-of-two bucket, one compile per bucket) and written into that slot while the others keep
-decoding.
+own power-of-two bucket or multiple of the prefill chunk, one compile per width) and written into that
+slot while the others keep decoding.
 
 The cache layout keeps the one-write-slot rule of kv_cache.py: all rows write slot `index` each step,
 and each live row's tokens fill the slots just before it, [index - len_r, index). A new row's
@@ -77,10 +77,42 @@ def left_padded_layout(lengths: jax.Array, width: int) -> tuple[jax.Array, jax.A
     return positions, segment_ids
 
 
-def prefill(model, tokens: jax.Array, lengths: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """tokens (B, P) left-padded, lengths (B,) -> logits of each row's last prompt token (B, V), cache."""
+def prompt_width(n: int, chunk: int | None = None) -> int:
+    """Slots a prompt of n tokens is left-padded to: its power-of-two bucket (few compiles) or, with
+    chunked prefill and n > chunk, n rounded up to a multiple of the chunk (at most context / chunk
+    compiles; neither compute nor cache grows to the next power of two, which could pass the context)."""
+    if chunk is None:
+        return bucket(n)
+    if n <= chunk:  # one pass: P <= chunk
+        return min(bucket(n), chunk)
+    return -(-n // chunk) * chunk
+
+
+def prefill(model, tokens: jax.Array, lengths: jax.Array, cache: KVCache, chunk: int | None = None
+            ) -> tuple[jax.Array, KVCache]:
+    """tokens (B, P) left-padded, lengths (B,) -> logits of each row's last prompt token (B, V), cache.
+
+    `chunk` (dividing P): the prompt runs `chunk` slots at a time against the cache (a `fori_loop`), so
+    activations hold (B, chunk) tokens and (chunk, P) scores at once instead of the whole P; leading
+    chunks that are padding in every row are skipped. The same logits and cache as one pass."""
     positions, segment_ids = left_padded_layout(lengths, tokens.shape[1])
-    logits, cache = model(tokens, positions, segment_ids, cache, last_only=True)
+    b, p = tokens.shape
+    if chunk is None or chunk >= p:
+        logits, cache = model(tokens, positions, segment_ids, cache, last_only=True)
+        return logits[:, 0], cache
+    if p % chunk:
+        raise ValueError(f"prefill chunk {chunk} does not divide the padded prompt of {p} slots")
+    first = (p - jnp.max(lengths)) // chunk
+    # the whole window's segment ids first: skipped chunks must read as empty in a reused cache
+    seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
+    cache = dataclasses.replace(cache, segment_ids=seg, index=cache.index + first * chunk)
+
+    def body(j, carry):
+        piece = lambda a: jax.lax.dynamic_slice_in_dim(a, j * chunk, chunk, axis=1)  # noqa: E731
+        return model(piece(tokens), piece(positions), piece(segment_ids), carry[1], last_only=True)
+
+    logits = jnp.zeros((b, 1, model.cfg.vocab_size), jnp.float32)
+    logits, cache = jax.lax.fori_loop(first, p // chunk, body, (logits, cache))
     return logits[:, 0], cache
 
 
@@ -121,7 +153,7 @@ def _knobs(state):
 
 
 def insert(graphdef, params, state: dict, tokens, length, slot, seed, row_seed, temperature, top_k, top_p,
-           limit):
+           limit, chunk: int | None = None):
     """Prefill one prompt (tokens (1, P) left-padded) into decode slot `slot` at the cache's current
     write slot (needs index >= P). Its last logits wait in the state: `decode_chunk` samples its first
     token (so this program holds no sampler, and the host need not wait for it)."""
@@ -129,7 +161,7 @@ def insert(graphdef, params, state: dict, tokens, length, slot, seed, row_seed, 
     cache = state["cache"]
     p = tokens.shape[1]
     tmp = KVCache.init(model.cfg, 1, p, cache.k.dtype)
-    logits, tmp = prefill(model, tokens, length, tmp)
+    logits, tmp = prefill(model, tokens, length, tmp, chunk)
     start = cache.index - p
     seg_row = jax.lax.dynamic_update_slice(jnp.zeros((1, cache.max_len), jnp.int32), tmp.segment_ids, (0, start))
     cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, tmp.k, (0, slot, start, 0, 0)),
@@ -242,7 +274,9 @@ class Scheduler:
 
     def __init__(self, generator, batch_size: int, steps: int = DECODE_STEPS):
         self.g, self.b, self.steps = generator, batch_size, steps
-        self._insert = jax.jit(functools.partial(insert, generator.graphdef), donate_argnames=("state",))
+        self.chunk = generator.prefill_chunk
+        self._insert = jax.jit(functools.partial(insert, generator.graphdef, chunk=self.chunk),
+                               donate_argnames=("state",))
         self._decode = jax.jit(functools.partial(decode_chunk, generator.graphdef), static_argnames=("steps",),
                                donate_argnames=("state",))
         self._shift = jax.jit(shift, donate_argnames=("state",))
@@ -257,14 +291,15 @@ class Scheduler:
         if not requests:
             return
         b = min(self.b, len(requests))
-        longest = max(bucket(len(r.tokens)) for r in requests)
+        width = functools.partial(prompt_width, chunk=self.chunk)
+        longest = max(width(len(r.tokens)) for r in requests)
         budget = max(r.max_new_tokens for r in requests)
         slots = bucket(longest + min(budget, 256))
         with self.g._scope():
             state = empty_state(self.g._cache_for(b, slots), self.g.cfg.vocab_size)
         # longest prompt bucket first (stable): the cache is widest at the start and can shrink as the
         # long rows finish (the tokens do not depend on the order)
-        waiting = collections.deque(sorted(range(len(requests)), key=lambda i: -bucket(len(requests[i].tokens))))
+        waiting = collections.deque(sorted(range(len(requests)), key=lambda i: -width(len(requests[i].tokens))))
         rows: list[int | None] = [None] * b           # request in each slot
         toks: list[list[int]] = [[] for _ in range(b)]
         checked = [0] * b
@@ -285,7 +320,7 @@ class Scheduler:
                     while rows[r] is None and waiting:
                         i = waiting.popleft()
                         req = requests[i]
-                        p = bucket(len(req.tokens))
+                        p = width(len(req.tokens))
                         if p + 1 > slots:
                             slots = bucket(p + 1 + self.steps)
                             state = self._resize(state, slots=slots)
@@ -303,7 +338,7 @@ class Scheduler:
                 if live:
                     if index >= slots:  # full: shift the rows to the front; double or halve the cache
                         longest_live = int(pos[live].max())
-                        need = max(longest_live, bucket(len(requests[waiting[0]].tokens)) if waiting else 0)
+                        need = max(longest_live, width(len(requests[waiting[0]].tokens)) if waiting else 0)
                         if slots - longest_live < slots // 4:
                             slots *= 2
                             state = self._resize(state, slots=slots)

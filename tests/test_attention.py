@@ -106,3 +106,33 @@ def test_cudnn_segments_become_packed_runs():
             rebuilt[o: o + n] = row[o]
             assert np.all(row[o: o + n] == row[o]) and row[o] != 0
         assert np.array_equal(rebuilt, row) and np.all(off[len(runs):] == -1)
+
+
+def test_ragged_and_window_decode_equal_reference_on_a_ragged_cache():
+    """One query per row against a stacked (L, B, S, KV, K) cache whose rows are filled to different
+    lengths ending at the write slot (the engines' layout), plus a row with a hole in its segments and
+    a row filled from slot 0: equal to the reference over all S slots (blocks straddle row starts, the
+    work list spans several loop steps)."""
+    from llama3_jax.attention import decode
+    n_layers, b, s, kv, index = 3, 5, 48, 2, 37
+    ks = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(ks[0], (b, 1, H, D), jnp.float32)
+    kc = jax.random.normal(ks[1], (n_layers, b, s, kv, D), jnp.float32)
+    vc = jax.random.normal(ks[2], (n_layers, b, s, kv, D), jnp.float32)
+    seg = np.zeros((b, s), np.int32)
+    for r, n in enumerate([1, 9, 20, 38, 30]):  # row r holds n tokens ending at slot index
+        seg[r, index + 1 - n: index + 1] = 1
+    seg[4, 12:15] = 0  # a hole: masked, not skipped
+    seg[2, 40:] = 1    # past the query's slot: masked by the causal rule
+    seg = jnp.asarray(seg)
+    q_seg = jnp.ones((b, 1), jnp.int32)
+    layer, block = 2, 8
+    want = reference.attend(q, kc[layer], vc[layer], q_seg, seg, jnp.array([index]), jnp.arange(s))
+    args = (q, kc, vc, jnp.int32(layer), q_seg, seg, jnp.int32(index))
+    got = jax.jit(lambda *a: decode.attend(*a, block=block, chunk=3))(*args)  # 15 items: 5 loop steps
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg="ragged")
+    got = jax.jit(lambda *a: decode.attend_window(*a, block=20))(*args)  # 48 slots: the last block overlaps
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg="window")
+    first, count = decode.work_list(seg, jnp.int32(index), 8)
+    assert count.tolist() == [1, 2, 3, 5, 4]  # only the blocks a row has filled are visited
+    assert decode.block_for(48) == 16 and decode.block_for(272) == 16 and decode.block_for(2048) == 64

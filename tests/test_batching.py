@@ -111,3 +111,44 @@ def test_per_line_knobs_max_new_tokens_stop_and_seed(gen, ckpt, tmp_path, capsys
     [seeded] = run(gen, [gen.request(prompts[2], 12, TopP(0.9, 0.9), seed=11)], 1)
     assert rows["seeded"]["tokens"] == seeded.tokens
     assert seeded.tokens != full[2].tokens
+
+
+def test_chunked_prefill_equals_one_pass_and_transformers(gen, hf_model):
+    """--prefill-chunk: a prompt longer than the chunk gives the one-pass logits (float32, 1e-5) and
+    cache, with leading all-padding chunks skipped in a reused cache full of stale rows (the static
+    path's case); a continuous run gives transformers' greedy tokens for prompts padded to multiples
+    of the chunk instead of powers of two."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from llama3_jax.engine import Generator
+    from llama3_jax.kv_cache import KVCache
+    from llama3_jax.model import stack_layer_params
+    from llama3_jax.scheduler import prefill, prompt_width
+
+    prompts = ragged_prompts([30, 5, 19], seed=4)
+    tokens = np.zeros((3, 32), np.int32)
+    for r, p in enumerate(prompts):
+        tokens[r, 32 - len(p):] = p
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+
+    def run_prefill(params, cache, chunk):
+        return prefill(nnx.merge(gen.graphdef, params), jnp.asarray(tokens), lengths, cache, chunk)
+
+    fresh = KVCache.init(gen.cfg, 3, 40, jnp.float32)
+    stale = KVCache(k=fresh.k + 1.0, v=fresh.v - 1.0, segment_ids=fresh.segment_ids + 1, index=fresh.index)
+    want, want_cache = jax.jit(run_prefill, static_argnums=2)(gen.params, fresh, None)
+    got, got_cache = jax.jit(run_prefill, static_argnums=2)(gen.params, stale, 8)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    filled = np.asarray(want_cache.segment_ids)[:, :32] != 0
+    assert (np.asarray(got_cache.segment_ids)[:, :32] == np.asarray(want_cache.segment_ids)[:, :32]).all()
+    for a, b in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
+        np.testing.assert_allclose(np.asarray(a)[:, :, :32][:, filled], np.asarray(b)[:, :, :32][:, filled], atol=1e-5)
+    assert int(got_cache.index) == 32 and prompt_width(30, 8) == 32 and prompt_width(17, 8) == 24
+    assert prompt_width(5, 8) == 8 and prompt_width(5, None) == 16
+
+    chunked = Generator(cfg=gen.cfg, params=stack_layer_params(gen.params), dtype="float32", prefill_chunk=8)
+    long, budgets = [prompts[0], prompts[2]], [6, 9]  # padded to 32 and 24 slots, 4 and 3 chunks
+    reqs = [chunked.request(p, n, row_seed=i) for i, (p, n) in enumerate(zip(long, budgets))]
+    assert [c.tokens for c in run(chunked, reqs, 2)] == [hf_greedy(hf_model, p, n) for p, n in zip(long, budgets)]

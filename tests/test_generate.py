@@ -542,7 +542,8 @@ def test_messages_for_a_tokenizer_without_chat_format_are_skipped_in_one_line(ge
 
 def test_num_samples_lines_are_independent_of_batching(gen, ckpt, tmp_path):
     """--num-samples 3 at temperature 1: one line per (id, sample); the same tokens at batch size 8 and
-    2; sample 0 is what a single-sample run draws; a rerun finds everything done."""
+    2; sample 0 is what a single-sample run draws; a rerun finds everything done. A line's "n" does the
+    same for that line alone, and resumes per sample."""
     from llama3_jax.generate import run_generate
     prompts = ragged_prompts([4, 9, 17], seed=8)
     inp = tmp_path / "in.jsonl"
@@ -560,3 +561,22 @@ def test_num_samples_lines_are_independent_of_batching(gen, ckpt, tmp_path):
     assert {r["id"]: r["tokens"] for r in read_jsonl(single)} == {f"q{i}": runs[8][(f"q{i}", 0)] for i in range(3)}
     again = run_generate(gen_args(ckpt, inp, tmp_path / "out8.jsonl", temperature=1.0, num_samples=3), generator=gen)
     assert again["already_done"] == 3 and len(read_jsonl(tmp_path / "out8.jsonl")) == 9
+    # a line's own "n" overrides --num-samples; its samples are the same draws; a bad n skips the line.
+    # 16 rows, and 8 on the resume: the batch-8 programs compiled above serve both runs
+    lines = [{"id": "q0", "tokens": prompts[0], "n": 6}, {"id": "q1", "tokens": prompts[1]},
+             {"id": "q2", "tokens": prompts[2], "n": 9}, {"id": "bad", "tokens": prompts[0], "n": 0}]
+    per_line = tmp_path / "per_line.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    summary = run_generate(gen_args(ckpt, inp, per_line, temperature=1.0), generator=gen)
+    assert summary["skipped_lines"] == 1
+    got = {(r["id"], r.get("sample")): r["tokens"] for r in read_jsonl(per_line)}
+    assert sorted(got, key=str) == sorted([("q0", k) for k in range(6)] + [("q1", None)]
+                                          + [("q2", k) for k in range(9)], key=str)
+    assert got[("q1", None)] == runs[8][("q1", 0)]
+    assert all(got[(i, k)] == runs[8][(i, k)] for i in ("q0", "q2") for k in range(3))
+    # resume: only the missing samples are generated again, with the same draws
+    rows = [x for x in read_jsonl(per_line) if x["id"] != "q2" or x["sample"] == 0]
+    per_line.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    again = run_generate(gen_args(ckpt, inp, per_line, temperature=1.0), generator=gen)
+    assert again["already_done"] == 2 and again["prompts"] == 1
+    assert {(r["id"], r.get("sample")): r["tokens"] for r in read_jsonl(per_line)} == got

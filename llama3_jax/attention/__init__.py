@@ -12,7 +12,10 @@ Every backend has the same interface and the same masking rule (reference.py's d
     auto        splash on TPU, cudnn on GPU, blockwise on CPU from BLOCKWISE_MIN_LEN tokens, else reference
 
 splash and cudnn compute self-attention from slot 0 (training, prefill without a cache); the model
-runs cached decoding on the reference path whatever the choice. `resolve` turns the user's choice
+runs cached calls on the reference path whatever the choice, except one-token decode steps with
+`decode_attention` (DECODE_NAMES) "window" or "ragged": decode.py reads only the cache blocks the rows
+have filled (window: every row up to the longest, contiguous slices; ragged: each row its own blocks,
+a gather). `decode_backend` returns that function (None for the reference). `resolve` turns the user's choice
 into a concrete backend for a platform and sequence length once, when the step is built; `get`
 returns its function.
 """
@@ -22,10 +25,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from . import blockwise, reference
+from . import blockwise, decode, reference
 from .reference import NEG_INF, attention, mask
 
 NAMES = ("auto", "reference", "blockwise", "splash", "cudnn")
+DECODE_NAMES = ("reference", "window", "ragged")  # cached one-token decode steps (Llama's decode_attention)
 # On CPU the reference is faster for short rows (one big matmul); from here on its (T, T) float32
 # scores cost more memory than the blockwise loops cost time (benchmarks/memory.py).
 BLOCKWISE_MIN_LEN = 2048
@@ -57,6 +61,12 @@ def resolve(name: str, platform: str, seq_len: int) -> str:
     return name
 
 
+def decode_backend(name: str) -> Callable | None:
+    """A DECODE_NAMES choice -> decode.py's function reading the whole stacked cache, or None (the
+    reference over one layer's slots)."""
+    return {"reference": None, "window": decode.attend_window, "ragged": decode.attend}[name]
+
+
 def get(backend: str) -> Callable:
     """A resolved backend name -> its attend function."""
     if backend == "reference":
@@ -72,4 +82,4 @@ def get(backend: str) -> Callable:
     raise ValueError(f"unknown attention backend {backend!r}")
 
 
-__all__ = ["BLOCKWISE_MIN_LEN", "NAMES", "NEG_INF", "attention", "get", "mask", "resolve"]
+__all__ = ["BLOCKWISE_MIN_LEN", "DECODE_NAMES", "NAMES", "decode_backend", "NEG_INF", "attention", "get", "mask", "resolve"]
