@@ -96,7 +96,7 @@ def test_sequence_parallel_residual_stream_splits_the_saved_layer_inputs():
     64 x 4 B each per device) shrink by at least 3/4 of their size."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
                PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    proc = subprocess.run([sys.executable, "-c", SEQ_PARALLEL], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", SEQ_PARALLEL], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     split, whole = json.loads(proc.stdout.strip().splitlines()[-1])
     saved_inputs = 6 * 1 * 256 * 64 * 4
