@@ -18,6 +18,12 @@ time of one whole generate call (prefill included; prompts are short), the best 
 after a warm-up call (the JAX side compiles there; torch builds its kernels). transformers runs first,
 before jax is imported, so the two runtimes' thread pools never compete.
 
+int8 (`--int8`, default on): the uniform workload again through `Generator(quantize="int8")` (int8
+weights, per-output-channel scales; `llama3-jax generate --quantize int8`), continuous batching, in a
+child process with XLA's default CPU flags: its int8 x int8 dots run in XLA:CPU's YNNPACK fusion,
+which the flag this script sets for float32 turns off (quant.py says why). The child also times
+float32 under those same defaults, so the table shows int8 against both float32 figures.
+
 The roofline is the bandwidth bound of decoding: each step reads every weight but the embedding table
 (only B rows of it are gathered) plus the KV cache, so
     tokens/s <= batch * bandwidth / bytes per step,
@@ -64,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--ragged-rows", type=int, default=None, help="rows of the ragged workload (default: 2 x batch)")
     p.add_argument("--ragged-prompt-len", type=int, nargs=2, default=[16, 1024])
     p.add_argument("--ragged-new-tokens", type=int, nargs=2, default=[8, 256])
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time --quantize int8 on the uniform workload (child process, XLA's default flags)")
+    p.add_argument("--int8-child", nargs=2, default=None, help=argparse.SUPPRESS)  # CHECKPOINT WORK_JSON
     return p.parse_args(argv)
 
 
@@ -82,8 +91,49 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def int8_child(args) -> None:
+    """Time the uniform rows (a JSON file: batch -> rows) with float32 and int8 weights; print JSON."""
+    import json
+
+    from llama3_jax.engine import Generator
+    ckpt, work_file = args.int8_child
+    work = {int(b): rows for b, rows in json.loads(Path(work_file).read_text()).items()}
+    out = {}
+    for quantize in (None, "int8"):
+        gen = Generator(ckpt, dtype=args.dtype, quantize=quantize)
+        for b, rows in work.items():
+            print(f"uniform batch {b}: llama3-jax {quantize or args.dtype} (XLA defaults) warm-up + run ...",
+                  file=sys.stderr)
+            reqs = [gen.request(p, m) for p, m in rows]
+
+            def run():
+                got = [c for batch in gen.generate_requests(reqs, ignore_eos=True, batch_size=b, decode_text=False)
+                       for _, c in batch]
+                assert sorted(len(c.tokens) for c in got) == sorted(m for _, m in rows)
+
+            run()
+            out[f"{quantize or 'float'} {b}"] = min(_timed(run) for _ in range(args.repeats))
+    print(json.dumps(out))
+
+
+def run_int8_child(args, ckpt: Path, work: dict) -> dict:
+    """(batch -> seconds) for float (XLA defaults) and int8, from `int8_child` in a fresh process."""
+    import json
+    import subprocess
+    work_file = ckpt.parent / "int8_work.json"
+    work_file.write_text(json.dumps({b: rows for (w, b), rows in work.items() if w == "uniform"}))
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "ynn_fusion_type" not in f)
+    cmd = [sys.executable, __file__, "--int8-child", str(ckpt), str(work_file), "--dtype", args.dtype,
+           "--repeats", str(args.repeats)]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True)
+    return {tuple(k.split()): v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.int8_child:
+        return int8_child(args)
     import torch
     import transformers
 
@@ -146,7 +196,6 @@ def main(argv=None) -> None:
     from llama3_jax.engine import Generator
     convert(Path(tmp.name) / "hf", Path(tmp.name) / "jax", src_format="hf", dst_format="jax", progress=False)
     gen = Generator(Path(tmp.name) / "jax", dtype=args.dtype)
-    tmp.cleanup()
 
     t_jax = {}  # (workload, batch, continuous) -> seconds
     for (w, b), rows in work.items():
@@ -163,7 +212,15 @@ def main(argv=None) -> None:
             run()  # compiles
             t_jax[w, b, continuous] = min(_timed(run) for _ in range(args.repeats))
 
-    cfg = gen.cfg
+    t_int8 = {}
+    if args.int8 and any(w == "uniform" for w, _ in work):
+        del gen  # the child needs the memory; the config is all that is used below
+        t_int8 = run_int8_child(args, Path(tmp.name) / "jax", work)
+        from llama3_jax.checkpoint import load_config
+        cfg = load_config(Path(tmp.name) / "jax")
+    else:
+        cfg = gen.cfg
+    tmp.cleanup()
     itemsize = np.dtype(jax.numpy.dtype(args.dtype)).itemsize
     n_params = cfg.num_params()
     weight_bytes = (n_params - cfg.vocab_size * cfg.dim * (0 if cfg.tie_embeddings else 1)) * itemsize
@@ -199,6 +256,17 @@ def main(argv=None) -> None:
         hf_s, ratio = ("-", "-") if th is None else (f"{th:.1f}", f"{tc / th:.2f}x")
         roof_s = "-" if roof is None else f"{roof:.1f}"
         print(f"| {w} | {b} | {n_rows} | {tc:.1f} | {ts:.1f} | {tc / ts:.2f}x | {hf_s} | {ratio} | {roof_s} |")
+    if t_int8:
+        print("\n#### int8 weights (uniform workload, continuous batching; child process with XLA's default flags)\n")
+        print(f"| batch | {args.dtype} tokens/s (this script's flags) | {args.dtype} tokens/s (XLA defaults) | "
+              f"int8 tokens/s | int8 / {args.dtype} (best of the two) |")
+        print("|---:|---:|---:|---:|---:|")
+        for (w, b), rows in work.items():
+            if w != "uniform":
+                continue
+            useful = sum(m for _, m in rows)
+            tf, td, ti = useful / t_jax[w, b, True], useful / t_int8["float", str(b)], useful / t_int8["int8", str(b)]
+            print(f"| {b} | {tf:.1f} | {td:.1f} | {ti:.1f} | {ti / max(tf, td):.2f}x |")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -42,11 +43,13 @@ def run_jax(args, rank: int) -> dict:
     over = [f"model={model}", f"batch_size={args.batch}", f"seq_len={args.seq}", "compute_dtype=float32",
             "optim.warmup_steps=0", f"steps={args.steps + 2}", "optim.weight_decay=0.0"]
     mesh = make_mesh(1, -1, 1)
-    if rank:  # LoRA needs a base checkpoint: a random one, saved once
+    if rank:  # LoRA needs a base checkpoint: a random one, saved once per shape
         base = os.path.join(args.tmp, "base")
+        mc0 = train.model_config(load_yaml_config(train.TrainConfig, None, over))
+        # the cache's config.json records its shape: another --dim/--layers/... rebuilds it
+        if checkpoint.is_checkpoint(base) and checkpoint.load_config(base) != mc0:
+            shutil.rmtree(base)
         if not checkpoint.is_checkpoint(base):
-            cfg0 = load_yaml_config(train.TrainConfig, None, over)
-            mc0 = train.model_config(cfg0)
             checkpoint.save_params(base, mc0, train.init_params(mc0, 0))
         over += [f"init_from={base}", f"lora.rank={rank}", f"lora.alpha={2 * rank}"]
     cfg = load_yaml_config(train.TrainConfig, None, over)

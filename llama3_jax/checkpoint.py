@@ -30,6 +30,7 @@ from flax import nnx
 from . import integrity, lora
 from .config import ModelConfig, read_json
 from .model import abstract_model
+from .multihost_io import on_main
 from .sharding import make_mesh, state_shardings
 
 FORMAT = "llama3-jax"
@@ -174,25 +175,35 @@ def all_steps(directory: str | Path) -> list[int]:
 def latest_intact_step(directory: str | Path, *, set_aside: bool = False) -> int | None:
     """The latest step whose files match its manifest. Each newer step that does not is reported on
     stderr with the file at fault, and with `set_aside` (a writer, which will save that step number
-    again) renamed to `STEP.corrupt`. None if there are no steps; ValueError if none is intact."""
+    again) renamed to `STEP.corrupt`. None if there are no steps; ValueError if none is intact.
+
+    Several processes (every one calls this): process 0 alone checks the files, reports and renames;
+    the others take its verdict (multihost_io.on_main), so all restore the same step even if their
+    views of a shared file system differ, and none hashes the checkpoint again."""
     steps = all_steps(directory)
-    problems = []
-    for step in reversed(steps):
-        problem = integrity.verify(Path(directory) / str(step))
-        if problem is None:
-            if problems:
-                print(f"checkpoint: warning: using step {step} of {directory} instead", file=sys.stderr)
-            return step
-        problems.append(f"step {step}: {problem}")
-        print(f"checkpoint: warning: {directory} step {step} is corrupt: {problem}", file=sys.stderr)
-        if set_aside:
-            _sync(f"llama3_jax_verified_{step}")  # every process has read the step before it moves
-            if jax.process_index() == 0:
+
+    def check() -> tuple[int | None, list[tuple[int, str]]]:
+        corrupt = []
+        for step in reversed(steps):
+            problem = integrity.verify(Path(directory) / str(step))
+            if problem is None:
+                if corrupt:
+                    print(f"checkpoint: warning: using step {step} of {directory} instead", file=sys.stderr)
+                return step, corrupt
+            corrupt.append((step, problem))
+            print(f"checkpoint: warning: {directory} step {step} is corrupt: {problem}", file=sys.stderr)
+        return None, corrupt
+
+    intact, corrupt = on_main(check)
+    if set_aside and corrupt:
+        if jax.process_index() == 0:
+            for step, _ in corrupt:
                 os.replace(Path(directory) / str(step), Path(directory) / f"{step}.corrupt")
-            _sync(f"llama3_jax_set_aside_{step}")
-    if problems:
-        raise ValueError(f"{directory}: no intact checkpoint step ({'; '.join(problems)})")
-    return None
+        _sync(f"llama3_jax_set_aside_{corrupt[-1][0]}")  # no process lists the steps before they moved
+    if intact is None and corrupt:
+        raise ValueError(f"{directory}: no intact checkpoint step "
+                         f"({'; '.join(f'step {step}: {problem}' for step, problem in corrupt)})")
+    return intact
 
 
 def _sync(name: str) -> None:
@@ -219,9 +230,11 @@ def check_shapes(directory: str | Path, step: int, item: str, target: dict) -> N
                              f"checkpoint, the model expects {tuple(want.shape)} (a checkpoint of another model?)")
 
 
-def save_params(directory: str | Path, cfg: ModelConfig, params: dict, step: int = 0) -> None:
-    """Write a params-only checkpoint (what `convert --to jax` produces)."""
-    save_config(directory, cfg)
+def save_params(directory: str | Path, cfg: ModelConfig, params: dict, step: int = 0,
+                tokenizer: str | None = None, lora_record: dict | None = None) -> None:
+    """Write a params-only checkpoint (what `convert --to jax` produces; with `lora_record`, `params`
+    are LoRA adapters on that record's base: `convert --from peft --keep-adapters`)."""
+    save_config(directory, cfg, tokenizer=tokenizer, lora_record=lora_record)
     with manager(directory) as m:
         m.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
         m.wait_until_finished()
@@ -282,29 +295,31 @@ def _restore_params_item(directory, step: int | None, args, what: str, target: d
             raise ValueError(f"{directory} step {step}: {what} ({msg})") from None
 
 
-def restore_one(directory: str | Path, cfg: ModelConfig, name: str, step: int | None = None) -> jax.Array:
-    """One parameter ("embed", "layers/wq", ...) by partial restore, so converters never hold the model.
-    From a LoRA workdir: the base's parameter with its adapter merged."""
+def restore_one(directory: str | Path, cfg: ModelConfig, name: str, step: int | None = None,
+                mesh=None) -> jax.Array:
+    """One parameter ("embed", "layers/wq", ...) by partial restore, so converters never hold the model;
+    sharded over `mesh` as the rules say (default: on the first device). From a LoRA workdir: the
+    base's parameter with its adapter merged."""
     adapted = lora_base(directory)
     if adapted is not None:
         record, base = adapted
-        w = restore_one(base, cfg, name)
+        w = restore_one(base, cfg, name, mesh=mesh)
         lc = lora.from_record(record)
         target = name.split("/", 1)[1] if name.startswith("layers/") else None
         if target not in lc.targets:
             return w
         a, b = (_restore_leaf(directory, cfg, f"layers/{target}/{k}", step, lc) for k in ("a", "b"))
         return lora.merge({"layers": {target: w}}, {"layers": {target: {"a": a, "b": b}}}, lc.scale)["layers"][target]
-    return _restore_leaf(directory, cfg, name, step)
+    return _restore_leaf(directory, cfg, name, step, mesh=mesh)
 
 
-def _restore_leaf(directory, cfg: ModelConfig, name: str, step: int | None, lc=None) -> jax.Array:
+def _restore_leaf(directory, cfg: ModelConfig, name: str, step: int | None, lc=None, mesh=None) -> jax.Array:
     path = name.split("/")
     if lc is not None:  # an adapter array of a LoRA workdir
         leaf = lora.abstract(cfg, lc, make_mesh(devices=jax.devices()[:1]))
         path = ["layers", *path[1:]]
         return _restore_path(directory, step, leaf, path, name)
-    return _restore_path(directory, step, abstract_params(cfg), path, name)
+    return _restore_path(directory, step, abstract_params(cfg, mesh), path, name)
 
 
 def _restore_path(directory, step, leaf, path: list[str], name: str) -> jax.Array:

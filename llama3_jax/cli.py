@@ -20,6 +20,12 @@ def _convert(args) -> None:
         options["shards"] = args.shards
     if args.base is not None:
         options["base"] = args.base
+    if args.mesh is not None:
+        options["mesh"] = args.mesh
+    if args.keep_adapters:
+        options["keep_adapters"] = True
+    if args.quantize is not None:
+        options["quantize"] = args.quantize
     convert(args.src, args.dst, src_format=args.src_format, dst_format=args.dst_format, dtype=args.dtype,
             progress=not args.quiet, **options)
 
@@ -31,7 +37,7 @@ def _train(args) -> int:
         from .train import run_train
         run_train(args.config, args.overrides)
         return 0
-    from .config import load_yaml_config
+    from .config_loader import load_yaml_config
     from .train import TrainConfig
     from .train.dryrun import DoesNotFit, dry_run
     try:
@@ -89,9 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "reads it: 5GB, 500MB, 5GiB (default: 5GB)")
     c.add_argument("--shards", type=int, default=None, help="meta output only: model-parallel files (default: 1)")
     c.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
+    c.add_argument("--quantize", choices=["int8"], default=None,
+                   help="--to jax only: store int8 matrices + per-output-channel scales, for generate/score "
+                        "(default: float)")
     c.add_argument("--base", default=None,
                    help="--from peft only: the hf or jax model the adapter is merged into (default: none; "
                         "needed with --from peft)")
+    _add_mesh_arg(c, "--to jax only: the arrays are placed and saved shard by shard on this mesh")
+    c.add_argument("--keep-adapters", action="store_true",
+                   help="--from peft --to jax only: keep the adapter as LoRA adapters on --base (a LoRA checkpoint "
+                        "that generate/score read merged and `train lora.init_from=DST` trains on) instead of "
+                        "merging it (default: merge)")
     _add_distributed_args(c)
     c.set_defaults(func=_convert)
 
@@ -132,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "refilling --batch-size slots as rows finish, for comparison (default: continuous)")
     g.add_argument("--num-samples", type=int, default=1,
                    help="completions per input line, each its own output line with a 'sample' index (default: 1)")
+    g.add_argument("--kv-cache-dtype", choices=["bfloat16", "float32", "int8"], default=None,
+                   help="KV cache storage; int8: one scale per (position, kv head), a quarter of float32's "
+                        "memory (default: the compute dtype)")
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("score", help="per-token log-probs of given completions",
@@ -157,6 +174,14 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
                    help="this process's id, 0..N-1 (default: the cluster's, else 0)")
 
 
+def _add_mesh_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T",
+                   help=f"{what}: the mesh of training's mesh.* keys and sharding rules, e.g. "
+                        "data=1,fsdp=1,tensor=-1 (-1: the rest of the devices; axes not named: 1; also dcn_data, "
+                        "dcn_fsdp) (default: the model split over each host's devices, tensor = local devices, "
+                        "data = processes)")
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a jax checkpoint (convert --to jax, or a train workdir)")
     p.add_argument("--input", required=True, help="input JSONL")
@@ -165,6 +190,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="compute dtype; float32 matches transformers' float32 logits (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model path (default: the one in llama-models)")
+    _add_mesh_arg(p, "parameters, KV cache and batch rows")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights with one scale per output channel, made at load (a checkpoint from "
+                        "convert --quantize int8 is int8 already) (default: the checkpoint's weights)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "train":  # train starts it from its distributed.* keys
             distributed.initialize(distributed.DistributedConfig(
                 args.coordinator_address, args.num_processes, args.process_id))
-            distributed.refuse_several_processes(f"llama3-jax {args.command}")
+        if getattr(args, "checkpoint", None) is not None:  # generate, score
+            from .paths import local_path
+            args.checkpoint = local_path(args.checkpoint, "--checkpoint")  # file:///x -> /x
         rc = args.func(args)
     except (ValueError, KeyError, OSError) as e:  # OSError: also a full disk or a read-only path
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

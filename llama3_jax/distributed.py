@@ -120,6 +120,14 @@ def process_index() -> int:
     return jax.process_index()
 
 
+def process_count() -> int:
+    """Processes in the job, without starting a JAX backend when none is running (1 then)."""
+    jax = sys.modules.get("jax")
+    if jax is None or not jax.distributed.is_initialized():
+        return 1
+    return jax.process_count()
+
+
 def is_main() -> bool:
     """Process 0 writes logs, progress bars and output files; the others stay quiet."""
     return process_index() == 0
@@ -131,14 +139,3 @@ def error_prefix() -> str:
     if jax is None or not jax.distributed.is_initialized() or jax.process_count() == 1:
         return ""
     return f"[process {jax.process_index()}] "
-
-
-def refuse_several_processes(what: str) -> None:
-    """generate, score and convert run in one process for now (one global batch across hosts, and a
-    conversion where each host writes its slices, are not built): refuse clearly instead of having every
-    process write the same files. Independent machines: generate --num-shards."""
-    jax = sys.modules.get("jax")
-    if jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1:
-        raise ValueError(f"{what} across {jax.process_count()} processes is not supported yet: run it in one "
-                         f"process per machine (generate: --num-shards N --shard-index I, then "
-                         f"tools/merge_outputs.py)")

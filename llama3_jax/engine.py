@@ -19,7 +19,8 @@ The model runs as a pure function: `nnx.merge(graphdef, params)` inside jit (no 
 Prefill asks the model for the last slot's logits only (B x P x V float32 logits would dominate memory).
 
 Shapes: B batch, P padded prompt, N max new tokens, S = P + N cache slots, V vocab.
-Single process: inputs are placed with `device_put` of host arrays (no multi-host batch assembly yet).
+Several processes (multihost_io.py): every process passes the same host arrays (`device_put` keeps
+its shards of them) and reads results back gathered (`to_host`), so each runs the same steps.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import checkpoint
+from . import checkpoint, quant
 from . import sampling as sampling_lib
 from .config import ModelConfig
 from .kv_cache import CACHE_AXES, KVCache
-from .model import abstract_model, split_layer_params
+from .model import abstract_model, quantize_params, split_layer_params
+from .multihost_io import to_host
 from .scheduler import (MIN_BUCKET, Completion, Request, Scheduler, bucket, decode_step, is_stop,  # noqa: F401
                         cut_at_stop, left_padded_layout, prefill, row_keys, sample)
 from .sharding import named_sharding
@@ -162,23 +164,37 @@ class Generator:
     the abstract target), halving the bytes each decode step reads. `mesh` (sharding.make_mesh) shards
     parameters and the KV cache by the logical rules; None runs on the first device. `split_layers`
     keeps each layer's weights in separate arrays (default: on CPU, where that doubles decode speed;
-    stacked and scanned elsewhere).
+    stacked and scanned elsewhere). `quantize="int8"` makes the matrices int8 at load (quant.py; a
+    checkpoint written by `convert --quantize int8` is int8 already and loads as it is).
+    `kv_cache_dtype` (default: the compute dtype) may be "int8": K and V stored int8 with a scale per
+    (position, kv head).
     """
 
     def __init__(self, checkpoint_dir: str | Path | None = None, dtype: str = "bfloat16", mesh=None, *,
                  tokenizer=None, cfg: ModelConfig | None = None, params: dict | None = None,
-                 split_layers: bool | None = None):
+                 split_layers: bool | None = None, quantize: str | None = None, kv_cache_dtype: str | None = None):
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
+        quant.check(quantize)
+        if kv_cache_dtype not in (None, "bfloat16", "float32", "int8"):
+            raise ValueError(f"kv_cache_dtype must be bfloat16, float32 or int8, got {kv_cache_dtype!r}")
         if params is None:
             if checkpoint_dir is None:
                 raise ValueError("Generator needs a checkpoint directory (or cfg and params)")
-            stored = checkpoint.load_config(checkpoint_dir)
-            cfg = dataclasses.replace(stored, dtype=dtype, param_dtype=dtype)
+            cfg = checkpoint.load_config(checkpoint_dir)
+            # quantising here: restore in the stored dtype, so the int8 weights equal convert --quantize's
+            quantize_now = quantize is not None and cfg.quantization is None
+            cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=cfg.param_dtype if quantize_now else dtype)
             cfg, params = checkpoint.restore_params(checkpoint_dir, mesh, cfg=cfg)
         else:  # already in memory (tests, benchmarks): cast the same way
-            cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
-            params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+            quantize_now = quantize is not None and cfg.quantization is None
+            cfg = dataclasses.replace(cfg, dtype=dtype)
+        if quantize_now:
+            params = quantize_params(params, cfg)
+            cfg = dataclasses.replace(cfg, quantization=quantize)
+        cfg = dataclasses.replace(cfg, param_dtype=dtype)
+        params = quant.cast_floats(params, dtype)  # int8 matrices and their scales stay as they are
+        self.kv_dtype = jnp.dtype(kv_cache_dtype or dtype)
         if split_layers is None:  # XLA:CPU reads separate per-layer arrays ~2x faster (model.Llama)
             split_layers = jax.devices()[0].platform == "cpu"
         if split_layers:
@@ -264,8 +280,8 @@ class Generator:
             self._cache = None
             return c
         self._cache = None  # free the old buffers before allocating new ones
-        shape = (self.cfg.n_layers, batch, slots, self.cfg.n_kv_heads, self.cfg.head_dim)
-        init = functools.partial(KVCache.init, self.cfg, batch, slots, jnp.dtype(self.dtype))
+        shape = (self.cfg.n_layers, batch, slots, self.cfg.n_kv_heads, quant.kv_width(self.cfg.head_dim, self.kv_dtype))
+        init = functools.partial(KVCache.init, self.cfg, batch, slots, self.kv_dtype)
         if self.mesh is None:  # committed to the device, like the cache the call hands back (no recompile)
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             out = KVCache(k=one, v=one, segment_ids=one, index=one)
@@ -388,12 +404,12 @@ class Generator:
             with self._scope():
                 state = self._generate(cache=cache, tokens=self._put(tokens, ("batch", "seq")),
                                        active=self._put(active, ("batch",)), max_new=n, **common)
-                while n < limits.max() and not bool(np.asarray(state[3]).all()):
+                while n < limits.max() and not bool(to_host(state[3]).all()):
                     n *= 2
                     state = self._extend(state=state, max_new=n, **common)
             _, _, out, _, n_kept, cache = state
             self._cache = cache
-            out, n_kept = np.asarray(out), np.asarray(n_kept)
+            out, n_kept = to_host(out), to_host(n_kept)
             batch = []
             for r, i in enumerate(rows):
                 toks = out[r, :n_kept[r]].tolist()
@@ -434,7 +450,7 @@ class Generator:
         for rows, tokens, lengths in left_padded_batches(seqs, batch_size):
             t = tokens.shape[1]
             with self._scope():
-                logp = np.asarray(self._score(self.params, self._put(tokens, ("batch", "seq")),
+                logp = to_host(self._score(self.params, self._put(tokens, ("batch", "seq")),
                                               self._put(lengths, ("batch",))))
             batch = []
             for r, i in enumerate(rows):

@@ -40,7 +40,10 @@ import zlib
 from pathlib import Path
 
 from . import sampling
+from .distributed import is_main
 from .engine import Generator
+from .multihost_io import on_main
+from .sharding import inference_mesh, parse_mesh
 
 # ------------------------------------------------------------------------------------ JSONL plumbing
 
@@ -188,15 +191,26 @@ def _shard(args):
 
 def _open(args, generator: Generator | None) -> tuple[set[str], Generator]:
     """Check the shared flags and paths before the (slow) model restore, then read the ids already
-    in the output and restore the model. Returns (done ids, generator)."""
+    in the output and restore the model on --mesh (default: sharding.inference_mesh). Returns (done
+    ids, generator). Several processes: the files are process 0's (the others get its errors and an
+    empty done set); every process restores its shards of the model."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not Path(args.input).is_file():
-        raise FileNotFoundError(f"input file not found: {args.input}")
-    if Path(args.output).resolve() == Path(args.input).resolve():
-        raise ValueError(f"--output {args.output} is the input file")
-    done = read_done(args.output)
-    return done, generator or Generator(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer)
+    sizes = parse_mesh(getattr(args, "mesh", None))
+    mine = {}
+
+    def check():
+        if not Path(args.input).is_file():
+            raise FileNotFoundError(f"input file not found: {args.input}")
+        if Path(args.output).resolve() == Path(args.input).resolve():
+            raise ValueError(f"--output {args.output} is the input file")
+        mine["done"] = read_done(args.output)
+
+    on_main(check)
+    gen = generator or Generator(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer,
+                                 mesh=inference_mesh(sizes), quantize=getattr(args, "quantize", None),
+                                 kv_cache_dtype=getattr(args, "kv_cache_dtype", None))
+    return mine.get("done", set()), gen
 
 
 def _fitting(items, context_error, input_path, out: Appender) -> tuple[list[tuple[object, object]], list[dict]]:
@@ -220,7 +234,7 @@ class Progress:
     def __init__(self, total: int, what: str):
         from tqdm import tqdm
         self.bar = tqdm(total=total, unit=what, file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
-                        disable=total == 0)
+                        disable=total == 0 or not is_main())
         self.start, self.tokens = time.perf_counter(), 0
 
     def update(self, n: int, tokens: int) -> None:
@@ -295,16 +309,23 @@ def run_generate(args, generator: Generator | None = None) -> dict:
     n = getattr(args, "num_samples", 1)
     if n < 1:
         raise ValueError(f"--num-samples must be >= 1, got {n}")
-    if n > 1:  # an id is done when all its samples are in the output
-        ids_done = {k for k in done if isinstance(k, str)}
-        ids_done |= {k for k, _ in (x for x in done if isinstance(x, tuple))
-                     if all((k, i) in done for i in range(n))}
-    items, counts = read_lines(args.input, ids_done if n > 1 else done, parse, keep)
-    out = Appender(args.output)
-    todo, errors = _fitting(items, lambda p: gen.context_error(len(p[0]), p[1]["max_new_tokens"] or 0),
-                            args.input, out)
-    # --num-samples: one row per (id, sample) not yet written; sample 0 draws what a single sample would
-    samples = [(id_, k, p) for id_, p in todo for k in range(n) if n == 1 or (_key(id_), k) not in done]
+    out = Appender(args.output) if is_main() else None
+
+    def plan():  # process 0 reads the input and writes the error lines; every process gets the rows
+        ids_done = done
+        if n > 1:  # an id is done when all its samples are in the output
+            ids_done = {k for k in done if isinstance(k, str)}
+            ids_done |= {k for k, _ in (x for x in done if isinstance(x, tuple))
+                         if all((k, i) in done for i in range(n))}
+        items, counts = read_lines(args.input, ids_done, parse, keep)
+        todo, errors = _fitting(items, lambda p: gen.context_error(len(p[0]), p[1]["max_new_tokens"] or 0),
+                                args.input, out)
+        # --num-samples: one row per (id, sample) not yet written; sample 0 draws what a single sample would
+        samples = [(id_, k, p) for id_, p in todo for k in range(n) if n == 1 or (_key(id_), k) not in done]
+        return {"samples": samples, "counts": counts, "todo": len(todo), "errors": len(errors)}
+
+    plan = on_main(plan)  # (on an error, `out` is closed when collected)
+    samples, counts = plan["samples"], plan["counts"]
 
     def request(id_, k, ids, knobs):
         # each row's random stream comes from its id (and --seed), or from its own 'seed' alone, and the
@@ -322,18 +343,21 @@ def run_generate(args, generator: Generator | None = None) -> dict:
         requests = [request(id_, k, ids, knobs) for id_, k, (ids, knobs) in samples]
         for batch in gen.generate_requests(requests, ignore_eos=args.ignore_eos, batch_size=args.batch_size,
                                            continuous=not getattr(args, "static_batching", False)):
-            out.write([{"id": samples[i][0], **({"sample": samples[i][1]} if n > 1 else {}), "text": c.text,
-                        "tokens": c.tokens, "finish_reason": c.finish_reason} for i, c in batch])
+            if out is not None:
+                out.write([{"id": samples[i][0], **({"sample": samples[i][1]} if n > 1 else {}), "text": c.text,
+                            "tokens": c.tokens, "finish_reason": c.finish_reason} for i, c in batch])
             progress.update(len(batch), sum(len(c.tokens) + (c.finish_reason == "stop") for _, c in batch))
     finally:
         progress.close()
-        out.close()
-    summary = {"prompts": len(todo), "tokens": progress.tokens, "seconds": progress.elapsed(),
-               "errors": len(errors), "skipped_lines": counts["bad"], "already_done": counts["resumed"]}
-    summary["all_failed"] = _all_failed(summary, len(todo))
-    _report(f"generate: {_failed_prefix(summary)}{len(todo)} prompts, {progress.tokens} tokens generated in "
-            f"{progress.elapsed():.1f}s ({progress.rate():.1f} tokens/s); {len(errors)} too long for the context, "
-            f"{counts['bad']} bad lines skipped, {counts['resumed']} already in {args.output}")
+        if out is not None:
+            out.close()
+    summary = {"prompts": plan["todo"], "tokens": progress.tokens, "seconds": progress.elapsed(),
+               "errors": plan["errors"], "skipped_lines": counts["bad"], "already_done": counts["resumed"]}
+    summary["all_failed"] = _all_failed(summary, plan["todo"])
+    if is_main():
+        _report(f"generate: {_failed_prefix(summary)}{plan['todo']} prompts, {progress.tokens} tokens generated in "
+                f"{progress.elapsed():.1f}s ({progress.rate():.1f} tokens/s); {plan['errors']} too long for the "
+                f"context, {counts['bad']} bad lines skipped, {counts['resumed']} already in {args.output}")
     return summary
 
 
@@ -379,23 +403,32 @@ def run_score(args, generator: Generator | None = None) -> dict:
             gen.check_ids(completion, names[1])
         return prompt, completion
 
-    items, counts = read_lines(args.input, done, parse)
-    out = Appender(args.output)
-    todo, errors = _fitting(items, lambda pair: gen.score_context_error(len(pair[0]), len(pair[1])), args.input, out)
+    out = Appender(args.output) if is_main() else None
 
+    def plan():  # process 0 reads the input and writes the error lines; every process gets the pairs
+        items, counts = read_lines(args.input, done, parse)
+        todo, errors = _fitting(items, lambda pair: gen.score_context_error(len(pair[0]), len(pair[1])),
+                                args.input, out)
+        return {"todo": todo, "counts": counts, "errors": len(errors)}
+
+    plan = on_main(plan)  # (on an error, `out` is closed when collected)
+    todo, counts = plan["todo"], plan["counts"]
     progress = Progress(len(todo), "seq")
     try:
         for batch in gen.score_batches([pair for _, pair in todo], batch_size=args.batch_size):
-            out.write([{"id": todo[i][0], "tokens": s.tokens, "logprobs": s.logprobs, "sum_logprob": s.sum_logprob}
-                       for i, s in batch])
+            if out is not None:
+                out.write([{"id": todo[i][0], "tokens": s.tokens, "logprobs": s.logprobs,
+                            "sum_logprob": s.sum_logprob} for i, s in batch])
             progress.update(len(batch), sum(len(todo[i][1][0]) + len(s.tokens) for i, s in batch))
     finally:
         progress.close()
-        out.close()
-    summary = {"sequences": len(todo), "tokens": progress.tokens, "errors": len(errors),
+        if out is not None:
+            out.close()
+    summary = {"sequences": len(todo), "tokens": progress.tokens, "errors": plan["errors"],
                "skipped_lines": counts["bad"], "already_done": counts["resumed"]}
     summary["all_failed"] = _all_failed(summary, len(todo))
-    _report(f"score: {_failed_prefix(summary)}{len(todo)} sequences, {progress.tokens} tokens in "
-            f"{progress.elapsed():.1f}s ({progress.rate():.1f} tokens/s); {len(errors)} too long for the context, "
-            f"{counts['bad']} bad lines skipped, {counts['resumed']} already in {args.output}")
+    if is_main():
+        _report(f"score: {_failed_prefix(summary)}{len(todo)} sequences, {progress.tokens} tokens in "
+                f"{progress.elapsed():.1f}s ({progress.rate():.1f} tokens/s); {plan['errors']} too long for the "
+                f"context, {counts['bad']} bad lines skipped, {counts['resumed']} already in {args.output}")
     return summary

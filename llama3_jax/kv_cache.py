@@ -12,6 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from . import quant
 from .config import ModelConfig
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
@@ -20,14 +21,14 @@ CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: jax.Array            # (L, B, S, KV, K)
-    v: jax.Array            # (L, B, S, KV, K)
+    k: jax.Array            # (L, B, S, KV, K); int8: (L, B, S, KV, K + 4), each row's scale after it (quant.py)
+    v: jax.Array            # as k
     segment_ids: jax.Array  # (B, S) int32
     index: jax.Array        # () int32: next slot to write
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> "KVCache":
-        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, quant.kv_width(cfg.head_dim, dtype))
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    segment_ids=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
 

@@ -28,11 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
-from .model import PROJECTIONS, layer_specs
+from .model import N_IN, PROJECTIONS, layer_specs
 
 TARGETS = PROJECTIONS
-# where each projection's input dims end in our layout (the rest are outputs)
-N_IN = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
 PEFT_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
                 "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
                 "w_down": "mlp.down_proj"}
@@ -44,6 +42,9 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0  # on the adapter's input, training only
     targets: tuple[str, ...] = TARGETS
+    # train only: a LoRA checkpoint (a LoRA train workdir, or `convert --from peft --keep-adapters`
+    # output) whose adapters training starts from, on the base it records (train/config.py resolve_lora)
+    init_from: str | None = None
 
     def __post_init__(self):
         if self.rank < 0 or not 0 <= self.dropout < 1:

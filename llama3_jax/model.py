@@ -14,6 +14,9 @@ so scanning or unrolling the layers is a runtime choice that never changes a che
     norm                 (embed,)
     lm_head              (embed, vocab)    absent when embeddings are tied (Llama 3.2)
 
+With cfg.quantization = "int8" the matrices (embed, the seven projections, lm_head) are int8, each with
+a float32 `<name>_scale` over its output dims (quant.py); the norms stay float.
+
 q/k use the HF "rotate half" rotary layout; the Meta converter permutes to and from it.
 Einsum letters: b batch, t query positions, s key positions, n = b*t tokens, d model dim, h q heads,
 k kv heads (or head dim in weight einsums), g heads per kv head, f mlp width, v vocab.
@@ -29,7 +32,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from . import attention as attn
-from . import rope
+from . import quant, rope
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .sharding import constrain
@@ -68,6 +71,8 @@ def rms_norm(x, weight, eps: float):
 
 
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # the weights LoRA may adapt
+# where each projection's input dims end in the per-layer layout (layer_specs): the rest are outputs
+N_IN = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
 
 
 class Adapters(NamedTuple):
@@ -80,7 +85,11 @@ class Adapters(NamedTuple):
 
 
 def _project(eq: str, h, w: dict, name: str, lora: Adapters | None, layer):
-    """`h` through weight `name`, plus the low-rank delta scale * (h A) B when `lora` adapts it."""
+    """`h` through weight `name`, plus the low-rank delta scale * (h A) B when `lora` adapts it. An int8
+    weight (its scale beside it in `w`) goes through quant.project."""
+    scale = w.get(quant.scale_name(name))
+    if scale is not None:
+        return quant.project(h, w[name], scale, N_IN[name])
     y = jnp.einsum(eq, h, w[name].astype(h.dtype))
     if lora is None or name not in lora.weights:
         return y
@@ -124,10 +133,10 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
         keys, values, k_seg, k_idx, new_kv = k, v, seg, jnp.arange(t), None
     else:
         ck, cv = cache_kv
-        ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, index, 0, 0))
+        ck = jax.lax.dynamic_update_slice(ck, quant.kv_store(k, ck.dtype)[None], (layer, 0, index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, quant.kv_store(v, cv.dtype)[None], (layer, 0, index, 0, 0))
         k_seg, k_idx, new_kv = cache_seg, jnp.arange(ck.shape[2]), (ck, cv)
-        keys, values = ck[layer].astype(dt), cv[layer].astype(dt)
+        keys, values = quant.kv_load(ck[layer], dt), quant.kv_load(cv[layer], dt)
     a = checkpoint_name(attend(q, keys, values, seg, k_seg, q_idx, k_idx), "attn_out").reshape(b * t, *q.shape[2:])
     x = x + _project("nhk,hkd->nd", a, w, "wo", lora, layer).reshape(b, t, d)
     x = constrain(x, resid)
@@ -138,18 +147,38 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
     return constrain(x, resid), new_kv
 
 
-def output_logits(hidden, out_weight):
-    """Final-norm hidden (B, T, D) x output projection (D, V) -> float32 logits (B, T, V)."""
+def output_logits(hidden, out_weight, scale=None, tied=False):
+    """Final-norm hidden (B, T, D) x output projection (D, V) -> float32 logits (B, T, V). With `scale`
+    (V,) the weight is int8: lm_head (D, V), or the embedding table (V, D) when `tied`."""
     b, t, d = hidden.shape
     # (b*t, d) x (d, v) as one 2-D matmul: XLA:CPU runs the backward of the 3-D einsum 2x slower
-    out = jnp.einsum("nd,dv->nv", hidden.reshape(b * t, d), out_weight.astype(hidden.dtype),
-                     preferred_element_type=jnp.float32)
+    if scale is not None:
+        out = quant.matmul(hidden.reshape(b * t, d), out_weight, scale, contract=1 if tied else 0,
+                           out_dtype=jnp.float32)
+    else:
+        out = jnp.einsum("nd,dv->nv", hidden.reshape(b * t, d), out_weight.astype(hidden.dtype),
+                         preferred_element_type=jnp.float32)
     return constrain(out.reshape(b, t, -1), ("batch", "seq", "act_vocab"))
 
 
 def _param(rngs, shape, axes, std, dtype):
+    if jnp.dtype(dtype) == jnp.int8:  # an int8 model is never initialised: it is restored (shapes only)
+        return nnx.Param(jnp.zeros(shape, dtype), axes=axes)
     init = jnp.ones if std is None else (lambda s, d: std * jax.random.normal(rngs.params(), s, d))
     return nnx.Param(init(shape, dtype), axes=axes)
+
+
+def _with_scales(specs: dict, cfg: ModelConfig, pd) -> dict:
+    """name -> (shape, axes, std, dtype); int8 models add each matrix's float32 scale (quant.py)."""
+    out = {}
+    for name, (shape, axes, std) in specs.items():
+        if cfg.quantization is None or std is None:  # float model, or a norm
+            out[name] = (shape, axes, std, pd)
+            continue
+        n_in = N_IN[name]
+        out[name] = (shape, axes, std, jnp.int8)
+        out[quant.scale_name(name)] = (shape[n_in:], axes[n_in:], None, jnp.float32)
+    return out
 
 
 def layer_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], float | None]]:
@@ -193,17 +222,22 @@ class Llama(nnx.Module):
         pd = jnp.dtype(cfg.param_dtype)
         L, D, V = cfg.n_layers, cfg.dim, cfg.vocab_size
         std = 0.02
-        self.embed = _param(rngs, (V, D), ("vocab", "embed"), std, pd)
-        specs = layer_specs(cfg)
+        q8 = cfg.quantization is not None
+        self.embed = _param(rngs, (V, D), ("vocab", "embed"), std, jnp.int8 if q8 else pd)
+        if q8:  # per row: the tied output projection's per-output-channel scale
+            self.embed_scale = _param(rngs, (V,), ("vocab",), None, jnp.float32)
+        specs = _with_scales(layer_specs(cfg), cfg, pd)
         if split_layers:
-            self.layers = nnx.List([nnx.Dict({n: _param(rngs, shape, axes, init, pd)
-                                              for n, (shape, axes, init) in specs.items()}) for _ in range(L)])
+            self.layers = nnx.List([nnx.Dict({n: _param(rngs, shape, axes, init, dt)
+                                              for n, (shape, axes, init, dt) in specs.items()}) for _ in range(L)])
         else:
-            self.layers = nnx.Dict({n: _param(rngs, (L, *shape), ("layers", *axes), init, pd)
-                                    for n, (shape, axes, init) in specs.items()})
+            self.layers = nnx.Dict({n: _param(rngs, (L, *shape), ("layers", *axes), init, dt)
+                                    for n, (shape, axes, init, dt) in specs.items()})
         self.norm = _param(rngs, (D,), ("norm",), None, pd)
         if not cfg.tie_embeddings:
-            self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), std, pd)
+            self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), std, jnp.int8 if q8 else pd)
+            if q8:
+                self.lm_head_scale = _param(rngs, (V,), ("vocab",), None, jnp.float32)
 
     def __call__(self, tokens, positions, segment_ids, cache: KVCache | None = None, last_only: bool = False,
                  hidden_only: bool = False, lora: Adapters | None = None):
@@ -222,8 +256,11 @@ class Llama(nnx.Module):
         # a gather whose output is sharded on the model dim cannot be resharded to the batch cheaply
         # cast BEFORE the constraint: the all-gather then moves the table in the compute dtype (half the
         # bytes in bfloat16; for 8B under fsdp the float32 gather was 2.1 GB per device per step)
-        table = constrain(self.embed[...].astype(dt), ("vocab", None))
-        x = jnp.take(table, tokens, axis=0)
+        if cfg.quantization is not None:  # gather int8 rows, then scale them (the table is never float)
+            x = quant.embed_lookup(constrain(self.embed[...], ("vocab", None)), self.embed_scale[...], tokens, dt)
+        else:
+            table = constrain(self.embed[...].astype(dt), ("vocab", None))
+            x = jnp.take(table, tokens, axis=0)
         x = constrain(x, ("batch", "seq" if cache is not None else "act_seq", "act_embed"))
         cos, sin = rope.cos_sin(positions, cfg)
 
@@ -238,6 +275,8 @@ class Llama(nnx.Module):
         attend = attn.get("reference" if cache is not None else self.attention)
         if lora is not None and self.split_layers:
             raise ValueError("LoRA adapters need the stacked layer layout (merge them to serve)")
+        if lora is not None and cfg.quantization is not None:
+            raise ValueError("LoRA adapters need float weights, not an int8 model")
         lw = None if lora is None else lora.weights
 
         def layer(x, w, kv, i, lw=None):
@@ -273,15 +312,24 @@ class Llama(nnx.Module):
         x = rms_norm(x, self.norm[...], cfg.norm_eps)
         if hidden_only:
             return x, None if cache is None else self._new_cache(new_kv, cache_seg, index, tokens)
-        logits = output_logits(x, self.output_weight())
+        if cfg.quantization is not None:
+            tied = cfg.tie_embeddings
+            w, s = (self.embed, self.embed_scale) if tied else (self.lm_head, self.lm_head_scale)
+            logits = output_logits(x, w[...], s[...], tied=tied)
+        else:
+            logits = output_logits(x, self.output_weight())
         if cache is None:
             return logits, None
         return logits, self._new_cache(new_kv, cache_seg, index, tokens)
 
     def output_weight(self):
         """The output projection (D, vocab) in the compute dtype: `lm_head`, or the embedding table
-        transposed when tied (Llama 3.2)."""
+        transposed when tied (Llama 3.2); of an int8 model, dequantised."""
         dt = jnp.dtype(self.cfg.dtype)
+        if self.cfg.quantization is not None:
+            if self.cfg.tie_embeddings:
+                return quant.dequantize(self.embed[...], self.embed_scale[...], (1,), dt).T
+            return quant.dequantize(self.lm_head[...], self.lm_head_scale[...], (0,), dt)
         return self.embed[...].astype(dt).T if self.cfg.tie_embeddings else self.lm_head[...].astype(dt)
 
     @staticmethod
@@ -304,6 +352,26 @@ def split_layer_params(params: dict) -> dict:
             per_layer[i][name] = jnp.array(a[i])  # a copy: a view would keep the stacked buffer alive
         del a
     return {**params, "layers": dict(enumerate(per_layer))}
+
+
+def quantize_params(params: dict, cfg: ModelConfig) -> dict:
+    """Float params (stacked checkpoint layout) -> the int8 layout of `cfg` with quantization="int8"
+    (module docstring; numerics in quant.py). Each float matrix is dropped once its int8 form exists
+    (pass the caller's only reference), so the peak is the float model plus one int8 matrix."""
+    params, layers = dict(params), dict(params["layers"])
+    for name in PROJECTIONS:  # stacked (layers, *in, *out): the inputs are axes 1..n_in
+        w = layers.pop(name)
+        layers[name], layers[quant.scale_name(name)] = quant.quantize_jit(w, tuple(range(1, 1 + N_IN[name])))
+        del w
+    params["layers"] = layers
+    w = params.pop("embed")
+    params["embed"], params["embed_scale"] = quant.quantize_jit(w, (1,))  # per row (vocab)
+    del w
+    if not cfg.tie_embeddings:
+        w = params.pop("lm_head")
+        params["lm_head"], params["lm_head_scale"] = quant.quantize_jit(w, (0,))  # per vocab column
+        del w
+    return params
 
 
 def stack_layer_params(params: dict) -> dict:

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from .kv_cache import CACHE_AXES, KVCache
+from .multihost_io import to_host
 from .sampling import sample_rows
 from .sharding import constrain
 
@@ -314,9 +315,9 @@ class Scheduler:
                     refill = min(len(waiting), max(1, b // 8)) if waiting else b + 1
                     state, out, n_out = self._decode(self.g.params, state, stop_ids, jnp.int32(refill),
                                                      steps=self.steps)
-                    out, n_out = np.asarray(out), np.asarray(n_out)
-                    done = np.asarray(state["done"])
-                    new_index = int(state["cache"].index)
+                    # gathered from every host: each process takes the same decisions (multihost_io.py)
+                    out, n_out, done = to_host(out), to_host(n_out), to_host(state["done"])
+                    new_index = int(to_host(state["cache"].index))
                     pos[live] += new_index - index
                     index = new_index
                     for r in live:

@@ -64,6 +64,40 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None, *, dc
     return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
+MESH_KEYS = (*MESH_AXES, "dcn_data", "dcn_fsdp")
+
+
+def parse_mesh(text: str | None) -> dict[str, int]:
+    """`--mesh data=1,fsdp=1,tensor=-1` -> {"data": 1, "fsdp": 1, "tensor": -1} (None or "" -> {}).
+    ValueError naming the bad part; sizes are checked against the devices by `make_mesh`."""
+    sizes: dict[str, int] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in MESH_KEYS:
+            raise ValueError(f"--mesh {text!r}: {part.strip()!r} is not AXIS=SIZE with AXIS one of {', '.join(MESH_KEYS)}")
+        if key in sizes:
+            raise ValueError(f"--mesh {text!r}: {key} given twice")
+        try:
+            sizes[key] = int(value)
+        except ValueError:
+            raise ValueError(f"--mesh {text!r}: {key}={value.strip()!r} is not an integer") from None
+        if sizes[key] < 1 and not (sizes[key] == -1 and key in MESH_AXES):
+            raise ValueError(f"--mesh {text!r}: {key} must be >= 1" + (" (or -1: the rest)" * (key in MESH_AXES)))
+    return sizes
+
+
+def inference_mesh(sizes: dict[str, int] | None = None) -> Mesh:
+    """The mesh of generate, score and convert: `sizes` (parse_mesh; axes not named are 1), or by default
+    the model split over each host's devices (`tensor` = local devices: a model too big for one device
+    fits on a multi-device host) and the batch over the hosts (`data` = processes)."""
+    if not sizes:
+        sizes = {"data": jax.process_count(), "tensor": jax.local_device_count()}
+    return make_mesh(**{k: sizes.get(k, 1) for k in MESH_KEYS})
+
+
 def _resolve_sizes(sizes: list[int], n: int, where: str) -> tuple[int, ...]:
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")

@@ -77,6 +77,19 @@ def run_ok(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.Comple
     return proc
 
 
+def train_killed_then_rerun(cmd: list[str], workdir: Path, point: str, env: dict | None = None) -> int:
+    """Run a `train` command armed to SIGKILL itself at `point`, then the same command to the end; it
+    must say it resumed from the latest checkpoint the killed run left. Returns that step."""
+    from llama3_jax import checkpoint
+    env = env or cli_env()
+    run_killed_at(cmd, env, point)
+    resumed_from = checkpoint.latest_step(workdir)
+    done = run_ok(cmd, env)
+    assert resumed_from is not None and f"resumed {workdir} at step {resumed_from}" in done.stderr, \
+        done.stderr[-2000:]
+    return resumed_from
+
+
 def count_lines(path: Path) -> int:
     try:
         return Path(path).read_bytes().count(b"\n")

@@ -308,3 +308,28 @@ def test_worker_processes_resume_exactly(corpus, tok):
     for a, b in zip(expected, got, strict=True):
         for key in BATCH_KEYS:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_shuffle_window_mixes_rows_within_windows_and_resumes(corpus, tok):
+    """data.shuffle_window: the same packed rows, each window of W rows in another order (so a batch is
+    not a run of one document's consecutive rows), and a mid-window state restores the same batches."""
+    path, _ = corpus
+    kw = dict(tokenizer=tok, seq_len=SEQ, batch_size=1, seed=2)
+    rows = lambda batches: [tuple(r) for b in batches for r in np.concatenate([b["tokens"], b["targets"][:, -1:]], 1)]
+    plain = rows(drain(make_iterator(DataConfig(path=str(path), eval_fraction=0.0, prefetch=0), num_epochs=1, **kw)))
+    cfg = DataConfig(path=str(path), eval_fraction=0.0, prefetch=0, shuffle_window=4)
+    mixed = rows(drain(make_iterator(cfg, num_epochs=1, **kw)))
+    assert len(plain) > 8 and mixed != plain
+    for i in range(0, len(plain), 4):
+        assert Counter(mixed[i:i + 4]) == Counter(plain[i:i + 4])
+    it = make_iterator(cfg, **kw)
+    take(it, 6)  # inside the second window
+    state = json.loads(json.dumps(it.get_state()))
+    expected = rows(take(it, 5))
+    it.close()
+    fresh = make_iterator(cfg, **kw)
+    fresh.set_state(state)
+    assert rows(take(fresh, 5)) == expected
+    fresh.close()
+    with pytest.raises(ValueError, match="shuffle_window must be >= 0"):
+        make_iterator(DataConfig(path=str(path), shuffle_window=-1), **kw)

@@ -1,6 +1,7 @@
 """DPO (objectives.dpo through the one train step): the first loss is ln 2 (policy = reference), for
 full fine-tuning and LoRA; the loss and TRL's metrics on a fixed batch equal an independent torch
-computation from the same log-probs; a short run on a toy preference set learns the preference."""
+computation from the same log-probs; a short run on a toy preference set learns the preference; eval
+logs DPO's metrics; SIGKILL and rerun give the uninterrupted run's losses bit for bit."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama3_jax import checkpoint, objectives, train
+from llama3_jax import objectives, train
 from llama3_jax.config import load_yaml_config
 from llama3_jax.convert import convert
 from llama3_jax.data import DataConfig, make_iterator
 from llama3_jax.sharding import make_mesh
 
 from conftest import make_hf_llama
-from train_helpers import VOCAB, base_overrides, read_metrics
+from faults_helpers import cli, train_killed_then_rerun
+from train_helpers import VOCAB, base_overrides, read_metrics, train_losses
 
 COLOURS = "red green blue cyan pink gold teal plum".split()
 
@@ -49,10 +51,14 @@ def pairs(tmp_path_factory):
     return path
 
 
-def dpo_cfg(workdir, pairs, base, **extra):
+def dpo_overrides(workdir, pairs, base, **extra) -> list[str]:
     kv = {"objective": "dpo", "steps": 14, "seq_len": 128, "batch_size": 4, "optim.lr": 3e-3,
           "optim.warmup_steps": 1, "data.eval_fraction": 0.0, "checkpoint_every": 100, **extra}
-    return load_yaml_config(train.TrainConfig, None, base_overrides(workdir, pairs, base, **kv))
+    return base_overrides(workdir, pairs, base, **kv)
+
+
+def dpo_cfg(workdir, pairs, base, **extra):
+    return load_yaml_config(train.TrainConfig, None, dpo_overrides(workdir, pairs, base, **extra))
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +82,18 @@ def test_short_run_learns_the_preference(full_run):
     assert all(r["rewards/margins"] > 0 for r in last) and last[-1]["loss"] < math.log(2) - 0.1
 
 
-def test_lora_dpo_first_loss_is_ln2(tmp_path, pairs, base):
-    """The reference is the base with the adapters off: zero-init adapters give exactly ln 2."""
-    train.train(dpo_cfg(tmp_path / "run", pairs, base, steps=1, **{"lora.rank": 4}))
-    assert abs(read_metrics(tmp_path / "run")[0]["loss"] - math.log(2)) < 1e-6
+def test_lora_dpo_first_loss_is_ln2_and_eval_logs_dpo_metrics(tmp_path, pairs, base):
+    """The reference is the base with the adapters off: zero-init adapters give exactly ln 2. Eval
+    after step 1 (learning rate 0 in warmup: the policy is still the reference) logs DPO's loss, ln 2,
+    and TRL's metrics with an `eval_` prefix, not a perplexity (meaningless for a pair loss)."""
+    train.train(dpo_cfg(tmp_path / "run", pairs, base, steps=1, eval_every=1, eval_batches=1,
+                        **{"lora.rank": 4, "data.eval_fraction": 0.3}))
+    first, ev = read_metrics(tmp_path / "run")
+    assert first["learning_rate"] == 0 and abs(first["loss"] - math.log(2)) < 1e-6
+    assert set(ev) == {"step", "eval_loss", "eval_pairs", *(f"eval_{k}" for k in objectives.DPO_METRICS)}, ev
+    assert abs(ev["eval_loss"] - math.log(2)) < 1e-6 and ev["eval_pairs"] >= 1
+    assert ev["eval_rewards/chosen"] == ev["eval_rewards/margins"] == ev["eval_rewards/accuracies"] == 0.0
+    assert ev["eval_logps/chosen"] < 0 and ev["eval_logps/rejected"] < 0
 
 
 def sequence_logps_by_loop(logps, batch):
@@ -133,3 +147,13 @@ def test_precomputed_reference_gives_the_in_step_losses(tmp_path, pairs, base, f
             if k == "rewards/accuracies":
                 continue  # a step function of the rewards: margins ~0 early on make it flip on rounding
             np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=2e-5, err_msg=f"step {a['step']} {k}")
+
+
+def test_sigkill_and_rerun_give_bit_identical_dpo_losses(tmp_path, pairs, base, full_run):
+    """Full DPO (in-step reference) killed with SIGKILL inside step 5, after a checkpoint, then the same
+    command again: each step's loss equals the uninterrupted run's (`full_run`; a fixed decay_steps
+    makes its first 6 steps those of a 6-step run), bit for bit, each logged once."""
+    wd = tmp_path / "run"
+    cmd = cli("train", *dpo_overrides(wd, pairs, base, steps=6, checkpoint_every=2))
+    assert train_killed_then_rerun(cmd, wd, "train.step:5") in (2, 4)
+    assert train_losses(wd) == {r["step"]: r["loss"] for r in full_run[:6]}

@@ -326,29 +326,50 @@ def test_resume_after_sigkill_gives_every_id_once_with_the_same_tokens(gen, ckpt
     assert {r["id"]: r for r in rows} == reference
 
 
-def test_multi_device_mesh_shards_the_cache_and_gives_the_same_tokens(gen, ckpt):
-    prompts = ragged_prompts(LENGTHS[:4])
-    expected = [c.tokens for c in gen.generate(prompts, N_NEW, ignore_eos=True, batch_size=4, decode_text=False)]
+def test_mesh_on_eight_devices_equals_one_device(gen, ckpt, tmp_path):
+    """One process, 8 fake devices: generate on data=2 x tensor=4 (the cache and the weights sharded by
+    the rules), score on --mesh data=2,fsdp=2,tensor=2 and convert --to jax on the default mesh (the model
+    split over all 8) give the tokens, log-probs and stored weights of one device."""
+    from llama3_jax.generate import run_generate, run_score
+    rng = np.random.RandomState(2)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "tokens": p, "prompt_tokens": p, "completion_tokens":
+                                       rng.randint(0, VOCAB, 5).tolist()}) + "\n"
+                           for i, p in enumerate(ragged_prompts(LENGTHS[:4]))))
+    run_generate(gen_args(ckpt, inp, tmp_path / "gen1.jsonl", batch_size=4), generator=gen)
+    run_score(gen_args(ckpt, inp, tmp_path / "score1.jsonl", batch_size=4), generator=gen)
     code = textwrap.dedent(f"""
-        import json, jax
+        import argparse, json, jax
         from llama3_jax import sharding
+        from llama3_jax.cli import main
         from llama3_jax.engine import Generator
+        from llama3_jax.generate import run_generate
         from llama3_jax.kv_cache import CACHE_AXES
-        mesh = sharding.make_mesh(data=2, fsdp=1, tensor=2)
+        mesh = sharding.inference_mesh(sharding.parse_mesh("data=2,fsdp=1,tensor=4"))
         g = Generator({str(ckpt)!r}, dtype="float32", mesh=mesh)
-        got = [c.tokens for c in g.generate({prompts!r}, {N_NEW}, ignore_eos=True, batch_size=4, decode_text=False)]
+        args = {vars(gen_args(ckpt, inp, tmp_path / "gen8.jsonl", batch_size=4))!r}
+        run_generate(argparse.Namespace(**args), generator=g)
         k = g._cache.k
         want = sharding.named_sharding(mesh, CACHE_AXES, k.shape)
-        print(json.dumps({{"tokens": got, "sharded": k.sharding.is_equivalent_to(want, k.ndim),
-                           "replicated": k.sharding.is_fully_replicated,
-                           "params_sharded": not g.params["layers"][0]["wk"].sharding.is_fully_replicated}}))
+        print(json.dumps({{"sharded": k.sharding.is_equivalent_to(want, k.ndim), "replicated": k.sharding.is_fully_replicated,
+                           "params_sharded": not g.params["layers"][0]["wq"].sharding.is_fully_replicated}}))
+        common = ["--checkpoint", {str(ckpt)!r}, "--input", {str(inp)!r}, "--dtype", "float32", "--batch-size", "4"]
+        assert main(["score", *common, "--output", {str(tmp_path / "score8.jsonl")!r}, "--mesh", "data=2,fsdp=2,tensor=2"]) == 0
+        assert main(["convert", "--from", "hf", "--to", "jax", "--quiet", {str(ckpt.parent / "hf")!r}, {str(tmp_path / "jax8")!r}]) == 0
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res["sharded"] and not res["replicated"] and res["params_sharded"]
-    assert res["tokens"] == expected
+    assert res == {"sharded": True, "replicated": False, "params_sharded": True}
+    assert read_jsonl(tmp_path / "gen8.jsonl") == read_jsonl(tmp_path / "gen1.jsonl")
+    one = {x["id"]: x for x in read_jsonl(tmp_path / "score1.jsonl")}
+    for x in read_jsonl(tmp_path / "score8.jsonl"):
+        np.testing.assert_allclose(x["logprobs"], one[x["id"]]["logprobs"], rtol=1e-5, atol=1e-5)
+    assert len(one) == 4
+    want = checkpoint.restore_params(ckpt)[1]
+    got = checkpoint.restore_params(tmp_path / "jax8")[1]
+    jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 # ------------------------------------------------------------------- text and chat with the real vocab

@@ -1,5 +1,6 @@
 """Pods: process start-up (jax.distributed from keys, flags or the cluster), the local launcher, the
-hybrid ICI x DCN mesh, and generate's --num-shards with tools/merge_outputs.py.
+hybrid ICI x DCN mesh, generate's --num-shards with tools/merge_outputs.py, and generate / score /
+the checkpoint integrity check across processes.
 
 The multi-process tests start real processes on 127.0.0.1 (gloo, fake CPU devices per process) through
 tools/launch_local.py, the way a pod starts one process per host."""
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import launch_local  # noqa: E402
 import merge_outputs  # noqa: E402
-from test_generate import ckpt, gen_args, hf_model, ragged_prompts, read_jsonl  # noqa: E402,F401 (fixtures)
+from test_generate import ckpt, gen, gen_args, hf_model, ragged_prompts, read_jsonl  # noqa: E402,F401 (fixtures)
 from train_helpers import base_overrides, train_losses, write_corpus  # noqa: E402
 
 CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
@@ -79,6 +80,24 @@ def test_bad_distributed_settings_are_one_line_errors(no_cluster, tmp_path, caps
     assert rc == 2 and "distributed.process_id 5 is not below" in capsys.readouterr().err
 
 
+def test_bad_mesh_flags_are_one_line_errors(tmp_path, capsys):
+    import jax
+    from llama3_jax.sharding import inference_mesh, parse_mesh
+    assert parse_mesh("data=1, fsdp=1,tensor=-1") == {"data": 1, "fsdp": 1, "tensor": -1} and parse_mesh(None) == {}
+    assert dict(inference_mesh().shape) == {"data": 1, "fsdp": 1, "tensor": len(jax.devices())}
+    for text, why in [("data=x", "data='x' is not an integer"), ("pipe=2", "'pipe=2' is not AXIS=SIZE"),
+                      ("tensor=2,tensor=2", "tensor given twice"), ("dcn_data=-1", "dcn_data must be >= 1")]:
+        with pytest.raises(ValueError, match=why):
+            parse_mesh(text)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("")
+    rc = cli_main(["score", "--checkpoint", str(tmp_path), "--input", str(inp), "--output", str(tmp_path / "o"),
+                   "--mesh", "tensor=two"])
+    assert rc == 2 and "error: --mesh 'tensor=two': tensor='two' is not an integer" in capsys.readouterr().err
+    rc = cli_main(["convert", "--from", "jax", "--to", "hf", str(tmp_path), str(tmp_path / "hf"), "--mesh", "tensor=1"])
+    assert rc == 2 and "--mesh applies only to --to jax output, not --to hf" in capsys.readouterr().err
+
+
 @dataclasses.dataclass(frozen=True)
 class FakeDevice:
     id: int
@@ -108,11 +127,9 @@ def test_hybrid_mesh_without_slice_info_lays_out_devices_as_mesh_utils_does(ici,
         hybrid_device_array([FakeDevice(i, process_index=i % (n_slices + 1)) for i in range(n_slices * per)], ici, dcn)
 
 
-def test_num_shards_over_three_runs_plus_the_merge_equals_one_run(ckpt, tmp_path, capsys):
-    from llama3_jax.engine import Generator
+def test_num_shards_over_three_runs_plus_the_merge_equals_one_run(gen, ckpt, tmp_path, capsys):
     from llama3_jax.generate import run_generate
 
-    gen = Generator(ckpt, dtype="float32")
     prompts = ragged_prompts([3, 9, 5, 12, 2, 7, 4], seed=3)
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": f"p{i}" if i % 2 else i, "tokens": p}) + "\n"
@@ -138,19 +155,53 @@ def test_num_shards_over_three_runs_plus_the_merge_equals_one_run(ckpt, tmp_path
     assert [r["id"] for r in read_jsonl(out)] == [i for i in ids if i != missing]
 
 
+def test_merge_keeps_every_sample_of_num_samples_runs_and_names_a_missing_one(gen, ckpt, tmp_path, capsys):
+    """--num-samples 2 over two shards, merged: each id's lines in sample order, equal to one run; a
+    sample lost from a shard is named (exit status 1), the id's other sample kept."""
+    from llama3_jax.generate import run_generate
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"s{i}", "tokens": p}) + "\n"
+                           for i, p in enumerate(ragged_prompts([5, 2, 8], seed=4))))
+    sampled = dict(temperature=1.0, max_new_tokens=4, ignore_eos=True, num_samples=2)
+    run_generate(gen_args(ckpt, inp, tmp_path / "one.jsonl", batch_size=2, **sampled), generator=gen)
+    out = tmp_path / "out.jsonl"
+    for i in range(2):
+        run_generate(gen_args(ckpt, inp, out, batch_size=2, num_shards=2, shard_index=i, **sampled), generator=gen)
+    assert merge_outputs.main(["--input", str(inp), "--output", str(out), "--num-shards", "2"]) == 0
+    one = {(r["id"], r["sample"]): r for r in read_jsonl(tmp_path / "one.jsonl")}
+    assert read_jsonl(out) == [one[(f"s{i}", k)] for i in range(3) for k in range(2)]
+
+    shard = tmp_path / "out-00001-of-00002.jsonl"  # lines 2: s1's two samples; lose sample 1
+    kept = [line for line in shard.read_text().splitlines() if json.loads(line)["sample"] == 0]
+    shard.write_text("".join(line + "\n" for line in kept))
+    capsys.readouterr()
+    assert merge_outputs.main(["--input", str(inp), "--output", str(out), "--num-shards", "2"]) == 1
+    assert '1 samples are in no shard: "s1" sample 1' in capsys.readouterr().err
+    assert read_jsonl(out) == [one[key] for key in [("s0", 0), ("s0", 1), ("s1", 0), ("s2", 0), ("s2", 1)]]
+
+
 # ------------------------------------------------------------------ several processes (slow: real processes)
 
 
-def _launch(n: int, devices: int, overrides: list[str], **popen) -> subprocess.Popen:
-    """`llama3-jax train` on n local processes x `devices` fake CPU devices, through the launcher."""
+def _launch(n: int, devices: int, command: list[str], **popen) -> subprocess.Popen:
+    """`llama3-jax COMMAND...` on n local processes x `devices` fake CPU devices, through the launcher."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="")
     cmd = [sys.executable, str(ROOT / "tools" / "launch_local.py"), "-n", str(n), "--cpu-devices", str(devices),
-           "--", sys.executable, "-m", "llama3_jax.cli", "train", *overrides]
+           "--", sys.executable, "-m", "llama3_jax.cli", *command]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, **popen)
 
 
+def _run(n: int, devices: int, command: list[str]) -> str:
+    """Run to the end; returns stderr (every process's), asserting exit status 0."""
+    proc = _launch(n, devices, command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
 def _train(n: int, devices: int, overrides: list[str]) -> None:
-    proc = _launch(n, devices, overrides, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = _launch(n, devices, ["train", *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
 
@@ -240,13 +291,96 @@ def test_sigterm_to_one_process_stops_all_and_a_killed_one_fails_the_other_withi
 
 
 def test_each_process_prints_its_own_errors_with_its_id(tmp_path):
-    """generate on two processes (started with the flags) is refused for now, by each process."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="")
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "launch_local.py"), "-n", "2", "--cpu-devices", "1",
-                           "--", sys.executable, "-m", "llama3_jax.cli", "generate", "--checkpoint", str(tmp_path),
-                           "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    """generate on two processes (started with the flags): process 0 finds the input missing, and every
+    process reports it (with its id) and exits 2, none waiting for the others."""
+    proc = _launch(2, 1, ["generate", "--checkpoint", str(tmp_path), "--input", str(tmp_path / "in.jsonl"),
+                          "--output", str(tmp_path / "out.jsonl")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-2000:]
     for i in range(2):
-        assert f"[process {i}] llama3-jax generate: error: llama3-jax generate across 2 processes" in proc.stderr
+        assert f"[process {i}] llama3-jax generate: error: input file not found: {tmp_path / 'in.jsonl'}" in err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def _lines(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_generate_on_two_by_four_processes_gives_the_tokens_of_one_process_and_resumes(gen, ckpt, tmp_path):
+    """One global batch over 2 processes x 4 devices (default mesh: data 2 x tensor 4), continuous
+    batching with refills (batch 2, ragged budgets, some rows sampled): the lines of a one-process run.
+    Process 0 alone reads the input (one report of a bad line), resumes (two ids already in the output
+    are not run again) and writes."""
+    from llama3_jax.generate import run_generate
+
+    prompts = ragged_prompts([3, 9, 5, 12, 2, 7], seed=5)
+    rows = [{"id": i if i % 2 else f"g{i}", "tokens": p, "max_new_tokens": 3 + i, **({"temperature": 1.0} if i % 3 == 0 else {})}
+            for i, p in enumerate(prompts)]
+    inp = _lines(tmp_path / "in.jsonl", rows)
+    with open(inp, "a") as f:
+        f.write('{"id": "broken", "tokens": [1, 2\n')
+    run_generate(gen_args(ckpt, inp, tmp_path / "one.jsonl", batch_size=2), generator=gen)
+    one = read_jsonl(tmp_path / "one.jsonl")
+    out = _lines(tmp_path / "out.jsonl", one[:2])
+    err = _run(2, 4, ["generate", "--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out),
+                      "--dtype", "float32", "--batch-size", "2", "--max-new-tokens", "16"])
+    got = read_jsonl(out)
+    key = lambda r: json.dumps(r["id"])  # noqa: E731
+    assert len(got) == len(one) and got[:2] == one[:2]
+    assert sorted(got, key=key) == sorted(one, key=key)
+    assert err.count("skipped: invalid JSON") == 1 and "4 prompts" in err and "2 already in" in err
+
+
+def test_score_on_two_by_four_processes_gives_the_log_probs_of_one_process(gen, ckpt, tmp_path):
+    """--mesh data=2,fsdp=2,tensor=2 over 2 processes x 4 devices: every row's log-probs as one process
+    computes them (float32; the sharded sums round differently, 1e-5)."""
+    from llama3_jax.generate import run_score
+
+    rng = np.random.RandomState(6)
+    inp = _lines(tmp_path / "in.jsonl", [{"id": i, "prompt_tokens": rng.randint(0, 211, n).tolist(),
+                                          "completion_tokens": rng.randint(0, 211, 9 - n).tolist()}
+                                         for i, n in enumerate([3, 1, 5, 7, 2])])
+    run_score(gen_args(ckpt, inp, tmp_path / "one.jsonl", batch_size=4), generator=gen)
+    _run(2, 4, ["score", "--checkpoint", str(ckpt), "--input", str(inp), "--output", str(tmp_path / "out.jsonl"),
+                "--dtype", "float32", "--batch-size", "4", "--mesh", "data=2,fsdp=2,tensor=2"])
+    one = {r["id"]: r for r in read_jsonl(tmp_path / "one.jsonl")}
+    got = {r["id"]: r for r in read_jsonl(tmp_path / "out.jsonl")}
+    assert sorted(got) == sorted(one) == list(range(5))
+    for i, r in got.items():
+        assert r["tokens"] == one[i]["tokens"]
+        np.testing.assert_allclose(r["logprobs"], one[i]["logprobs"], rtol=1e-5, atol=1e-5)
+
+
+CORRUPT_CHILD = """
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+pid, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid, initialization_timeout=60)
+from llama3_jax import checkpoint
+print("STEP", checkpoint.latest_intact_step(workdir, set_aside=True))
+"""
+
+
+def test_a_corrupt_step_is_found_and_set_aside_by_process_0_alone(ckpt, tmp_path):
+    """Two processes resume from a workdir whose newest step has a flipped byte: process 0 checks the
+    files, reports and renames the step to STEP.corrupt; both take the older step."""
+    from llama3_jax import checkpoint
+    workdir = tmp_path / "run"
+    shutil.copytree(ckpt, workdir)
+    cfg, params = checkpoint.restore_params(ckpt)
+    checkpoint.save_params(workdir, cfg, params, step=1)
+    victim = max((p for p in (workdir / "1").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    port = str(launch_local.free_port())
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS="")
+    procs = [subprocess.Popen([sys.executable, "-c", CORRUPT_CHILD, str(i), port, str(workdir)], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert ["STEP 0" in out for out, _ in outs] == [True, True]
+    assert ["step 1 is corrupt" in err for _, err in outs] == [True, False]
+    assert (workdir / "1.corrupt").is_dir() and not (workdir / "1").exists() and checkpoint.all_steps(workdir) == [0]

@@ -30,7 +30,7 @@ from flax import nnx
 from llama3_jax import checkpoint, cli, train
 from llama3_jax.config import load_yaml_config
 from llama3_jax.convert import convert
-from llama3_jax.data import DataConfig, make_iterator
+from llama3_jax.data import DataConfig, corpus_documents, make_iterator
 from llama3_jax.optim import OptimConfig, decay_mask, make_optimizer, schedule
 from llama3_jax.sharding import make_mesh
 
@@ -312,6 +312,26 @@ def test_sigkill_then_sigterm_then_finish_gives_identical_losses(reference, cli_
     assert evals == [r for r in read_metrics(ref_wd) if "eval_loss" in r]
 
 
+def test_training_from_prepared_data_has_the_corpus_losses(reference, corpus, cli_env, tmp_path):
+    """The reference run's data tokenized once (tools/prepare_data.py): its first steps from the
+    ArrayRecord shards have bit-identical losses, and the eval reads as many held-out tokens."""
+    ref_wd, overrides, _ = reference
+    out = tmp_path / "prepared"
+    sys.path.insert(0, str(REPO / "tools"))
+    import prepare_data
+    assert prepare_data.main([str(corpus), str(out), "--tokenizer", "bytes", "--eval-fraction", "0.1", "--quiet"]) == 0
+    wd = tmp_path / "run"
+    swap = {f"workdir={ref_wd}": f"workdir={wd}", f"data.path={corpus}": f"data.path={out}", f"steps={STEPS}": "steps=2"}
+    run = subprocess.run(train_cmd([swap.get(o, o) for o in overrides]), env=cli_env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got, ref = train_losses(wd), train_losses(ref_wd)
+    assert got == {s: ref[s] for s in (1, 2)}
+    ref_eval = next(r for r in read_metrics(ref_wd) if "eval_loss" in r)
+    [ev] = [r for r in read_metrics(wd) if "eval_loss" in r]
+    assert ev["step"] == 2 and ev["eval_tokens"] == ref_eval["eval_tokens"] > 0
+
+
 # ------------------------------------------------------------------------------ the workdir
 
 
@@ -446,7 +466,7 @@ def test_single_text_file_with_eval_every_trains_without_eval(text_file_run):
     assert err.count("train: warning: no eval documents in data.path") == 1 and "eval_every=2 ignored" in err
     assert "done: steps 0 -> 4" in err and _steps_on_disk(wd) == [2, 4]
     assert [r["step"] for r in read_metrics(wd)] == [1, 4] and "eval_loss" not in str(read_metrics(wd))
-    assert (wd / "sample.txt").read_text().startswith("def ")  # the end-of-run sample ran
+    assert (wd / "sample.txt").read_text().startswith("def")  # the end-of-run sample ran
 
 
 def test_no_eval_documents_is_decided_at_startup(tmp_path, capsys):
@@ -458,7 +478,7 @@ def test_no_eval_documents_is_decided_at_startup(tmp_path, capsys):
     for path, fraction, expected in [(one, 0.5, 0), (many, 0.0, 0), (many, 0.1, 3)]:
         cfg = load_yaml_config(train.TrainConfig, None, [f"data.path={path}", f"data.eval_fraction={fraction}",
                                                          "eval_every=3"])
-        assert _eval_every(cfg, True) == expected
+        assert _eval_every(cfg, True, corpus_documents(cfg.data)) == expected
         assert capsys.readouterr().err.count("no eval documents") == (expected == 0)
 
 

@@ -4,10 +4,13 @@
     python tools/merge_outputs.py --input prompts.jsonl --output out.jsonl --num-shards 8
     python tools/merge_outputs.py --input prompts.jsonl --output out.jsonl --shards a.jsonl b.jsonl
 
-The merged file holds each input id once, in input order (a shard writes in completion order). An id
-in several shards keeps its first answer, an answer beating an error line. Ids of the input that no
-shard answered are reported (exit status 1: rerun their shards, which resume, then merge again); ids
-no input line has are reported and dropped. The output is written atomically.
+The merged file holds each input id once, in input order (a shard writes in completion order); with
+`generate --num-samples N`, each id's N lines (its "sample" 0..N-1) in sample order. An (id, sample) in
+several shards keeps its first answer, an answer beating an error line (an error line stands for all
+of an id's samples). Ids of the input that no shard answered, and the samples missing from an id that
+has some, are reported (exit status 1: rerun their shards, which resume, then merge again); ids no
+input line has are reported and dropped. N is --num-samples, else the largest sample index found + 1.
+The output is written atomically.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ def _key(id_) -> str:
 
 
 def _records(path: Path):
-    """(line number, record) for each readable line with an id; others are reported."""
+    """(line number, record) for each readable line with an id (and, if any, an integer sample >= 0);
+    others are reported."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -35,35 +39,53 @@ def _records(path: Path):
             except (ValueError, KeyError, TypeError):
                 print(f"{path}:{lineno}: skipped: not a JSON object with an 'id'", file=sys.stderr)
                 continue
+            sample = rec.get("sample")
+            if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 0):
+                print(f"{path}:{lineno}: skipped: 'sample' must be an integer >= 0, got {sample!r}", file=sys.stderr)
+                continue
             yield lineno, rec
 
 
-def merge(input_path: Path, shards: list[Path], output: Path) -> dict:
-    """Write the merged file; returns counts and the missing ids (input order)."""
+def merge(input_path: Path, shards: list[Path], output: Path, num_samples: int | None = None) -> dict:
+    """Write the merged file; returns counts, the missing ids and the missing (id, sample) pairs of ids
+    that have some samples (input order)."""
     order = list(dict.fromkeys(_key(rec["id"]) for _, rec in _records(input_path)))
-    answers, duplicates = {}, 0
+    answers: dict[str, dict[int | None, dict]] = {}  # id -> sample (None: one-sample or error line) -> line
+    duplicates = 0
     for shard in shards:
         for _, rec in _records(shard):
-            key = _key(rec["id"])
-            if key in answers:
+            lines = answers.setdefault(_key(rec["id"]), {})
+            sample = rec.get("sample")
+            if sample in lines:
                 duplicates += 1
-                if "error" in answers[key] and "error" not in rec:
-                    answers[key] = rec
+                if "error" in lines[sample] and "error" not in rec:
+                    lines[sample] = rec
                 continue
-            answers[key] = rec
+            lines[sample] = rec
+    if num_samples is None:
+        num_samples = 1 + max((s for lines in answers.values() for s in lines if s is not None), default=0)
     wanted = set(order)
-    missing = [json.loads(k) for k in order if k not in answers]
+    missing, missing_samples, merged = [], [], []
+    for key in order:
+        lines = answers.get(key, {})
+        samples = sorted(s for s in lines if s is not None)
+        if samples:  # --num-samples answers beat an error line for the id
+            merged += [lines[s] for s in samples]
+            missing_samples += [(json.loads(key), s) for s in range(num_samples) if s not in lines]
+        elif None in lines:
+            merged.append(lines[None])
+        else:
+            missing.append(json.loads(key))
     extra = [json.loads(k) for k in answers if k not in wanted]
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        for key in order:
-            if key in answers:
-                f.write(json.dumps(answers[key], ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in merged)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, output)
-    return {"written": len(order) - len(missing), "missing": missing, "extra": extra, "duplicates": duplicates}
+    return {"written": len(order) - len(missing), "lines": len(merged), "missing": missing,
+            "missing_samples": missing_samples, "extra": extra, "duplicates": duplicates}
 
 
 def main(argv=None) -> int:
@@ -72,7 +94,11 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True, type=Path, help="merged JSONL (the --output the shards were given)")
     p.add_argument("--num-shards", type=int, default=None, help="find OUTPUT-0000I-of-0000N.jsonl for I < N")
     p.add_argument("--shards", nargs="+", type=Path, default=None, help="or: the shard files themselves")
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="generate's --num-samples: lines per id (default: the largest 'sample' found + 1)")
     args = p.parse_args(argv)
+    if args.num_samples is not None and args.num_samples < 1:
+        p.error("--num-samples must be >= 1")
     if (args.num_shards is None) == (args.shards is None):
         p.error("give --num-shards or --shards (one of them)")
     if args.shards is None:
@@ -84,17 +110,23 @@ def main(argv=None) -> int:
         if not path.is_file():
             print(f"merge_outputs: error: file not found: {path}", file=sys.stderr)
             return 2
-    s = merge(args.input, shards, args.output)
+    s = merge(args.input, shards, args.output, args.num_samples)
     if s["extra"]:
         print(f"merge_outputs: {len(s['extra'])} ids are in no input line, dropped: "
               f"{', '.join(map(json.dumps, s['extra'][:10]))}{' ...' * (len(s['extra']) > 10)}", file=sys.stderr)
     if s["missing"]:
         print(f"merge_outputs: {len(s['missing'])} input ids have no output in any shard: "
               f"{', '.join(map(json.dumps, s['missing'][:10]))}{' ...' * (len(s['missing']) > 10)}", file=sys.stderr)
+    if s["missing_samples"]:
+        gaps = s["missing_samples"]
+        print(f"merge_outputs: {len(gaps)} samples are in no shard: "
+              f"{', '.join(f'{json.dumps(i)} sample {k}' for i, k in gaps[:10])}{' ...' * (len(gaps) > 10)}",
+              file=sys.stderr)
     dropped = f", {s['duplicates']} duplicate answers dropped" if s["duplicates"] else ""
-    print(f"merge_outputs: {s['written']} ids written to {args.output} from {len(shards)} shards{dropped}",
+    lines = f" ({s['lines']} lines)" if s["lines"] != s["written"] else ""
+    print(f"merge_outputs: {s['written']} ids{lines} written to {args.output} from {len(shards)} shards{dropped}",
           file=sys.stderr)
-    return 1 if s["missing"] else 0
+    return 1 if s["missing"] or s["missing_samples"] else 0
 
 
 if __name__ == "__main__":

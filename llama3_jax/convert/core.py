@@ -4,6 +4,11 @@ Every format has a reader (`.config`, `.dtype`, `.tensors()` yielding `Tensor`s 
 model.py) and a writer (`add(name, layer, array)`, `finish()`). The driver checks each tensor's shape
 against the config, casts, and renames the temp directory to DST only when everything succeeded, so a
 failure never leaves a half-written output.
+
+Several processes (jax.distributed running; every host runs the same command): every process reads,
+in the same order. `--to jax` is written by all of them into one temp directory (named after process
+0's pid), each saving its own shards (native.py); other formats are written by process 0 alone. Process
+0 renames the temp directory once every process has finished writing.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .. import distributed
 from ..config import ModelConfig
 from ..failpoints import kill_point
+from ..paths import local_path
 
 FORMATS = ("hf", "meta", "jax", "peft")  # peft: LoRA adapters (convert/peft.py)
 
@@ -91,7 +98,7 @@ def _writer(fmt: str, dst: Path, cfg: ModelConfig, dtype, options: dict):
 
 
 # writer options per output format; each is also a CLI flag (max_shard_size -> --max-shard-size)
-WRITER_OPTIONS = {"hf": ("max_shard_size",), "meta": ("shards",), "jax": ()}
+WRITER_OPTIONS = {"hf": ("max_shard_size",), "meta": ("shards",), "jax": ("mesh", "quantize")}
 
 
 def check_options(dst_format: str, options: dict) -> dict:
@@ -104,6 +111,8 @@ def check_options(dst_format: str, options: dict) -> dict:
         if dst_format not in fits:
             raise ConvertError(f"{flag} applies only to --to {' or '.join(fits)} output, not --to {dst_format}")
     options = dict(options)
+    if options.get("quantize") not in (None, "int8"):
+        raise ConvertError(f"--quantize {options['quantize']!r}: expected int8")
     if "max_shard_size" in options:
         options["max_shard_size"] = parse_size(options["max_shard_size"], "--max-shard-size")
     return options
@@ -140,22 +149,34 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
             progress: bool = True, **options) -> ModelConfig:
     """Convert a checkpoint between `hf`, `meta` and `jax`; keeps the source dtype unless `dtype` is given.
 
-    Options go to the writer: `max_shard_size` (hf), `shards` (meta model-parallel files); `base` (the
-    model a `peft` adapter is merged into) to the reader. `--to peft` writes a LoRA workdir's adapters.
+    Options go to the writer: `max_shard_size` (hf), `shards` (meta model-parallel files), `mesh` (jax:
+    "data=1,fsdp=1,tensor=-1", default sharding.inference_mesh's), `quantize` ("int8", jax: int8 matrices +
+    scales for generate/score, quant.py); `base` (the model a `peft` adapter is
+    merged into) to the reader; `keep_adapters` (with `base`): a `peft` adapter becomes a LoRA checkpoint
+    instead (convert/peft.py). `--to peft` writes a LoRA workdir's adapters.
     Returns the model config. Raises ConvertError (one line, naming file and tensor) on bad input.
     """
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(local_path(src, "SRC")), Path(local_path(dst, "DST"))  # file:///x -> /x
     for fmt in (src_format, dst_format):
         if fmt not in FORMATS:
             raise ConvertError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
-    base = options.pop("base", None)  # the reader's option (--from peft), not a writer's
+    base = local_path(options.pop("base", None), "--base")  # the reader's option (--from peft), not a writer's
     if base is not None and src_format != "peft":
         raise ConvertError(f"--base applies only to --from peft, not --from {src_format}")
+    keep_adapters = options.pop("keep_adapters", False)
+    if keep_adapters and (src_format, dst_format) != ("peft", "jax"):
+        raise ConvertError("--keep-adapters applies only to --from peft --to jax")
     options = check_options(dst_format, options)
     if not src.is_dir():
         raise ConvertError(f"{src}: not a directory")
     if dst.exists():
         raise ConvertError(f"{dst}: already exists (refusing to overwrite)")
+    rank, several = distributed.process_index(), distributed.process_count() > 1
+    if several and (dst_format == "peft" or keep_adapters):
+        raise ConvertError("--to peft and --keep-adapters run in one process")
+    if keep_adapters:  # a LoRA checkpoint (adapters + the base's path), not a merged model
+        from .peft import import_adapters
+        return import_adapters(src, dst, base, dtype, progress)
     if dst_format == "peft":  # the adapters alone, not a model: no tensor stream
         if src_format != "jax":
             raise ConvertError("--to peft exports a LoRA workdir: use --from jax")
@@ -169,13 +190,17 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
     cfg = dataclasses.replace(cfg, param_dtype=out_dtype.name)
     shapes = expected_shapes(cfg)
     keys = set(all_keys(cfg))
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    _remove_stale_temps(dst)
-    shutil.rmtree(tmp, ignore_errors=True)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    progress = progress and rank == 0
+    tmp = dst.parent / f".{dst.name}.tmp-{_main_pid() if several else os.getpid()}"
+    if rank == 0:
+        _remove_stale_temps(dst)
+        shutil.rmtree(tmp, ignore_errors=True)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    _sync("llama3_jax_convert_start")  # nobody writes into tmp before process 0 has cleared it
     start, done_bytes, last = time.time(), 0, 0.0
     try:
-        writer = _writer(dst_format, tmp, cfg, out_dtype, options)
+        # orbax: every process saves its own shards; the other formats: process 0 writes alone
+        writer = _writer(dst_format, tmp, cfg, out_dtype, options) if rank == 0 or dst_format == "jax" else _Discard()
         seen = set()
         for i, t in enumerate(reader.tensors()):
             key = (t.name, t.layer)
@@ -187,7 +212,9 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
                 raise ConvertError(f"{t.origin}: shape {tuple(t.array.shape)} does not match the config "
                                    f"(expected {shapes[t.name]} in llama3-jax layout)")
             seen.add(key)
-            writer.add(t.name, t.layer, t.array.astype(out_dtype, copy=False))
+            # a writer that reads slices casts them itself: a memory-mapped tensor is then read only there
+            writer.add(t.name, t.layer, t.array if getattr(writer, "reads_slices", False)
+                       else t.array.astype(out_dtype, copy=False))
             kill_point("convert.tensor")
             done_bytes += t.array.nbytes
             if progress and (time.time() - last >= 0.5 or len(seen) == len(keys)):
@@ -199,9 +226,13 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
             raise ConvertError(f"{src}: missing tensor {name}" + (f" of layer {layer}" if layer is not None else ""))
         writer.finish()
         kill_point("convert.finish")
-        os.replace(tmp, dst)
+        _sync("llama3_jax_convert_written")
+        if rank == 0:
+            os.replace(tmp, dst)
+        _sync("llama3_jax_convert_renamed")  # every process returns once DST exists
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         if progress:
@@ -212,6 +243,31 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
               f"{done_bytes / 1e6:.1f} MB read in {secs:.1f}s ({done_bytes / 1e6 / max(secs, 1e-9):.1f} MB/s), "
               f"dtype {out_dtype.name}", file=sys.stderr)
     return cfg
+
+
+class _Discard:
+    """The writer of processes other than 0 when process 0 writes the output alone."""
+
+    reads_slices = True
+
+    def add(self, name: str, layer: int | None, array: np.ndarray) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def _sync(name: str) -> None:
+    """Every process waits here for the others (several processes only)."""
+    if distributed.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _main_pid() -> int:
+    """Process 0's pid, on every process: the temp directory they all write into is named after it."""
+    from ..multihost_io import on_main
+    return on_main(os.getpid)
 
 
 def _remove_stale_temps(dst: Path) -> None:

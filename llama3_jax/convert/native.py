@@ -1,7 +1,16 @@
-"""llama3-jax's own format (checkpoint.py): config.json + orbax params, any training step directory."""
+"""llama3-jax's own format (checkpoint.py): config.json + orbax params, any training step directory.
+
+Across processes (`convert` on every host of a pod, jax.distributed running): the writer keeps only
+the shards of each array that this process's devices hold, filled from slices of each incoming tensor
+(a safetensors tensor is a memory map, so only those bytes are read), and every process saves its
+shards into one orbax checkpoint; no host holds the whole model. The reader restores each array
+sharded over every process's devices (each reads its shards) and gathers it for process 0, which
+writes the output alone (core.py).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Iterator
 
@@ -10,6 +19,9 @@ import numpy as np
 
 from .. import checkpoint
 from ..config import ModelConfig
+from ..model import quantize_params
+from ..multihost_io import several, to_host
+from ..sharding import inference_mesh, make_mesh, parse_mesh
 from .core import ConvertError, Tensor, expected_shapes
 
 
@@ -20,13 +32,18 @@ class JaxReader:
             self.step = checkpoint.latest_intact_step(src)  # checked once, not per tensor
         except (FileNotFoundError, ValueError) as e:
             raise ConvertError(str(e)) from None
+        if self.config.quantization is not None:
+            raise ConvertError(f"{src}: holds {self.config.quantization} weights (convert --quantize), which only "
+                               f"generate and score read: convert the float checkpoint instead")
         self.src = src
         self.dtype = np.dtype(self.config.param_dtype)
 
     def tensors(self) -> Iterator[Tensor]:
+        # several processes: each restores its shards of an array over all devices, then all gather it
+        mesh = make_mesh(fsdp=-1) if several() else None
         for name in expected_shapes(self.config):  # one stored array at a time (partial restore)
             try:
-                a = np.asarray(checkpoint.restore_one(self.src, self.config, name, self.step))
+                a = to_host(checkpoint.restore_one(self.src, self.config, name, self.step, mesh=mesh))
             except (FileNotFoundError, ValueError) as e:
                 raise ConvertError(str(e)) from None
             if name.startswith("layers/"):
@@ -37,30 +54,63 @@ class JaxReader:
             del a
 
 
-class JaxWriter:
-    """Stacks per-layer tensors into the model's arrays, then saves them with orbax."""
+def _span(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """A shard's index (slices, possibly open) as (start, stop) per dimension: hashable, explicit."""
+    return tuple(sl.indices(n)[:2] for sl, n in zip(index, shape))
 
-    def __init__(self, dst: Path, cfg: ModelConfig, dtype: np.dtype):
-        self.dst, self.cfg = dst, cfg
-        shapes = expected_shapes(cfg)
-        self.arrays = {}
-        for name, shape in shapes.items():
-            full = (cfg.n_layers, *shape) if name.startswith("layers/") else shape
-            self.arrays[name] = np.empty(full, dtype)
+
+class JaxWriter:
+    """Saves the model with orbax, each array placed shard by shard on `mesh` ("data=1,fsdp=1,tensor=-1";
+    default: fsdp = processes, tensor = local devices: the model split over each host's devices and
+    across the hosts) as the rules table shards it. Only this process's shards are held (in numpy
+    until `finish`), each filled from slices of the incoming tensors (cast there, so a memory-mapped
+    source is read only where this process needs it): no device and no host holds the whole model.
+    `quantize="int8"` stores int8 matrices + per-output-channel scales (model.quantize_params),
+    quantised from the tensors in the output dtype (which the norms keep): the same int8 weights as
+    `generate --quantize int8` makes at load from a float checkpoint of that dtype."""
+
+    reads_slices = True  # core.convert hands over tensors uncast: slices are read and cast here
+
+    def __init__(self, dst: Path, cfg: ModelConfig, dtype: np.dtype, mesh: str | None = None,
+                 quantize: str | None = None):
+        self.dst, self.cfg, self.dtype, self.quantize = dst, cfg, np.dtype(dtype), quantize
+        sizes = parse_mesh(mesh) or {"fsdp": jax.process_count(), "tensor": jax.local_device_count()}
+        target = checkpoint.abstract_params(cfg, inference_mesh(sizes))
+        self.targets, self.shards, self.devices = {}, {}, {}
+        for name in expected_shapes(cfg):
+            t = target
+            for key in name.split("/"):
+                t = t[key]
+            self.targets[name] = t
+            where = t.sharding.addressable_devices_indices_map(t.shape)
+            by_device = {d: _span(idx, t.shape) for d, idx in where.items()}
+            self.devices[name] = by_device  # a replicated shard is filled once, placed on each of its devices
+            self.shards[name] = {span: np.empty([b - a for a, b in span], self.dtype)
+                                 for span in set(by_device.values())}
 
     def add(self, name: str, layer: int | None, array: np.ndarray) -> None:
-        if layer is None:
-            self.arrays[name][...] = array
-        else:
-            self.arrays[name][layer] = array
+        for span, buf in self.shards[name].items():
+            if layer is not None:
+                (lo, hi), span = span[0], span[1:]
+                if not lo <= layer < hi:
+                    continue
+                buf = buf[layer - lo]
+            buf[...] = array[tuple(slice(a, b) for a, b in span)].astype(self.dtype, copy=False)
 
     def finish(self) -> None:
-        # Hand each array to jax and drop the numpy copy at once, so the model is never held twice.
+        # Hand each array to jax and drop the numpy shards at once, so the model is never held twice.
         params: dict = {"layers": {}}
-        for name in list(self.arrays):
-            a = jax.device_put(self.arrays.pop(name))
+        for name in list(self.shards):
+            t, shards = self.targets[name], self.shards.pop(name)
+            pieces = [jax.device_put(shards[span], d) for d, span in self.devices[name].items()]
+            a = jax.make_array_from_single_device_arrays(t.shape, t.sharding, pieces)
+            del shards, pieces
             if name.startswith("layers/"):
                 params["layers"][name.split("/", 1)[1]] = a
             else:
                 params[name] = a
-        checkpoint.save_params(self.dst, self.cfg, params)
+        cfg = self.cfg
+        if self.quantize is not None:
+            cfg = dataclasses.replace(cfg, quantization=self.quantize)
+            params = quantize_params(params, cfg)
+        checkpoint.save_params(self.dst, cfg, params)

@@ -1,8 +1,12 @@
 """PEFT LoRA adapters <-> llama3-jax: export a LoRA workdir's adapters as a PEFT directory, or import a
-PEFT adapter (e.g. from the Hugging Face hub) merged into its base.
+PEFT adapter (e.g. from the Hugging Face hub) merged into its base, or kept as adapters to train on.
 
     convert --from jax --to peft WORKDIR OUT          adapter_config.json + adapter_model.safetensors
     convert --from peft ADAPTER OUT --base BASE_DIR   BASE_DIR: a transformers or llama3-jax checkpoint
+    convert --from peft ADAPTER OUT --base BASE_DIR --keep-adapters
+        OUT: a LoRA checkpoint (as a LoRA train workdir: config.json with a `lora` record + the adapters
+        as its `params`); a transformers base is converted to OUT/base beside them. generate/score read
+        it merged; `train lora.init_from=OUT` trains those adapters on.
 
 PEFT's layout (lora_A (rank, in_features), lora_B (out_features, rank), keys
 ``base_model.model.model.layers.N.<module>.lora_{A,B}.weight``) and the name map live in lora.py.
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -95,6 +100,51 @@ def read_adapter(src: Path) -> tuple[lora.LoraConfig, dict[str, np.ndarray]]:
     return lora.LoraConfig(rank=r, alpha=alpha, dropout=float(pc.get("lora_dropout", 0.0)), targets=targets), tensors
 
 
+def _base_is_jax(base: Path) -> bool:
+    cfg_path = base / checkpoint.CONFIG_FILE
+    return cfg_path.exists() and read_json(cfg_path, "a model config", ConvertError).get("format") == checkpoint.FORMAT
+
+
+def import_adapters(src: Path, dst: Path, base: str | Path | None, dtype: str | None, progress: bool):
+    """`--keep-adapters`: a PEFT adapter -> a LoRA checkpoint at `dst` (written to a temp dir, renamed
+    when complete) whose `lora` record names the base: `base` itself when it is a llama3-jax checkpoint,
+    else `dst/base`, converted from transformers here (`dtype` applies to it; adapters stay float32)."""
+    import jax
+    from .core import convert
+    if base is None:
+        raise ConvertError("--from peft needs --base BASE_DIR (the transformers or llama3-jax model it adapts)")
+    base = Path(base)
+    lc, tensors = read_adapter(src)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        if _base_is_jax(base):
+            try:
+                cfg, tokenizer = checkpoint.load_config(base), checkpoint.load_tokenizer_spec(base)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConvertError(str(e)) from None
+            recorded = base.absolute()
+        else:
+            cfg, tokenizer = convert(base, tmp / "base", src_format="hf", dst_format="jax", dtype=dtype,
+                                     progress=progress), None
+            recorded = dst.absolute() / "base"  # where it lands after the rename below
+        try:
+            adapters = lora.from_peft(tensors, cfg, lc, str(src / ADAPTER_WEIGHTS))
+        except ValueError as e:
+            raise ConvertError(str(e)) from None
+        checkpoint.save_params(tmp, cfg, jax.tree.map(jax.numpy.asarray, adapters), tokenizer=tokenizer,
+                               lora_record=lora.config_record(lc, str(recorded)))
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if progress:
+        print(f"imported {src} (peft, LoRA rank {lc.rank}, {', '.join(lc.targets)}) -> {dst} as adapters on "
+              f"{recorded}", file=sys.stderr)
+    return cfg
+
+
 class PeftReader:
     """The base checkpoint's tensors (hf or jax reader) with the adapter merged into its targets."""
 
@@ -103,10 +153,7 @@ class PeftReader:
         if base is None:
             raise ConvertError("--from peft needs --base BASE_DIR (the transformers or llama3-jax model it adapts)")
         base = Path(base)
-        cfg_path = base / checkpoint.CONFIG_FILE
-        is_jax = cfg_path.exists() and read_json(cfg_path, "a model config", ConvertError).get("format") == checkpoint.FORMAT
-        fmt = "jax" if is_jax else "hf"
-        self.base = _reader(fmt, base)
+        self.base = _reader("jax" if _base_is_jax(base) else "hf", base)
         self.config, self.dtype = self.base.config, self.base.dtype
         lc, tensors = read_adapter(src)
         try:

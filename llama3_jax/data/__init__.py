@@ -18,13 +18,17 @@ document. Long documents continue on the next row as a new segment whose positio
 only sees position differences inside a row, so nothing is lost but the one token pair that straddles
 the two rows. Fine-tuning records are shifted one by one before packing instead (chat.py).
 
+Prepared data (prepared.py, made by tools/prepare_data.py) enters after the split: ArrayRecord
+shards holding each document's tokens, read by index, so a run lists, parses and hashes nothing; the
+steps after it are the same, and so are the batches.
+
 The iterator state is grain's own (a few integers: document index, epoch, packer state), so it is
 small, JSON-serialisable, and restores exactly.
 """
 
-from .iterator import KINDS, BatchIterator, make_iterator, record_check
+from .iterator import KINDS, BatchIterator, corpus_documents, make_iterator, record_check, split_sizes
 from .packing import BATCH_KEYS
 from .sources import DataConfig, Document, list_documents, skipped_line_count, split_documents
 
-__all__ = ["BATCH_KEYS", "KINDS", "BatchIterator", "DataConfig", "Document", "list_documents", "make_iterator",
-           "record_check", "skipped_line_count", "split_documents"]
+__all__ = ["BATCH_KEYS", "KINDS", "BatchIterator", "DataConfig", "Document", "corpus_documents", "list_documents",
+           "make_iterator", "record_check", "skipped_line_count", "split_documents", "split_sizes"]

@@ -4,14 +4,15 @@ grain's small JSON iterator state for checkpoints (see the package docstring for
 from __future__ import annotations
 
 import functools
-import hashlib
 from typing import Any
 
 import grain
 import numpy as np
 from absl import flags as absl_flags
-from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset, ThreadPrefetchIterDataset
+from grain.experimental import (ConcatThenSplitIterDataset, FirstFitPackIterDataset, ThreadPrefetchIterDataset,
+                                WindowShuffleIterDataset)
 
+from . import prepared
 from .chat import RenderRecords, dpo_problem, sft_problem
 from .packing import EXAMPLE_KEYS, example_batch, text_batch
 from .sources import DataConfig, Document, list_documents, split_documents
@@ -20,6 +21,8 @@ from .text import ReadAndTokenize
 KINDS = ("text", "sft", "dpo")
 # In-process reading: threads that read + tokenize, and documents read ahead of the packer.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
+# Prepared rows are read a batch (this process's rows) at a time: a couple of batches ahead.
+_ROW_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 
 
 def _jsonable(x: Any) -> Any:
@@ -68,7 +71,8 @@ class BatchIterator:
         self,
         dataset: grain.IterDataset,
         *,
-        documents: list[Document],
+        documents: list[Document] | None,
+        num_documents: int,
         rows: int,
         seq_len: int,
         process_count: int,
@@ -76,7 +80,8 @@ class BatchIterator:
         render: RenderRecords | None = None,
     ):
         self._it = dataset.__iter__()
-        self.documents = documents  # the split's documents (every process reads them all)
+        self.documents = documents  # the split's documents (every process reads them all); None: prepared data
+        self.num_documents = num_documents
         self.rows, self.seq_len, self.process_count = rows, seq_len, process_count
         self._fingerprint = fingerprint
         self._render = render
@@ -85,10 +90,6 @@ class BatchIterator:
     def truncated(self) -> int:
         """Fine-tuning records cut to fit seq_len so far (read in this process's threads)."""
         return self._render.truncated if self._render is not None else 0
-
-    @property
-    def num_documents(self) -> int:
-        return len(self.documents)
 
     @property
     def tokens_per_batch(self) -> int:
@@ -129,6 +130,28 @@ class BatchIterator:
         self.close()
 
 
+def uses_prepared(cfg: DataConfig) -> bool:
+    """Whether `cfg.path` is read as prepared ArrayRecord shards (data.format, else detected)."""
+    if cfg.format == "auto":
+        return cfg.path != "stdlib" and prepared.is_prepared(cfg.path)
+    return cfg.format == "array_record"
+
+
+def corpus_documents(cfg: DataConfig, kind: str = "text") -> list[Document] | None:
+    """Every document of a raw corpus (make_iterator's ``documents``), for a run to list once rather
+    than at every eval; None for prepared data, which is never listed."""
+    return None if uses_prepared(cfg) else list_documents(cfg, record_check(kind))
+
+
+def split_sizes(cfg: DataConfig, documents: list[Document] | None) -> dict[str, int]:
+    """Documents per split, {"train": n, "eval": m}: from metadata.json for prepared data (no record
+    read), else from `documents` (corpus_documents)."""
+    if documents is None:
+        meta = prepared.load_metadata(cfg.path)
+        return {split: meta["splits"][split]["records"] for split in prepared.SPLITS}
+    return {split: len(split_documents(documents, split, cfg.eval_fraction)) for split in prepared.SPLITS}
+
+
 def _rows_of(batch: dict, *, start: int, stop: int) -> dict:
     return {k: np.ascontiguousarray(v[start:stop]) for k, v in batch.items()}
 
@@ -147,6 +170,7 @@ def make_iterator(
     kind: str = "text",
     reference: dict | None = None,
     pair_index: bool = False,
+    documents: list[Document] | None = None,
 ) -> BatchIterator:
     """Build the batch iterator for one process (see module docstring for the steps).
 
@@ -156,6 +180,8 @@ def make_iterator(
     ``sft`` or ``dpo`` (fine-tuning records, chat.py). DPO only: ``reference`` (document key ->
     (chosen, rejected) reference log-probs) adds the float32 batch key ``ref_logps``; ``pair_index``
     adds ``pair`` (each token's index into ``.documents``) for the pass that computes them.
+    ``documents``: `list_documents(cfg, record_check(kind))` when the caller already has it (a
+    training run lists the corpus once, not at every eval). Prepared data (prepared.py) lists nothing.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r} (choose from {', '.join(KINDS)})")
@@ -166,8 +192,8 @@ def make_iterator(
             f"batch_size {batch_size} must divide over process_count {process_count} "
             f"and 0 <= process_index {process_index} < process_count"
         )
-    if cfg.worker_count < 0 or cfg.prefetch < 0:
-        raise ValueError(f"worker_count and prefetch must be >= 0: {cfg}")
+    if cfg.worker_count < 0 or cfg.prefetch < 0 or cfg.shuffle_window < 0:
+        raise ValueError(f"worker_count, prefetch and shuffle_window must be >= 0: {cfg}")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     rows = batch_size // process_count
@@ -176,20 +202,41 @@ def make_iterator(
         num_epochs = num_epochs or 1
     # Every process reads the same global order and keeps its rows of each batch (below): the order
     # does not depend on the process count, so N processes' checkpoint continues on M (elastic resume).
-    docs = split_documents(list_documents(cfg, record_check(kind)), split, cfg.eval_fraction)
+    rows_packed = None  # prepared data packed into rows: (seed it was shuffled with, row count)
+    if uses_prepared(cfg):
+        meta = prepared.load_metadata(cfg.path)
+        prepared.check_run(meta, cfg, tokenizer, kind, seq_len)
+        docs, docs_id = None, meta["splits"][split]["documents"]
+        n_docs = int(docs_id.split(":")[0])
+        # the record keys go through grain (shuffle, repeat: the raw pipeline's indices); prepared.py reads
+        records = prepared.source(cfg.path, meta, split)
+        ds, read = grain.MapDataset.range(len(records)), prepared.decode
+        if meta["packed"]:
+            rows_packed, read = (meta["packed"]["seed"], meta["splits"][split]["records"]), prepared.decode_row
+    else:
+        docs = documents if documents is not None else list_documents(cfg, record_check(kind))
+        docs = split_documents(docs, split, cfg.eval_fraction)
+        n_docs, docs_id = len(docs), prepared.documents_fingerprint(docs)
+        records, ds, read = None, grain.MapDataset.source(docs), ReadAndTokenize(tokenizer, cfg.text_field)
     # An empty eval split ends at once; the caller feeds padding batches.
-    if not docs and split == "train":
+    if not n_docs and split == "train":
         raise ValueError(f"no {split} documents in data path {cfg.path} (eval_fraction={cfg.eval_fraction})")
 
-    ds = grain.MapDataset.source(docs)
     if shuffle:
         ds = ds.shuffle(seed)  # grain reshuffles each epoch with seed + epoch
     render = None
-    if kind == "text":
-        ds = ds.repeat(num_epochs).map(ReadAndTokenize(tokenizer, cfg.text_field))
+    if rows_packed is not None:  # rows read by index: each process reads only its rows of each batch
+        batches = prepared.ProcessRows(
+            ds.repeat(num_epochs), records, batch_size, process_index * rows, (process_index + 1) * rows, read,
+            functools.partial(text_batch, n_rows=rows, seq_len=seq_len)).to_iter_dataset(_ROW_READ_OPTIONS)
+    elif kind == "text":
+        ds = ds.repeat(num_epochs)
+        ds = prepared.BlockReads(ds, records, read) if docs is None else ds.map(read)
         packed = ConcatThenSplitIterDataset(
             ds.to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len + 1}
         )
+        if shuffle and cfg.shuffle_window > 1:  # tokens flow through in order; rows leave mixed
+            packed = WindowShuffleIterDataset(packed, window_size=cfg.shuffle_window, seed=seed)
         batch_fn = text_batch
     else:
         index = {d.key: i for i, d in enumerate(docs)} if pair_index else None
@@ -202,10 +249,11 @@ def make_iterator(
             num_packing_bins=cfg.packing_bins, shuffle_bins=False,
         )
         batch_fn = example_batch
-    batches = packed.batch(
-        batch_size, batch_fn=functools.partial(batch_fn, n_rows=batch_size, seq_len=seq_len)
-    )
-    if process_count > 1:  # the global batch is the same in every process; each keeps its rows
+    if rows_packed is None:
+        batches = packed.batch(
+            batch_size, batch_fn=functools.partial(batch_fn, n_rows=batch_size, seq_len=seq_len)
+        )
+    if process_count > 1 and rows_packed is None:  # the global batch is the same in every process; each keeps its rows
         batches = batches.map(functools.partial(_rows_of, start=process_index * rows, stop=(process_index + 1) * rows))
     if cfg.worker_count:
         # grain reads an absl flag when starting workers; outside absl.app it is unparsed.
@@ -215,10 +263,9 @@ def make_iterator(
     if cfg.prefetch:
         batches = ThreadPrefetchIterDataset(batches, prefetch_buffer_size=cfg.prefetch)
 
-    keys = hashlib.sha1("\n".join(d.key for d in docs).encode()).hexdigest()
     # A restored state only makes sense for the same documents read the same way.
     fingerprint = {
-        "documents": f"{len(docs)}:{keys}",
+        "documents": docs_id,
         "split": split,
         "seq_len": seq_len,
         "rows": batch_size,  # global: the same state in every process, whatever their number
@@ -227,10 +274,13 @@ def make_iterator(
         "num_epochs": num_epochs,
         "worker_count": cfg.worker_count,
         **({} if kind == "text" else {"kind": kind, "packing_bins": cfg.packing_bins}),
+        # rows packed when preparing: another pipeline than packing documents here
+        **({} if rows_packed is None else {"packed_rows": f"{rows_packed[1]} rows, seed {rows_packed[0]}"}),
     }
     return BatchIterator(
         batches,
         documents=docs,
+        num_documents=n_docs,
         rows=rows,
         seq_len=seq_len,
         process_count=process_count,

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..distributed import is_main
+from ..paths import local_path
 
 # Files taken from a directory (a single file path is always taken, whatever its suffix).
 TEXT_SUFFIXES = frozenset(
@@ -30,6 +31,7 @@ TEXT_SUFFIXES = frozenset(
     ".toml .yaml .yml .json .jsonl .parquet".split()
 )
 RECORD_SUFFIXES = (".jsonl", ".parquet")
+DATA_FORMATS = ("auto", "array_record", "raw")  # data.format
 # Standard-library parts that are test data, vendored packages or build-specific.
 _STDLIB_SKIP_DIRS = frozenset(
     {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__"}
@@ -50,17 +52,31 @@ class DataConfig:
     ``.jsonl`` or ``.parquet`` file (one record per line/row; plain text in field ``text_field``
     for pretraining, TRL's conversational / prompt-completion / preference records for
     ``objective: sft`` / ``dpo``), any other text file (one document), or a directory of such
-    files (recursive, sorted).
+    files (recursive, sorted); or a directory of ArrayRecord shards made by tools/prepare_data.py
+    (prepared.py: tokenized once, read by index).
+
+    ``format``: ``auto`` (prepared when ``path`` is a directory holding ``metadata.json`` or
+    ``.array_record`` files), ``array_record`` (must be prepared) or ``raw`` (read and tokenize).
     """
 
     path: str = "stdlib"
+    format: str = "auto"
     text_field: str = "text"
     eval_fraction: float = 0.01  # held-out documents, chosen by hash (not by order)
     shuffle: bool = True
+    # pretraining: packed rows shuffled within tumbling windows of this many rows (0 = off). Packing cuts
+    # each document into consecutive rows, so without it a small batch is a few rows of one file and a
+    # short run walks through a handful of files one after another
+    shuffle_window: int = 0
     worker_count: int = 0  # grain multiprocessing workers (0 = read in this process)
     prefetch: int = 2  # batches prepared in a background thread ahead of the step
     max_documents: int = 0  # 0 = all
     packing_bins: int = 8  # sft/dpo: first-fit packing bins (more: less padding, more look-ahead)
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", local_path(self.path, "data.path"))  # file:///x -> /x
+        if self.format not in DATA_FORMATS:
+            raise ValueError(f"data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
 
 
 @dataclasses.dataclass(frozen=True)

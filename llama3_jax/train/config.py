@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .. import checkpoint
+from .. import checkpoint, lora
 from ..config import ModelConfig, load_model_config
 from ..attention import NAMES as ATTENTION_NAMES
 from ..data import DataConfig
@@ -15,6 +15,7 @@ from ..lora import LoraConfig
 from ..model import remat_policy
 from ..objectives import OBJECTIVES, DPOConfig
 from ..optim import OptimConfig
+from ..paths import local_path
 from ..tokenizer import ByteTokenizer, load_tokenizer as make_tokenizer  # noqa: F401 (the train API names them)
 
 # A model given as keys without a `preset:` base must give all of these (the rest have Llama 3 defaults).
@@ -67,6 +68,10 @@ class TrainConfig:
     tensorboard: bool = False
     sample_prompt: str = "def "
     sample_tokens: int = 32  # 0 = no sample at the end
+    # the end-of-run sample: 0 = greedy; > 0 draws (seeded by `seed`) among the `sample_top_k` most likely
+    # tokens (0 = all), since greedy decoding of a briefly trained model repeats one token
+    sample_temperature: float = 0.0
+    sample_top_k: int = 0
     peak_flops: float = 0.0  # per device, for MFU; 0 = PEAK_FLOPS by device kind (CPU: see above)
     progress: bool = True
     nan_policy: str = "stop"  # non-finite loss/grad norm: stop (name the step) | skip the update (numerics.py)
@@ -74,6 +79,8 @@ class TrainConfig:
     spike_factor: float = 0.0  # > 0: warn when loss > spike_factor x running mean of recent losses
 
     def __post_init__(self):
+        for key in ("workdir", "init_from"):  # file:///x -> /x
+            object.__setattr__(self, key, local_path(getattr(self, key), key))
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "checkpoint_every", "eval_batches")
         for key in positive:
             if getattr(self, key) < 1:
@@ -87,7 +94,7 @@ class TrainConfig:
             raise ValueError(f"loss_chunk must be -1 (auto), 0 (whole) or positive, got {self.loss_chunk}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.lora.rank and not self.init_from:
+        if self.lora.rank and not (self.init_from or self.lora.init_from):
             raise ValueError("lora.rank > 0 needs init_from (the base checkpoint the adapters are trained on)")
         if self.nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be stop or skip, got {self.nan_policy!r}")
@@ -95,6 +102,10 @@ class TrainConfig:
             raise ValueError(f"nan_max_consecutive must be >= 0, got {self.nan_max_consecutive}")
         if not (self.spike_factor == 0 or self.spike_factor > 1):  # also refuses NaN
             raise ValueError(f"spike_factor must be 0 (off) or > 1, got {self.spike_factor}")
+        if not self.sample_temperature >= 0:  # also refuses NaN
+            raise ValueError(f"sample_temperature must be >= 0 (0 = greedy), got {self.sample_temperature}")
+        if self.sample_top_k < 0:
+            raise ValueError(f"sample_top_k must be >= 0 (0 = off), got {self.sample_top_k}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
         preset = self.model.get("preset") if isinstance(self.model, dict) else self.model
@@ -146,4 +157,32 @@ def model_config(cfg: TrainConfig, resume_dir: Path | None = None) -> ModelConfi
                     + " but the run config says " + ", ".join(f"model.{k}={getattr(asked, k)!r}" for k in differ)
                     + (" (a workdir's model cannot change: use a new workdir)" if resume_dir is not None
                        else " (drop `model` to take init_from's)"))
+    if mc.quantization is not None:  # int8 weights are for generate/score (quant.py): nothing to train
+        where = f"{stored}: its model has" if stored is not None else "the run config sets"
+        raise ValueError(f"{where} quantization={mc.quantization!r}: training needs float weights "
+                         f"(train from the float checkpoint)")
     return dataclasses.replace(mc, dtype=cfg.compute_dtype, param_dtype="float32")
+
+
+def resolve_lora(cfg: TrainConfig) -> TrainConfig:
+    """`lora.init_from=DIR` (a LoRA checkpoint: a LoRA workdir or an imported PEFT adapter) means: train
+    DIR's adapters on from where they are. Its record decides the base (`init_from`) and the rank,
+    alpha and targets; `lora.dropout` stays the run's. A `lora.rank` or `init_from` that disagrees with
+    DIR is refused rather than silently replaced. (`init_from=DIR` instead starts from DIR merged.)"""
+    src = cfg.lora.init_from
+    if not src:
+        return cfg
+    if not checkpoint.is_checkpoint(src):
+        raise ValueError(f"lora.init_from {src}: not a llama3-jax checkpoint (no {checkpoint.CONFIG_FILE})")
+    adapted = checkpoint.lora_base(src)  # a missing base: one line naming its path
+    if adapted is None:
+        raise ValueError(f"lora.init_from {src}: not a LoRA checkpoint (its config.json has no 'lora' section; "
+                         f"for a full model use init_from)")
+    record, base = adapted
+    lc = lora.from_record(record)
+    if cfg.lora.rank and cfg.lora.rank != lc.rank:
+        raise ValueError(f"lora.rank {cfg.lora.rank}: lora.init_from {src} has rank {lc.rank} (drop lora.rank)")
+    if cfg.init_from and Path(cfg.init_from).absolute() != Path(base).absolute():
+        raise ValueError(f"init_from {cfg.init_from}: lora.init_from {src} is on base {base} (drop init_from)")
+    return dataclasses.replace(cfg, init_from=str(base), lora=dataclasses.replace(
+        cfg.lora, rank=lc.rank, alpha=lc.alpha, targets=lc.targets))

@@ -35,7 +35,7 @@ from ..data import BATCH_KEYS
 from .. import attention
 from ..hardware import HBM_BYTES, PEAK_FLOPS, GiB, lookup
 from ..sharding import logical_spec, make_mesh
-from .config import TrainConfig, model_config
+from .config import TrainConfig, model_config, resolve_lora
 from .metrics import model_flops_per_token, peak_flops
 from .step import build
 
@@ -129,6 +129,7 @@ def host_line(mem) -> str:
 def dry_run(cfg: TrainConfig, topology: str | None = None, num_slices: int = 1, out=None) -> dict:
     """Compile, print the report (last line JSON) and return it; raises DoesNotFit when it does not fit."""
     out = out or sys.stdout
+    cfg = resolve_lora(cfg)  # lora.init_from: its base's shape and the adapters' rank
     if num_slices < 1:
         raise ValueError(f"--num-slices must be >= 1, got {num_slices}")
     if num_slices > 1 and topology is None:

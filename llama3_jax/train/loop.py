@@ -3,7 +3,7 @@
     YAML + overrides -> TrainConfig -> mesh -> abstract sharded state
       -> restore (WORKDIR checkpoint, else `init_from` params, else jitted sharded init)
       -> grain iterator (its saved state) -> loop { step -> metrics line -> eval -> checkpoint }
-      -> final checkpoint -> greedy sample
+      -> final checkpoint -> sample (greedy, or drawn with sample_temperature/sample_top_k)
 
 Parameters and AdamW moments live in float32 with the shardings of the logical rules (sharding.py);
 the optimizer state's shardings come from the params' through `optax.tree_map_params`. The model
@@ -28,13 +28,13 @@ import jax
 import numpy as np
 
 from .. import checkpoint, distributed, lora, objectives
-from ..config import load_yaml_config
-from ..data import BATCH_KEYS, list_documents, make_iterator, record_check, skipped_line_count, split_documents
+from ..config_loader import load_yaml_config
+from ..data import BATCH_KEYS, corpus_documents, make_iterator, skipped_line_count, split_sizes
 from ..failpoints import kill_point
 from ..objectives import DPO_METRICS
 from ..optim import OptimConfig, schedule
 from ..sharding import logical_spec, make_mesh, require_divisible
-from .config import TrainConfig, make_tokenizer, model_config, tokenizer_spec
+from .config import TrainConfig, make_tokenizer, model_config, resolve_lora, tokenizer_spec
 from .metrics import MetricsLog, model_flops_per_token, peak_flops
 from .numerics import Guard
 from .state import restore_state, save_state
@@ -120,16 +120,19 @@ def _reference_table(cfg: TrainConfig, setup: Setup, tok, workdir: Path) -> dict
     return table
 
 
-def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok, reference: dict | None = None) -> dict:
-    """Mean loss over the first `eval_batches` batches of the held-out split (the same every time).
+def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok, reference: dict | None = None,
+              documents: list | None = None) -> dict:
+    """Mean loss over the first `eval_batches` batches of the held-out split (the same every time):
+    lm/sft: `eval_loss` per target token and `eval_perplexity`; dpo: `eval_loss` per pair and TRL's
+    `eval_rewards/...`, `eval_logps/...` (a perplexity of a DPO loss means nothing).
 
     Every process runs exactly `eval_batches` steps (each is a collective): a process whose share of
     the held-out data ends early feeds all-padding batches, which count no tokens."""
-    total, count = 0.0, 0.0
+    total, count, sums = 0.0, 0.0, {}
     with make_iterator(cfg.data, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                        split="eval", process_index=jax.process_index(),
                        process_count=jax.process_count(), kind=DATA_KIND[cfg.objective],
-                       reference=reference) as it:
+                       reference=reference, documents=documents) as it:
         padding = None
         for _ in range(cfg.eval_batches):
             batch = next(it, None)
@@ -138,24 +141,29 @@ def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok, reference: dict
                 padding = padding or {k: np.zeros((rows, cfg.seq_len), np.float32 if k == "ref_logps" else np.int32)
                                       for k in BATCH_KEYS + (("ref_logps",) if reference else ())}
                 batch = padding
-            s, n = setup.eval_fn(params, setup.put_batch(batch))
+            s, n, m = jax.device_get(setup.eval_fn(params, setup.put_batch(batch)))
             kill_point("train.eval")
             total, count = total + float(s), count + float(n)
+            sums = {k: sums.get(k, 0.0) + float(v) for k, v in m.items()}
     loss = total / max(count, 1.0)
+    if cfg.objective == "dpo":
+        return {"eval_loss": loss, **{f"eval_{k}": v / max(count, 1.0) for k, v in sums.items()},
+                "eval_pairs": int(count)}
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": int(count)}
 
 
-def _eval_every(cfg: TrainConfig, is_main: bool) -> int:
+def _eval_every(cfg: TrainConfig, is_main: bool, documents: list | None) -> int:
     """`eval_every`, or 0 when the data holds no eval documents (a single text file, a one-line JSONL,
     data.eval_fraction=0): decided here, before any step, rather than failing at the first eval."""
     if not cfg.eval_every:
         return 0
-    docs = list_documents(cfg.data, record_check(DATA_KIND[cfg.objective]))
-    if split_documents(docs, "eval", cfg.data.eval_fraction):
+    sizes = split_sizes(cfg.data, documents)
+    if sizes["eval"]:
         return cfg.eval_every
     if is_main:
-        print(f"train: warning: no eval documents in data.path {cfg.data.path} ({len(docs)} document"
-              f"{'s' * (len(docs) != 1)}, data.eval_fraction={cfg.data.eval_fraction}): eval_every="
+        n = sizes["train"]
+        print(f"train: warning: no eval documents in data.path {cfg.data.path} ({n} document"
+              f"{'s' * (n != 1)}, data.eval_fraction={cfg.data.eval_fraction}): eval_every="
               f"{cfg.eval_every} ignored, no eval", file=sys.stderr)
     return 0
 
@@ -182,11 +190,13 @@ def _warn_if_schedule_changed(cfg: TrainConfig, workdir: Path, step: int) -> Non
 
 
 def _sample(cfg: TrainConfig, setup: Setup, params: dict, tok) -> str:
-    """Greedy continuation of `sample_prompt` with the serving engine."""
+    """Continuation of `sample_prompt` with the serving engine: greedy, or drawn with the run's seed."""
     from ..engine import Generator
+    from ..sampling import from_flags
     gen = Generator(cfg=setup.model_cfg, params=setup.model_params(params), dtype=cfg.compute_dtype, mesh=setup.mesh,
                     tokenizer=tok)
-    [completion] = gen.generate([cfg.sample_prompt], max_new_tokens=cfg.sample_tokens, batch_size=1)
+    [completion] = gen.generate([cfg.sample_prompt], max_new_tokens=cfg.sample_tokens, batch_size=1,
+                                sampling=from_flags(cfg.sample_temperature, cfg.sample_top_k), seed=cfg.seed)
     return completion.text
 
 
@@ -213,6 +223,10 @@ def _start_state(cfg: TrainConfig, setup: Setup, workdir: Path, resume: int | No
     if resume is not None:
         state, data_state, meta = restore_state(workdir, resume, setup.abstract)
         return state, data_state, resume, meta.get("tokens", 0), f"resumed {workdir} at step {resume}"
+    if cfg.lora.init_from:  # train on from a LoRA checkpoint's adapters (fresh optimizer state)
+        adapters = checkpoint.restore_adapters(cfg.lora.init_from, setup.model_cfg, cfg.lora, setup.mesh)
+        return (setup.init_state(cfg.seed, adapters), None, 0, 0,
+                f"LoRA rank {cfg.lora.rank} adapters from {cfg.lora.init_from} on {cfg.init_from}")
     if cfg.lora.rank:
         return setup.init_state(cfg.seed), None, 0, 0, f"LoRA rank {cfg.lora.rank} on {cfg.init_from}"
     if cfg.init_from:
@@ -225,6 +239,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
     """Run (or resume) the job described by `cfg`; returns a summary dict (losses, throughput, sample)."""
     t0 = time.time()
     distributed.initialize(cfg.distributed)  # before any other JAX call
+    cfg = resolve_lora(cfg)  # lora.init_from: its base and LoRA settings
     workdir = Path(cfg.workdir)
     is_main = jax.process_index() == 0
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, dcn_data=cfg.mesh.dcn_data,
@@ -244,7 +259,8 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
     tok = tokenizer or make_tokenizer(cfg.tokenizer)
     if tok.n_words > mc.vocab_size:
         raise ValueError(f"tokenizer has {tok.n_words} ids but the model's vocab_size is {mc.vocab_size}")
-    eval_every = _eval_every(cfg, is_main)
+    documents = corpus_documents(cfg.data, DATA_KIND[cfg.objective])  # listed once per run (None: prepared)
+    eval_every = _eval_every(cfg, is_main, documents)
     if resume is not None and is_main:
         _warn_if_schedule_changed(cfg, workdir, resume)
     setup = build(cfg, mc, mesh)
@@ -257,7 +273,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
         reference = _reference_table(cfg, setup, tok, workdir)
         it = make_iterator(cfg.data, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                            process_index=jax.process_index(), process_count=jax.process_count(),
-                           kind=DATA_KIND[cfg.objective], reference=reference)
+                           kind=DATA_KIND[cfg.objective], reference=reference, documents=documents)
         try:
             if data_state is not None:
                 it.set_state(data_state)
@@ -310,7 +326,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
                         bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{record['tokens_per_second'] or 0:.0f}")
                     if eval_every and (step % eval_every == 0 or step == cfg.steps):
                         t_eval = time.time()
-                        last_eval = _evaluate(cfg, setup, state["params"], tok, reference)
+                        last_eval = _evaluate(cfg, setup, state["params"], tok, reference, documents)
                         log.write({"step": step, **last_eval})
                         if t_log is not None:  # eval time is not training time
                             t_log, t_first = t_log + time.time() - t_eval, t_first + time.time() - t_eval
@@ -352,7 +368,9 @@ def _report(cfg: TrainConfig, s: dict, workdir: Path) -> None:
         tmp = workdir / ".sample.txt.tmp"
         tmp.write_text(text + "\n")
         os.replace(tmp, workdir / "sample.txt")
-        print(f"sample (greedy, {cfg.sample_tokens} tokens): {text!r}", file=sys.stderr)
+        how = "greedy" if cfg.sample_temperature == 0 else (
+            f"temperature {cfg.sample_temperature:g}" + (f", top-k {cfg.sample_top_k}" if cfg.sample_top_k else ""))
+        print(f"sample ({how}, {cfg.sample_tokens} tokens): {text!r}", file=sys.stderr)
     how = f"preempted ({s['stopped_by'] or 'SIGTERM'}), saved" if s["preempted"] else "done"
     loss = f", loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}" if s["first_loss"] is not None else ""
     ev = f", eval loss {s['eval_loss']:.4f}" if "eval_loss" in s else ""

@@ -89,6 +89,11 @@ def objective_loss(obj: Objective, graphdef, trainable: dict, frozen: dict, batc
     return loss_sum, (count, metrics)
 
 
+def zero_metrics(obj: Objective) -> dict:
+    """The objective's metric sums at zero (the carry of a scan over microbatches)."""
+    return {k: jnp.float32(0) for k in (objectives.DPO_METRICS if obj.name == "dpo" else ())}
+
+
 def train_step(obj: Objective, graphdef, tx: optax.GradientTransformation, lr_schedule, grad_accum: int,
                state: dict, batch: dict, frozen: dict, *, nan_skip: bool = False) -> tuple[dict, dict]:
     """One update. state = {params, opt_state, step} (params: the model's, or LoRA adapters);
@@ -109,9 +114,7 @@ def train_step(obj: Objective, graphdef, tx: optax.GradientTransformation, lr_sc
             k = None if key is None else jax.random.fold_in(key, j)
             (l, (n, m)), g = grad_fn(params, frozen, mb, k)
             return jax.tree.map(jnp.add, carry, (g, l, n, m)), None
-        metric_names = objectives.DPO_METRICS if obj.name == "dpo" else ()
-        zero = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0),
-                {k: jnp.float32(0) for k in metric_names})
+        zero = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0), zero_metrics(obj))
         (grads, loss_sum, count, msum), _ = jax.lax.scan(
             micro, zero, (split_microbatches(batch, grad_accum), jnp.arange(grad_accum)))
     denom = jnp.maximum(count, 1.0)
@@ -129,18 +132,20 @@ def train_step(obj: Objective, graphdef, tx: optax.GradientTransformation, lr_sc
 
 
 def eval_step(obj: Objective, graphdef, params: dict, batch: dict, frozen: dict,
-              grad_accum: int = 1) -> tuple[jax.Array, jax.Array]:
-    """(loss sum, count) of a batch, in the train step's `grad_accum` microbatches (a run that needs
-    microbatches to fit a train step needs them for eval too)."""
+              grad_accum: int = 1) -> tuple[jax.Array, jax.Array, dict]:
+    """(loss sum, count, metric sums) of a batch, in the train step's `grad_accum` microbatches (a run
+    that needs microbatches to fit a train step needs them for eval too). Metric sums: DPO's pair
+    metrics (objectives.DPO_METRICS), none for lm/sft."""
     def one(mb):
-        loss_sum, (count, _) = objective_loss(obj, graphdef, params, frozen, mb)
-        return loss_sum, count
+        loss_sum, (count, metrics) = objective_loss(obj, graphdef, params, frozen, mb)
+        return loss_sum, count, metrics
     if grad_accum == 1:
         return one(batch)
 
     def micro(carry, mb):
         return jax.tree.map(jnp.add, carry, one(mb)), None
-    total, _ = jax.lax.scan(micro, (jnp.float32(0), jnp.float32(0)), split_microbatches(batch, grad_accum))
+    zero = (jnp.float32(0), jnp.float32(0), zero_metrics(obj))
+    total, _ = jax.lax.scan(micro, zero, split_microbatches(batch, grad_accum))
     return total
 
 
@@ -161,7 +166,7 @@ class Setup:
     tx: optax.GradientTransformation
     abstract: dict  # {params, opt_state, step}: ShapeDtypeStruct with shardings (params: LoRA adapters)
     step_jit: Callable  # (state, batch, frozen) -> (state, metrics); donates state
-    eval_jit: Callable  # (params, batch, frozen) -> (loss sum, count)
+    eval_jit: Callable  # (params, batch, frozen) -> (loss sum, count, metric sums)
     objective: Objective = Objective()
     frozen_abstract: dict = dataclasses.field(default_factory=dict)  # {"base"} (LoRA), {"ref"} (full DPO)
     frozen: dict = dataclasses.field(default_factory=dict)  # their values, placed by the loop
@@ -169,7 +174,7 @@ class Setup:
     def step_fn(self, state: dict, batch: dict) -> tuple[dict, dict]:
         return self.step_jit(state, batch, self.frozen)
 
-    def eval_fn(self, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+    def eval_fn(self, params: dict, batch: dict) -> tuple[jax.Array, jax.Array, dict]:
         return self.eval_jit(params, batch, self.frozen)
 
     def model_params(self, params: dict) -> dict:
