@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from .model import output_logits
 from .sharding import constrain
 
-# loss_chunk = -1 ("auto") chunks when the logits of a batch would pass this many bytes
+# loss_chunk = -1 ("auto") chunks when one device's logits (its rows, its vocabulary shard) would pass
+# this many bytes
 AUTO_LOGITS_BYTES = 512 * 2**20
 
 
@@ -65,7 +66,8 @@ def chunked_lm_loss(hidden: jax.Array, out_weight: jax.Array, targets: jax.Array
 
 def resolve_chunk(loss_chunk: int, batch: int, seq_len: int, vocab: int) -> int:
     """The `loss_chunk` key -> positions per chunk (0 = one piece). -1 (auto): one piece while the
-    batch's float32 logits stay under AUTO_LOGITS_BYTES, else the largest power of two that does."""
+    float32 logits of `batch` rows x `vocab` (one device's share: train/step.py passes it) stay under
+    AUTO_LOGITS_BYTES, else the largest power of two that does."""
     if loss_chunk >= 0:
         return loss_chunk
     if batch * seq_len * vocab * 4 <= AUTO_LOGITS_BYTES:

@@ -118,6 +118,9 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
     """
     dt = x.dtype
     b, t, d = x.shape
+    # training: the residual stream is split over positions (sharding.py `act_seq`); decoding keeps it
+    # whole (nothing is saved for a backward, so splitting would only add collectives)
+    resid = ("batch", "act_seq" if cache_kv is None else "seq", "act_embed")
     x = checkpoint_name(x, "layer_in")  # the residual stream a layer scan keeps per layer
     # Projections and the MLP see tokens as one flat axis n = b*t: the same math, but XLA:CPU runs the
     # backward of (n, d) matmuls about 2x faster than of 3-D einsums (benchmarks/train.py).
@@ -143,12 +146,12 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
         a = attend(q, keys, values, seg, k_seg, q_idx, k_idx)
     a = checkpoint_name(a, "attn_out").reshape(b * t, *q.shape[2:])
     x = x + _project("nhk,hkd->nd", a, w, "wo", lora, layer).reshape(b, t, d)
-    x = constrain(x, ("batch", "seq", "act_embed"))
+    x = constrain(x, resid)
     h = rms_norm(x, w["mlp_norm"], cfg.norm_eps).reshape(b * t, d)
     gate = _project("nd,df->nf", h, w, "w_gate", lora, layer)
     up = _project("nd,df->nf", h, w, "w_up", lora, layer)
     x = x + _project("nf,fd->nd", jax.nn.silu(gate) * up, w, "w_down", lora, layer).reshape(b, t, d)
-    return constrain(x, ("batch", "seq", "act_embed")), new_kv
+    return constrain(x, resid), new_kv
 
 
 def output_logits(hidden, out_weight, scale=None, tied=False):
@@ -270,7 +273,7 @@ class Llama(nnx.Module):
         else:
             table = constrain(self.embed[...].astype(dt), ("vocab", None))
             x = jnp.take(table, tokens, axis=0)
-        x = constrain(x, ("batch", "seq", "act_embed"))
+        x = constrain(x, ("batch", "seq" if cache is not None else "act_seq", "act_embed"))
         cos, sin = rope.cos_sin(positions, cfg)
 
         if cache is None:
@@ -318,6 +321,7 @@ class Llama(nnx.Module):
             for i, w in enumerate(per_layer):
                 x, new_kv = layer(x, w, new_kv, i, None if lw is None else jax.tree.map(lambda a: a[i], lw))
 
+        x = constrain(x, ("batch", "seq", "act_embed"))  # positions whole again for the output layer
         if last_only:
             x = x[:, -1:]
         x = rms_norm(x, self.norm[...], cfg.norm_eps)

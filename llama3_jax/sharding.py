@@ -28,6 +28,11 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "layers": None,
     "norm": None,
     "seq": None,
+    # the residual stream between and around the layers in training (sequence parallelism): each
+    # tensor shard keeps 1/tensor of the positions, so what a layer scan saves for the backward (each
+    # layer's input, 1 GiB per layer for 405B at 4 x 8192 tokens per chip) is split `tensor` ways; the
+    # partitioner all-gathers positions before the projections and reduce-scatters after them
+    "act_seq": ("tensor",),
     "act_embed": None,  # activations keep the model dim whole: fsdp shards weights, not activations
     "act_vocab": ("tensor",),
     "cache_seq": None,
@@ -158,6 +163,16 @@ def logical_spec(names: tuple[str | None, ...], shape: tuple[int, ...] | None = 
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
     return P(*out)
+
+
+def local_shape(mesh: Mesh, names: tuple[str | None, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of one device's shard of an array with these logical names (what the rules give)."""
+    spec = logical_spec(names, shape, mesh)
+    out = []
+    for size, axes in zip(shape, spec):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        out.append(size // math.prod(mesh.shape[a] for a in axes))
+    return tuple(out)
 
 
 def require_divisible(name: str, size: int, mesh: Mesh, what: str) -> None:

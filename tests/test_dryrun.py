@@ -7,6 +7,10 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import pytest
@@ -65,6 +69,38 @@ def test_train_step_memory_is_linear_in_seq_len_with_blockwise():
         compiled, _, _ = compile_step(config("batch_size=1", f"seq_len={t}", "attention=blockwise"), jax.devices()[:1])
         temps[t] = compiled.memory_analysis().temp_size_in_bytes
     assert temps[8192] <= 2.2 * temps[4096], temps
+
+
+# 8 fake CPU devices (a subprocess: jax reads XLA_FLAGS at import); prints temporaries with the `act_seq`
+# rule as the table has it, then with the residual stream whole (the layout before sequence parallelism)
+SEQ_PARALLEL = """
+import json, jax
+from llama3_jax import sharding
+from llama3_jax.config import load_yaml_config
+from llama3_jax.train import TrainConfig
+from llama3_jax.train.dryrun import compile_step
+cfg = load_yaml_config(TrainConfig, None, ["model={preset: test-small, vocab_size: 262, dim: 64, n_layers: 6, max_seq_len: 256}",
+    "tokenizer=bytes", "batch_size=2", "seq_len=256", "compute_dtype=float32", "remat=full", "mesh.fsdp=2",
+    "mesh.tensor=4", "attention=reference"])
+temps = []
+for rule in (sharding.RULES["act_seq"], None):
+    sharding.RULES["act_seq"] = rule
+    temps.append(compile_step(cfg, jax.devices())[0].memory_analysis().temp_size_in_bytes)
+print(json.dumps(temps))
+"""
+
+
+def test_sequence_parallel_residual_stream_splits_the_saved_layer_inputs():
+    """remat=full keeps each layer's input for the backward; with `act_seq` over tensor (4 ways here)
+    every device keeps a quarter of the positions: the 6 layers' saved inputs (1 row x 256 positions x
+    64 x 4 B each per device) shrink by at least 3/4 of their size."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.run([sys.executable, "-c", SEQ_PARALLEL], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    split, whole = json.loads(proc.stdout.strip().splitlines()[-1])
+    saved_inputs = 6 * 1 * 256 * 64 * 4
+    assert whole - split >= saved_inputs * 3 / 4, (split, whole)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the `tpu` extra) is not installed")

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +75,8 @@ def device_memory_bytes(devices) -> int:
 
 def compile_step(cfg: TrainConfig, devices, mc=None):
     """(compiled train step, model config, mesh) for `cfg` on `devices`, from abstract shapes only."""
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices, dcn_data=cfg.mesh.dcn_data,
+                     dcn_fsdp=cfg.mesh.dcn_fsdp)
     mc = mc or model_config(cfg)
     setup = build(cfg, mc, mesh)
     batch_sh = jax.sharding.NamedSharding(mesh, logical_spec(("batch", "seq"), None, mesh))
@@ -118,6 +120,12 @@ def cost_estimate(cfg: TrainConfig, mc, devices) -> tuple[float, float | None]:
     return flops, seconds
 
 
+def host_line(mem) -> str:
+    """", host memory: temporaries X" where the compiler placed buffers in host memory (remat=offload)."""
+    host = int(getattr(mem, "host_temp_size_in_bytes", 0) or 0)
+    return f"; host memory: temporaries {host / GiB:.2f} GiB (offloaded activations)" if host else ""
+
+
 def dry_run(cfg: TrainConfig, topology: str | None = None, num_slices: int = 1, out=None) -> dict:
     """Compile, print the report (last line JSON) and return it; raises DoesNotFit when it does not fit."""
     out = out or sys.stdout
@@ -131,6 +139,7 @@ def dry_run(cfg: TrainConfig, topology: str | None = None, num_slices: int = 1, 
     hbm = device_memory_bytes(devices)
     name = topology + (f" x{num_slices}" if num_slices > 1 else "") if topology else \
         f"{devices[0].platform}:{len(devices)}"
+    started = time.perf_counter()
     try:
         compiled, mc, mesh = compile_step(cfg, devices)
     except jax.errors.JaxRuntimeError as e:
@@ -151,6 +160,15 @@ def dry_run(cfg: TrainConfig, topology: str | None = None, num_slices: int = 1, 
                   "outputs": int(mem.output_size_in_bytes)}
     per_device["peak"] = sum(per_device.values()) - int(mem.alias_size_in_bytes)
     fits = bool(hbm) and per_device["peak"] <= hbm
+    gib = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+    # the memory lines first: the cost compiles below can take as long again on a big topology
+    print(f"dry run: {mc.num_params():,} params, {name} ({devices[0].device_kind}), mesh {dict(mesh.shape)}, "
+          f"{cfg.batch_size}x{cfg.seq_len} tokens, attention={cfg.attention}, remat={cfg.remat}, "
+          f"compiled in {time.perf_counter() - started:.0f} s", file=out)
+    print(f"per device: arguments {gib(per_device['arguments'])}, temporaries {gib(per_device['temporaries'])}, "
+          f"outputs {gib(per_device['outputs'])}, peak {gib(per_device['peak'])} of {gib(hbm)}"
+          f"{host_line(mem)}", file=out, flush=True)
+    started = time.perf_counter()
     flops, seconds = cost_estimate(cfg, mc, devices)
     flops *= n
     model_flops = model_flops_per_token(mc, cfg.seq_len) * cfg.batch_size * cfg.seq_len
@@ -158,14 +176,9 @@ def dry_run(cfg: TrainConfig, topology: str | None = None, num_slices: int = 1, 
     mfu = model_flops / (seconds * peak) if seconds and math.isfinite(peak) else None
     report = {"topology": name, "devices": n, "bytes_per_device": per_device, "device_memory_bytes": hbm,
               "fits": fits, "flops_per_step": flops, "estimated_step_seconds": seconds, "estimated_mfu": mfu}
-    gib = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
-    print(f"dry run: {mc.num_params():,} params, {name} ({devices[0].device_kind}), mesh {dict(mesh.shape)}, "
-          f"{cfg.batch_size}x{cfg.seq_len} tokens, attention={cfg.attention}, remat={cfg.remat}", file=out)
-    print(f"per device: arguments {gib(per_device['arguments'])}, temporaries {gib(per_device['temporaries'])}, "
-          f"outputs {gib(per_device['outputs'])}, peak {gib(per_device['peak'])} of {gib(hbm)}", file=out)
     print(f"compiler: {flops:.3e} FLOPs per step (model: {model_flops:.3e}), cost-model step "
-          f"{'n/a' if seconds is None else f'{seconds:.3f} s'}, MFU {'n/a' if mfu is None else f'{mfu:.1%}'}",
-          file=out)
+          f"{'n/a' if seconds is None else f'{seconds:.3f} s'}, MFU {'n/a' if mfu is None else f'{mfu:.1%}'} "
+          f"(cost compiles: {time.perf_counter() - started:.0f} s)", file=out)
     print(json.dumps(report), file=out, flush=True)
     if not fits:
         raise DoesNotFit(f"needs {gib(per_device['peak'])} per device, the device has {gib(hbm)}"

@@ -20,7 +20,7 @@ from ..losses import chunked_lm_loss, resolve_chunk
 from ..model import Adapters, Llama, abstract_model
 from ..objectives import DPOConfig
 from ..optim import make_optimizer, schedule
-from ..sharding import constrain, global_batch, logical_spec, replicated
+from ..sharding import constrain, global_batch, local_shape, logical_spec, replicated
 from .config import TrainConfig
 from .numerics import is_finite_step, keep_finite
 
@@ -213,7 +213,11 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, mesh) -> Setup:
     dtype, with no optimizer state; full DPO keeps a frozen reference copy in the compute dtype."""
     tx = make_optimizer(cfg.optim, cfg.steps)
     backend = attention.resolve(cfg.attention, mesh.devices.flat[0].platform, cfg.seq_len)
-    loss_chunk = resolve_chunk(cfg.loss_chunk, cfg.batch_size // cfg.grad_accum, cfg.seq_len, model_cfg.vocab_size)
+    # auto chunking sizes one DEVICE's logits (its rows, its share of the vocabulary): sized by the global
+    # batch, 405B's 512 rows gave 2-position chunks, a 4096-step loop streaming the output weight each step
+    rows, _, vocab = local_shape(mesh, ("batch", "seq", "act_vocab"),
+                                 (cfg.batch_size // cfg.grad_accum, cfg.seq_len, model_cfg.vocab_size))
+    loss_chunk = resolve_chunk(cfg.loss_chunk, rows, cfg.seq_len, vocab)
     obj = Objective.of(cfg, loss_chunk)
     graphdef, _ = nnx.split(abstract_model(model_cfg, scan_layers=cfg.scan_layers, remat=cfg.remat, attention=backend))
     base = checkpoint.abstract_params(model_cfg, mesh)
