@@ -13,6 +13,7 @@ in the same order. `--to jax` is written by all of them into one temp directory 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
@@ -268,6 +269,23 @@ def _main_pid() -> int:
     """Process 0's pid, on every process: the temp directory they all write into is named after it."""
     from ..multihost_io import on_main
     return on_main(os.getpid)
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: Path):
+    """A temp directory beside `dst` for one process to write into: renamed to `dst` when the block
+    ends without error, deleted when it fails, so `dst` appears whole or not at all (the `--to peft`
+    export and `--keep-adapters` import; `convert` itself does the same across processes)."""
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    _remove_stale_temps(dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _remove_stale_temps(dst: Path) -> None:

@@ -15,8 +15,6 @@ PEFT's layout (lora_A (rank, in_features), lora_B (out_features, rank), keys
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +23,7 @@ import numpy as np
 
 from .. import checkpoint, lora
 from ..config import read_json
-from .core import ConvertError, Tensor
+from .core import ConvertError, Tensor, atomic_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -56,16 +54,9 @@ def export_peft(src: Path, dst: Path) -> None:
         "init_lora_weights": True, "inference_mode": True, "base_model_name_or_path": str(base),
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
     }
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_dir(dst) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_adapter(src: Path) -> tuple[lora.LoraConfig, dict[str, np.ndarray]]:
@@ -100,6 +91,13 @@ def read_adapter(src: Path) -> tuple[lora.LoraConfig, dict[str, np.ndarray]]:
     return lora.LoraConfig(rank=r, alpha=alpha, dropout=float(pc.get("lora_dropout", 0.0)), targets=targets), tensors
 
 
+def _base_dir(base: str | Path | None) -> Path:
+    """--base, which both imports (merged and as adapters) need."""
+    if base is None:
+        raise ConvertError("--from peft needs --base BASE_DIR (the transformers or llama3-jax model it adapts)")
+    return Path(base)
+
+
 def _base_is_jax(base: Path) -> bool:
     cfg_path = base / checkpoint.CONFIG_FILE
     return cfg_path.exists() and read_json(cfg_path, "a model config", ConvertError).get("format") == checkpoint.FORMAT
@@ -111,14 +109,9 @@ def import_adapters(src: Path, dst: Path, base: str | Path | None, dtype: str | 
     else `dst/base`, converted from transformers here (`dtype` applies to it; adapters stay float32)."""
     import jax
     from .core import convert
-    if base is None:
-        raise ConvertError("--from peft needs --base BASE_DIR (the transformers or llama3-jax model it adapts)")
-    base = Path(base)
+    base = _base_dir(base)
     lc, tensors = read_adapter(src)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_dir(dst) as tmp:
         if _base_is_jax(base):
             try:
                 cfg, tokenizer = checkpoint.load_config(base), checkpoint.load_tokenizer_spec(base)
@@ -135,10 +128,6 @@ def import_adapters(src: Path, dst: Path, base: str | Path | None, dtype: str | 
             raise ConvertError(str(e)) from None
         checkpoint.save_params(tmp, cfg, jax.tree.map(jax.numpy.asarray, adapters), tokenizer=tokenizer,
                                lora_record=lora.config_record(lc, str(recorded)))
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if progress:
         print(f"imported {src} (peft, LoRA rank {lc.rank}, {', '.join(lc.targets)}) -> {dst} as adapters on "
               f"{recorded}", file=sys.stderr)
@@ -150,9 +139,7 @@ class PeftReader:
 
     def __init__(self, src: Path, base: str | Path | None):
         from .core import _reader
-        if base is None:
-            raise ConvertError("--from peft needs --base BASE_DIR (the transformers or llama3-jax model it adapts)")
-        base = Path(base)
+        base = _base_dir(base)
         self.base = _reader("jax" if _base_is_jax(base) else "hf", base)
         self.config, self.dtype = self.base.config, self.base.dtype
         lc, tensors = read_adapter(src)
