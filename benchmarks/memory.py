@@ -2,7 +2,7 @@
 
     python benchmarks/memory.py [--lengths 1024 2048 4096 8192 16384] [--model tiny-yaml]
 
-For each T, one train step (batch 1, float32 compute, the `configs/tiny.yaml` model: real 128,256-token
+For each T, one train step (batch 1, float32 compute, the `configs/tiny-128k.yaml` model: real 128,256-token
 vocabulary) is compiled from abstract shapes (train/dryrun.py `compile_step`: nothing is allocated)
 and XLA's buffer assignment reports its temporaries. Two settings:
     reference   attention=reference, loss_chunk=0: (T, T) float32 scores per layer, (T, vocab) logits
@@ -39,7 +39,7 @@ def temporaries(config: str, seq_len: int, extra: list[str]) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"))
+    p.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs" / "tiny-128k.yaml"))
     args = p.parse_args()
     rows = {}
     for t in args.lengths:

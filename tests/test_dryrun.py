@@ -18,10 +18,13 @@ import pytest
 from llama3_jax import cli
 from llama3_jax.config import load_yaml_config
 from llama3_jax.train import TrainConfig
-from llama3_jax.train.dryrun import compile_step, dry_run
+from llama3_jax.train import roofline
+from llama3_jax.train.config import model_config
+from llama3_jax.train.dryrun import compile_step, cost_estimate, dry_run
+from llama3_jax.train.roofline import executed_flops
 
 KEYS = {"topology", "devices", "bytes_per_device", "device_memory_bytes", "fits", "flops_per_step",
-        "estimated_step_seconds", "estimated_mfu"}
+        "estimated_step_seconds", "estimated_mfu", "estimate"}
 SMALL = ["model={preset: test-small, vocab_size: 262}", "tokenizer=bytes", "batch_size=2", "seq_len=64",
          "compute_dtype=float32"]
 
@@ -110,3 +113,22 @@ def test_dry_run_compiles_for_a_tpu_topology_with_the_splash_kernel():
     report = dry_run(config("mesh.fsdp=4", "batch_size=4", "seq_len=256", "compute_dtype=bfloat16"), "v5e:2x2", out=out)
     assert report["devices"] == 4 and report["fits"] and report["estimated_step_seconds"] > 0
     assert report["device_memory_bytes"] == 16 * 2**30 and 0 < report["estimated_mfu"] < 1
+    assert report["estimate"] in ("libtpu cost model", "roofline")
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "offload"])
+def test_roofline_counts_the_flops_the_compiler_counts_where_it_sees_every_matmul(remat):
+    """On one CPU device the program has no compiler-made loops, so XLA's cost analysis counts every
+    matmul: the roofline's hand count (weights, recompute per remat policy, attention) must agree with
+    it, the compiler's count being larger only by the elementwise work (norms, softmax, SiLU: < 8%)."""
+    cfg = config("model={preset: test-small, vocab_size: 262, dim: 256, intermediate_size: 768, n_heads: 4, "
+                 "n_kv_heads: 2, head_dim: 64}", f"remat={remat}", "attention=reference")
+    mc = model_config(cfg)
+    compiler, _, hbm_bytes = cost_estimate(cfg, mc, jax.devices()[:1])
+    counted = executed_flops(mc, remat, cfg.batch_size, cfg.seq_len, causal_skip=False)
+    assert 1.0 <= compiler / counted < 1.08, (compiler, counted)
+    assert hbm_bytes > 0
+    roof = roofline.estimate(mc, remat, cfg.batch_size, cfg.seq_len, {"fsdp": 16}, "TPU v5 lite", 16,
+                             compiler / 16, hbm_bytes / 16)
+    assert roof.compute_s == pytest.approx(max(counted, compiler) / 16 / 197e12)
+    assert roof.seconds == max(roof.compute_s, roof.memory_s, roof.network_s) and roof.network_s > 0

@@ -414,11 +414,18 @@ def test_unknown_override_key_suggests_the_closest(capsys):
     assert "unknown key 'mesh.fsdb'; did you mean 'mesh.fsdp'" in capsys.readouterr().err
 
 
-def test_tiny_config_is_the_real_architecture():
+def test_tiny_configs_are_the_real_architecture():
+    """The default job reads bytes (a 262-row output layer); tiny-128k.yaml is the same job with Llama 3's
+    tokenizer and vocabulary. Both: GQA, tied embeddings, the stdlib corpus, a sample at the end."""
     cfg = load_yaml_config(train.TrainConfig, REPO / "configs" / "tiny.yaml", [])
     mc = train.model_config(cfg)
-    assert mc.vocab_size == 128256 and cfg.tokenizer is None and cfg.data.path == "stdlib"
-    assert cfg.workdir == "runs/tiny" and cfg.sample_tokens > 0
+    assert cfg.tokenizer == "bytes" and mc.vocab_size >= train.ByteTokenizer().n_words
+    assert cfg.workdir == "runs/tiny" and cfg.sample_tokens > 0 and cfg.data.path == "stdlib"
+    big = load_yaml_config(train.TrainConfig, REPO / "configs" / "tiny-128k.yaml", [])
+    assert train.model_config(big).vocab_size == 128256 and big.tokenizer is None and big.data.path == "stdlib"
+    for c in (cfg, big):
+        m = train.model_config(c)
+        assert m.n_kv_heads < m.n_heads and m.tie_embeddings and c.workdir.startswith("runs/tiny")
 
 
 def test_optimizer_masks_norms_and_embeddings_and_follows_the_schedule():

@@ -3,7 +3,7 @@
 
     python tools/prepare_data.py corpus.jsonl data/corpus-prepared
     python tools/prepare_data.py docs/ data/docs-bytes --tokenizer bytes --eval-fraction 0.05
-    llama3-jax train --config configs/tiny.yaml data.path=data/corpus-prepared
+    llama3-jax train --config configs/tiny-128k.yaml data.path=data/corpus-prepared
 
 SRC is anything `data.path` reads (a .jsonl or .parquet file, a text file, a directory of them, or
 "stdlib"); DST is a new directory: metadata.json + train-*/eval-*.array_record, one record per

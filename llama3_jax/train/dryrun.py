@@ -13,9 +13,12 @@ bytes_per_device {arguments, temporaries, outputs, peak}, device_memory_bytes, f
 estimated_step_seconds, estimated_mfu. Exit status (cli.py): 0 fits, 3 does not fit, 2 config error.
 `peak` = arguments + temporaries + outputs - aliased (the donated state is updated in place). The
 compiler's cost model gives FLOPs (incl. rematerialised work) and, on TPU, an optimal step time
-(`optimal_seconds`; see `cost_estimate` for how loops and kernels are counted); the MFU estimate divides the model
-FLOPs (6 N + attention, as the train metrics count them) by that time and the chips' dense bf16 peak:
-a compiler's estimate, not a measurement.
+(`optimal_seconds`; see `cost_estimate` for how loops and kernels are counted). Where it gives none (libtpu
+0.0.42.1 returns a negative time for Llama-sized programs), the step time is train/roofline.py's bound:
+FLOPs, HBM bytes and interconnect bytes per chip at the chip's peaks, perfectly overlapped (a lower bound
+on the time). The MFU estimate divides the model FLOPs (6 N + attention, as the train metrics count them)
+by that time and the chips' dense bf16 peak: an estimate, not a measurement. The JSON's extra key
+`estimate` says which one it is ("libtpu cost model" or "roofline").
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from ..hardware import HBM_BYTES, PEAK_FLOPS, GiB, lookup
 from ..sharding import logical_spec, make_mesh
 from .config import TrainConfig, model_config, resolve_lora
 from .metrics import model_flops_per_token, peak_flops
+from .roofline import estimate as roofline_estimate
 from .step import build
 
 
@@ -87,8 +91,8 @@ def compile_step(cfg: TrainConfig, devices, mc=None):
     return compiled, mc, mesh
 
 
-def cost_estimate(cfg: TrainConfig, mc, devices) -> tuple[float, float | None]:
-    """(FLOPs per device, cost-model seconds or None) of one whole step.
+def cost_estimate(cfg: TrainConfig, mc, devices) -> tuple[float, float | None, float | None]:
+    """(FLOPs per device, cost-model seconds or None, HBM bytes accessed per device or None) of one step.
 
     XLA's cost analysis counts a loop body once, whatever its trip count, and a custom call (the
     splash kernel) not at all. So the figures come from two extra compiles with the layers unrolled
@@ -103,12 +107,14 @@ def cost_estimate(cfg: TrainConfig, mc, devices) -> tuple[float, float | None]:
         try:
             cost = compile_step(flat, devices, dataclasses.replace(mc, n_layers=n))[0].cost_analysis() or {}
         except jax.errors.JaxRuntimeError:
-            return model_flops_per_token(mc, cfg.seq_len) * cfg.batch_size * cfg.seq_len / len(devices), None
+            return model_flops_per_token(mc, cfg.seq_len) * cfg.batch_size * cfg.seq_len / len(devices), None, None
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        costs.append((float(cost.get("flops", 0.0)), float(cost.get("optimal_seconds", -1.0))))
-    (f1, s1), (f2, s2) = costs
+        costs.append((float(cost.get("flops", 0.0)), float(cost.get("optimal_seconds", -1.0)),
+                      float(cost.get("bytes accessed", 0.0))))
+    (f1, s1, b1), (f2, s2, b2) = costs
     flops = (f1 + (mc.n_layers - 1) * (f2 - f1)) * cfg.grad_accum
     seconds = (s1 + (mc.n_layers - 1) * (s2 - s1)) * cfg.grad_accum if min(s1, s2) > 0 else None
+    hbm = (b1 + (mc.n_layers - 1) * (b2 - b1)) * cfg.grad_accum if min(b1, b2) > 0 else None
     backend = attention.resolve(cfg.attention, devices[0].platform, cfg.seq_len)
     if backend != "reference":
         passes = 4 if cfg.remat != "none" else 3  # forward, backward (2x), forward again under remat
@@ -117,7 +123,7 @@ def cost_estimate(cfg: TrainConfig, mc, devices) -> tuple[float, float | None]:
         flops += unseen
         peak = lookup(PEAK_FLOPS, devices[0].device_kind)
         seconds = seconds + unseen / peak if seconds is not None and peak else None
-    return flops, seconds
+    return flops, seconds, hbm
 
 
 def host_line(mem) -> str:
@@ -169,16 +175,32 @@ def dry_run(cfg: TrainConfig, topology: str | None = None, num_slices: int = 1, 
           f"outputs {gib(per_device['outputs'])}, peak {gib(per_device['peak'])} of {gib(hbm)}"
           f"{host_line(mem)}", file=out, flush=True)
     started = time.perf_counter()
-    flops, seconds = cost_estimate(cfg, mc, devices)
-    flops *= n
+    flops, seconds, hbm_bytes = cost_estimate(cfg, mc, devices)
     model_flops = model_flops_per_token(mc, cfg.seq_len) * cfg.batch_size * cfg.seq_len
+    cost_s = time.perf_counter() - started
+    print(f"compiler: {flops * n:.3e} FLOPs per step (model: {model_flops:.3e}), cost-model step "
+          f"{'n/a' if seconds is None else f'{seconds:.3f} s'} (cost compiles: {cost_s:.0f} s)", file=out)
+    source = "libtpu cost model" if seconds is not None else None
+    if seconds is None:  # no usable cost-model time: the roofline bound, when the chip's peaks are known
+        roof = roofline_estimate(mc, cfg.remat, cfg.batch_size, cfg.seq_len, dict(mesh.shape),
+                                 devices[0].device_kind, n, flops, hbm_bytes, cfg.peak_flops or None,
+                                 attention.resolve(cfg.attention, devices[0].platform, cfg.seq_len) != "reference")
+        if roof is not None:
+            seconds, source, flops = roof.seconds, "roofline", roof.flops / n
+            mem = "n/a" if roof.memory_s is None else f"{roof.memory_s:.3f} s"
+            net = "n/a" if roof.network_s is None else f"{roof.network_s:.3f} s"
+            print(f"roofline: {roof.flops:.3e} FLOPs run per step -> compute {roof.compute_s:.3f} s, HBM {mem}, "
+                  f"interconnect {net} per chip; {roof.bound()}-bound, perfectly overlapped: step >= "
+                  f"{roof.seconds:.3f} s", file=out)
+    flops *= n
     peak = peak_flops(cfg.peak_flops, devices) if devices[0].platform != "cpu" or cfg.peak_flops else float("nan")
     mfu = model_flops / (seconds * peak) if seconds and math.isfinite(peak) else None
     report = {"topology": name, "devices": n, "bytes_per_device": per_device, "device_memory_bytes": hbm,
-              "fits": fits, "flops_per_step": flops, "estimated_step_seconds": seconds, "estimated_mfu": mfu}
-    print(f"compiler: {flops:.3e} FLOPs per step (model: {model_flops:.3e}), cost-model step "
-          f"{'n/a' if seconds is None else f'{seconds:.3f} s'}, MFU {'n/a' if mfu is None else f'{mfu:.1%}'} "
-          f"(cost compiles: {time.perf_counter() - started:.0f} s)", file=out)
+              "fits": fits, "flops_per_step": flops, "estimated_step_seconds": seconds, "estimated_mfu": mfu,
+              "estimate": source}
+    if mfu is not None:
+        print(f"estimate ({source}): step {seconds:.3f} s, MFU {mfu:.1%} "
+              f"({cfg.batch_size * cfg.seq_len / seconds / n:,.0f} tokens/s/chip)", file=out)
     print(json.dumps(report), file=out, flush=True)
     if not fits:
         raise DoesNotFit(f"needs {gib(per_device['peak'])} per device, the device has {gib(hbm)}"
