@@ -24,7 +24,9 @@ import tempfile
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx
 
 from . import integrity, lora
@@ -236,7 +238,8 @@ def save_params(directory: str | Path, cfg: ModelConfig, params: dict, step: int
     are LoRA adapters on that record's base: `convert --from peft --keep-adapters`)."""
     save_config(directory, cfg, tokenizer=tokenizer, lora_record=lora_record)
     with manager(directory) as m:
-        m.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+        m.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params, layer_save_args(params))),
+               force=True)
         m.wait_until_finished()
 
 
@@ -295,46 +298,112 @@ def _restore_params_item(directory, step: int | None, args, what: str, target: d
             raise ValueError(f"{directory} step {step}: {what} ({msg})") from None
 
 
-def restore_one(directory: str | Path, cfg: ModelConfig, name: str, step: int | None = None,
-                mesh=None) -> jax.Array:
-    """One parameter ("embed", "layers/wq", ...) by partial restore, so converters never hold the model;
-    sharded over `mesh` as the rules say (default: on the first device). From a LoRA workdir: the
-    base's parameter with its adapter merged."""
-    adapted = lora_base(directory)
-    if adapted is not None:
-        record, base = adapted
-        w = restore_one(base, cfg, name, mesh=mesh)
-        lc = lora.from_record(record)
+class ParamReader:
+    """A checkpoint's parameters one output tensor at a time (`convert --from jax`): each stacked
+    parameter (L, ...) layer by layer, each layer read straight from the stored array (tensorstore, the
+    spec orbax reads it with), so no host holds a whole stacked parameter (one 405B w_gate is ~220 GB;
+    one layer of it 1.7 GB). With `mesh` (several processes) each process reads only its shards of a
+    layer, placed as the rules shard the parameter (a jax.Array); without, a numpy array.
+    Checkpoints written here keep every layer in chunks of its own (`layer_save_args`), so reading a
+    layer touches only its bytes; older ones (chunks spanning all layers) are read a stacked array at a
+    time, as before. A LoRA workdir gives its merged model: base layer + scale * A_i B_i."""
+
+    def __init__(self, directory: str | Path, cfg: ModelConfig, step: int | None = None, mesh=None):
+        self.directory, self.cfg, self.mesh = Path(directory), cfg, mesh
+        self.step = latest_intact_step(directory) if step is None else step
+        if self.step is None:
+            raise FileNotFoundError(f"{directory}: no checkpoint step found")
+        self.params_dir = self.directory.absolute() / str(self.step) / "params"
+        self.base, adapted = None, lora_base(directory)
+        if adapted is None:
+            self.target = abstract_params(cfg, mesh)
+        else:
+            record, base = adapted
+            self.lc = lora.from_record(record)
+            self.base = ParamReader(base, cfg, mesh=mesh)
+            one = make_mesh(devices=jax.devices()[:1])
+            self.target = lora.abstract(cfg, self.lc, mesh if mesh is not None else one)
+
+    def arrays(self, name: str):
+        """(layer, array) for each layer of "layers/*" in order, or (None, array) for the others."""
+        if self.base is None:
+            yield from self._read(name.split("/"))
+            return
         target = name.split("/", 1)[1] if name.startswith("layers/") else None
-        if target not in lc.targets:
-            return w
-        a, b = (_restore_leaf(directory, cfg, f"layers/{target}/{k}", step, lc) for k in ("a", "b"))
-        return lora.merge({"layers": {target: w}}, {"layers": {target: {"a": a, "b": b}}}, lc.scale)["layers"][target]
-    return _restore_leaf(directory, cfg, name, step, mesh=mesh)
+        if target not in self.lc.targets:
+            yield from self.base.arrays(name)
+            return
+        a, b = (self._read(["layers", target, k]) for k in ("a", "b"))
+        for (i, w), (_, ai), (_, bi) in zip(self.base.arrays(name), a, b):
+            one = lora.merge({"layers": {target: w[None]}}, {"layers": {target: {"a": ai[None], "b": bi[None]}}},
+                             self.lc.scale)
+            yield i, one["layers"][target][0]
+
+    def _read(self, path: list[str]):
+        leaf = self.target
+        for p in path:
+            leaf = leaf[p]
+        sub = leaf
+        for p in reversed(path):
+            sub = {p: sub}
+        name = "/".join(path)
+        check_shapes(self.directory, self.step, "params", sub)
+        try:
+            store = _open_stored(self.params_dir, ".".join(path))
+            sharding = None if self.mesh is None else leaf.sharding
+            if path[0] != "layers":
+                yield None, _read_shards(store, leaf.shape, leaf.dtype, sharding)
+                return
+            # a block of layers as the chunks hold them: one layer here; older checkpoints' chunks hold
+            # every layer, so their block is the stacked array (read once, not decoded once per layer)
+            per_chunk = store.chunk_layout.read_chunk.shape[0] or leaf.shape[0]
+            for start in range(0, leaf.shape[0], per_chunk):
+                n = min(per_chunk, leaf.shape[0] - start)
+                view = store[start:start + n][ts.d[:].translate_to[0]]
+                block = _read_shards(view, (n, *leaf.shape[1:]), leaf.dtype, sharding)
+                for j in range(n):
+                    yield start + j, block[j]
+                del block
+        except ValueError as e:  # tensorstore: a missing or unreadable chunk
+            raise ValueError(f"{self.directory} step {self.step}: cannot read params {name} "
+                             f"({_first_line(e)})") from None
 
 
-def _restore_leaf(directory, cfg: ModelConfig, name: str, step: int | None, lc=None, mesh=None) -> jax.Array:
-    path = name.split("/")
-    if lc is not None:  # an adapter array of a LoRA workdir
-        leaf = lora.abstract(cfg, lc, make_mesh(devices=jax.devices()[:1]))
-        path = ["layers", *path[1:]]
-        return _restore_path(directory, step, leaf, path, name)
-    return _restore_path(directory, step, abstract_params(cfg, mesh), path, name)
+def _open_stored(params_dir: Path, name: str):
+    """The stored array `name` ("layers.wq") of an orbax `params` item, opened with orbax's own read spec."""
+    from etils import epath
+    zarr3 = bool(read_json(params_dir / "_METADATA", "an orbax checkpoint item").get("use_zarr3", False))
+    ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(params_dir))
+    context = ocp.type_handlers.get_ts_context(use_ocdbt=ocdbt)
+    info = ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(params_dir), use_zarr3=zarr3,
+                                       is_ocdbt_checkpoint=ocdbt, ts_context=context)
+    spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=ocdbt)
+    return ts.open(spec, open=True, read=True, context=context).result()
 
 
-def _restore_path(directory, step, leaf, path: list[str], name: str) -> jax.Array:
-    for p in path:
-        leaf = leaf[p]
-    sub = leaf
-    for p in reversed(path):
-        sub = {p: sub}
-    restore_args = jax.tree.map(
-        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), sub)
-    out = _restore_params_item(directory, step, ocp.args.PyTreeRestore(
-        item=sub, restore_args=restore_args, partial_restore=True), f"cannot restore {name}", sub)
-    for p in path:
-        out = out[p]
-    return out
+def _read_shards(store, shape: tuple[int, ...], dtype, sharding) -> jax.Array | np.ndarray:
+    """`store` (a tensorstore view of `shape`) as a jax.Array with `sharding`: this process reads only
+    its devices' shards, each distinct shard once. No sharding (one process): the numpy array itself,
+    with no device copy beside it."""
+    if sharding is None:
+        return store.read().result().astype(dtype, copy=False)
+    pieces, read = [], {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        span = tuple(sl.indices(n)[:2] for sl, n in zip(index, shape))
+        if span not in read:
+            read[span] = store[tuple(slice(a, b) for a, b in span)].read().result().astype(dtype, copy=False)
+        pieces.append(jax.device_put(read[span], device))
+    return jax.make_array_from_single_device_arrays(shape, sharding, pieces)
+
+
+def layer_save_args(tree):
+    """orbax SaveArgs for `tree`: each array under a "layers" key (stacked, layer axis first) is stored
+    in chunks of one layer (`shard_axes=(0,)`: orbax splits that axis down to 1), so ParamReader reads
+    one layer's bytes and nothing of the others. Other arrays keep orbax's default chunks."""
+    def args(path, x):
+        stacked = getattr(x, "ndim", 0) >= 1 and any(getattr(k, "key", None) == "layers" for k in path)
+        return ocp.SaveArgs(shard_axes=(0,) if stacked else ())
+    return jax.tree_util.tree_map_with_path(args, tree)
 
 
 def load_model(directory: str | Path, mesh=None, dtype: str | None = None, **model_kwargs):

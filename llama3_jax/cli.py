@@ -191,6 +191,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="input JSONL")
     p.add_argument("--output", required=True, help="output JSONL (appended; ids already there are skipped)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: %(default)s)")
+    p.add_argument("--read-lines", type=int, default=None, metavar="N",
+                   help="read, check and run the input N lines at a time (on several processes process 0 reads "
+                        "and sends each piece), so no host holds the whole input (default: 4096)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="compute dtype; float32 matches transformers' float32 logits (default: %(default)s)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model path (default: the one in llama-models)")

@@ -27,18 +27,23 @@ Behaviour the tests pin down:
     gets an output line {"id", "error": "..."} (and a stderr report); a rerun drops those lines from the
     output and tries those ids again (with other options they may fit);
   * without --max-new-tokens each prompt generates until a stop token or the end of the context;
-  * the summary line says when every line failed, and the command then exits with status 1.
+  * the summary line says when every line failed, and the command then exits with status 1;
+  * the input is read, checked and run --read-lines lines at a time (each piece's rows are done before
+    the next piece is read; several processes: process 0 reads each piece and sends it to the others),
+    so no host holds the whole input; only the ids seen are kept, to report duplicates.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 from . import sampling
 from .distributed import is_main
@@ -115,16 +120,20 @@ class Appender:
         self.f.close()
 
 
-def read_lines(path: Path, done: set[str], parse, keep=None) -> tuple[list[tuple[int, object, object]], dict]:
+def read_lines(path: Path, done: set[str], parse, keep=None, counts: dict | None = None
+               ) -> Iterator[tuple[int, object, object]]:
     """Parse each input line with `parse(record) -> payload` (raises ValueError on a bad line);
     `keep(lineno)` False: the line is another shard's, not read at all.
 
-    Returns ([(lineno, id, payload)], counts). Bad lines are reported and skipped; lines whose id is
-    already in the output are skipped quietly (counted as resumed).
+    Yields (lineno, id, payload) one line at a time, so the input is read a piece at a time (the ids
+    seen are kept, to find duplicates). Bad lines are reported and skipped; lines whose id is already
+    in the output are skipped quietly; both are counted in `counts` ({"bad", "resumed"}) as they pass.
     """
     path = Path(path)  # its existence is checked before the model restore (_open)
-    items, seen = [], {}
-    counts = {"bad": 0, "resumed": 0}
+    seen = {}
+    counts = counts if counts is not None else {}
+    counts.setdefault("bad", 0)
+    counts.setdefault("resumed", 0)
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip() or (keep is not None and not keep(lineno)):
@@ -146,12 +155,31 @@ def read_lines(path: Path, done: set[str], parse, keep=None) -> tuple[list[tuple
                 if key in done:
                     counts["resumed"] += 1
                     continue
-                items.append((lineno, id_, parse(rec)))
+                item = (lineno, id_, parse(rec))
             except ValueError as e:  # json.JSONDecodeError is a ValueError
                 msg = f"invalid JSON ({e.msg} at column {e.colno})" if isinstance(e, json.JSONDecodeError) else e
                 _report(f"{path}:{lineno}: skipped: {msg}")
                 counts["bad"] += 1
-    return items, counts
+                continue
+            yield item
+
+
+PIECE_LINES = 4096  # --read-lines default
+
+
+def _pieces(args, next_piece) -> Iterator[dict]:
+    """Every process's copy of each piece of the input that process 0 reads (`next_piece()`: at most
+    --read-lines lines to run, checked, their error lines written), until one says it was the last.
+    Each piece is run before the next is read, so no host holds the whole input."""
+    n = getattr(args, "read_lines", None)
+    n = PIECE_LINES if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"--read-lines must be >= 1, got {n}")
+    while True:
+        piece = on_main(lambda: next_piece(n))
+        yield piece
+        if piece["last"]:
+            return
 
 
 def _token_list(rec: dict, key: str) -> list[int]:
@@ -231,13 +259,21 @@ def _fitting(items, context_error, input_path, out: Appender) -> tuple[list[tupl
 
 
 class Progress:
-    """tqdm over prompts with generated tokens/s in the postfix (ETA comes from the prompt rate)."""
+    """tqdm over prompts with generated tokens/s in the postfix. The input arrives a piece at a time, so
+    the total grows by each piece's rows (`grow`); the bar appears with the first row."""
 
-    def __init__(self, total: int, what: str):
-        from tqdm import tqdm
-        self.bar = tqdm(total=total, unit=what, file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
-                        disable=total == 0 or not is_main())
+    def __init__(self, what: str):
+        self.what, self.bar = what, None
         self.start, self.tokens = time.perf_counter(), 0
+
+    def grow(self, n: int) -> None:
+        if n and self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=n, unit=self.what, file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
+                            disable=not is_main())
+        elif n:
+            self.bar.total += n
+            self.bar.refresh()
 
     def update(self, n: int, tokens: int) -> None:
         self.tokens += tokens
@@ -251,7 +287,8 @@ class Progress:
         return self.tokens / max(self.elapsed(), 1e-9)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 # ------------------------------------------------------------------------------------------ generate
@@ -314,25 +351,28 @@ def run_generate(args, generator: Generator | None = None) -> dict:
         raise ValueError(f"--num-samples must be >= 1, got {n_cli}")
     out = Appender(args.output) if is_main() else None
 
-    def plan():  # process 0 reads the input and writes the error lines; every process gets the rows
+    reader: dict = {"counts": {}}
+
+    def next_piece(size: int) -> dict:  # process 0: the next rows to run; it writes their error lines
         # a line of n == 1 is done when its id is in the output; one of n > 1 (its own 'n' or
         # --num-samples) when all its samples are: that needs the line's n, so those lines are parsed first
-        items, counts = read_lines(args.input, {k for k in done if isinstance(k, str)}, parse, keep)
+        if "lines" not in reader:
+            reader["lines"] = read_lines(args.input, {k for k in done if isinstance(k, str)}, parse, keep,
+                                         reader["counts"])
+        items = list(itertools.islice(reader["lines"], size))
+        counts = reader["counts"]
         missing = {}  # line id -> the sample indices not yet written
         for _, id_, (_, knobs) in items:
             n = knobs["n"]
             missing[_key(id_)] = [k for k in range(n) if n == 1 or (_key(id_), k) not in done]
         counts["resumed"] += sum(1 for _, id_, _ in items if not missing[_key(id_)])
+        last = len(items) < size
         items = [it for it in items if missing[_key(it[1])]]
         todo, errors = _fitting(items, lambda p: gen.context_error(len(p[0]), p[1]["max_new_tokens"] or 0),
                                 args.input, out)
         # one row per (id, sample) not yet written; sample 0 draws what a single sample would
         samples = [(id_, k, p) for id_, p in todo for k in missing[_key(id_)]]
-        return {"samples": samples, "counts": counts, "todo": len(todo), "errors": len(errors)}
-
-    plan = on_main(plan)  # (on an error, `out` is closed when collected)
-    samples, counts = plan["samples"], plan["counts"]
-    many = any(p[1]["n"] > 1 for _, _, p in samples)
+        return {"samples": samples, "counts": dict(counts), "todo": len(todo), "errors": len(errors), "last": last}
 
     def request(id_, k, ids, knobs):
         # each row's random stream comes from its id (and --seed), or from its own 'seed' alone, and the
@@ -345,25 +385,33 @@ def run_generate(args, generator: Generator | None = None) -> dict:
                            sampling.from_flags(knobs["temperature"], knobs["top_k"], knobs["top_p"]),
                            seed=seed, row_seed=row_seed, stop=knobs["stop"])
 
-    progress = Progress(len(samples), "sample" if many else "prompt")
+    n_todo = n_errors = 0
+    counts = {"bad": 0, "resumed": 0}
+    progress = Progress("sample" if n_cli > 1 else "prompt")
     try:
-        requests = [request(id_, k, ids, knobs) for id_, k, (ids, knobs) in samples]
-        for batch in gen.generate_requests(requests, ignore_eos=args.ignore_eos, batch_size=args.batch_size,
-                                           continuous=not getattr(args, "static_batching", False)):
-            if out is not None:
-                out.write([{"id": samples[i][0], **({"sample": samples[i][1]} if samples[i][2][1]["n"] > 1 else {}),
-                            "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason} for i, c in batch])
-            progress.update(len(batch), sum(len(c.tokens) + (c.finish_reason == "stop") for _, c in batch))
+        for piece in _pieces(args, next_piece):  # (on an error, `out` is closed when collected)
+            samples, counts = piece["samples"], piece["counts"]
+            n_todo, n_errors = n_todo + piece["todo"], n_errors + piece["errors"]
+            progress.grow(len(samples))
+            requests = [request(id_, k, ids, knobs) for id_, k, (ids, knobs) in samples]
+            for batch in gen.generate_requests(requests, ignore_eos=args.ignore_eos, batch_size=args.batch_size,
+                                               continuous=not getattr(args, "static_batching", False)):
+                if out is not None:
+                    out.write([{"id": samples[i][0], **({"sample": samples[i][1]} if samples[i][2][1]["n"] > 1 else {}),
+                                "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason}
+                               for i, c in batch])
+                progress.update(len(batch), sum(len(c.tokens) + (c.finish_reason == "stop") for _, c in batch))
+            del samples, requests
     finally:
         progress.close()
         if out is not None:
             out.close()
-    summary = {"prompts": plan["todo"], "tokens": progress.tokens, "seconds": progress.elapsed(),
-               "errors": plan["errors"], "skipped_lines": counts["bad"], "already_done": counts["resumed"]}
-    summary["all_failed"] = _all_failed(summary, plan["todo"])
+    summary = {"prompts": n_todo, "tokens": progress.tokens, "seconds": progress.elapsed(),
+               "errors": n_errors, "skipped_lines": counts["bad"], "already_done": counts["resumed"]}
+    summary["all_failed"] = _all_failed(summary, n_todo)
     if is_main():
-        _report(f"generate: {_failed_prefix(summary)}{plan['todo']} prompts, {progress.tokens} tokens generated in "
-                f"{progress.elapsed():.1f}s ({progress.rate():.1f} tokens/s); {plan['errors']} too long for the "
+        _report(f"generate: {_failed_prefix(summary)}{n_todo} prompts, {progress.tokens} tokens generated in "
+                f"{progress.elapsed():.1f}s ({progress.rate():.1f} tokens/s); {n_errors} too long for the "
                 f"context, {counts['bad']} bad lines skipped, {counts['resumed']} already in {args.output}")
     return summary
 
@@ -412,30 +460,39 @@ def run_score(args, generator: Generator | None = None) -> dict:
 
     out = Appender(args.output) if is_main() else None
 
-    def plan():  # process 0 reads the input and writes the error lines; every process gets the pairs
-        items, counts = read_lines(args.input, done, parse)
+    reader: dict = {"counts": {}}
+
+    def next_piece(size: int) -> dict:  # process 0: the next pairs to score; it writes their error lines
+        if "lines" not in reader:
+            reader["lines"] = read_lines(args.input, done, parse, counts=reader["counts"])
+        items = list(itertools.islice(reader["lines"], size))
         todo, errors = _fitting(items, lambda pair: gen.score_context_error(len(pair[0]), len(pair[1])),
                                 args.input, out)
-        return {"todo": todo, "counts": counts, "errors": len(errors)}
+        return {"todo": todo, "counts": dict(reader["counts"]), "errors": len(errors), "last": len(items) < size}
 
-    plan = on_main(plan)  # (on an error, `out` is closed when collected)
-    todo, counts = plan["todo"], plan["counts"]
-    progress = Progress(len(todo), "seq")
+    n_todo = n_errors = 0
+    counts = {"bad": 0, "resumed": 0}
+    progress = Progress("seq")
     try:
-        for batch in gen.score_batches([pair for _, pair in todo], batch_size=args.batch_size):
-            if out is not None:
-                out.write([{"id": todo[i][0], "tokens": s.tokens, "logprobs": s.logprobs,
-                            "sum_logprob": s.sum_logprob} for i, s in batch])
-            progress.update(len(batch), sum(len(todo[i][1][0]) + len(s.tokens) for i, s in batch))
+        for piece in _pieces(args, next_piece):  # (on an error, `out` is closed when collected)
+            todo, counts = piece["todo"], piece["counts"]
+            n_todo, n_errors = n_todo + len(todo), n_errors + piece["errors"]
+            progress.grow(len(todo))
+            for batch in gen.score_batches([pair for _, pair in todo], batch_size=args.batch_size):
+                if out is not None:
+                    out.write([{"id": todo[i][0], "tokens": s.tokens, "logprobs": s.logprobs,
+                                "sum_logprob": s.sum_logprob} for i, s in batch])
+                progress.update(len(batch), sum(len(todo[i][1][0]) + len(s.tokens) for i, s in batch))
+            del todo
     finally:
         progress.close()
         if out is not None:
             out.close()
-    summary = {"sequences": len(todo), "tokens": progress.tokens, "errors": plan["errors"],
+    summary = {"sequences": n_todo, "tokens": progress.tokens, "errors": n_errors,
                "skipped_lines": counts["bad"], "already_done": counts["resumed"]}
-    summary["all_failed"] = _all_failed(summary, len(todo))
+    summary["all_failed"] = _all_failed(summary, n_todo)
     if is_main():
-        _report(f"score: {_failed_prefix(summary)}{len(todo)} sequences, {progress.tokens} tokens in "
-                f"{progress.elapsed():.1f}s ({progress.rate():.1f} tokens/s); {plan['errors']} too long for the "
+        _report(f"score: {_failed_prefix(summary)}{n_todo} sequences, {progress.tokens} tokens in "
+                f"{progress.elapsed():.1f}s ({progress.rate():.1f} tokens/s); {n_errors} too long for the "
                 f"context, {counts['bad']} bad lines skipped, {counts['resumed']} already in {args.output}")
     return summary

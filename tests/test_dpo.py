@@ -149,6 +149,22 @@ def test_precomputed_reference_gives_the_in_step_losses(tmp_path, pairs, base, f
             np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=2e-5, err_msg=f"step {a['step']} {k}")
 
 
+def test_pairs_prepared_once_give_the_jsonl_losses(tmp_path, pairs, base, full_run):
+    """tools/prepare_data.py --objective dpo: the pairs rendered once into ArrayRecord shards, read by
+    index: the first steps have the JSONL run's losses and metrics, bit for bit."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import prepare_data
+    out = tmp_path / "prepared"
+    assert prepare_data.main([str(pairs), str(out), "--objective", "dpo", "--tokenizer", "bytes",
+                              "--eval-fraction", "0.0", "--quiet"]) == 0
+    train.train(dpo_cfg(tmp_path / "run", out, base, steps=3))
+    got = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [{k: r[k] for k in ("step", "loss", *objectives.DPO_METRICS)} for r in got] == \
+        [{k: r[k] for k in ("step", "loss", *objectives.DPO_METRICS)} for r in full_run[:3]]
+
+
 def test_sigkill_and_rerun_give_bit_identical_dpo_losses(tmp_path, pairs, base, full_run):
     """Full DPO (in-step reference) killed with SIGKILL inside step 5, after a checkpoint, then the same
     command again: each step's loss equals the uninterrupted run's (`full_run`; a fixed decay_steps

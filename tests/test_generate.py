@@ -291,6 +291,30 @@ def test_bad_lines_are_reported_and_skipped(gen, ckpt, tmp_path, capsys):
     assert re.search(r"generate: 3 prompts, \d+ tokens generated .* tokens/s.*5 bad lines skipped", err)
 
 
+def test_the_input_is_read_a_piece_at_a_time(gen, ckpt, tmp_path, capsys):
+    """--read-lines 1: one line to run per piece, each run and written before the next is read (so the
+    output is in input order), with the reports and counts of one piece: a bad line, a duplicate id
+    found in a later piece, an id already done. Prompts of one bucket at batch 1: one set of programs
+    compiled for all three pieces."""
+    from llama3_jax.generate import run_generate
+    good = ragged_prompts([20, 24, 30], seed=7)
+    lines = [json.dumps({"id": "a", "tokens": good[0]}), '{"id": "broken"',
+             json.dumps({"id": "done", "tokens": good[0]}), json.dumps({"id": "b", "tokens": good[1]}),
+             json.dumps({"id": "a", "tokens": [1, 2]}), json.dumps({"id": "c", "tokens": good[2]})]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    out.write_text(json.dumps({"id": "done", "text": "", "tokens": [], "finish_reason": "stop"}) + "\n")
+    summary = run_generate(gen_args(ckpt, inp, out, batch_size=1, read_lines=1), generator=gen)
+    err = capsys.readouterr().err
+    assert err.count(": skipped:") == 2 and "in.jsonl:2: skipped: invalid JSON" in err
+    assert "in.jsonl:5: skipped: duplicate id 'a' (first on line 1)" in err
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == ["done", "a", "b", "c"]
+    for r, p in zip(rows[1:], good):
+        assert r["tokens"] == gen.generate([p], N_NEW, batch_size=1)[0].tokens
+    assert (summary["prompts"], summary["skipped_lines"], summary["already_done"]) == (3, 2, 1)
+
+
 def test_resume_after_sigkill_gives_every_id_once_with_the_same_tokens(gen, ckpt, tmp_path):
     from llama3_jax.generate import run_generate
     lengths = [3, 5, 9, 12, 14, 20, 23, 28, 31, 10, 7, 2]  # two prompt buckets (16, 32) at batch 2

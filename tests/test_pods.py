@@ -310,8 +310,9 @@ def _lines(path: Path, rows: list[dict]) -> Path:
 def test_generate_on_two_by_four_processes_gives_the_tokens_of_one_process_and_resumes(gen, ckpt, tmp_path):
     """One global batch over 2 processes x 4 devices (default mesh: data 2 x tensor 4), continuous
     batching with refills (batch 2, ragged budgets, some rows sampled): the lines of a one-process run.
-    Process 0 alone reads the input (one report of a bad line), resumes (two ids already in the output
-    are not run again) and writes."""
+    Process 0 alone reads the input, 2 lines to run at a time (--read-lines: three pieces, the last
+    one empty but for the bad line, reported once), resumes (two ids already in the output are not run
+    again) and writes; the one-process run read it as one piece."""
     from llama3_jax.generate import run_generate
 
     prompts = ragged_prompts([3, 9, 5, 12, 2, 7], seed=5)
@@ -324,7 +325,7 @@ def test_generate_on_two_by_four_processes_gives_the_tokens_of_one_process_and_r
     one = read_jsonl(tmp_path / "one.jsonl")
     out = _lines(tmp_path / "out.jsonl", one[:2])
     err = _run(2, 4, ["generate", "--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out),
-                      "--dtype", "float32", "--batch-size", "2", "--max-new-tokens", "16"])
+                      "--dtype", "float32", "--batch-size", "2", "--max-new-tokens", "16", "--read-lines", "2"])
     got = read_jsonl(out)
     key = lambda r: json.dumps(r["id"])  # noqa: E731
     assert len(got) == len(one) and got[:2] == one[:2]
@@ -333,8 +334,9 @@ def test_generate_on_two_by_four_processes_gives_the_tokens_of_one_process_and_r
 
 
 def test_score_on_two_by_four_processes_gives_the_log_probs_of_one_process(gen, ckpt, tmp_path):
-    """--mesh data=2,fsdp=2,tensor=2 over 2 processes x 4 devices: every row's log-probs as one process
-    computes them (float32; the sharded sums round differently, 1e-5)."""
+    """--mesh data=2,fsdp=2,tensor=2 over 2 processes x 4 devices, the input sent 2 lines at a time
+    (--read-lines): every row's log-probs as one process computes them from one piece (float32; the
+    sharded sums round differently, 1e-5)."""
     from llama3_jax.generate import run_score
 
     rng = np.random.RandomState(6)
@@ -343,7 +345,7 @@ def test_score_on_two_by_four_processes_gives_the_log_probs_of_one_process(gen, 
                                          for i, n in enumerate([3, 1, 5, 7, 2])])
     run_score(gen_args(ckpt, inp, tmp_path / "one.jsonl", batch_size=4), generator=gen)
     _run(2, 4, ["score", "--checkpoint", str(ckpt), "--input", str(inp), "--output", str(tmp_path / "out.jsonl"),
-                "--dtype", "float32", "--batch-size", "4", "--mesh", "data=2,fsdp=2,tensor=2"])
+                "--dtype", "float32", "--batch-size", "4", "--mesh", "data=2,fsdp=2,tensor=2", "--read-lines", "2"])
     one = {r["id"]: r for r in read_jsonl(tmp_path / "one.jsonl")}
     got = {r["id"]: r for r in read_jsonl(tmp_path / "out.jsonl")}
     assert sorted(got) == sorted(one) == list(range(5))

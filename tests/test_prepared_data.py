@@ -1,6 +1,7 @@
 """Prepared data (tools/prepare_data.py -> ArrayRecord shards): the same batches and iterator states as
-the corpus it was made from, with no record read before it is needed. (Training from it gives the
-corpus's losses: tests/test_train.py, beside the reference run.)"""
+the corpus it was made from, with no record read before it is needed; fine-tuning records (sft, dpo)
+too. (Training from it gives the corpus's losses: tests/test_train.py, beside the reference run, and
+tests/test_dpo.py for preference pairs.)"""
 
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ def test_a_run_that_asks_what_preparing_fixed_is_refused(corpus, tok, tmp_path, 
         make_iterator(DataConfig(path=str(out)), tokenizer=tok, **kw)
     with pytest.raises(ValueError, match="tokenized with Llama 3 .*this run's tokenizer is bytes"):
         make_iterator(DataConfig(path=str(out), eval_fraction=0.1), tokenizer=ByteTokenizer(), **kw)
-    with pytest.raises(ValueError, match="sft/dpo reads JSONL"):
+    with pytest.raises(ValueError, match="prepared for objective lm, the run's objective is sft .*--objective sft"):
         make_iterator(DataConfig(path=str(out), eval_fraction=0.1), tokenizer=tok, kind="sft", **kw)
     with pytest.raises(ValueError, match="no metadata.json"):
         make_iterator(DataConfig(path=str(tmp_path), format="array_record"), tokenizer=tok, **kw)
@@ -183,3 +184,52 @@ def test_packed_rows_are_the_first_epoch_and_each_process_reads_only_its_rows(co
         want, have = list(raw), list(packed)
     assert len(want) > 0
     _assert_batches_equal(want, have)
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_prepared_fine_tuning_records_give_the_jsonl_batches(objective, tok, tmp_path):
+    """--objective sft|dpo: every batch key (loss mask, segments, DPO halves), the iterator state and the
+    eval split read from the shards equal those rendered from the JSONL (records cut alike), past
+    the end of an epoch; a bad record is skipped by both; a run of another objective is refused."""
+    from test_finetune_data import dialogs, write_jsonl
+    if objective == "sft":
+        records = [{"messages": d} for d in dialogs(24)] + [{"prompt": "Say hi.", "completion": " hi"}]
+        bad = '{"messages": []}'
+    else:
+        records = [{"prompt": [{"role": "user", "content": f"Pick {i}"}],
+                    "chosen": [{"role": "assistant", "content": "good " * (i + 1)}],
+                    "rejected": [{"role": "assistant", "content": "bad"}]} for i in range(24)]
+        records.append({"prompt": "Q?", "chosen": " yes.", "rejected": " no."})
+        bad = '{"prompt": "Q?", "chosen": " yes."}'
+    path = write_jsonl(tmp_path / "records.jsonl", records, extra_lines=[bad])
+    out = tmp_path / "prepared"
+    assert prepare_data.main([str(path), str(out), "--objective", objective, "--eval-fraction", "0.2",
+                              "--shard-size", "2KB", "--quiet"]) == 0
+    meta = json.loads((out / prepared.METADATA).read_text())
+    assert meta["kind"] == objective and meta["splits"]["train"]["records"] + meta["splits"]["eval"]["records"] == 25
+    raw_cfg = DataConfig(path=str(path), eval_fraction=0.2, prefetch=0)
+    prep_cfg = DataConfig(path=str(out), eval_fraction=0.2, prefetch=0)
+    kw = dict(tokenizer=tok, seq_len=64, batch_size=2, seed=3, kind=objective)
+    with make_iterator(raw_cfg, **kw) as raw, make_iterator(prep_cfg, **kw) as prep:
+        assert prep.documents is None and prep.num_documents == raw.num_documents
+        expected, got = _batches(raw, 14), _batches(prep, 14)  # 20 train records, 2-4 a row: past one epoch
+        assert prep.get_state() == raw.get_state()
+        # the longest records do not fit 64 (a DPO side: 32), and are counted (how many so far depends on
+        # how far each pipeline's reader threads read ahead)
+        assert prep.truncated > 0 and raw.truncated > 0
+    for a, b in zip(expected, got, strict=True):
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    ev = dict(kw, split="eval")
+    with make_iterator(raw_cfg, **ev) as raw, make_iterator(prep_cfg, **ev) as prep:
+        want, have = list(raw), list(prep)
+    assert len(want) > 0
+    _assert_batches_equal(want, have)
+    with pytest.raises(ValueError, match=f"prepared for objective {objective}, the run's objective is lm"):
+        make_iterator(prep_cfg, **dict(kw, kind="text"))
+    if objective == "dpo":
+        with pytest.raises(ValueError, match="precompute_reference keys its table by source record"):
+            make_iterator(prep_cfg, pair_index=True, **kw)
+    assert prepare_data.main([str(path), str(tmp_path / "rows"), "--objective", objective, "--seq-len", "64",
+                              "--quiet"]) == 2

@@ -12,6 +12,8 @@ complete. The train/eval split (--eval-fraction), --text-field, --max-documents 
 are fixed here; training from DST gives the batches, and so the losses, of training from SRC with the
 same settings (llama3_jax/data/prepared.py), with no listing, parsing or tokenizing at start-up or eval.
 With --seq-len the rows are packed here instead (records = rows, read by each process for its own rows).
+With --objective sft or dpo the records are fine-tuning records (TRL's formats, data/chat.py), each
+stored rendered (ids + assistant loss mask; a pair's two sides) for `objective: sft|dpo` runs.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction,
                    help="held-out documents, by hash: the run's data.eval_fraction (default: %(default)s)")
     p.add_argument("--max-documents", type=int, default=0, help="0 = all (default: %(default)s)")
+    p.add_argument("--objective", choices=sorted(set(prepared.OBJECTIVES.values())), default="lm",
+                   help="the records' use: lm (pretraining text), sft (chat records: ids + assistant loss mask) "
+                        "or dpo (preference pairs), as the run's `objective` key (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="pack into rows for this seq_len (default: one record per document, any seq_len)")
     p.add_argument("--seed", type=int, default=0,
@@ -57,11 +62,12 @@ def main(argv=None) -> int:
         meta = prepared.prepare(cfg, local_path(args.dst, "DST"), tok, tokenizer_spec=spec,
                                 seq_len=args.seq_len, seed=args.seed,
                                 shard_bytes=parse_size(args.shard_size, "--shard-size"),
-                                threads=max(1, args.threads), progress=not args.quiet)
+                                threads=max(1, args.threads), progress=not args.quiet,
+                                kind={v: k for k, v in prepared.OBJECTIVES.items()}[args.objective])
     except (ValueError, OSError) as e:  # ConvertError (a bad --shard-size) is a ValueError
         print(f"prepare_data: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    s, unit = meta["splits"], "rows" if meta["packed"] else "documents"
+    s, unit = meta["splits"], "rows" if meta["packed"] else "documents" if args.objective == "lm" else "records"
     print(f"prepare_data: {args.dst}: train {s['train']['records']} {unit} ({s['train']['tokens']:,} tokens, "
           f"{len(s['train']['shards'])} shards), eval {s['eval']['records']} {unit} ({s['eval']['tokens']:,} tokens)",
           file=sys.stderr)

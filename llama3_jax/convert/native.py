@@ -3,9 +3,10 @@
 Across processes (`convert` on every host of a pod, jax.distributed running): the writer keeps only
 the shards of each array that this process's devices hold, filled from slices of each incoming tensor
 (a safetensors tensor is a memory map, so only those bytes are read), and every process saves its
-shards into one orbax checkpoint; no host holds the whole model. The reader restores each array
-sharded over every process's devices (each reads its shards) and gathers it for process 0, which
-writes the output alone (core.py).
+shards into one orbax checkpoint; no host holds the whole model. The reader reads one output tensor
+at a time (a stacked parameter layer by layer), each process only its shards of it, and gathers it
+for process 0, which writes the output alone (core.py): a host holds one tensor, never a whole
+stacked parameter.
 """
 
 from __future__ import annotations
@@ -39,19 +40,18 @@ class JaxReader:
         self.dtype = np.dtype(self.config.param_dtype)
 
     def tensors(self) -> Iterator[Tensor]:
-        # several processes: each restores its shards of an array over all devices, then all gather it
-        mesh = make_mesh(fsdp=-1) if several() else None
-        for name in expected_shapes(self.config):  # one stored array at a time (partial restore)
-            try:
-                a = to_host(checkpoint.restore_one(self.src, self.config, name, self.step, mesh=mesh))
-            except (FileNotFoundError, ValueError) as e:
-                raise ConvertError(str(e)) from None
-            if name.startswith("layers/"):
-                for i in range(a.shape[0]):
-                    yield Tensor(name, i, a[i], f"{self.src}:{name}[{i}]")
-            else:
-                yield Tensor(name, None, a, f"{self.src}:{name}")
-            del a
+        # one output tensor at a time: a stacked parameter layer by layer (checkpoint.ParamReader);
+        # several processes: each reads its shards of the tensor, then all gather it
+        try:
+            mesh = make_mesh(fsdp=-1) if several() else None
+            params = checkpoint.ParamReader(self.src, self.config, self.step, mesh=mesh)
+            for name in expected_shapes(self.config):
+                for layer, a in params.arrays(name):
+                    origin = f"{self.src}:{name}" + ("" if layer is None else f"[{layer}]")
+                    yield Tensor(name, layer, to_host(a), origin)
+                    del a
+        except (FileNotFoundError, ValueError) as e:
+            raise ConvertError(str(e)) from None
 
 
 def _span(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:

@@ -136,31 +136,42 @@ class RenderRecords(TokenizerHolder):
         self.reference, self.index = reference, index  # DPO precomputed reference: see add_reference
         self.truncated = 0
 
-    def _cut(self, n: int, limit: int, doc: Document) -> None:
+    def _cut(self, n: int, limit: int, where: str) -> None:
         if n > limit:
             self.truncated += 1
             if self.truncated == 1:  # reported once; the run summary gives the count
-                report(f"{doc.path}:{doc.line}: truncated: {n} tokens > {limit} (this and every longer record is "
+                report(f"{where}: truncated: {n} tokens > {limit} (this and every longer record is "
                        f"cut to fit seq_len and counted; the count is in the run summary)")
 
     def __call__(self, doc: Document) -> dict[str, np.ndarray]:
-        record, tok = read_record(doc), self._tokenizer
-        if self.kind == "sft":
-            ids, mask = render_sft(tok, record)
-            self._cut(len(ids) - 1, self.seq_len, doc)
-            return example(ids, mask, self.seq_len)
-        half = self.seq_len // 2
-        sides = [render_completion(tok, record["prompt"], record[k]) for k in ("chosen", "rejected")]
-        for ids, _ in sides:
-            self._cut(len(ids) - 1, half, doc)
-        chosen, rejected = (example(ids, mask, half) for ids, mask in sides)
-        out = {k: np.concatenate([chosen[k], rejected[k]]) for k in chosen}
-        out["half"] = np.repeat(np.int32([1, 2]), [len(chosen["tokens"]), len(rejected["tokens"])])
+        out = self.examples(render_sides(self._tokenizer, self.kind, read_record(doc)), f"{doc.path}:{doc.line}")
         if self.index is not None:  # the pass that computes reference log-probs: which pair this is
             out["pair"] = np.full(len(out["tokens"]), self.index[doc.key], np.int32)
         if self.reference is not None:
             out["ref_logps"] = add_reference(out, *self.reference[doc.key])
         return out
+
+    def examples(self, sides: list, where: str) -> dict[str, np.ndarray]:
+        """A record's rendered sides (`render_sides`) -> its example (SFT) or pair of examples (DPO),
+        cut to fit seq_len; `where` names the record in the truncation report."""
+        if self.kind == "sft":
+            [(ids, mask)] = sides
+            self._cut(len(ids) - 1, self.seq_len, where)
+            return example(ids, mask, self.seq_len)
+        half = self.seq_len // 2
+        for ids, _ in sides:
+            self._cut(len(ids) - 1, half, where)
+        chosen, rejected = (example(ids, mask, half) for ids, mask in sides)
+        out = {k: np.concatenate([chosen[k], rejected[k]]) for k in chosen}
+        out["half"] = np.repeat(np.int32([1, 2]), [len(chosen["tokens"]), len(rejected["tokens"])])
+        return out
+
+
+def render_sides(tok, kind: str, record) -> list[tuple[list[int], list[int]]]:
+    """A record's (ids, label mask), uncut: [the dialog] (SFT) or [chosen, rejected] (DPO)."""
+    if kind == "sft":
+        return [render_sft(tok, record)]
+    return [render_completion(tok, record["prompt"], record[k]) for k in ("chosen", "rejected")]
 
 
 def add_reference(pair: dict[str, np.ndarray], chosen: float, rejected: float) -> np.ndarray:

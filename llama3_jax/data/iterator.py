@@ -239,9 +239,14 @@ def make_iterator(
             packed = WindowShuffleIterDataset(packed, window_size=cfg.shuffle_window, seed=seed)
         batch_fn = text_batch
     else:
+        if docs is None and (reference is not None or pair_index):
+            raise ValueError(f"data.path {cfg.path} (prepared data): dpo.precompute_reference keys its table by "
+                             f"source record; give the JSONL/Parquet records, or set it to false")
         index = {d.key: i for i, d in enumerate(docs)} if pair_index else None
         render = RenderRecords(tokenizer, kind, seq_len, reference, index)
-        ds = ds.repeat(num_epochs).map(render)
+        ds = ds.repeat(num_epochs)  # prepared: the records rendered when preparing, cut and shifted here
+        ds = ds.map(render) if docs is not None else prepared.BlockReads(
+            ds, records, prepared.RecordExamples(render, f"{cfg.path} (prepared)"))
         keys = EXAMPLE_KEYS + (("half",) if kind == "dpo" else ())
         keys += (("ref_logps",) if reference is not None else ()) + (("pair",) if pair_index else ())
         packed = FirstFitPackIterDataset(

@@ -23,9 +23,16 @@ the raw pipeline packs the train documents in the order `data.seed = --seed` rea
 (`ProcessRows`); its iterator state is the global batch number. Rows read in stored order
 (`data.shuffle: false`) are the raw run's batches up to the first epoch's last, padded row.
 
+Fine-tuning records (`prepare_data --objective sft|dpo`): a record is one SFT dialog's rendered ids
+and assistant loss mask, or one DPO pair's chosen and rejected ids and masks (chat.render_sides), uncut:
+`seq_len` is not fixed here. Training reads them by index in the raw pipeline's order (shuffle, repeat)
+and cuts, shifts and packs them as it does records it renders itself, so it gets the same batches, and
+the same losses, as from the JSONL/Parquet records they were made from. (`dpo.precompute_reference`
+keys its table by source record, so it still reads JSONL/Parquet.)
+
 What is fixed when preparing (a training run that asks otherwise is refused, naming the key): the
-tokenizer, `text_field`, `eval_fraction` (the split), `max_documents` and, packed, `seq_len`.
-Pretraining text only: fine-tuning records (sft/dpo) keep their JSONL/Parquet form.
+objective's record kind, the tokenizer, `text_field`, `eval_fraction` (the split), `max_documents`
+and, packed, `seq_len`.
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
-from .sources import DataConfig, Document, list_documents, split_documents
-from .text import ReadAndTokenize
+from .chat import RenderRecords, dpo_problem, render_sides, sft_problem
+from .sources import DataConfig, Document, list_documents, read_record, split_documents
+from .text import ReadAndTokenize, TokenizerHolder
 
 FORMAT = "llama3-jax-prepared"
 VERSION = 1
@@ -53,6 +61,7 @@ SUFFIX = ".array_record"
 SPLITS = ("train", "eval")
 DTYPE = np.dtype("<i4")
 READ_BLOCK = 64  # documents read together (BlockReads)
+OBJECTIVES = {"text": "lm", "sft": "sft", "dpo": "dpo"}  # record kind -> the train objective that reads it
 _KEYS = ("tokenizer", "text_field", "eval_fraction", "max_documents", "packed", "splits")
 # one record per chunk (what grain's random access wants); zstd level 1 with a 64 KiB window read a
 # random record in ~0.18 ms against ~0.31 ms for ArrayRecord's default zstd:3 (2^20 window), same size
@@ -110,8 +119,10 @@ def load_metadata(path: str) -> dict:
 def check_run(meta: dict, cfg: DataConfig, tok, kind: str, seq_len: int) -> None:
     """Refuse a run that asks for what was fixed when preparing (see the module docstring)."""
     where = f"data.path {cfg.path} (prepared data)"
-    if kind != "text":
-        raise ValueError(f"{where} holds pretraining text; objective sft/dpo reads JSONL or Parquet records")
+    made = meta.get("kind", "text")
+    if made != kind:
+        raise ValueError(f"{where} was prepared for objective {OBJECTIVES[made]}, the run's objective is "
+                         f"{OBJECTIVES[kind]} (prepare again with --objective {OBJECTIVES[kind]})")
     if meta["packed"] and meta["packed"]["seq_len"] != seq_len:
         raise ValueError(f"{where} is packed into rows for seq_len {meta['packed']['seq_len']}, the run has "
                          f"seq_len {seq_len} (set it, or prepare again with --seq-len {seq_len})")
@@ -150,6 +161,33 @@ def decode_row(raw: bytes) -> dict[str, np.ndarray]:
     idx = np.arange(seg.size, dtype=np.int32)
     start = np.maximum.accumulate(np.where(np.r_[True, seg[1:] != seg[:-1]], idx, 0))
     return {"tokens": tokens, "tokens_segment_ids": seg, "tokens_positions": np.where(seg > 0, idx - start, 0)}
+
+
+def encode_sides(sides: list) -> bytes:
+    """A fine-tuning record's sides [(ids, mask), ...] -> int32: count, each side's length, then each
+    side's ids and mask."""
+    head = [len(sides), *(len(ids) for ids, _ in sides)]
+    return np.concatenate([np.asarray(head), *(np.r_[ids, mask] for ids, mask in sides)]).astype(DTYPE).tobytes()
+
+
+def decode_sides(raw: bytes) -> list[tuple[np.ndarray, np.ndarray]]:
+    a = np.frombuffer(raw, DTYPE).astype(np.int32)
+    lengths, at, sides = a[1:1 + a[0]], 1 + a[0], []
+    for n in lengths:
+        sides.append((a[at:at + n], a[at + n:at + 2 * n]))
+        at += 2 * n
+    return sides
+
+
+class RecordExamples:
+    """A prepared fine-tuning record -> the example the raw pipeline's RenderRecords makes of its source
+    record (cut to seq_len, shifted; DPO: both sides), counting what it cuts in `render.truncated`."""
+
+    def __init__(self, render: RenderRecords, where: str):
+        self.render, self.where = render, where
+
+    def __call__(self, raw: bytes) -> dict[str, np.ndarray]:
+        return self.render.examples(decode_sides(raw), self.where)
 
 
 def _read(records, keys: list[int]) -> list[bytes]:
@@ -240,6 +278,23 @@ def _document_records(docs: list[Document], tok, cfg: DataConfig, read: grain.Re
         yield raw, len(raw) // DTYPE.itemsize
 
 
+class _RenderSides(TokenizerHolder):
+    """Document -> its fine-tuning record (encode_sides of chat.render_sides)."""
+
+    def __init__(self, tokenizer, kind: str):
+        super().__init__(tokenizer)
+        self._kind = kind
+
+    def __call__(self, doc: Document) -> bytes:
+        return encode_sides(render_sides(self._tokenizer, self._kind, read_record(doc)))
+
+
+def _side_records(docs: list[Document], tok, kind: str, read: grain.ReadOptions):
+    """(record, tokens) per fine-tuning document, in order."""
+    for raw in grain.MapDataset.source(docs).map(_RenderSides(tok, kind)).to_iter_dataset(read):
+        yield raw, int(sum(len(ids) for ids, _ in decode_sides(raw)))
+
+
 def _row_records(docs: list[Document], tok, cfg: DataConfig, read: grain.ReadOptions, seq_len: int,
                  seed: int | None):
     """(record, tokens) per packed row of seq_len + 1, as the raw pipeline packs the split's first epoch
@@ -279,16 +334,23 @@ def _write_split(records, out: Path, split: str, shard_bytes: int, progress: boo
 
 
 def prepare(cfg: DataConfig, out: str | Path, tok, *, tokenizer_spec: str | None = None, seq_len: int | None = None,
-            seed: int | None = 0, shard_bytes: int = 512 << 20, threads: int = 4, progress: bool = True) -> dict:
+            seed: int | None = 0, shard_bytes: int = 512 << 20, threads: int = 4, progress: bool = True,
+            kind: str = "text") -> dict:
     """Tokenize `cfg.path` into prepared shards in `out` (written to a temp dir, renamed when complete):
     one record per document, or with `seq_len` packed rows (train documents shuffled with `seed`, None:
-    in order; eval documents in order). Returns the metadata."""
+    in order; eval documents in order); `kind` sft/dpo: one rendered record per valid fine-tuning record
+    (bad ones reported and skipped as training does). Returns the metadata."""
     out = Path(out).expanduser()
+    if kind not in OBJECTIVES:
+        raise ValueError(f"unknown record kind {kind!r} (choose from {', '.join(OBJECTIVES)})")
     if out.exists():
         raise ValueError(f"{out}: already exists (refusing to overwrite)")
     if seq_len is not None and seq_len < 1:
         raise ValueError(f"--seq-len must be >= 1, got {seq_len}")
-    docs = list_documents(cfg)
+    if seq_len is not None and kind != "text":
+        raise ValueError(f"--seq-len packs pretraining text; objective {OBJECTIVES[kind]} records are packed at "
+                         f"training time (any seq_len)")
+    docs = list_documents(cfg, {"text": None, "sft": sft_problem, "dpo": dpo_problem}[kind])
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -297,14 +359,18 @@ def prepare(cfg: DataConfig, out: str | Path, tok, *, tokenizer_spec: str | None
         splits = {}
         for split in SPLITS:
             part = split_documents(docs, split, cfg.eval_fraction)
-            records = (_document_records(part, tok, cfg, read) if seq_len is None else
-                       _row_records(part, tok, cfg, read, seq_len, seed if split == "train" else None))
+            if kind != "text":
+                records = _side_records(part, tok, kind, read)
+            elif seq_len is None:
+                records = _document_records(part, tok, cfg, read)
+            else:
+                records = _row_records(part, tok, cfg, read, seq_len, seed if split == "train" else None)
             splits[split] = _write_split(records, tmp, split, shard_bytes, progress)
             splits[split].update(documents=documents_fingerprint(part))
         meta = {"format": FORMAT, "version": VERSION, "source": str(cfg.path), "text_field": cfg.text_field,
                 "eval_fraction": cfg.eval_fraction, "max_documents": cfg.max_documents, "dtype": DTYPE.str,
                 "tokenizer": {"spec": tokenizer_spec, "id": tokenizer_id(tok), "n_words": tok.n_words},
-                "packed": None if seq_len is None else {"seq_len": seq_len, "seed": seed},
+                "packed": None if seq_len is None else {"seq_len": seq_len, "seed": seed}, "kind": kind,
                 "splits": splits}
         (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, out)

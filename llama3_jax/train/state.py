@@ -47,7 +47,8 @@ def save_state(mgr: ocp.CheckpointManager, step: int, state: dict, data_state: d
     and writes into a temp dir that is renamed only when complete. `data_state` is this process's
     iterator state; every process's is gathered into the checkpoint."""
     mgr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state["params"]), opt_state=ocp.args.StandardSave(state["opt_state"]),
+        params=ocp.args.StandardSave(state["params"], checkpoint.layer_save_args(state["params"])),
+        opt_state=ocp.args.StandardSave(state["opt_state"], checkpoint.layer_save_args(state["opt_state"])),
         data=ocp.args.JsonSave(gather_data_states(data_state)), meta=ocp.args.JsonSave(meta)), force=True)
 
 
