@@ -29,10 +29,11 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import nnx
 
-from . import integrity, lora
+from . import integrity, lora, remote
 from .config import ModelConfig, read_json
 from .model import abstract_model
 from .multihost_io import on_main
+from .paths import is_remote
 from .sharding import make_mesh, state_shardings
 
 FORMAT = "llama3-jax"
@@ -68,7 +69,7 @@ def lora_base(directory: str | Path) -> tuple[dict, Path] | None:
     record = read_json(path, "a llama3-jax checkpoint").get("lora") if path.exists() else None
     if not record:
         return None
-    base = Path(record["base"])
+    base = Path(remote.fetch(record["base"], "the LoRA base")) if is_remote(record["base"]) else Path(record["base"])
     if not is_checkpoint(base):
         raise FileNotFoundError(f"{directory}: the LoRA base checkpoint {base} is missing (config.json lora.base)")
     return record, base
@@ -111,6 +112,7 @@ class Manager(ocp.CheckpointManager):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._unsealed: list[int] = []
+        self.on_sealed = None  # called once steps are sealed (process 0): remote.WorkdirMirror.push
 
     def save(self, step: int, *args, **kwargs) -> bool:
         self.wait_until_finished()
@@ -130,6 +132,8 @@ class Manager(ocp.CheckpointManager):
                 step_dir = Path(self.directory) / str(step)
                 if jax.process_index() == 0 and step_dir.is_dir() and not integrity.is_sealed(step_dir):
                     integrity.seal(step_dir)
+            if pending and getattr(self, "on_sealed", None) is not None:
+                self.on_sealed()
         except CheckpointWriteError:
             raise
         except Exception as e:
@@ -138,12 +142,15 @@ class Manager(ocp.CheckpointManager):
 
 
 def manager(directory: str | Path, *, max_to_keep: int | None = None, async_save: bool = False,
-            read_only: bool = False) -> ocp.CheckpointManager:
+            read_only: bool = False, on_sealed=None) -> ocp.CheckpointManager:
+    """`on_sealed`: called (process 0) after each sealing of new steps, e.g. to upload them."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=not read_only)
     if not read_only:
         remove_unfinished(directory)
-    return Manager(Path(directory).absolute(), options=options)
+    m = Manager(Path(directory).absolute(), options=options)
+    m.on_sealed = on_sealed
+    return m
 
 
 def remove_unfinished(directory: str | Path) -> list[Path]:

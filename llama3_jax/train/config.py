@@ -15,7 +15,7 @@ from ..lora import LoraConfig
 from ..model import remat_policy
 from ..objectives import OBJECTIVES, DPOConfig
 from ..optim import OptimConfig
-from ..paths import local_path
+from ..paths import resolve
 from ..tokenizer import ByteTokenizer, load_tokenizer as make_tokenizer  # noqa: F401 (the train API names them)
 
 # A model given as keys without a `preset:` base must give all of these (the rest have Llama 3 defaults).
@@ -79,8 +79,8 @@ class TrainConfig:
     spike_factor: float = 0.0  # > 0: warn when loss > spike_factor x running mean of recent losses
 
     def __post_init__(self):
-        for key in ("workdir", "init_from"):  # file:///x -> /x
-            object.__setattr__(self, key, local_path(getattr(self, key), key))
+        for key in ("workdir", "init_from"):  # file:///x -> /x; gs://... checked, made local by train
+            object.__setattr__(self, key, resolve(getattr(self, key), key))
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "checkpoint_every", "eval_batches")
         for key in positive:
             if getattr(self, key) < 1:
