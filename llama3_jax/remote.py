@@ -14,11 +14,12 @@ bucket is one request per record. So every remote path is turned into a local on
   directories) brings its top-level files and its latest *complete* step only: a step is complete once
   its manifest (integrity.MANIFEST) is there, and writers upload the manifest after every other file
   of the step; the local copy is then checked against it (sha256) like any restore.
-- Writers (convert's DST; a training workdir) write to a local staging directory exactly as to a local
-  path (atomic temp + rename), then `upload` it in an order where the marker comes last: files in
-  subdirectories first, each directory's manifest after its other files, top-level files after those,
-  config.json (or Meta's params.json) last. Without config.json a directory is no checkpoint, and
-  without its manifest a step does not count, so a reader never takes a half-uploaded directory.
+- Writers (convert's DST, a training workdir, tools/prepare_data.py's DST) write to a local staging
+  directory exactly as to a local path (atomic temp + rename), then `upload` it in an order where the
+  marker comes last (`LAST`): files in subdirectories first, each directory's manifest after its other
+  files, top-level files after those, config.json (Meta: params.json; prepared data: metadata.json)
+  last. Without config.json a directory is no checkpoint, and without its manifest a step does not
+  count, so a reader never takes a half-uploaded directory.
 - A training workdir (`WorkdirMirror`): `pull` at start brings the run's files (config.json,
   train_config.json, metrics.jsonl, ...) and its latest complete step, and deletes remote steps newer
   than that one, uploads that never finished; `push` runs each time the checkpoint manager has sealed
@@ -49,7 +50,9 @@ from .paths import filesystem, MOUNT_HINT
 
 CACHE_ENV, STAGING_ENV = "LLAMA3_JAX_CACHE", "LLAMA3_JAX_STAGING"
 SMALL = 1 << 20  # files smaller than this are fetched again every time (configs, manifests, metrics)
-LAST = (integrity.MANIFEST, "config.json", "params.json")  # uploaded after their directory's other files
+# markers, uploaded after their directory's other files (in this order): a step's manifest, prepared
+# data's metadata.json (data/prepared.py), a checkpoint's config.json, a Meta checkpoint's params.json
+LAST = (integrity.MANIFEST, "metadata.json", "config.json", "params.json")
 
 
 def cache_root() -> Path:
