@@ -47,6 +47,37 @@ def test_upload_order_puts_each_marker_after_what_it_vouches_for():
                                                           and "manifest" not in r)
 
 
+def test_fetch_reuses_the_cache_and_takes_the_latest_complete_step(cache, capsys):
+    """A cached big file is not fetched again until the remote one changes; of a checkpoint only the
+    top-level files and the latest step with its manifest come (a newer step without one is an upload
+    that never finished: named and left out); what the remote no longer holds leaves the cache."""
+    fs, root = fsspec.filesystem("memory"), f"/cache-test-{os.getpid()}"
+    try:
+        big = bytes(range(256)) * (remote.SMALL // 256 + 1)
+        fs.pipe(f"{root}/data/big.bin", big)
+        first = remote.fetch(f"memory://{root}/data/big.bin", "data.path")
+        assert Path(first).read_bytes() == big and "remote: fetched" in capsys.readouterr().err
+        assert remote.fetch(f"memory://{root}/data/big.bin", "data.path") == first
+        assert "remote: fetched" not in capsys.readouterr().err  # reused
+        fs.pipe(f"{root}/data/big.bin", big + b"more")
+        assert Path(remote.fetch(f"memory://{root}/data/big.bin", "data.path")).read_bytes() == big + b"more"
+
+        ckpt = f"{root}/ckpt"
+        for rel in ("config.json", "1/params/x", f"1/{integrity.MANIFEST}", "2/params/x",
+                    f"2/{integrity.MANIFEST}", "3/params/x"):
+            fs.pipe(f"{ckpt}/{rel}", rel.encode())
+        local = Path(remote.fetch(f"memory://{ckpt}", "--checkpoint"))
+        got = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+        assert got == ["2/llama3_jax_manifest.json", "2/params/x", "config.json"]
+        assert f"step 3 has no {integrity.MANIFEST} (an upload that never finished): ignored" in capsys.readouterr().err
+        fs.pipe(f"{ckpt}/3/{integrity.MANIFEST}", b"now complete")
+        local = Path(remote.fetch(f"memory://{ckpt}", "--checkpoint"))
+        got = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+        assert got == ["3/llama3_jax_manifest.json", "3/params/x", "config.json"]  # step 2 left the cache
+    finally:
+        fs.rm(root, recursive=True)
+
+
 def test_convert_to_and_from_urls_round_trips_bit_exact(tmp_path, cache):
     src = tmp_path / "hf"
     make_hf_llama(src)
