@@ -76,6 +76,8 @@ def lora_base(directory: str | Path) -> tuple[dict, Path] | None:
 
 
 def load_config(directory: str | Path) -> ModelConfig:
+    if is_remote(directory):  # a dry run or a run's model shape: config.json alone, not the whole checkpoint
+        directory = Path(remote.fetch(f"{str(directory).rstrip('/')}/{CONFIG_FILE}", "a checkpoint")).parent
     path = Path(directory) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found (is {directory} a llama3-jax checkpoint?)")
@@ -132,13 +134,18 @@ class Manager(ocp.CheckpointManager):
                 step_dir = Path(self.directory) / str(step)
                 if jax.process_index() == 0 and step_dir.is_dir() and not integrity.is_sealed(step_dir):
                     integrity.seal(step_dir)
-            if pending and getattr(self, "on_sealed", None) is not None:
-                self.on_sealed()
         except CheckpointWriteError:
             raise
         except Exception as e:
             steps = ", ".join(map(str, pending)) or "?"
             raise CheckpointWriteError(f"{self.directory}: checkpoint step {steps} not written: {_first_line(e)}") from e
+        if pending and getattr(self, "on_sealed", None) is not None:
+            try:
+                self.on_sealed()
+            except Exception as e:
+                steps = ", ".join(map(str, pending))
+                raise CheckpointWriteError(f"{self.directory}: checkpoint step {steps} saved here but not uploaded: "
+                                           f"{_first_line(e)}") from e
 
 
 def manager(directory: str | Path, *, max_to_keep: int | None = None, async_save: bool = False,

@@ -19,7 +19,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import make_hf_llama
-from llama3_jax import cli, integrity, remote
+from llama3_jax import checkpoint, cli, integrity, remote
+from llama3_jax.config import ModelConfig
 from llama3_jax.convert import convert
 from train_helpers import VOCAB, base_overrides, train_losses, write_corpus
 
@@ -74,6 +75,13 @@ def test_fetch_reuses_the_cache_and_takes_the_latest_complete_step(cache, capsys
         local = Path(remote.fetch(f"memory://{ckpt}", "--checkpoint"))
         got = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
         assert got == ["3/llama3_jax_manifest.json", "3/params/x", "config.json"]  # step 2 left the cache
+
+        # a run's model shape (model_config, dry runs) reads config.json alone
+        cfg = ModelConfig(vocab_size=211, dim=40, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=10,
+                          intermediate_size=72)
+        checkpoint.save_config(cache / "cfg", cfg)
+        remote.upload(cache / "cfg", f"memory://{root}/other", "test")
+        assert checkpoint.load_config(f"memory://{root}/other") == cfg
     finally:
         fs.rm(root, recursive=True)
 
