@@ -32,7 +32,10 @@ host's own disk would hold only its processes' shards). Read caches are per proc
 rename, so processes that share one cache directory never read half a file.
 
 Limits: a remote file replaced by another of the same size (>= 1 MiB) is not noticed by the cache
-(clear it); checkpoint steps are compared by manifest, so they are.
+(clear it); checkpoint steps are compared by manifest, so they are. The cache is never pruned. Orbax
+could write gs:// itself (epath + tensorstore), which would let a pod's hosts share a remote workdir
+without a shared disk, but integrity.py's manifests, checkpoint.remove_unfinished and the set-aside
+rename work on local paths, and no bucket is at hand to test it: not done.
 """
 
 from __future__ import annotations
