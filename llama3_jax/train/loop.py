@@ -296,7 +296,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
             if data_state is not None:
                 it.set_state(data_state)
             if is_main:  # the run starts now: record what it is (not before, so a refused run changes nothing)
-                base = given.init_from if is_remote(given.init_from) else str(Path(cfg.init_from).absolute())
+                base = given.init_from if is_remote(given.init_from) else str(Path(cfg.init_from or "").absolute())
                 record = lora.config_record(cfg.lora, base) if cfg.lora.rank else None
                 checkpoint.save_config(workdir, mc, tokenizer=tokenizer_spec(cfg) if tokenizer is None else None,
                                        lora_record=record)
