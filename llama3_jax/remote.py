@@ -32,7 +32,9 @@ host's own disk would hold only its processes' shards). Read caches are per proc
 rename, so processes that share one cache directory never read half a file.
 
 Limits: a remote file replaced by another of the same size (>= 1 MiB) is not noticed by the cache
-(clear it); checkpoint steps are compared by manifest, so they are. The cache is never pruned. Orbax
+(clear it); checkpoint steps are compared by manifest, so they are. The cache is never pruned. A
+checkpoint copied to a bucket by hand counts only the steps that carry a manifest (every step saved
+by this version has one). Orbax
 could write gs:// itself (epath + tensorstore), which would let a pod's hosts share a remote workdir
 without a shared disk, but integrity.py's manifests, checkpoint.remove_unfinished and the set-aside
 rename work on local paths, and no bucket is at hand to test it: not done.
@@ -59,8 +61,9 @@ LAST = (integrity.MANIFEST, "metadata.json", "config.json", "params.json")
 
 
 def cache_root() -> Path:
-    base = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama3_jax"
-    return Path(base)
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama3_jax"
 
 
 def _slot(url: str) -> str:
@@ -139,10 +142,10 @@ def download(fs, root: str, files: dict[str, int], dest: Path) -> int:
                 shutil.rmtree(dest / rel.rsplit("/", 1)[0], ignore_errors=True)
     fetched = 0
     for rel, size in sorted(files.items(), key=lambda kv: upload_key(kv[0])):  # manifests last here too
-        local = dest / rel if rel else dest
+        local = dest / rel
         if size >= SMALL and local.is_file() and local.stat().st_size == size:
             continue
-        _get(fs, f"{root}/{rel}" if rel else root, local)
+        _get(fs, f"{root}/{rel}", local)
         fetched += size
     for p in sorted(dest.rglob("*"), reverse=True):  # deepest first, so emptied directories go too
         rel = p.relative_to(dest).as_posix()

@@ -371,7 +371,8 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
             it.close()
 
     timed = step - start - 1  # steps after the first (which includes compilation)
-    summary = {"workdir": given.workdir if mirror else str(workdir), "start_step": start, "step": step, "preempted": step < cfg.steps,
+    summary = {"workdir": given.workdir if mirror else str(workdir), "start_step": start, "step": step,
+               "preempted": step < cfg.steps,
                "stopped_by": preempt.signal,
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "seconds": round(time.time() - t0, 1), "startup_seconds": startup and round(startup, 1),
