@@ -372,8 +372,7 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
 
     timed = step - start - 1  # steps after the first (which includes compilation)
     summary = {"workdir": given.workdir if mirror else str(workdir), "start_step": start, "step": step,
-               "preempted": step < cfg.steps,
-               "stopped_by": preempt.signal,
+               "preempted": step < cfg.steps, "stopped_by": preempt.signal,
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "seconds": round(time.time() - t0, 1), "startup_seconds": startup and round(startup, 1),
                "tokens_per_second": timed * tokens_per_step / (t_end - t_first) if timed > 0 else None,
