@@ -29,10 +29,11 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import nnx
 
-from . import integrity, lora
+from . import integrity, lora, remote
 from .config import ModelConfig, read_json
 from .model import abstract_model
 from .multihost_io import on_main
+from .paths import is_remote
 from .sharding import make_mesh, state_shardings
 
 FORMAT = "llama3-jax"
@@ -68,13 +69,15 @@ def lora_base(directory: str | Path) -> tuple[dict, Path] | None:
     record = read_json(path, "a llama3-jax checkpoint").get("lora") if path.exists() else None
     if not record:
         return None
-    base = Path(record["base"])
+    base = Path(remote.fetch(record["base"], "the LoRA base")) if is_remote(record["base"]) else Path(record["base"])
     if not is_checkpoint(base):
         raise FileNotFoundError(f"{directory}: the LoRA base checkpoint {base} is missing (config.json lora.base)")
     return record, base
 
 
 def load_config(directory: str | Path) -> ModelConfig:
+    if is_remote(directory):  # a dry run or a run's model shape: config.json alone, not the whole checkpoint
+        directory = Path(remote.fetch(f"{str(directory).rstrip('/')}/{CONFIG_FILE}", "a checkpoint")).parent
     path = Path(directory) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found (is {directory} a llama3-jax checkpoint?)")
@@ -111,6 +114,7 @@ class Manager(ocp.CheckpointManager):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._unsealed: list[int] = []
+        self.on_sealed = None  # called once steps are sealed (process 0): remote.WorkdirMirror.push
 
     def save(self, step: int, *args, **kwargs) -> bool:
         self.wait_until_finished()
@@ -135,15 +139,25 @@ class Manager(ocp.CheckpointManager):
         except Exception as e:
             steps = ", ".join(map(str, pending)) or "?"
             raise CheckpointWriteError(f"{self.directory}: checkpoint step {steps} not written: {_first_line(e)}") from e
+        if pending and getattr(self, "on_sealed", None) is not None:
+            try:
+                self.on_sealed()
+            except Exception as e:
+                steps = ", ".join(map(str, pending))
+                raise CheckpointWriteError(f"{self.directory}: checkpoint step {steps} saved here but not uploaded: "
+                                           f"{_first_line(e)}") from e
 
 
 def manager(directory: str | Path, *, max_to_keep: int | None = None, async_save: bool = False,
-            read_only: bool = False) -> ocp.CheckpointManager:
+            read_only: bool = False, on_sealed=None) -> ocp.CheckpointManager:
+    """`on_sealed`: called (process 0) after each sealing of new steps, e.g. to upload them."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=not read_only)
     if not read_only:
         remove_unfinished(directory)
-    return Manager(Path(directory).absolute(), options=options)
+    m = Manager(Path(directory).absolute(), options=options)
+    m.on_sealed = on_sealed
+    return m
 
 
 def remove_unfinished(directory: str | Path) -> list[Path]:

@@ -211,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
             distributed.initialize(distributed.DistributedConfig(
                 args.coordinator_address, args.num_processes, args.process_id))
         if getattr(args, "checkpoint", None) is not None:  # generate, score
-            from .paths import local_path
-            args.checkpoint = local_path(args.checkpoint, "--checkpoint")  # file:///x -> /x
+            from .paths import is_remote, resolve
+            args.checkpoint = resolve(args.checkpoint, "--checkpoint")  # file:///x -> /x
+            if is_remote(args.checkpoint):  # gs://...: its latest complete step, into the cache (remote.py)
+                from .remote import fetch
+                args.checkpoint = fetch(args.checkpoint, "--checkpoint")
         rc = args.func(args)
     except (ValueError, KeyError, OSError) as e:  # OSError: also a full disk or a read-only path
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

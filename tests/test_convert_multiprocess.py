@@ -2,7 +2,8 @@
 `--to jax` writes one sharded orbax checkpoint from every process's shards; `--from jax` reads per
 process (a LoRA workdir on that checkpoint: base layers + merged adapters) and process 0 writes; both
 round-trip bit-exact against the source safetensors. SRC and DST are given as file:// URLs (paths.py)
-here and there. `--from jax` holds one output tensor at a time, not a stacked parameter: measured as
+here and there, and the 2-process `--to jax` writes to a local:// URL (remote.py: the processes write
+into a shared staging directory, $LLAMA3_JAX_STAGING, and process 0 uploads it). `--from jax` holds one output tensor at a time, not a stacked parameter: measured as
 the peak resident memory while each tensor is produced."""
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from llama3_jax.config import ModelConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _convert_on_two(*args: str) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="")
+def _convert_on_two(*args: str, **env_extra: str) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="", **env_extra)
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "launch_local.py"), "-n", "2", "--cpu-devices", "4",
                            "--", sys.executable, "-m", "llama3_jax.cli", "convert", "--quiet", *args],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -48,7 +49,9 @@ def test_convert_on_two_processes_round_trips_bit_exact(tmp_path):
     src = tmp_path / "hf"
     make_hf_llama(src)
     jax_dir = tmp_path / "jax"
-    _convert_on_two("--from", "hf", "--to", "jax", str(src), _url(jax_dir))
+    _convert_on_two("--from", "hf", "--to", "jax", str(src), f"local://{jax_dir}",
+                    LLAMA3_JAX_STAGING=str(tmp_path / "staging"))  # an fsspec URL: staged, then uploaded
+    assert not any((tmp_path / "staging").iterdir())
     params = jax_dir / "0" / "params"
     # one checkpoint, written by both processes (orbax's per-process OCDBT stores), nothing left behind
     assert sorted(p.name for p in params.glob("ocdbt.process_*")) == ["ocdbt.process_0", "ocdbt.process_1"]

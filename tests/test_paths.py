@@ -1,6 +1,7 @@
-"""Paths given as URLs (paths.py): `file://` URLs work wherever a path is given; object-store URLs are
-refused in one line that names the key and a way in (a mounted bucket). convert with file:// URLs on
-one and two processes: tests/test_convert_multiprocess.py."""
+"""Paths given as URLs (paths.py): `file://` URLs work wherever a path is given as local paths; other
+URLs go to remote.py (tests/test_remote.py), and one whose fsspec backend is missing (gs:// without
+gcsfs, s3:// without s3fs) is refused in one line that names the key and a way in (the package, or a
+mounted bucket). convert with file:// URLs on one and two processes: tests/test_convert_multiprocess.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from llama3_jax.paths import local_path
 from llama3_jax.train import TrainConfig
 
 
-def test_file_urls_are_local_paths_and_object_stores_are_refused():
+def test_file_urls_are_local_paths_and_local_path_refuses_object_stores():
     assert local_path("file:///tmp/a%20b/run", "workdir") == "/tmp/a b/run"
     assert local_path("file://localhost/tmp/x", "workdir") == "/tmp/x"
     assert local_path("runs/x", "workdir") == "runs/x" and local_path(None, "init_from") is None

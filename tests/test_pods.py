@@ -184,9 +184,9 @@ def test_merge_keeps_every_sample_of_num_samples_runs_and_names_a_missing_one(ge
 # ------------------------------------------------------------------ several processes (slow: real processes)
 
 
-def _launch(n: int, devices: int, command: list[str], **popen) -> subprocess.Popen:
+def _launch(n: int, devices: int, command: list[str], env_extra: dict | None = None, **popen) -> subprocess.Popen:
     """`llama3-jax COMMAND...` on n local processes x `devices` fake CPU devices, through the launcher."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="", **(env_extra or {}))
     cmd = [sys.executable, str(ROOT / "tools" / "launch_local.py"), "-n", str(n), "--cpu-devices", str(devices),
            "--", sys.executable, "-m", "llama3_jax.cli", *command]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, text=True, **popen)
@@ -200,8 +200,8 @@ def _run(n: int, devices: int, command: list[str]) -> str:
     return err
 
 
-def _train(n: int, devices: int, overrides: list[str]) -> None:
-    proc = _launch(n, devices, ["train", *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _train(n: int, devices: int, overrides: list[str], **env: str) -> None:
+    proc = _launch(n, devices, ["train", *overrides], env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
 
@@ -215,7 +215,9 @@ def test_two_by_four_processes_train_as_one_by_eight_and_resume_on_either(corpus
     """One mesh shape (two "slices" of 2x2 over the data-center axis: dcn_data=2, data=1, fsdp=2,
     tensor=2) on 1 process x 8 devices and on 2 processes x 4: the same losses, step by step; and a
     checkpoint written by either process count continues on the other with the losses of the
-    uninterrupted run (the data order does not depend on the process count)."""
+    uninterrupted run (the data order does not depend on the process count). The 2 -> 1 run's workdir
+    is a local:// URL (remote.py): 2 processes stage in a shared LLAMA3_JAX_STAGING and process 0
+    uploads; the 1-process run pulls the latest complete step into its own staging directory."""
     mesh = {"mesh.dcn_data": 2, "mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2, "checkpoint_every": 3,
             "keep_checkpoints": 5, "data.eval_fraction": 0.0}
     ref = tmp_path / "ref"
@@ -223,9 +225,10 @@ def test_two_by_four_processes_train_as_one_by_eight_and_resume_on_either(corpus
     expected = train_losses(ref)
     assert sorted(expected) == [1, 2, 3, 4, 5]
 
-    two_then_one = tmp_path / "two_then_one"
-    _train(2, 4, base_overrides(two_then_one, corpus, steps=3, **mesh))
-    _train(1, 8, base_overrides(two_then_one, corpus, steps=5, **mesh))
+    two_then_one = tmp_path / "bucket" / "two_then_one"
+    url, cache = f"local://{two_then_one}", {"LLAMA3_JAX_CACHE": str(tmp_path / "cache")}
+    _train(2, 4, base_overrides(url, corpus, steps=3, **mesh), LLAMA3_JAX_STAGING=str(tmp_path / "staging"), **cache)
+    _train(1, 8, base_overrides(url, corpus, steps=5, **mesh), **cache)
 
     one_then_two = tmp_path / "one_then_two"  # the reference's step-3 checkpoint, continued on 2 x 4
     one_then_two.mkdir()

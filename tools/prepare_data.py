@@ -19,6 +19,7 @@ stored rendered (ids + assistant loss mask; a pair's two sides) for `objective: 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from llama3_jax.convert.core import parse_size  # noqa: E402
 from llama3_jax.data import DataConfig  # noqa: E402
 from llama3_jax.data import prepared  # noqa: E402
-from llama3_jax.paths import local_path  # noqa: E402
+from llama3_jax import remote  # noqa: E402
+from llama3_jax.paths import filesystem, is_remote, resolve  # noqa: E402
 from llama3_jax.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -55,15 +57,25 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress line")
     args = p.parse_args(argv)
     try:
-        cfg = DataConfig(path=args.src, text_field=args.text_field, eval_fraction=args.eval_fraction,
+        src, dst = resolve(args.src, "SRC"), resolve(args.dst, "DST")
+        src = remote.fetch(src, "SRC") if is_remote(src) else src  # gs://...: into the cache (remote.py)
+        if is_remote(dst) and filesystem(dst, "DST")[0].exists(filesystem(dst, "DST")[1]):
+            raise ValueError(f"{dst}: already exists")
+        out = remote.staging_dir(dst, "DST") if is_remote(dst) else dst  # written here, then uploaded
+        cfg = DataConfig(path=src, text_field=args.text_field, eval_fraction=args.eval_fraction,
                          max_documents=args.max_documents, format="raw")
         tok = load_tokenizer(args.tokenizer)
         spec = args.tokenizer if args.tokenizer in (None, "bytes") else str(Path(args.tokenizer).absolute())
-        meta = prepared.prepare(cfg, local_path(args.dst, "DST"), tok, tokenizer_spec=spec,
+        if is_remote(dst):
+            shutil.rmtree(out, ignore_errors=True)
+        meta = prepared.prepare(cfg, out, tok, tokenizer_spec=spec,
                                 seq_len=args.seq_len, seed=args.seed,
                                 shard_bytes=parse_size(args.shard_size, "--shard-size"),
                                 threads=max(1, args.threads), progress=not args.quiet,
                                 kind={v: k for k, v in prepared.OBJECTIVES.items()}[args.objective])
+        if is_remote(dst):  # metadata.json is among the last: see remote.upload_key
+            remote.upload(out, dst, "DST")
+            shutil.rmtree(out, ignore_errors=True)
     except (ValueError, OSError) as e:  # ConvertError (a bad --shard-size) is a ValueError
         print(f"prepare_data: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ import numpy as np
 from .. import distributed
 from ..config import ModelConfig
 from ..failpoints import kill_point
-from ..paths import local_path
+from ..paths import filesystem, is_remote, local_path, resolve
 
 FORMATS = ("hf", "meta", "jax", "peft")  # peft: LoRA adapters (convert/peft.py)
 
@@ -156,7 +156,41 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
     merged into) to the reader; `keep_adapters` (with `base`): a `peft` adapter becomes a LoRA checkpoint
     instead (convert/peft.py). `--to peft` writes a LoRA workdir's adapters.
     Returns the model config. Raises ConvertError (one line, naming file and tensor) on bad input.
+
+    SRC, DST and `base` may be URLs (gs://...: remote.py): a remote SRC or base is fetched into the
+    cache first; a remote DST is written to a local staging directory as a local one is, then uploaded
+    by process 0, config.json (params.json) last, so a reader never takes a half-uploaded DST.
     """
+    src, dst = resolve(src, "SRC"), resolve(dst, "DST")
+    from .. import remote
+    if is_remote(src):
+        src = remote.fetch(src, "SRC")
+    if is_remote(options.get("base")):
+        options["base"] = remote.fetch(options["base"], "--base")
+    if not is_remote(dst):
+        return _convert(src, dst, src_format=src_format, dst_format=dst_format, dtype=dtype, progress=progress,
+                        **options)
+    fs, root = filesystem(dst, "DST")
+    if fs.exists(root):
+        raise ConvertError(f"{dst}: already exists (refusing to overwrite)")
+    stage = remote.staging_dir(dst, "DST")
+    if distributed.process_index() == 0:
+        shutil.rmtree(stage, ignore_errors=True)  # a staged copy an earlier, failed upload left
+    _sync("llama3_jax_convert_stage")
+    cfg = _convert(src, stage, src_format=src_format, dst_format=dst_format, dtype=dtype, progress=progress,
+                   **options)
+    if distributed.process_index() == 0:
+        remote.upload(stage, dst, "DST")
+        shutil.rmtree(stage, ignore_errors=True)
+        if progress:
+            print(f"uploaded {dst}", file=sys.stderr)
+    _sync("llama3_jax_convert_uploaded")  # every process returns once DST is complete
+    return cfg
+
+
+def _convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: str, dtype: str | None = None,
+             progress: bool = True, **options) -> ModelConfig:
+    """`convert` between local paths."""
     src, dst = Path(local_path(src, "SRC")), Path(local_path(dst, "DST"))  # file:///x -> /x
     for fmt in (src_format, dst_format):
         if fmt not in FORMATS:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..distributed import is_main
-from ..paths import local_path
+from ..paths import resolve
 
 # Files taken from a directory (a single file path is always taken, whatever its suffix).
 TEXT_SUFFIXES = frozenset(
@@ -77,7 +77,7 @@ class DataConfig:
     packing_bins: int = 8  # sft/dpo: first-fit packing bins (more: less padding, more look-ahead)
 
     def __post_init__(self):
-        object.__setattr__(self, "path", local_path(self.path, "data.path"))  # file:///x -> /x
+        object.__setattr__(self, "path", resolve(self.path, "data.path"))  # file:///x -> /x; a URL: train fetches it
         if self.format not in DATA_FORMATS:
             raise ValueError(f"data.format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}")
 

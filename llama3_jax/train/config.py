@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .. import checkpoint, lora
+from .. import checkpoint, lora, remote
 from ..config import ModelConfig, load_model_config
 from ..attention import NAMES as ATTENTION_NAMES
 from ..data import DataConfig
@@ -15,7 +15,7 @@ from ..lora import LoraConfig
 from ..model import remat_policy
 from ..objectives import OBJECTIVES, DPOConfig
 from ..optim import OptimConfig
-from ..paths import local_path
+from ..paths import is_remote, resolve
 from ..tokenizer import ByteTokenizer, load_tokenizer as make_tokenizer  # noqa: F401 (the train API names them)
 
 # A model given as keys without a `preset:` base must give all of these (the rest have Llama 3 defaults).
@@ -79,8 +79,8 @@ class TrainConfig:
     spike_factor: float = 0.0  # > 0: warn when loss > spike_factor x running mean of recent losses
 
     def __post_init__(self):
-        for key in ("workdir", "init_from"):  # file:///x -> /x
-            object.__setattr__(self, key, local_path(getattr(self, key), key))
+        for key in ("workdir", "init_from"):  # file:///x -> /x; gs://... checked, made local by train
+            object.__setattr__(self, key, resolve(getattr(self, key), key))
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "checkpoint_every", "eval_batches")
         for key in positive:
             if getattr(self, key) < 1:
@@ -172,6 +172,8 @@ def resolve_lora(cfg: TrainConfig) -> TrainConfig:
     src = cfg.lora.init_from
     if not src:
         return cfg
+    if is_remote(src):  # gs://...: the adapters (and their base, lora_base) into the cache, remote.py
+        src = remote.fetch(src, "lora.init_from")
     if not checkpoint.is_checkpoint(src):
         raise ValueError(f"lora.init_from {src}: not a llama3-jax checkpoint (no {checkpoint.CONFIG_FILE})")
     adapted = checkpoint.lora_base(src)  # a missing base: one line naming its path
@@ -179,10 +181,13 @@ def resolve_lora(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"lora.init_from {src}: not a LoRA checkpoint (its config.json has no 'lora' section; "
                          f"for a full model use init_from)")
     record, base = adapted
+    base = record["base"] if is_remote(record["base"]) else str(base)  # a URL stays one (train records it)
     lc = lora.from_record(record)
     if cfg.lora.rank and cfg.lora.rank != lc.rank:
         raise ValueError(f"lora.rank {cfg.lora.rank}: lora.init_from {src} has rank {lc.rank} (drop lora.rank)")
-    if cfg.init_from and Path(cfg.init_from).absolute() != Path(base).absolute():
+    same = (cfg.init_from == base if is_remote(base) or is_remote(cfg.init_from)
+            else Path(cfg.init_from or "").absolute() == Path(base).absolute())
+    if cfg.init_from and not same:
         raise ValueError(f"init_from {cfg.init_from}: lora.init_from {src} is on base {base} (drop init_from)")
-    return dataclasses.replace(cfg, init_from=str(base), lora=dataclasses.replace(
-        cfg.lora, rank=lc.rank, alpha=lc.alpha, targets=lc.targets))
+    return dataclasses.replace(cfg, init_from=base, lora=dataclasses.replace(
+        cfg.lora, init_from=src, rank=lc.rank, alpha=lc.alpha, targets=lc.targets))

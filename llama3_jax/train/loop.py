@@ -27,12 +27,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from .. import checkpoint, distributed, lora, objectives
+from .. import checkpoint, distributed, lora, objectives, remote
 from ..config_loader import load_yaml_config
 from ..data import BATCH_KEYS, corpus_documents, make_iterator, skipped_line_count, split_sizes
 from ..failpoints import kill_point
 from ..objectives import DPO_METRICS
 from ..optim import OptimConfig, schedule
+from ..paths import is_remote
 from ..sharding import logical_spec, make_mesh, require_divisible
 from .config import TrainConfig, make_tokenizer, model_config, resolve_lora, tokenizer_spec
 from .metrics import MetricsLog, model_flops_per_token, peak_flops
@@ -235,11 +236,28 @@ def _start_state(cfg: TrainConfig, setup: Setup, workdir: Path, resume: int | No
     return setup.init_state(cfg.seed), None, 0, 0, "random init"
 
 
+def _local_paths(cfg: TrainConfig) -> tuple[TrainConfig, remote.WorkdirMirror | None]:
+    """`cfg` with its remote paths made local (remote.py): `init_from` and `data.path` fetched into the
+    cache, a remote `workdir` pulled into its staging directory (the mirror pushes it back)."""
+    changes, mirror = {}, None
+    if is_remote(cfg.workdir):
+        mirror = remote.WorkdirMirror(cfg.workdir, cfg.keep_checkpoints)
+        mirror.pull()
+        changes["workdir"] = str(mirror.local)
+    if is_remote(cfg.init_from):
+        changes["init_from"] = remote.fetch(cfg.init_from, "init_from")
+    if is_remote(cfg.data.path):
+        changes["data"] = dataclasses.replace(cfg.data, path=remote.fetch(cfg.data.path, "data.path"))
+    return dataclasses.replace(cfg, **changes), mirror
+
+
 def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
     """Run (or resume) the job described by `cfg`; returns a summary dict (losses, throughput, sample)."""
     t0 = time.time()
     distributed.initialize(cfg.distributed)  # before any other JAX call
     cfg = resolve_lora(cfg)  # lora.init_from: its base and LoRA settings
+    given = cfg  # as the user gave it (URLs): recorded in train_config.json and a LoRA workdir's base
+    cfg, mirror = _local_paths(cfg)
     workdir = Path(cfg.workdir)
     is_main = jax.process_index() == 0
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, dcn_data=cfg.mesh.dcn_data,
@@ -278,17 +296,19 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
             if data_state is not None:
                 it.set_state(data_state)
             if is_main:  # the run starts now: record what it is (not before, so a refused run changes nothing)
-                record = lora.config_record(cfg.lora, str(Path(cfg.init_from).absolute())) if cfg.lora.rank else None
+                base = given.init_from if is_remote(given.init_from) else str(Path(cfg.init_from or "").absolute())
+                record = lora.config_record(cfg.lora, base) if cfg.lora.rank else None
                 checkpoint.save_config(workdir, mc, tokenizer=tokenizer_spec(cfg) if tokenizer is None else None,
                                        lora_record=record)
-                checkpoint.write_json_atomic(workdir / "train_config.json", dataclasses.asdict(cfg))
+                checkpoint.write_json_atomic(workdir / "train_config.json", dataclasses.asdict(given))
                 print(f"train: {mc.num_params():,} params, mesh {dict(mesh.shape)}, {origin}, "
                       f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", file=sys.stderr)
         except BaseException:
             it.close()
             raise
         log = MetricsLog(workdir, start, cfg.tensorboard)
-        mgr = checkpoint.manager(workdir, max_to_keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
+        mgr = checkpoint.manager(workdir, max_to_keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint,
+                                 on_sealed=mirror and mirror.push)
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and is_main), unit="step",
                    dynamic_ncols=True, file=sys.stderr)
@@ -351,14 +371,16 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
             it.close()
 
     timed = step - start - 1  # steps after the first (which includes compilation)
-    summary = {"workdir": str(workdir), "start_step": start, "step": step, "preempted": step < cfg.steps,
-               "stopped_by": preempt.signal,
+    summary = {"workdir": given.workdir if mirror else str(workdir), "start_step": start, "step": step,
+               "preempted": step < cfg.steps, "stopped_by": preempt.signal,
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "seconds": round(time.time() - t0, 1), "startup_seconds": startup and round(startup, 1),
                "tokens_per_second": timed * tokens_per_step / (t_end - t_first) if timed > 0 else None,
                **(last_eval or {}), "sample": sample, "truncated": it.truncated}
     if is_main:
         _report(cfg, summary, workdir)
+    if mirror:  # the final metrics and sample.txt
+        mirror.push()
     return summary
 
 
@@ -377,5 +399,5 @@ def _report(cfg: TrainConfig, s: dict, workdir: Path) -> None:
     ev += f", {s['truncated']} records truncated to seq_len" if s["truncated"] else ""
     speed = f", {s['tokens_per_second']:.0f} tokens/s" if s["tokens_per_second"] else ""
     print(f"train: {how}: steps {s['start_step']} -> {s['step']} in {s['seconds']:.0f}s "
-          f"(startup {s['startup_seconds'] or 0:.0f}s){loss}{ev}{speed}; checkpoint {workdir} step {s['step']}",
+          f"(startup {s['startup_seconds'] or 0:.0f}s){loss}{ev}{speed}; checkpoint {s['workdir']} step {s['step']}",
           file=sys.stderr)
