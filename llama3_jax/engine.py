@@ -43,8 +43,10 @@ from .config import ModelConfig
 from .kv_cache import CACHE_AXES, KVCache
 from .model import abstract_model, quantize_params, split_layer_params
 from .multihost_io import to_host
-from .scheduler import (MIN_BUCKET, Completion, Request, Scheduler, bucket, decode_step, is_stop,  # noqa: F401
-                        cut_at_stop, left_padded_layout, prefill, prompt_width, row_keys, sample)
+from .paged_cache import PagedKVCache
+from .scheduler import Completion, Request, Scheduler, cut_at_stop
+from .slots import (MIN_BUCKET, bucket, decode_step, is_stop, left_padded_layout, prefill,  # noqa: F401
+                    prompt_width, row_keys, sample)
 from .sharding import named_sharding
 
 FIRST_CHUNK = 256  # new tokens decoded before the cache first grows, when no max_new_tokens is given
@@ -180,7 +182,8 @@ class Generator:
     def __init__(self, checkpoint_dir: str | Path | None = None, dtype: str = "bfloat16", mesh=None, *,
                  tokenizer=None, cfg: ModelConfig | None = None, params: dict | None = None,
                  split_layers: bool | None = None, quantize: str | None = None, kv_cache_dtype: str | None = None,
-                 decode_attention: str = "auto", prefill_chunk: int | None = None):
+                 decode_attention: str = "auto", prefill_chunk: int | None = None, kv_pages: int | None = None,
+                 page_size: int = 64):
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
         quant.check(quantize)
@@ -211,6 +214,13 @@ class Generator:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        if kv_pages is not None:
+            if kv_pages < 1 or page_size < 1:
+                raise ValueError(f"kv_pages and page_size must be >= 1, got {kv_pages} and {page_size}")
+            if mesh is not None and mesh.size > 1:
+                raise ValueError("kv_pages: the paged KV cache runs on one device, not a mesh of "
+                                 f"{mesh.size} (drop --kv-pages or use a one-device mesh)")
+        self.kv_pages, self.page_size = kv_pages, page_size
         if decode_attention == "auto":
             decode_attention = "window" if mesh is None or mesh.size == 1 else "reference"
         self.decode_attention = decode_attention
@@ -220,6 +230,7 @@ class Generator:
             tokenizer = checkpoint.load_tokenizer_spec(checkpoint_dir)
         self._tokenizer = tokenizer
         self._cache: KVCache | None = None
+        self._pool: PagedKVCache | None = None
         self._scheduler: Scheduler | None = None
         self._generate = jax.jit(functools.partial(generate_batch, self.graphdef, prefill_chunk=prefill_chunk),
                                  static_argnames=("max_new",), donate_argnames=("cache",))
@@ -305,6 +316,17 @@ class Generator:
             out = KVCache(k=kv, v=kv, segment_ids=named_sharding(self.mesh, ("batch", "cache_seq"), shape[1:3]),
                           index=named_sharding(self.mesh, (), ()))
         return jax.jit(init, out_shardings=out)()
+
+    def _paged_cache(self, batch: int, table_width: int) -> PagedKVCache:
+        """The page pool (kv_pages + page 0) with a (batch, table_width) table; reused when it fits."""
+        c, self._pool = self._pool, None
+        if c is not None and c.table.shape == (batch, table_width):
+            return c
+        del c
+        init = functools.partial(PagedKVCache.init, self.cfg, self.kv_pages + 1, self.page_size, batch, table_width,
+                                 self.kv_dtype)
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0] if self.mesh is None else self.mesh.devices.flat[0])
+        return jax.jit(init, out_shardings=PagedKVCache(k=one, v=one, table=one))()
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -43,6 +43,8 @@ def test_greedy_rows_equal_transformers_whatever_the_batch_size_and_arrival_orde
         got = run(gen, reqs, b)
         assert [c.tokens for c in got] == want, f"batch size {b}"
         assert all(c.finish_reason == "length" for c in got)
+    # batch 32: all ten prompts are admitted at once and prefilled in one call per width (16 and 32)
+    assert gen._scheduler.prefill_calls == 2
     order = [7, 2, 9, 0, 4, 1, 8, 3, 6, 5]
     shuffled, _ = requests(gen, order)
     got = run(gen, shuffled, 7)
@@ -126,6 +128,7 @@ def test_chunked_prefill_equals_one_pass_and_transformers(gen, hf_model):
     from llama3_jax.kv_cache import KVCache
     from llama3_jax.model import stack_layer_params
     from llama3_jax.scheduler import prefill, prompt_width
+    from llama3_jax.slots import open_prefill, prefill_step
 
     prompts = ragged_prompts([30, 5, 19], seed=4)
     tokens = np.zeros((3, 32), np.int32)
@@ -146,9 +149,18 @@ def test_chunked_prefill_equals_one_pass_and_transformers(gen, hf_model):
     for a, b in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
         np.testing.assert_allclose(np.asarray(a)[:, :, :32][:, filled], np.asarray(b)[:, :, :32][:, filled], atol=1e-5)
     assert int(got_cache.index) == 32 and prompt_width(30, 8) == 32 and prompt_width(17, 8) == 24
+    # the same chunks run one call at a time from the host (interleaved with decoding): the same logits
+    tmp = jax.jit(open_prefill, static_argnums=(0, 1, 4))(gen.cfg, jnp.float32, jnp.asarray(tokens), lengths, 8)
+    step = jax.jit(prefill_step, static_argnums=(0, 6))
+    for j in range(4):
+        piece_logits, tmp = step(gen.graphdef, gen.params, tmp, jnp.asarray(tokens), lengths, jnp.int32(j), 8)
+    np.testing.assert_allclose(piece_logits, want, atol=1e-5, rtol=1e-5)
     assert prompt_width(5, 8) == 8 and prompt_width(5, None) == 16
 
     chunked = Generator(cfg=gen.cfg, params=stack_layer_params(gen.params), dtype="float32", prefill_chunk=8)
-    long, budgets = [prompts[0], prompts[2]], [6, 9]  # padded to 32 and 24 slots, 4 and 3 chunks
-    reqs = [chunked.request(p, n, row_seed=i) for i, (p, n) in enumerate(zip(long, budgets))]
-    assert [c.tokens for c in run(chunked, reqs, 2)] == [hf_greedy(hf_model, p, n) for p, n in zip(long, budgets)]
+    # padded to 32, 24 and 8 slots: the long two are prefilled a chunk per host visit (4 and 3 chunks)
+    # while the short row decodes
+    budgets = [6, 40, 9]
+    reqs = [chunked.request(p, n, row_seed=i) for i, (p, n) in enumerate(zip(prompts, budgets))]
+    assert [c.tokens for c in run(chunked, reqs, 3)] == [hf_greedy(hf_model, p, n) for p, n in zip(prompts, budgets)]
+    assert chunked._scheduler.interleaved >= 4
