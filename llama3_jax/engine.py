@@ -176,7 +176,11 @@ class Generator:
     batch 32 over a 2048-slot cache), the reference on a mesh of several devices (not yet tried
     there: its slices run along the unsharded slot axis, so it may well work as is).
     `prefill_chunk` N: prompts longer than N tokens are padded to a multiple of N (not the next power
-    of two) and prefilled N tokens at a time (scheduler.prefill): bounded activation memory.
+    of two) and prefilled N tokens at a time (slots.prefill; under continuous batching one chunk per
+    host visit while the other rows decode): bounded activation memory.
+    `kv_pages` N (continuous batching, one device): a paged KV cache of N pages of `page_size` slots
+    shared by all rows (paged_cache.py); a row holds ceil((prompt + max_new_tokens) / page_size) pages
+    while it runs, so memory follows the rows' lengths; decode steps read each row's pages only.
     """
 
     def __init__(self, checkpoint_dir: str | Path | None = None, dtype: str = "bfloat16", mesh=None, *,
@@ -278,6 +282,10 @@ class Generator:
         if n_prompt + max_new_tokens > ctx:
             return (f"prompt of {n_prompt} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
                     f"context of {ctx} tokens")
+        need = -(-(n_prompt + max_new_tokens if max_new_tokens else ctx) // self.page_size)
+        if self.kv_pages is not None and need > self.kv_pages:
+            return (f"prompt of {n_prompt} tokens + max_new_tokens {max_new_tokens or ctx - n_prompt} needs {need} "
+                    f"KV pages of {self.page_size} slots; kv_pages is {self.kv_pages}")
         return None
 
     def score_context_error(self, n_prompt: int, n_completion: int) -> str | None:
@@ -408,6 +416,8 @@ class Generator:
         stop_arr = jnp.asarray(np.array(stops + [-1] * (width - len(stops)), np.int32))
         needs_text = decode_text or any(r.stop for r in requests)
         decode = self.tokenizer.decode if needs_text else None
+        if self.kv_pages is not None and not continuous:
+            raise ValueError("kv_pages: the paged KV cache serves continuous batching, not static batches")
         if continuous:
             if self._scheduler is None or self._scheduler.b != batch_size:
                 self._scheduler = Scheduler(self, batch_size)

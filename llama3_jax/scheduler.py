@@ -132,6 +132,7 @@ class Scheduler:
         self._resize = jax.jit(programs.resize, static_argnames=("slots",))
         self.prefill_calls = 0  # prefill programs run (`insert` calls and chunks): tests
         self.interleaved = 0    # prefill chunks run while other rows were decoding: tests
+        self.page_waits = 0     # host visits at which the next prompt waited for free pages: tests
 
     def compiles(self) -> int:
         """Compiled programs so far (tests: distinct knobs must not add any)."""
@@ -217,6 +218,7 @@ class Scheduler:
                     if paged:
                         need = pool.need(len(req.tokens) + req.max_new_tokens)
                         if need > len(pool.free):
+                            self.page_waits += 1
                             break  # in order: wait for rows to finish
                         pages_of[r] = pool.take(need)
                     rows[r], pos[r], checked[r], toks[r] = waiting.popleft(), len(req.tokens), 0, []
