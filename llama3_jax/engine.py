@@ -1,8 +1,9 @@
 """The decoding engine: restore once, then prefill + decode on device.
 
 By default rows run through a fixed number of decode slots refilled as rows finish (continuous
-batching, scheduler.py). The static path below (`continuous=False`) decodes whole batches; it is kept
-for the benchmark comparison. Per batch, one call of one jitted function does everything:
+batching, scheduler.py + slots.py). The static path (`continuous=False`, device programs in
+static_batch.py) decodes whole batches; it is kept for the benchmark comparison. Per batch, one call of
+one jitted function does everything:
   * prompts are LEFT-padded to a power-of-two bucket P (few compiles; with `prefill_chunk` a long prompt
     to a multiple of the chunk, prefilled a chunk at a time), so every row's last prompt token
     sits in the same slot and all rows write the same cache slot each step (see kv_cache.py);
@@ -45,8 +46,8 @@ from .model import abstract_model, quantize_params, split_layer_params
 from .multihost_io import to_host
 from .paged_cache import PagedKVCache
 from .scheduler import Completion, Request, Scheduler, cut_at_stop
-from .slots import (MIN_BUCKET, bucket, decode_step, is_stop, left_padded_layout, prefill,  # noqa: F401
-                    prompt_width, row_keys, sample)
+from .slots import bucket, decode_step, left_padded_layout, prefill, prompt_width  # noqa: F401
+from .static_batch import extend_batch, generate_batch
 from .sharding import named_sharding
 
 FIRST_CHUNK = 256  # new tokens decoded before the cache first grows, when no max_new_tokens is given
@@ -83,64 +84,6 @@ class Scored:
 
 
 # ----------------------------------------------------------------------------- pure device functions
-
-
-def _decode_loop(model, knobs, max_new: int, state, lengths, keys, stop_ids, limits):
-    """Decode until every row is done or `max_new` steps; state = (step, tok, out, done, n_kept, cache).
-
-    Row r is done when it samples a stop token (n_kept[r] = its step) or once it has limits[r] tokens.
-    """
-    def cond(state):
-        step, _, _, done, _, _ = state
-        return (step < max_new) & ~jnp.all(done)
-
-    def body(state):
-        step, tok, out, done, n_kept, cache = state
-        logits, cache = decode_step(model, tok, lengths + step - 1, cache)
-        tok = sample(logits, keys, step, knobs)
-        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
-        hit = is_stop(tok, stop_ids) & ~done
-        n_kept = jnp.where(hit, step, n_kept)
-        return step + 1, tok, out, done | hit | (step + 1 >= limits), n_kept, cache
-
-    return jax.lax.while_loop(cond, body, state)
-
-
-def generate_batch(graphdef, max_new: int, params, cache: KVCache, tokens, lengths, active,
-                   row_seeds, seeds, knobs, stop_ids, limits, prefill_chunk: int | None = None):
-    """Prefill + decode one batch. Returns the loop state (step, last tok, out (B, N), done, n_kept, cache).
-
-    Row r's answer is out[r, :n_kept[r]]; n_kept < limits[r] (its token budget, <= N) means it stopped on
-    a stop token (excluded). Rows with active=False (batch padding) start done and never keep the loop
-    running. Rows not done after N steps continue with `extend_batch`.
-    """
-    model = nnx.merge(graphdef, params)
-    b = tokens.shape[0]
-    cache = dataclasses.replace(cache, index=jnp.zeros((), jnp.int32))  # reused buffers: start at slot 0
-    keys = row_keys(seeds, row_seeds)
-    last_logits, cache = prefill(model, tokens, lengths, cache, prefill_chunk)
-    tok = sample(last_logits, keys, 0, knobs)
-    out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok)
-    hit = is_stop(tok, stop_ids)
-    n_kept = jnp.where(hit, 0, limits).astype(jnp.int32)
-    done = hit | ~active | (limits <= 1)
-    state = (jnp.ones((), jnp.int32), tok, out, done, n_kept, cache)
-    return _decode_loop(model, knobs, max_new, state, lengths, keys, stop_ids, limits)
-
-
-def extend_batch(graphdef, max_new: int, params, state, lengths, row_seeds, seeds, knobs, stop_ids, limits):
-    """Continue `generate_batch`'s loop state with room for `max_new` (> its N) tokens: the out buffer and
-    the cache grow by zeros (empty slots, segment 0), and each row keeps its random stream (keys fold in
-    the step), so the tokens equal one uninterrupted run with the larger N."""
-    model = nnx.merge(graphdef, params)
-    step, tok, out, done, n_kept, cache = state
-    grow = max_new - out.shape[1]
-    out = jnp.pad(out, ((0, 0), (0, grow)))
-    slots = ((0, 0), (0, 0), (0, grow), (0, 0), (0, 0))
-    cache = KVCache(k=jnp.pad(cache.k, slots), v=jnp.pad(cache.v, slots),
-                    segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, grow))), index=cache.index)
-    state = (step, tok, out, done, n_kept, cache)
-    return _decode_loop(model, knobs, max_new, state, lengths, row_keys(seeds, row_seeds), stop_ids, limits)
 
 
 def score_batch(graphdef, params, tokens, lengths):

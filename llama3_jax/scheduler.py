@@ -36,8 +36,7 @@ import numpy as np
 
 from . import slots as programs
 from .multihost_io import to_host
-from .slots import (MIN_BUCKET, ROW_FIELDS, bucket, decode_step, is_stop, left_padded_layout, prefill,  # noqa: F401
-                    prompt_width, row_keys, sample)
+from .slots import ROW_FIELDS, bucket, prompt_width
 
 DECODE_STEPS = 32  # most decode steps per host visit
 PREFILL_TOKENS = 4096  # most prompt slots (rows x padded width) prefilled in one call: bounds its activations

@@ -127,8 +127,7 @@ def test_chunked_prefill_equals_one_pass_and_transformers(gen, hf_model):
     from llama3_jax.engine import Generator
     from llama3_jax.kv_cache import KVCache
     from llama3_jax.model import stack_layer_params
-    from llama3_jax.scheduler import prefill, prompt_width
-    from llama3_jax.slots import open_prefill, prefill_step
+    from llama3_jax.slots import open_prefill, prefill, prefill_step, prompt_width
 
     prompts = ragged_prompts([30, 5, 19], seed=4)
     tokens = np.zeros((3, 32), np.int32)
