@@ -211,6 +211,7 @@ def main(argv=None) -> None:
         paged.kv_pages, paged.page_size, paged._scheduler, paged._cache = args.kv_pages, args.page_size, None, None
 
     t_jax = {}  # (workload, batch, mode) -> seconds
+    peak = {}   # (workload, batch) -> most pages held at once (paged)
     for (w, b), rows in work.items():
         reqs = [gen.request(p, m) for p, m in rows]
         for mode in ("continuous", "static") + (("paged",) if paged else ()):
@@ -224,6 +225,8 @@ def main(argv=None) -> None:
 
             run()  # compiles
             t_jax[w, b, mode] = min(_timed(run) for _ in range(args.repeats))
+            if mode == "paged":
+                peak[w, b] = paged._scheduler.peak_pages
 
     t_int8 = {}
     if args.int8 and any(w == "uniform" for w, _ in work):
@@ -275,6 +278,9 @@ def main(argv=None) -> None:
         roof_s = "-" if roof is None else f"{roof:.1f}"
         print(f"| {w} | {b} | {n_rows} | {tc:.1f} | {ts:.1f} | {tc / ts:.2f}x | {hf_s} | {ratio} | {roof_s} |"
               + (f" {tp:.1f} |" if paged else ""))
+    for (w, b), n_pages in peak.items():
+        print(f"- paged {w} batch {b}: at most {n_pages} of {args.kv_pages} pages held at once "
+              f"({n_pages * args.page_size} cache slots)")
     if t_int8:
         print("\n#### int8 weights (uniform workload, continuous batching; child process with XLA's default flags)\n")
         print(f"| batch | {args.dtype} tokens/s (this script's flags) | {args.dtype} tokens/s (XLA defaults) | "

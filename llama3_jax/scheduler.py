@@ -132,6 +132,7 @@ class Scheduler:
         self.prefill_calls = 0  # prefill programs run (`insert` calls and chunks): tests
         self.interleaved = 0    # prefill chunks run while other rows were decoding: tests
         self.page_waits = 0     # host visits at which the next prompt waited for free pages: tests
+        self.peak_pages = 0     # most pages held at once in the last run (benchmarks)
 
     def compiles(self) -> int:
         """Compiled programs so far (tests: distinct knobs must not add any)."""
@@ -171,6 +172,7 @@ class Scheduler:
         with g._scope():
             if paged:
                 pool = PagePool(g.kv_pages, g.page_size)
+                self.peak_pages = 0
                 needs = [pool.need(len(r.tokens) + r.max_new_tokens) for r in requests]
                 m = max(needs)
                 if m > g.kv_pages:
@@ -223,6 +225,7 @@ class Scheduler:
                             self.page_waits += 1
                             break  # in order: wait for rows to finish
                         pages_of[r] = pool.take(need)
+                        self.peak_pages = max(self.peak_pages, pool.pages - len(pool.free))
                     rows[r], pos[r], checked[r], toks[r] = waiting.popleft(), len(req.tokens), 0, []
                     admitted.append(r)
                 ready = []  # (width, place kwargs or insert kwargs, is a finished _Prefill)
@@ -230,9 +233,11 @@ class Scheduler:
                 for r in admitted:
                     groups.setdefault(width(len(requests[rows[r]].tokens)), []).append(r)
                 for p, members in groups.items():
-                    per_call = max(1, PREFILL_TOKENS // p)
-                    for k in range(0, len(members), per_call):
-                        part = members[k:k + per_call]
+                    most = 1 << (max(1, PREFILL_TOKENS // p).bit_length() - 1)
+                    k = 0
+                    while k < len(members):  # power-of-two parts (5 rows: 4 + 1): no padding rows to compute
+                        part = members[k:k + min(most, 1 << (len(members) - k).bit_length() - 1)]
+                        k += len(part)
                         args = self._group_args(requests, part, rows, p, pages_of, m, b)
                         if self.chunk is not None and p > self.chunk:
                             lengths = args["rows"]["lengths"]

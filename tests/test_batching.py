@@ -43,8 +43,8 @@ def test_greedy_rows_equal_transformers_whatever_the_batch_size_and_arrival_orde
         got = run(gen, reqs, b)
         assert [c.tokens for c in got] == want, f"batch size {b}"
         assert all(c.finish_reason == "length" for c in got)
-    # batch 32: all ten prompts are admitted at once and prefilled in one call per width (16 and 32)
-    assert gen._scheduler.prefill_calls == 2
+    # batch 32: all ten prompts are admitted at once; per width (16 and 32: five rows each) two calls, 4 + 1
+    assert gen._scheduler.prefill_calls == 4
     order = [7, 2, 9, 0, 4, 1, 8, 3, 6, 5]
     shuffled, _ = requests(gen, order)
     got = run(gen, shuffled, 7)
