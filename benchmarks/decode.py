@@ -34,6 +34,7 @@ batches a CPU is compute-bound long before it meets this bound.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import sys
@@ -68,6 +69,11 @@ def parse_args(argv=None):
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--decode-attention", choices=["auto", "reference", "window", "ragged"], default="auto",
                    help="how llama3-jax decode steps read the cache (engine.Generator; default: %(default)s)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="llama3-jax: prefill prompts longer than N a chunk per host visit (engine.Generator)")
+    p.add_argument("--kv-pages", type=int, default=None, metavar="N",
+                   help="also time continuous batching with a paged KV cache of N pages (a 'paged' column)")
+    p.add_argument("--page-size", type=int, default=64, metavar="P", help="slots per page with --kv-pages")
     p.add_argument("--workloads", nargs="+", choices=["uniform", "ragged"], default=["uniform", "ragged"])
     p.add_argument("--ragged-rows", type=int, default=None, help="rows of the ragged workload (default: 2 x batch)")
     p.add_argument("--ragged-prompt-len", type=int, nargs=2, default=[16, 1024])
@@ -197,22 +203,30 @@ def main(argv=None) -> None:
     from llama3_jax.convert import convert
     from llama3_jax.engine import Generator
     convert(Path(tmp.name) / "hf", Path(tmp.name) / "jax", src_format="hf", dst_format="jax", progress=False)
-    gen = Generator(Path(tmp.name) / "jax", dtype=args.dtype, decode_attention=args.decode_attention)
+    gen = Generator(Path(tmp.name) / "jax", dtype=args.dtype, decode_attention=args.decode_attention,
+                    prefill_chunk=args.prefill_chunk)
+    paged = None
+    if args.kv_pages:  # the same restored weights, a paged cache (a copy: its own scheduler and pool)
+        paged = copy.copy(gen)
+        paged.kv_pages, paged.page_size, paged._scheduler, paged._cache = args.kv_pages, args.page_size, None, None
 
-    t_jax = {}  # (workload, batch, continuous) -> seconds
+    t_jax = {}  # (workload, batch, mode) -> seconds
+    peak = {}   # (workload, batch) -> most pages held at once (paged)
     for (w, b), rows in work.items():
         reqs = [gen.request(p, m) for p, m in rows]
-        for continuous in (True, False):
-            print(f"{w} batch {b}: llama3-jax {'continuous' if continuous else 'static'} warm-up + run ...",
-                  file=sys.stderr)
+        for mode in ("continuous", "static") + (("paged",) if paged else ()):
+            print(f"{w} batch {b}: llama3-jax {mode} warm-up + run ...", file=sys.stderr)
+            g = paged if mode == "paged" else gen
 
             def run():
-                got = {i: c for batch in gen.generate_requests(reqs, ignore_eos=True, batch_size=b, decode_text=False,
-                                                                continuous=continuous) for i, c in batch}
+                got = {i: c for batch in g.generate_requests(reqs, ignore_eos=True, batch_size=b, decode_text=False,
+                                                              continuous=mode != "static") for i, c in batch}
                 assert [len(got[i].tokens) for i in range(len(rows))] == [m for _, m in rows]
 
             run()  # compiles
-            t_jax[w, b, continuous] = min(_timed(run) for _ in range(args.repeats))
+            t_jax[w, b, mode] = min(_timed(run) for _ in range(args.repeats))
+            if mode == "paged":
+                peak[w, b] = paged._scheduler.peak_pages
 
     t_int8 = {}
     if args.int8 and any(w == "uniform" for w, _ in work):
@@ -235,8 +249,9 @@ def main(argv=None) -> None:
         if w == "uniform":  # KV cache read per step, at the mean decode length
             kv_bytes = 2 * cfg.n_layers * b * (args.prompt_len + n / 2) * cfg.n_kv_heads * cfg.head_dim * itemsize
             roof = b * bandwidth / (weight_bytes + kv_bytes)
-        table.append((w, b, len(rows), useful / t_jax[w, b, True], useful / t_jax[w, b, False],
-                      useful / t_hf[w, b] if (w, b) in t_hf else None, roof))
+        tp = useful / t_jax[w, b, "paged"] if paged else None
+        table.append((w, b, len(rows), useful / t_jax[w, b, "continuous"], useful / t_jax[w, b, "static"],
+                      useful / t_hf[w, b] if (w, b) in t_hf else None, roof, tp))
 
     dev = jax.devices()[0]
     print(f"\n### Decode throughput ({args.dtype}, greedy, ignore-eos; uniform: prompt {args.prompt_len} tokens, "
@@ -249,16 +264,23 @@ def main(argv=None) -> None:
           f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), torch {torch.__version__} "
           f"({args.torch_threads} threads), "
           f"transformers {transformers.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
-          f"decode attention {gen.decode_attention}; load average {os.getloadavg()[0]:.1f}")
+          f"decode attention {gen.decode_attention}; prefill chunk {args.prefill_chunk}; "
+          f"load average {os.getloadavg()[0]:.1f}" + (f"; paged: {args.kv_pages} pages of {args.page_size} slots"
+                                                     if paged else ""))
     print(f"- measured memory bandwidth (numpy copy of 1 GiB): {bandwidth / 1e9:.1f} GB/s; weights read per "
           f"decode step: {weight_bytes / 1e6:.0f} MB (+ KV cache)\n")
     print("| workload | batch | rows | continuous tokens/s | static tokens/s | continuous / static | "
-          "transformers tokens/s | continuous / transformers | bandwidth roofline tokens/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for w, b, n_rows, tc, ts, th, roof in table:
+          "transformers tokens/s | continuous / transformers | bandwidth roofline tokens/s |"
+          + (" paged tokens/s |" if paged else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if paged else ""))
+    for w, b, n_rows, tc, ts, th, roof, tp in table:
         hf_s, ratio = ("-", "-") if th is None else (f"{th:.1f}", f"{tc / th:.2f}x")
         roof_s = "-" if roof is None else f"{roof:.1f}"
-        print(f"| {w} | {b} | {n_rows} | {tc:.1f} | {ts:.1f} | {tc / ts:.2f}x | {hf_s} | {ratio} | {roof_s} |")
+        print(f"| {w} | {b} | {n_rows} | {tc:.1f} | {ts:.1f} | {tc / ts:.2f}x | {hf_s} | {ratio} | {roof_s} |"
+              + (f" {tp:.1f} |" if paged else ""))
+    for (w, b), n_pages in peak.items():
+        print(f"- paged {w} batch {b}: at most {n_pages} of {args.kv_pages} pages held at once "
+              f"({n_pages * args.page_size} cache slots)")
     if t_int8:
         print("\n#### int8 weights (uniform workload, continuous batching; child process with XLA's default flags)\n")
         print(f"| batch | {args.dtype} tokens/s (this script's flags) | {args.dtype} tokens/s (XLA defaults) | "
@@ -268,7 +290,7 @@ def main(argv=None) -> None:
             if w != "uniform":
                 continue
             useful = sum(m for _, m in rows)
-            tf, td, ti = useful / t_jax[w, b, True], useful / t_int8["float", str(b)], useful / t_int8["int8", str(b)]
+            tf, td, ti = useful / t_jax[w, b, "continuous"], useful / t_int8["float", str(b)], useful / t_int8["int8", str(b)]
             print(f"| {b} | {tf:.1f} | {td:.1f} | {ti:.1f} | {ti / max(tf, td):.2f}x |")
 
 

@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="prefill prompts longer than N tokens N at a time, padded to a multiple of N instead of "
                         "the next power of two: bounded activation memory for long prompts (default: one pass)")
+    g.add_argument("--kv-pages", type=int, default=None, metavar="N",
+                   help="a paged KV cache: N pages of --page-size slots shared by all rows, each row holding "
+                        "ceil((prompt + max_new_tokens) / page size) pages while it runs (default: one "
+                        "contiguous cache per batch)")
+    g.add_argument("--page-size", type=int, default=64, metavar="P",
+                   help="slots per KV page with --kv-pages (default: %(default)s)")
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("score", help="per-token log-probs of given completions",

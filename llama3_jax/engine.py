@@ -1,8 +1,9 @@
 """The decoding engine: restore once, then prefill + decode on device.
 
 By default rows run through a fixed number of decode slots refilled as rows finish (continuous
-batching, scheduler.py). The static path below (`continuous=False`) decodes whole batches; it is kept
-for the benchmark comparison. Per batch, one call of one jitted function does everything:
+batching, scheduler.py + slots.py). The static path (`continuous=False`, device programs in
+static_batch.py) decodes whole batches; it is kept for the benchmark comparison. Per batch, one call of
+one jitted function does everything:
   * prompts are LEFT-padded to a power-of-two bucket P (few compiles; with `prefill_chunk` a long prompt
     to a multiple of the chunk, prefilled a chunk at a time), so every row's last prompt token
     sits in the same slot and all rows write the same cache slot each step (see kv_cache.py);
@@ -43,8 +44,10 @@ from .config import ModelConfig
 from .kv_cache import CACHE_AXES, KVCache
 from .model import abstract_model, quantize_params, split_layer_params
 from .multihost_io import to_host
-from .scheduler import (MIN_BUCKET, Completion, Request, Scheduler, bucket, decode_step, is_stop,  # noqa: F401
-                        cut_at_stop, left_padded_layout, prefill, prompt_width, row_keys, sample)
+from .paged_cache import PagedKVCache
+from .scheduler import Completion, Request, Scheduler, cut_at_stop
+from .slots import bucket, decode_step, left_padded_layout, prefill, prompt_width  # noqa: F401
+from .static_batch import extend_batch, generate_batch
 from .sharding import named_sharding
 
 FIRST_CHUNK = 256  # new tokens decoded before the cache first grows, when no max_new_tokens is given
@@ -83,64 +86,6 @@ class Scored:
 # ----------------------------------------------------------------------------- pure device functions
 
 
-def _decode_loop(model, knobs, max_new: int, state, lengths, keys, stop_ids, limits):
-    """Decode until every row is done or `max_new` steps; state = (step, tok, out, done, n_kept, cache).
-
-    Row r is done when it samples a stop token (n_kept[r] = its step) or once it has limits[r] tokens.
-    """
-    def cond(state):
-        step, _, _, done, _, _ = state
-        return (step < max_new) & ~jnp.all(done)
-
-    def body(state):
-        step, tok, out, done, n_kept, cache = state
-        logits, cache = decode_step(model, tok, lengths + step - 1, cache)
-        tok = sample(logits, keys, step, knobs)
-        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
-        hit = is_stop(tok, stop_ids) & ~done
-        n_kept = jnp.where(hit, step, n_kept)
-        return step + 1, tok, out, done | hit | (step + 1 >= limits), n_kept, cache
-
-    return jax.lax.while_loop(cond, body, state)
-
-
-def generate_batch(graphdef, max_new: int, params, cache: KVCache, tokens, lengths, active,
-                   row_seeds, seeds, knobs, stop_ids, limits, prefill_chunk: int | None = None):
-    """Prefill + decode one batch. Returns the loop state (step, last tok, out (B, N), done, n_kept, cache).
-
-    Row r's answer is out[r, :n_kept[r]]; n_kept < limits[r] (its token budget, <= N) means it stopped on
-    a stop token (excluded). Rows with active=False (batch padding) start done and never keep the loop
-    running. Rows not done after N steps continue with `extend_batch`.
-    """
-    model = nnx.merge(graphdef, params)
-    b = tokens.shape[0]
-    cache = dataclasses.replace(cache, index=jnp.zeros((), jnp.int32))  # reused buffers: start at slot 0
-    keys = row_keys(seeds, row_seeds)
-    last_logits, cache = prefill(model, tokens, lengths, cache, prefill_chunk)
-    tok = sample(last_logits, keys, 0, knobs)
-    out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok)
-    hit = is_stop(tok, stop_ids)
-    n_kept = jnp.where(hit, 0, limits).astype(jnp.int32)
-    done = hit | ~active | (limits <= 1)
-    state = (jnp.ones((), jnp.int32), tok, out, done, n_kept, cache)
-    return _decode_loop(model, knobs, max_new, state, lengths, keys, stop_ids, limits)
-
-
-def extend_batch(graphdef, max_new: int, params, state, lengths, row_seeds, seeds, knobs, stop_ids, limits):
-    """Continue `generate_batch`'s loop state with room for `max_new` (> its N) tokens: the out buffer and
-    the cache grow by zeros (empty slots, segment 0), and each row keeps its random stream (keys fold in
-    the step), so the tokens equal one uninterrupted run with the larger N."""
-    model = nnx.merge(graphdef, params)
-    step, tok, out, done, n_kept, cache = state
-    grow = max_new - out.shape[1]
-    out = jnp.pad(out, ((0, 0), (0, grow)))
-    slots = ((0, 0), (0, 0), (0, grow), (0, 0), (0, 0))
-    cache = KVCache(k=jnp.pad(cache.k, slots), v=jnp.pad(cache.v, slots),
-                    segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, grow))), index=cache.index)
-    state = (step, tok, out, done, n_kept, cache)
-    return _decode_loop(model, knobs, max_new, state, lengths, row_keys(seeds, row_seeds), stop_ids, limits)
-
-
 def score_batch(graphdef, params, tokens, lengths):
     """tokens (B, T) left-padded sequences -> log p(tokens[:, t+1] | tokens[:, :t+1]) (B, T-1)."""
     model = nnx.merge(graphdef, params)
@@ -174,13 +119,18 @@ class Generator:
     batch 32 over a 2048-slot cache), the reference on a mesh of several devices (not yet tried
     there: its slices run along the unsharded slot axis, so it may well work as is).
     `prefill_chunk` N: prompts longer than N tokens are padded to a multiple of N (not the next power
-    of two) and prefilled N tokens at a time (scheduler.prefill): bounded activation memory.
+    of two) and prefilled N tokens at a time (slots.prefill; under continuous batching one chunk per
+    host visit while the other rows decode): bounded activation memory.
+    `kv_pages` N (continuous batching, one device): a paged KV cache of N pages of `page_size` slots
+    shared by all rows (paged_cache.py); a row holds ceil((prompt + max_new_tokens) / page_size) pages
+    while it runs, so memory follows the rows' lengths; decode steps read each row's pages only.
     """
 
     def __init__(self, checkpoint_dir: str | Path | None = None, dtype: str = "bfloat16", mesh=None, *,
                  tokenizer=None, cfg: ModelConfig | None = None, params: dict | None = None,
                  split_layers: bool | None = None, quantize: str | None = None, kv_cache_dtype: str | None = None,
-                 decode_attention: str = "auto", prefill_chunk: int | None = None):
+                 decode_attention: str = "auto", prefill_chunk: int | None = None, kv_pages: int | None = None,
+                 page_size: int = 64):
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
         quant.check(quantize)
@@ -211,6 +161,13 @@ class Generator:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        if kv_pages is not None:
+            if kv_pages < 1 or page_size < 1:
+                raise ValueError(f"kv_pages and page_size must be >= 1, got {kv_pages} and {page_size}")
+            if mesh is not None and mesh.size > 1:
+                raise ValueError("kv_pages: the paged KV cache runs on one device, not a mesh of "
+                                 f"{mesh.size} (drop --kv-pages or use a one-device mesh)")
+        self.kv_pages, self.page_size = kv_pages, page_size
         if decode_attention == "auto":
             decode_attention = "window" if mesh is None or mesh.size == 1 else "reference"
         self.decode_attention = decode_attention
@@ -220,6 +177,7 @@ class Generator:
             tokenizer = checkpoint.load_tokenizer_spec(checkpoint_dir)
         self._tokenizer = tokenizer
         self._cache: KVCache | None = None
+        self._pool: PagedKVCache | None = None
         self._scheduler: Scheduler | None = None
         self._generate = jax.jit(functools.partial(generate_batch, self.graphdef, prefill_chunk=prefill_chunk),
                                  static_argnames=("max_new",), donate_argnames=("cache",))
@@ -267,6 +225,10 @@ class Generator:
         if n_prompt + max_new_tokens > ctx:
             return (f"prompt of {n_prompt} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
                     f"context of {ctx} tokens")
+        need = -(-(n_prompt + max_new_tokens if max_new_tokens else ctx) // self.page_size)
+        if self.kv_pages is not None and need > self.kv_pages:
+            return (f"prompt of {n_prompt} tokens + max_new_tokens {max_new_tokens or ctx - n_prompt} needs {need} "
+                    f"KV pages of {self.page_size} slots; kv_pages is {self.kv_pages}")
         return None
 
     def score_context_error(self, n_prompt: int, n_completion: int) -> str | None:
@@ -305,6 +267,17 @@ class Generator:
             out = KVCache(k=kv, v=kv, segment_ids=named_sharding(self.mesh, ("batch", "cache_seq"), shape[1:3]),
                           index=named_sharding(self.mesh, (), ()))
         return jax.jit(init, out_shardings=out)()
+
+    def _paged_cache(self, batch: int, table_width: int) -> PagedKVCache:
+        """The page pool (kv_pages + page 0) with a (batch, table_width) table; reused when it fits."""
+        c, self._pool = self._pool, None
+        if c is not None and c.table.shape == (batch, table_width):
+            return c
+        del c
+        init = functools.partial(PagedKVCache.init, self.cfg, self.kv_pages + 1, self.page_size, batch, table_width,
+                                 self.kv_dtype)
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0] if self.mesh is None else self.mesh.devices.flat[0])
+        return jax.jit(init, out_shardings=PagedKVCache(k=one, v=one, table=one))()
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -386,6 +359,8 @@ class Generator:
         stop_arr = jnp.asarray(np.array(stops + [-1] * (width - len(stops)), np.int32))
         needs_text = decode_text or any(r.stop for r in requests)
         decode = self.tokenizer.decode if needs_text else None
+        if self.kv_pages is not None and not continuous:
+            raise ValueError("kv_pages: the paged KV cache serves continuous batching, not static batches")
         if continuous:
             if self._scheduler is None or self._scheduler.b != batch_size:
                 self._scheduler = Scheduler(self, batch_size)

@@ -24,6 +24,8 @@ k kv heads (or head dim in weight einsums), g heads per kv head, f mlp width, v 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Literal, NamedTuple
 
 import jax
@@ -32,9 +34,10 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from . import attention as attn
-from . import quant, rope
+from . import paged_cache, quant, rope
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .paged_cache import PagedKVCache
 from .sharding import constrain
 
 Remat = Literal["none", "full", "dots", "save_qkv_proj", "offload"]
@@ -102,7 +105,7 @@ def _project(eq: str, h, w: dict, name: str, lora: Adapters | None, layer):
 
 
 def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, cache_seg=None, index=0, layer=0,
-                  lora: Adapters | None = None, attend=attn.reference.attend, cache_attend=None):
+                  lora: Adapters | None = None, attend=attn.reference.attend, cache_attend=None, cache_write=None):
     """One transformer block as a pure function of its weights `w` (one layer's slice).
 
     `attend` is the attention backend (attention/__init__.py: one interface, proven equal to the
@@ -114,6 +117,8 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
     `lora`: adapters whose weights are this layer's slices (LoRA fine-tuning), else None.
     `cache_attend`: with a cache, reads the whole stacked buffers itself (attention/decode.py: only the
     filled blocks, no per-layer slice of the cache); None: `attend` over this layer's slots.
+    `cache_write(ck, cv, layer, k, v)`: writes k/v elsewhere than slots [index, index + T) (the paged
+    cache's per-row pages, paged_cache.write).
     Returns (x, (k, v) or None).
     """
     dt = x.dtype
@@ -135,8 +140,11 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
         keys, values, k_seg, k_idx, new_kv = k, v, seg, jnp.arange(t), None
     else:
         ck, cv = cache_kv
-        ck = jax.lax.dynamic_update_slice(ck, quant.kv_store(k, ck.dtype)[None], (layer, 0, index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, quant.kv_store(v, cv.dtype)[None], (layer, 0, index, 0, 0))
+        if cache_write is not None:
+            ck, cv = cache_write(ck, cv, layer, k, v)
+        else:
+            ck = jax.lax.dynamic_update_slice(ck, quant.kv_store(k, ck.dtype)[None], (layer, 0, index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, quant.kv_store(v, cv.dtype)[None], (layer, 0, index, 0, 0))
         k_seg, k_idx, new_kv = cache_seg, jnp.arange(ck.shape[2]), (ck, cv)
         if cache_attend is None:
             keys, values = quant.kv_load(ck[layer], dt), quant.kv_load(cv[layer], dt)
@@ -276,8 +284,19 @@ class Llama(nnx.Module):
         x = constrain(x, ("batch", "seq" if cache is not None else "act_seq", "act_embed"))
         cos, sin = rope.cos_sin(positions, cfg)
 
+        one_token = cache is not None and tokens.shape[1] == 1
+        cache_attend = attn.decode_backend(self.decode_attention) if one_token else None
+        cache_write = None
         if cache is None:
             index, cache_seg, kv = 0, None, None
+        elif isinstance(cache, PagedKVCache):  # decode steps only: prompts are prefilled contiguous, then placed
+            if not one_token:
+                raise ValueError("a paged KV cache takes one-token decode steps (prefill into a KVCache, then "
+                                 "paged_cache.place)")
+            index, cache_seg, kv = 0, None, (cache.k, cache.v)
+            where = dict(table=cache.table, positions=positions[:, 0])
+            cache_write = functools.partial(paged_cache.write, **where)
+            cache_attend = functools.partial(attn.decode.attend_paged, **where)
         else:
             cache.check_write(tokens.shape[1])  # dynamic_update_slice would clamp silently
             index = cache.index
@@ -285,8 +304,6 @@ class Llama(nnx.Module):
             kv = (cache.k, cache.v)
 
         attend = attn.get("reference" if cache is not None else self.attention)
-        one_token = cache is not None and tokens.shape[1] == 1
-        cache_attend = attn.decode_backend(self.decode_attention) if one_token else None
         if lora is not None and self.split_layers:
             raise ValueError("LoRA adapters need the stacked layer layout (merge them to serve)")
         if lora is not None and cfg.quantization is not None:
@@ -296,7 +313,7 @@ class Llama(nnx.Module):
         def layer(x, w, kv, i, lw=None):
             ad = None if lw is None else lora._replace(weights=lw)
             return decoder_layer(cfg, w, x, cos, sin, segment_ids, kv, cache_seg, index, i, ad, attend=attend,
-                                 cache_attend=cache_attend)
+                                 cache_attend=cache_attend, cache_write=cache_write)
 
         rematerialise, policy = remat_policy(self.remat)
         if rematerialise:
@@ -326,7 +343,7 @@ class Llama(nnx.Module):
             x = x[:, -1:]
         x = rms_norm(x, self.norm[...], cfg.norm_eps)
         if hidden_only:
-            return x, None if cache is None else self._new_cache(new_kv, cache_seg, index, tokens)
+            return x, None if cache is None else self._new_cache(cache, new_kv, cache_seg, index, tokens)
         if cfg.quantization is not None:
             tied = cfg.tie_embeddings
             w, s = (self.embed, self.embed_scale) if tied else (self.lm_head, self.lm_head_scale)
@@ -335,7 +352,7 @@ class Llama(nnx.Module):
             logits = output_logits(x, self.output_weight())
         if cache is None:
             return logits, None
-        return logits, self._new_cache(new_kv, cache_seg, index, tokens)
+        return logits, self._new_cache(cache, new_kv, cache_seg, index, tokens)
 
     def output_weight(self):
         """The output projection (D, vocab) in the compute dtype: `lm_head`, or the embedding table
@@ -348,7 +365,9 @@ class Llama(nnx.Module):
         return self.embed[...].astype(dt).T if self.cfg.tie_embeddings else self.lm_head[...].astype(dt)
 
     @staticmethod
-    def _new_cache(new_kv, cache_seg, index, tokens) -> KVCache:
+    def _new_cache(cache, new_kv, cache_seg, index, tokens):
+        if isinstance(cache, PagedKVCache):
+            return dataclasses.replace(cache, k=new_kv[0], v=new_kv[1])
         return KVCache(k=new_kv[0], v=new_kv[1], segment_ids=cache_seg, index=index + tokens.shape[1])
 
 

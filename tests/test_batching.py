@@ -43,6 +43,8 @@ def test_greedy_rows_equal_transformers_whatever_the_batch_size_and_arrival_orde
         got = run(gen, reqs, b)
         assert [c.tokens for c in got] == want, f"batch size {b}"
         assert all(c.finish_reason == "length" for c in got)
+    # batch 32: all ten prompts are admitted at once; per width (16 and 32: five rows each) two calls, 4 + 1
+    assert gen._scheduler.prefill_calls == 4
     order = [7, 2, 9, 0, 4, 1, 8, 3, 6, 5]
     shuffled, _ = requests(gen, order)
     got = run(gen, shuffled, 7)
@@ -125,7 +127,7 @@ def test_chunked_prefill_equals_one_pass_and_transformers(gen, hf_model):
     from llama3_jax.engine import Generator
     from llama3_jax.kv_cache import KVCache
     from llama3_jax.model import stack_layer_params
-    from llama3_jax.scheduler import prefill, prompt_width
+    from llama3_jax.slots import open_prefill, prefill, prefill_step, prompt_width
 
     prompts = ragged_prompts([30, 5, 19], seed=4)
     tokens = np.zeros((3, 32), np.int32)
@@ -146,9 +148,68 @@ def test_chunked_prefill_equals_one_pass_and_transformers(gen, hf_model):
     for a, b in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
         np.testing.assert_allclose(np.asarray(a)[:, :, :32][:, filled], np.asarray(b)[:, :, :32][:, filled], atol=1e-5)
     assert int(got_cache.index) == 32 and prompt_width(30, 8) == 32 and prompt_width(17, 8) == 24
+    # the same chunks run one call at a time from the host (interleaved with decoding): the same logits
+    tmp = jax.jit(open_prefill, static_argnums=(0, 1, 4))(gen.cfg, jnp.float32, jnp.asarray(tokens), lengths, 8)
+    step = jax.jit(prefill_step, static_argnums=(0, 6))
+    for j in range(4):
+        piece_logits, tmp = step(gen.graphdef, gen.params, tmp, jnp.asarray(tokens), lengths, jnp.int32(j), 8)
+    np.testing.assert_allclose(piece_logits, want, atol=1e-5, rtol=1e-5)
     assert prompt_width(5, 8) == 8 and prompt_width(5, None) == 16
 
     chunked = Generator(cfg=gen.cfg, params=stack_layer_params(gen.params), dtype="float32", prefill_chunk=8)
-    long, budgets = [prompts[0], prompts[2]], [6, 9]  # padded to 32 and 24 slots, 4 and 3 chunks
-    reqs = [chunked.request(p, n, row_seed=i) for i, (p, n) in enumerate(zip(long, budgets))]
-    assert [c.tokens for c in run(chunked, reqs, 2)] == [hf_greedy(hf_model, p, n) for p, n in zip(long, budgets)]
+    # padded to 32, 24 and 8 slots: the long two are prefilled a chunk per host visit (4 and 3 chunks)
+    # while the short row decodes
+    budgets = [6, 40, 9]
+    reqs = [chunked.request(p, n, row_seed=i) for i, (p, n) in enumerate(zip(prompts, budgets))]
+    assert [c.tokens for c in run(chunked, reqs, 3)] == [hf_greedy(hf_model, p, n) for p, n in zip(prompts, budgets)]
+    assert chunked._scheduler.interleaved >= 4
+
+
+def test_paged_cache_equals_the_contiguous_one(gen):
+    """A paged KV cache (pages of 8 slots, in a pool too small for every row at once, so rows wait for
+    pages) gives the contiguous cache's greedy tokens; decode logits through scattered pages equal the
+    contiguous cache's (float32 1e-5), with float32 and with int8 K/V."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from llama3_jax.engine import Generator
+    from llama3_jax.kv_cache import KVCache
+    from llama3_jax.model import stack_layer_params
+    from llama3_jax.paged_cache import PagedKVCache, place
+    from llama3_jax.slots import decode_step, prefill
+
+    reqs, _ = requests(gen)
+    want = [c.tokens for c in run(gen, reqs, 7)]
+    paged = Generator(cfg=gen.cfg, params=stack_layer_params(gen.params), dtype="float32", kv_pages=12, page_size=8)
+    assert [c.tokens for c in run(paged, reqs, 7)] == want
+    assert paged._scheduler.page_waits > 0  # 38 pages asked for in all, 12 in the pool
+    paged.kv_pages = 8  # what generate checks per input line
+    assert paged.context_error(30, 40) == "prompt of 30 tokens + max_new_tokens 40 needs 9 KV pages of 8 slots; kv_pages is 8"
+
+    prompts = ragged_prompts([30, 5, 19], seed=4)
+    tokens = np.zeros((3, 32), np.int32)
+    for r, p in enumerate(prompts):
+        tokens[r, 32 - len(p):] = p
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    # each row's pages scattered over the pool, out of order; page 0 never used
+    pages = jnp.asarray([[9, 2, 14, 5, 11, 0], [7, 0, 0, 0, 0, 0], [3, 12, 1, 8, 0, 0]], jnp.int32)
+
+    def both(params, kv_dtype):
+        model = nnx.merge(gen.graphdef, params)
+        first, cache = prefill(model, jnp.asarray(tokens), lengths, KVCache.init(gen.cfg, 3, 40, kv_dtype))
+        _, tmp = prefill(model, jnp.asarray(tokens), lengths, KVCache.init(gen.cfg, 3, 32, kv_dtype))
+        pool = place(PagedKVCache.init(gen.cfg, 15, 8, 3, 6, kv_dtype), tmp, pages)
+        pool = PagedKVCache(k=pool.k, v=pool.v, table=pages)
+        tok, a, b = jnp.argmax(first, -1).astype(jnp.int32), [], []
+        for step in range(3):
+            la, cache = decode_step(model, tok, lengths + step, cache)
+            lb, pool = decode_step(model, tok, lengths + step, pool)
+            a.append(la)
+            b.append(lb)
+            tok = jnp.argmax(la, -1).astype(jnp.int32)
+        return jnp.stack(a), jnp.stack(b)
+
+    for kv_dtype in (jnp.float32, jnp.int8):
+        a, b = jax.jit(both, static_argnums=1)(gen.params, kv_dtype)
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)

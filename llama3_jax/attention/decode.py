@@ -31,6 +31,10 @@ Shapes: q (B, 1, H, K). `attend` needs S to be a multiple of its block (`block_f
 power of two <= the block that divides S); `attend_window` does not (its last slice is moved back to
 end at S, and the slots it already visited are masked).
 
+The paged cache (paged_cache.py) is read by `attend_paged`: the same work list and online softmax,
+each row visiting its pages through its page table (page table[r, j] where `attend` reads block
+first[r] + j), masked by position instead of segment ids.
+
 The same switch could later route to `jax.experimental.pallas.ops.tpu.ragged_paged_attention` on TPU
 (it takes a paged cache and per-row lengths); not wired here. Under a mesh the engine keeps the
 reference (a gather across batch shards would move cache blocks between devices).
@@ -71,28 +75,16 @@ def work_list(k_seg, q_slot, block: int):
     return first, count
 
 
-def attend(q, k_cache, v_cache, layer, q_seg, k_seg, q_slot, *, block: int = BLOCK, chunk: int | None = None,
-           load=None):
-    """q (B, 1, H, K); k_cache/v_cache the stacked (L, B, S, KV, K) buffers, read at `layer`;
-    q_seg (B, 1); k_seg (B, S); q_slot () the query's cache slot -> (B, 1, H, K) in q's dtype.
-
-    Rows with nothing to attend come out as zeros (the reference gives them the mean of the values;
-    no real token is such a row). `chunk`: work items per loop step (default B). `load`: cache blocks ->
-    keys/values (quant.kv_load for an int8 cache, whose rows are wider than K); default as stored."""
+def _work_loop(q, kv: int, count, fetch, chunk: int | None = None):
+    """Online softmax of q (B, 1, H, K) over a flat work list in which row r owns count[r] items.
+    fetch(row (w,), j (w,) the item's rank within its row) -> keys, values (w, s, KV, K), allowed
+    (w, s). A `while_loop` takes `chunk` items (default B) at a time and folds each into its row's
+    running (max, sum, weighted values) with segment reductions. Rows with no item come out zero."""
     b, t, h, d = q.shape
     assert t == 1, "ragged decode attention takes one query per row"
-    n_layers, _, s, kv, width = k_cache.shape
-    load = load or (lambda c: c)
-    block = block_for(s, block)
-    nb = s // block
     chunk = chunk or b
     g = h // kv
     qg = q.reshape(b, kv, g, d)
-    kb = k_cache.reshape(n_layers, b, nb, block, kv, width)  # a bitcast, not a copy
-    vb = v_cache.reshape(n_layers, b, nb, block, kv, width)
-    kseg_b = k_seg.reshape(b, nb, block)
-    qs = q_seg[:, 0].astype(jnp.int32)
-    first, count = work_list(k_seg, q_slot, block)
     ends = jnp.cumsum(count)
     starts = ends - count
     total = ends[-1]
@@ -104,13 +96,9 @@ def attend(q, k_cache, v_cache, layer, q_seg, k_seg, q_slot, *, block: int = BLO
     def body(c):
         i, m_run, l_run, acc = c
         item = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
-        valid = item < total
         row = jnp.minimum(jnp.searchsorted(ends, item, side="right"), b - 1).astype(jnp.int32)
-        blk = jnp.clip(first[row] + item - starts[row], 0, nb - 1)
-        keys, vals = load(kb[layer, row, blk]), load(vb[layer, row, blk])       # (w, s, k, d)
-        slot = blk[:, None] * block + jnp.arange(block)[None]
-        allowed = (kseg_b[row, blk] == qs[row][:, None]) & (qs[row][:, None] != 0) & (slot <= q_slot)
-        allowed &= valid[:, None]
+        keys, vals, allowed = fetch(row, item - starts[row])                   # (w, s, k, d), (w, s)
+        allowed &= (item < total)[:, None]
         sc = jnp.einsum("wkgd,wskd->wkgs", qg[row], keys, preferred_element_type=F32) * scale
         sc = jnp.where(allowed[:, None, None], sc, NEG_INF)
         m_i = sc.max(-1)                                                        # (w, k, g)
@@ -128,6 +116,55 @@ def attend(q, k_cache, v_cache, layer, q_seg, k_seg, q_slot, *, block: int = BLO
     _, _, l_run, acc = jax.lax.while_loop(cond, body, init)
     out = acc / jnp.where(l_run == 0, 1.0, l_run)[..., None]
     return out.reshape(b, 1, h, d).astype(q.dtype)
+
+
+def attend(q, k_cache, v_cache, layer, q_seg, k_seg, q_slot, *, block: int = BLOCK, chunk: int | None = None,
+           load=None):
+    """q (B, 1, H, K); k_cache/v_cache the stacked (L, B, S, KV, K) buffers, read at `layer`;
+    q_seg (B, 1); k_seg (B, S); q_slot () the query's cache slot -> (B, 1, H, K) in q's dtype.
+
+    Rows with nothing to attend come out as zeros (the reference gives them the mean of the values;
+    no real token is such a row). `chunk`: work items per loop step (default B). `load`: cache blocks ->
+    keys/values (quant.kv_load for an int8 cache, whose rows are wider than K); default as stored."""
+    b = q.shape[0]
+    n_layers, _, s, kv, width = k_cache.shape
+    load = load or (lambda c: c)
+    block = block_for(s, block)
+    nb = s // block
+    kb = k_cache.reshape(n_layers, b, nb, block, kv, width)  # a bitcast, not a copy
+    vb = v_cache.reshape(n_layers, b, nb, block, kv, width)
+    kseg_b = k_seg.reshape(b, nb, block)
+    qs = q_seg[:, 0].astype(jnp.int32)
+    first, count = work_list(k_seg, q_slot, block)
+
+    def fetch(row, j):
+        blk = jnp.clip(first[row] + j, 0, nb - 1)
+        slot = blk[:, None] * block + jnp.arange(block)[None]
+        allowed = (kseg_b[row, blk] == qs[row][:, None]) & (qs[row][:, None] != 0) & (slot <= q_slot)
+        return load(kb[layer, row, blk]), load(vb[layer, row, blk]), allowed
+
+    return _work_loop(q, kv, count, fetch, chunk)
+
+
+def attend_paged(q, k_pool, v_pool, layer, q_seg=None, k_seg=None, q_slot=None, *, table, positions,
+                 chunk: int | None = None, load=None):
+    """`attend` over the paged cache (paged_cache.py): k_pool/v_pool (L, N, G, KV, K) pages, table
+    (B, M) each row's pages in position order, positions (B,) the query's position (its own k/v are
+    written there already). Row r visits its pages 0 .. positions[r] // G through its table (where
+    `attend` reads block first[r] + j, this reads page table[r, j]); a key at position j * G + s is
+    attended iff it is <= the query's position. q_seg, k_seg, q_slot: the interface's, unused (every
+    decoding row is one segment, and its pages hold nothing else)."""
+    kv, g = k_pool.shape[3], k_pool.shape[2]
+    load = load or (lambda c: c)
+    m = table.shape[1]
+
+    def fetch(row, j):
+        j = jnp.clip(j, 0, m - 1)
+        page = table[row, j]
+        allowed = j[:, None] * g + jnp.arange(g)[None] <= positions[row][:, None]
+        return load(k_pool[layer, page]), load(v_pool[layer, page]), allowed
+
+    return _work_loop(q, kv, jnp.minimum(positions // g + 1, m).astype(jnp.int32), fetch, chunk)
 
 
 def attend_window(q, k_cache, v_cache, layer, q_seg, k_seg, q_slot, *, block: int = WINDOW_BLOCK, load=None):
