@@ -174,4 +174,5 @@ def test_long_dialog_truncated_and_counted_once(tmp_path, tok, capsys):
         assert it.truncated == 3
     assert all(r["segment_ids"].max() >= 1 for r in rows)
     err = capsys.readouterr().err
-    assert err.count("truncated:") == 1 and f"{path}:1: truncated: " in err
+    # once, naming one of the three long records (reader threads render records concurrently)
+    assert err.count("truncated:") == 1 and any(f"{path}:{line}: truncated: " in err for line in (1, 2, 3)), err

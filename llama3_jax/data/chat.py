@@ -21,6 +21,8 @@ than ``seq_len`` (a DPO pair: each side longer than ``seq_len // 2``) is cut to 
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .sources import Document, read_record, report
@@ -135,11 +137,23 @@ class RenderRecords(TokenizerHolder):
         self.kind, self.seq_len = kind, seq_len
         self.reference, self.index = reference, index  # DPO precomputed reference: see add_reference
         self.truncated = 0
+        self._lock = threading.Lock()  # grain's reader threads render records concurrently
+
+    def __getstate__(self):  # a lock does not pickle: worker processes get their own
+        state = super().__getstate__()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.Lock()
 
     def _cut(self, n: int, limit: int, where: str) -> None:
         if n > limit:
-            self.truncated += 1
-            if self.truncated == 1:  # reported once; the run summary gives the count
+            with self._lock:
+                self.truncated += 1
+                first = self.truncated == 1
+            if first:  # reported once (the first record a reader thread cut); the summary gives the count
                 report(f"{where}: truncated: {n} tokens > {limit} (this and every longer record is "
                        f"cut to fit seq_len and counted; the count is in the run summary)")
 
