@@ -175,24 +175,24 @@ def dry_run(cfg: TrainConfig, topology: str | None = None, num_slices: int = 1, 
           f"outputs {gib(per_device['outputs'])}, peak {gib(per_device['peak'])} of {gib(hbm)}"
           f"{host_line(mem)}", file=out, flush=True)
     started = time.perf_counter()
-    flops, seconds, hbm_bytes = cost_estimate(cfg, mc, devices)
+    per_device_flops, seconds, hbm_bytes = cost_estimate(cfg, mc, devices)
+    flops = per_device_flops * n
     model_flops = model_flops_per_token(mc, cfg.seq_len) * cfg.batch_size * cfg.seq_len
     cost_s = time.perf_counter() - started
-    print(f"compiler: {flops * n:.3e} FLOPs per step (model: {model_flops:.3e}), cost-model step "
+    print(f"compiler: {flops:.3e} FLOPs per step (model: {model_flops:.3e}), cost-model step "
           f"{'n/a' if seconds is None else f'{seconds:.3f} s'} (cost compiles: {cost_s:.0f} s)", file=out)
     source = "libtpu cost model" if seconds is not None else None
     if seconds is None:  # no usable cost-model time: the roofline bound, when the chip's peaks are known
         roof = roofline_estimate(mc, cfg.remat, cfg.batch_size, cfg.seq_len, dict(mesh.shape),
-                                 devices[0].device_kind, n, flops, hbm_bytes, cfg.peak_flops or None,
+                                 devices[0].device_kind, n, per_device_flops, hbm_bytes, cfg.peak_flops or None,
                                  attention.resolve(cfg.attention, devices[0].platform, cfg.seq_len) != "reference")
         if roof is not None:
-            seconds, source, flops = roof.seconds, "roofline", roof.flops / n
-            mem = "n/a" if roof.memory_s is None else f"{roof.memory_s:.3f} s"
-            net = "n/a" if roof.network_s is None else f"{roof.network_s:.3f} s"
-            print(f"roofline: {roof.flops:.3e} FLOPs run per step -> compute {roof.compute_s:.3f} s, HBM {mem}, "
-                  f"interconnect {net} per chip; {roof.bound()}-bound, perfectly overlapped: step >= "
+            seconds, source, flops = roof.seconds, "roofline", roof.flops
+            hbm_s = "n/a" if roof.memory_s is None else f"{roof.memory_s:.3f} s"
+            net_s = "n/a" if roof.network_s is None else f"{roof.network_s:.3f} s"
+            print(f"roofline: {roof.flops:.3e} FLOPs run per step -> compute {roof.compute_s:.3f} s, HBM {hbm_s}, "
+                  f"interconnect {net_s} per chip; {roof.bound()}-bound, perfectly overlapped: step >= "
                   f"{roof.seconds:.3f} s", file=out)
-    flops *= n
     peak = peak_flops(cfg.peak_flops, devices) if devices[0].platform != "cpu" or cfg.peak_flops else float("nan")
     mfu = model_flops / (seconds * peak) if seconds and math.isfinite(peak) else None
     report = {"topology": name, "devices": n, "bytes_per_device": per_device, "device_memory_bytes": hbm,
