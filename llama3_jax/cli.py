@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "contiguous cache per batch)")
     g.add_argument("--page-size", type=int, default=64, metavar="P",
                    help="slots per KV page with --kv-pages (default: %(default)s)")
+    g.add_argument("--paged-attention", choices=["auto", "blockwise", "ragged_paged"], default="auto",
+                   help="how decode steps read the paged cache: ragged_paged = the TPU Pallas kernel "
+                        "(jax.experimental.pallas.ops.tpu.ragged_paged_attention), blockwise = XLA's page gather; "
+                        "auto: the kernel on TPU for a float cache (default: %(default)s)")
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("score", help="per-token log-probs of given completions",

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import attention as attn
 from . import checkpoint, quant
 from . import sampling as sampling_lib
 from .config import ModelConfig
@@ -123,14 +124,16 @@ class Generator:
     host visit while the other rows decode): bounded activation memory.
     `kv_pages` N (continuous batching, one device): a paged KV cache of N pages of `page_size` slots
     shared by all rows (paged_cache.py); a row holds ceil((prompt + max_new_tokens) / page_size) pages
-    while it runs, so memory follows the rows' lengths; decode steps read each row's pages only.
+    while it runs, so memory follows the rows' lengths; decode steps read each row's pages only, with
+    `paged_attention` (attention.PAGED_NAMES; auto: the TPU ragged_paged_attention kernel on TPU for a
+    float cache, XLA's blockwise gather elsewhere).
     """
 
     def __init__(self, checkpoint_dir: str | Path | None = None, dtype: str = "bfloat16", mesh=None, *,
                  tokenizer=None, cfg: ModelConfig | None = None, params: dict | None = None,
                  split_layers: bool | None = None, quantize: str | None = None, kv_cache_dtype: str | None = None,
                  decode_attention: str = "auto", prefill_chunk: int | None = None, kv_pages: int | None = None,
-                 page_size: int = 64):
+                 page_size: int = 64, paged_attention: str = "auto"):
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
         quant.check(quantize)
@@ -171,8 +174,10 @@ class Generator:
         if decode_attention == "auto":
             decode_attention = "window" if mesh is None or mesh.size == 1 else "reference"
         self.decode_attention = decode_attention
-        self.graphdef, _ = nnx.split(abstract_model(cfg, split_layers=split_layers,
-                                                    decode_attention=decode_attention))
+        platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+        self.paged_attention = attn.resolve_paged(paged_attention, platform, self.kv_dtype, cfg.head_dim)
+        self.graphdef, _ = nnx.split(abstract_model(cfg, split_layers=split_layers, decode_attention=decode_attention,
+                                                    paged_attention=self.paged_attention))
         if tokenizer is None and checkpoint_dir is not None:  # the one it was trained with (train records it)
             tokenizer = checkpoint.load_tokenizer_spec(checkpoint_dir)
         self._tokenizer = tokenizer
@@ -277,7 +282,7 @@ class Generator:
         init = functools.partial(PagedKVCache.init, self.cfg, self.kv_pages + 1, self.page_size, batch, table_width,
                                  self.kv_dtype)
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0] if self.mesh is None else self.mesh.devices.flat[0])
-        return jax.jit(init, out_shardings=PagedKVCache(k=one, v=one, table=one))()
+        return jax.jit(init, out_shardings=PagedKVCache(kv=one, table=one))()
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):

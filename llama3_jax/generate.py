@@ -240,7 +240,8 @@ def _open(args, generator: Generator | None) -> tuple[set[str], Generator]:
                                  mesh=inference_mesh(sizes), quantize=getattr(args, "quantize", None),
                                  kv_cache_dtype=getattr(args, "kv_cache_dtype", None),
                                  prefill_chunk=getattr(args, "prefill_chunk", None),
-                                 kv_pages=getattr(args, "kv_pages", None), page_size=getattr(args, "page_size", 64))
+                                 kv_pages=getattr(args, "kv_pages", None), page_size=getattr(args, "page_size", 64),
+                                 paged_attention=getattr(args, "paged_attention", "auto"))
     return mine.get("done", set()), gen
 
 

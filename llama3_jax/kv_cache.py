@@ -33,6 +33,10 @@ class KVCache:
                    segment_ids=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32))
 
     @property
+    def dtype(self):
+        return self.k.dtype
+
+    @property
     def max_len(self) -> int:
         return self.k.shape[2]
 

@@ -112,13 +112,13 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
     reference).
     x (B, T, D). Without a cache, keys are this call's tokens; with one, k/v are written at slots
     [index, index + T) of layer `layer` of cache_kv = (k, v), each the whole stacked (L, B, S, KV, K)
-    buffer, and attention reads that layer's slots. Writing into the whole buffer (not a per-layer
+    buffer, and attention reads that layer's slots (the paged cache: cache_kv = (pool,), see below). Writing into the whole buffer (not a per-layer
     slice that is stacked again) keeps the update in place: no copy of the cache per decode step.
     `lora`: adapters whose weights are this layer's slices (LoRA fine-tuning), else None.
     `cache_attend`: with a cache, reads the whole stacked buffers itself (attention/decode.py: only the
     filled blocks, no per-layer slice of the cache); None: `attend` over this layer's slots.
-    `cache_write(ck, cv, layer, k, v)`: writes k/v elsewhere than slots [index, index + T) (the paged
-    cache's per-row pages, paged_cache.write).
+    `cache_write(pool, layer, k, v) -> pool`: the paged cache's write (paged_cache.write: each row's
+    token into its page); cache_kv is then (pool,) and only `cache_attend` reads it.
     Returns (x, (k, v) or None).
     """
     dt = x.dtype
@@ -139,17 +139,17 @@ def decoder_layer(cfg: ModelConfig, w: dict, x, cos, sin, seg, cache_kv=None, ca
     if cache_kv is None:
         keys, values, k_seg, k_idx, new_kv = k, v, seg, jnp.arange(t), None
     else:
-        ck, cv = cache_kv
-        if cache_write is not None:
-            ck, cv = cache_write(ck, cv, layer, k, v)
+        if cache_write is not None:  # the paged cache: one pool (cache_kv a 1-tuple), its own write rule
+            new_kv = (cache_write(cache_kv[0], layer, k, v),)
         else:
+            ck, cv = cache_kv
             ck = jax.lax.dynamic_update_slice(ck, quant.kv_store(k, ck.dtype)[None], (layer, 0, index, 0, 0))
             cv = jax.lax.dynamic_update_slice(cv, quant.kv_store(v, cv.dtype)[None], (layer, 0, index, 0, 0))
-        k_seg, k_idx, new_kv = cache_seg, jnp.arange(ck.shape[2]), (ck, cv)
-        if cache_attend is None:
-            keys, values = quant.kv_load(ck[layer], dt), quant.kv_load(cv[layer], dt)
+            k_seg, k_idx, new_kv = cache_seg, jnp.arange(ck.shape[2]), (ck, cv)
+            if cache_attend is None:
+                keys, values = quant.kv_load(ck[layer], dt), quant.kv_load(cv[layer], dt)
     if cache_kv is not None and cache_attend is not None:  # reads the filled blocks of the stacked cache
-        a = cache_attend(q, ck, cv, layer, seg, k_seg, index, load=lambda c: quant.kv_load(c, dt)).astype(dt)
+        a = cache_attend(q, *new_kv, layer, seg, cache_seg, index, load=lambda c: quant.kv_load(c, dt)).astype(dt)
     else:
         a = attend(q, keys, values, seg, k_seg, q_idx, k_idx)
     a = checkpoint_name(a, "attn_out").reshape(b * t, *q.shape[2:])
@@ -217,7 +217,8 @@ class Llama(nnx.Module):
     """Llama 3. `scan_layers`, `split_layers`, `remat` and `attention` are runtime choices over the same
     weights (`attention`: a backend resolved by attention.resolve, for calls without a cache; cached
     calls run the reference, whose masks handle a partly filled cache; `decode_attention` "window" or
-    "ragged" makes one-token decode steps read only the filled cache blocks (attention/decode.py)).
+    "ragged" makes one-token decode steps read only the filled cache blocks (attention/decode.py);
+    `paged_attention` a resolved attention.PAGED_NAMES backend for decode steps over a paged cache).
 
     By default the layer weights are stacked (layers, ...) arrays, scanned or unrolled. With
     `split_layers=True` each layer owns separate arrays (an nnx.List, always unrolled): XLA:CPU streams
@@ -227,7 +228,8 @@ class Llama(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, scan_layers: bool = True, remat: Remat = "none",
-                 split_layers: bool = False, attention: str = "reference", decode_attention: str = "reference"):
+                 split_layers: bool = False, attention: str = "reference", decode_attention: str = "reference",
+                 paged_attention: str = "blockwise"):
         remat_policy(remat)  # refuse an unknown name here, not at the first call
         attn.get(attention)
         if decode_attention not in attn.DECODE_NAMES:
@@ -236,6 +238,8 @@ class Llama(nnx.Module):
         self.cfg = cfg
         self.attention = attention
         self.decode_attention = decode_attention
+        attn.paged_backend(paged_attention)  # a resolved name (attention.resolve_paged)
+        self.paged_attention = paged_attention
         self.scan_layers = scan_layers and not split_layers
         self.split_layers = split_layers
         self.remat = remat
@@ -293,10 +297,10 @@ class Llama(nnx.Module):
             if not one_token:
                 raise ValueError("a paged KV cache takes one-token decode steps (prefill into a KVCache, then "
                                  "paged_cache.place)")
-            index, cache_seg, kv = 0, None, (cache.k, cache.v)
+            index, cache_seg, kv = 0, None, (cache.kv,)
             where = dict(table=cache.table, positions=positions[:, 0])
             cache_write = functools.partial(paged_cache.write, **where)
-            cache_attend = functools.partial(attn.decode.attend_paged, **where)
+            cache_attend = functools.partial(attn.paged_backend(self.paged_attention), **where)
         else:
             cache.check_write(tokens.shape[1])  # dynamic_update_slice would clamp silently
             index = cache.index
@@ -367,7 +371,7 @@ class Llama(nnx.Module):
     @staticmethod
     def _new_cache(cache, new_kv, cache_seg, index, tokens):
         if isinstance(cache, PagedKVCache):
-            return dataclasses.replace(cache, k=new_kv[0], v=new_kv[1])
+            return dataclasses.replace(cache, kv=new_kv[0])
         return KVCache(k=new_kv[0], v=new_kv[1], segment_ids=cache_seg, index=index + tokens.shape[1])
 
 

@@ -10,12 +10,17 @@ one big pool.
 Page 0 is never handed out: free slots' table rows point at it, so their (ignored) decode steps write
 there and never into a page another row owns.
 
+K and V share one pool, interleaved by kv head (head 2h is K of kv head h, 2h + 1 its V): the layout of
+`jax.experimental.pallas.ops.tpu.ragged_paged_attention` (attention/ragged_paged.py), so the TPU
+kernel reads the pool as it is, with no per-step copy; and a mesh that splits the kv heads over
+`tensor` keeps each head's K and V on the same device.
+
 Decode steps write each row's new k/v at (table[r, pos_r // page], pos_r % page) (`write`, a scatter);
 attention reads a row's pages through its table (attention/decode.py `attend_paged`). Prompts are
 prefilled into a contiguous temporary cache as for the contiguous layout, and `place` copies their
 filled slots into the rows' pages. K and V may be int8 (quant.py: the scale rides in the row's last
 4 bytes) exactly as in the contiguous cache.
-Shapes: L layers, N pages (page 0 included), G page size, KV heads, W = kv_width, B slots, M table width.
+Shapes: L layers, N pages (page 0 included), G page size, KV kv heads, W = kv_width, B slots, M table width.
 """
 
 from __future__ import annotations
@@ -33,31 +38,42 @@ from .kv_cache import KVCache
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PagedKVCache:
-    k: jax.Array      # (L, N, G, KV, W)
-    v: jax.Array      # as k
+    kv: jax.Array     # (L, N, G, 2 KV, W): head 2h holds K of kv head h, head 2h + 1 its V
     table: jax.Array  # (B, M) int32: page of each row's j-th block of G positions (0: none)
 
     @classmethod
     def init(cls, cfg: ModelConfig, pages: int, page_size: int, batch: int, table_width: int,
              dtype=jnp.bfloat16) -> "PagedKVCache":
-        shape = (cfg.n_layers, pages, page_size, cfg.n_kv_heads, quant.kv_width(cfg.head_dim, dtype))
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   table=jnp.zeros((batch, table_width), jnp.int32))
+        shape = (cfg.n_layers, pages, page_size, 2 * cfg.n_kv_heads, quant.kv_width(cfg.head_dim, dtype))
+        return cls(kv=jnp.zeros(shape, dtype), table=jnp.zeros((batch, table_width), jnp.int32))
+
+    @property
+    def dtype(self):
+        return self.kv.dtype
 
     @property
     def page_size(self) -> int:
-        return self.k.shape[2]
+        return self.kv.shape[2]
 
 
-def write(ck, cv, layer, k, v, table, positions):
-    """k, v (B, 1, KV, K) of the token at positions (B,) into layer `layer` of the pools."""
-    g = ck.shape[2]
+def interleave(k, v):
+    """k, v (..., KV, W) -> (..., 2 KV, W) with K of head h at 2h and its V at 2h + 1."""
+    return jnp.stack([k, v], axis=-2).reshape(*k.shape[:-2], 2 * k.shape[-2], k.shape[-1])
+
+
+def keys_values(pages):
+    """pages (..., 2 KV, W) -> keys, values (..., KV, W)."""
+    return pages[..., 0::2, :], pages[..., 1::2, :]
+
+
+def write(pool, layer, k, v, *, table, positions):
+    """k, v (B, 1, KV, K) of the token at positions (B,) into layer `layer` of the pool."""
+    g = pool.shape[2]
     blk = jnp.minimum(positions // g, table.shape[1] - 1)
     page = jnp.take_along_axis(table, blk[:, None], axis=1)[:, 0]
     off = positions % g
-    ck = ck.at[layer, page, off].set(quant.kv_store(k[:, 0], ck.dtype))
-    cv = cv.at[layer, page, off].set(quant.kv_store(v[:, 0], cv.dtype))
-    return ck, cv
+    return pool.at[layer, page, off].set(interleave(quant.kv_store(k[:, 0], pool.dtype),
+                                                    quant.kv_store(v[:, 0], pool.dtype)))
 
 
 def place(cache: PagedKVCache, tmp: KVCache, pages) -> PagedKVCache:
@@ -70,12 +86,10 @@ def place(cache: PagedKVCache, tmp: KVCache, pages) -> PagedKVCache:
     t = jnp.arange(p)[None]                                       # (1, P) positions
     blk = jnp.minimum(t // g, pages.shape[1] - 1)
     dst = jnp.take_along_axis(pages, jnp.broadcast_to(blk, (n, p)), axis=1)
-    dst = jnp.where(t < lengths[:, None], dst, cache.k.shape[1])  # out of range: dropped
+    dst = jnp.where(t < lengths[:, None], dst, cache.kv.shape[1])  # out of range: dropped
     src = jnp.clip(p - lengths[:, None] + t, 0, p - 1)            # (n, P)
     rows = jnp.arange(n)[:, None]
     off = jnp.broadcast_to(t % g, (n, p))
-
-    def put(pool, buf):  # buf (L, n, P, KV, W) -> pool[:, dst, off]
-        return pool.at[:, dst, off].set(buf[:, rows, src], mode="drop")
-
-    return dataclasses.replace(cache, k=put(cache.k, tmp.k), v=put(cache.v, tmp.v))
+    # buf (L, n, P, 2 KV, W) -> pool[:, dst, off]
+    kv = cache.kv.at[:, dst, off].set(interleave(tmp.k[:, rows, src], tmp.v[:, rows, src]), mode="drop")
+    return dataclasses.replace(cache, kv=kv)

@@ -182,7 +182,7 @@ def insert(graphdef, params, state: dict, tokens, slots, rows: dict, pages=None,
     """Prefill n prompts (tokens (n, P) left-padded) in one pass, then `place` them."""
     model = nnx.merge(graphdef, params)
     n, p = tokens.shape
-    tmp = KVCache.init(model.cfg, n, p, state["cache"].k.dtype)
+    tmp = KVCache.init(model.cfg, n, p, state["cache"].dtype)
     logits, tmp = prefill(model, tokens, rows["lengths"], tmp, chunk)
     return place(state, tmp, logits, slots, rows, pages)
 

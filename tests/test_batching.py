@@ -200,7 +200,7 @@ def test_paged_cache_equals_the_contiguous_one(gen):
         first, cache = prefill(model, jnp.asarray(tokens), lengths, KVCache.init(gen.cfg, 3, 40, kv_dtype))
         _, tmp = prefill(model, jnp.asarray(tokens), lengths, KVCache.init(gen.cfg, 3, 32, kv_dtype))
         pool = place(PagedKVCache.init(gen.cfg, 15, 8, 3, 6, kv_dtype), tmp, pages)
-        pool = PagedKVCache(k=pool.k, v=pool.v, table=pages)
+        pool = PagedKVCache(kv=pool.kv, table=pages)
         tok, a, b = jnp.argmax(first, -1).astype(jnp.int32), [], []
         for step in range(3):
             la, cache = decode_step(model, tok, lengths + step, cache)

@@ -15,7 +15,9 @@ splash and cudnn compute self-attention from slot 0 (training, prefill without a
 runs cached calls on the reference path whatever the choice, except one-token decode steps with
 `decode_attention` (DECODE_NAMES) "window" or "ragged": decode.py reads only the cache blocks the rows
 have filled (window: every row up to the longest, contiguous slices; ragged: each row its own blocks,
-a gather). `decode_backend` returns that function (None for the reference). `resolve` turns the user's choice
+a gather). `decode_backend` returns that function (None for the reference). Over the paged KV cache
+(paged_cache.py) decode steps take `paged_attention` (PAGED_NAMES): blockwise (decode.attend_paged,
+XLA) or ragged_paged (the TPU kernel, ragged_paged.py); `resolve_paged` / `paged_backend`. `resolve` turns the user's choice
 into a concrete backend for a platform and sequence length once, when the step is built; `get`
 returns its function.
 """
@@ -25,11 +27,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import jax.numpy as jnp
+
 from . import blockwise, decode, reference
 from .reference import NEG_INF, attention, mask
 
 NAMES = ("auto", "reference", "blockwise", "splash", "cudnn")
 DECODE_NAMES = ("reference", "window", "ragged")  # cached one-token decode steps (Llama's decode_attention)
+# decode steps over the paged KV cache (Llama's paged_attention): XLA's gather + online softmax
+# (decode.attend_paged), or the TPU Pallas kernel (ragged_paged.py)
+PAGED_NAMES = ("auto", "blockwise", "ragged_paged")
 # On CPU the reference is faster for short rows (one big matmul); from here on its (T, T) float32
 # scores cost more memory than the blockwise loops cost time (benchmarks/memory.py).
 BLOCKWISE_MIN_LEN = 2048
@@ -67,6 +74,36 @@ def decode_backend(name: str) -> Callable | None:
     return {"reference": None, "window": decode.attend_window, "ragged": decode.attend}[name]
 
 
+def resolve_paged(name: str, platform: str, kv_dtype, head_dim: int = 128) -> str:
+    """The user's PAGED_NAMES choice -> the backend for `platform` and the cache's dtype. auto: the
+    kernel on TPU for a float cache with head_dim a multiple of 128 (every Llama 3), else blockwise. `platform` is the devices' (a compile-only TPU
+    topology counts as TPU); the kernel runs nowhere else (jax's Pallas interpreters cannot run it)."""
+    if name not in PAGED_NAMES:
+        raise ValueError(f"paged_attention must be one of {', '.join(PAGED_NAMES)}; got {name!r}")
+    integer = jnp.issubdtype(jnp.dtype(kv_dtype), jnp.integer)
+    if name == "auto":
+        fits = platform == "tpu" and not integer and head_dim % 128 == 0  # the kernel's lanes: 128 wide
+        return "ragged_paged" if fits else "blockwise"
+    if name == "ragged_paged":
+        if integer:
+            raise ValueError("paged_attention=ragged_paged reads a float KV cache; an int8 KV cache needs "
+                             "paged_attention=blockwise (or auto)")
+        if platform != "tpu":
+            raise ValueError(f"paged_attention=ragged_paged is a TPU kernel; the devices here are {platform} "
+                             "(use auto or blockwise)")
+    return name
+
+
+def paged_backend(name: str) -> Callable:
+    """A resolved paged backend -> its function (decode.attend_paged's interface)."""
+    if name == "blockwise":
+        return decode.attend_paged
+    if name == "ragged_paged":
+        from . import ragged_paged
+        return ragged_paged.attend
+    raise ValueError(f"unknown paged attention backend {name!r}")
+
+
 def get(backend: str) -> Callable:
     """A resolved backend name -> its attend function."""
     if backend == "reference":
@@ -82,4 +119,5 @@ def get(backend: str) -> Callable:
     raise ValueError(f"unknown attention backend {backend!r}")
 
 
-__all__ = ["BLOCKWISE_MIN_LEN", "DECODE_NAMES", "NAMES", "decode_backend", "NEG_INF", "attention", "get", "mask", "resolve"]
+__all__ = ["BLOCKWISE_MIN_LEN", "DECODE_NAMES", "NAMES", "PAGED_NAMES", "decode_backend", "paged_backend",
+           "resolve_paged", "NEG_INF", "attention", "get", "mask", "resolve"]

@@ -35,9 +35,8 @@ The paged cache (paged_cache.py) is read by `attend_paged`: the same work list a
 each row visiting its pages through its page table (page table[r, j] where `attend` reads block
 first[r] + j), masked by position instead of segment ids.
 
-The same switch could later route to `jax.experimental.pallas.ops.tpu.ragged_paged_attention` on TPU
-(it takes a paged cache and per-row lengths); not wired here. Under a mesh the engine keeps the
-reference (a gather across batch shards would move cache blocks between devices).
+On TPU the paged cache is read by `jax.experimental.pallas.ops.tpu.ragged_paged_attention` instead
+(ragged_paged.py, the `paged_attention` switch), proven equal to `attend_paged`.
 Einsum letters as in model.py: w work item (row, block), s slots of a block, k kv heads, g heads per
 kv head, d head dim.
 """
@@ -146,23 +145,23 @@ def attend(q, k_cache, v_cache, layer, q_seg, k_seg, q_slot, *, block: int = BLO
     return _work_loop(q, kv, count, fetch, chunk)
 
 
-def attend_paged(q, k_pool, v_pool, layer, q_seg=None, k_seg=None, q_slot=None, *, table, positions,
+def attend_paged(q, pool, layer, q_seg=None, k_seg=None, q_slot=None, *, table, positions,
                  chunk: int | None = None, load=None):
-    """`attend` over the paged cache (paged_cache.py): k_pool/v_pool (L, N, G, KV, K) pages, table
-    (B, M) each row's pages in position order, positions (B,) the query's position (its own k/v are
-    written there already). Row r visits its pages 0 .. positions[r] // G through its table (where
-    `attend` reads block first[r] + j, this reads page table[r, j]); a key at position j * G + s is
-    attended iff it is <= the query's position. q_seg, k_seg, q_slot: the interface's, unused (every
-    decoding row is one segment, and its pages hold nothing else)."""
-    kv, g = k_pool.shape[3], k_pool.shape[2]
+    """`attend` over the paged cache (paged_cache.py): pool (L, N, G, 2 KV, W) pages, K and V
+    interleaved by kv head; table (B, M) each row's pages in position order, positions (B,) the query's
+    position (its own k/v are written there already). Row r visits its pages 0 .. positions[r] // G
+    through its table (where `attend` reads block first[r] + j, this reads page table[r, j]); a key at
+    position j * G + s is attended iff it is <= the query's position. q_seg, k_seg, q_slot: the
+    interface's, unused (every decoding row is one segment, and its pages hold nothing else)."""
+    g, kv = pool.shape[2], pool.shape[3] // 2
     load = load or (lambda c: c)
     m = table.shape[1]
 
     def fetch(row, j):
         j = jnp.clip(j, 0, m - 1)
-        page = table[row, j]
+        pages = pool[layer, table[row, j]]                                      # (w, G, 2 KV, W)
         allowed = j[:, None] * g + jnp.arange(g)[None] <= positions[row][:, None]
-        return load(k_pool[layer, page]), load(v_pool[layer, page]), allowed
+        return load(pages[:, :, 0::2]), load(pages[:, :, 1::2]), allowed
 
     return _work_loop(q, kv, jnp.minimum(positions // g + 1, m).astype(jnp.int32), fetch, chunk)
 
