@@ -45,7 +45,7 @@ from .config import ModelConfig
 from .kv_cache import CACHE_AXES, KVCache
 from .model import abstract_model, quantize_params, split_layer_params
 from .multihost_io import to_host
-from .paged_cache import PagedKVCache
+from .paged_cache import POOL_AXES, PagedKVCache
 from .scheduler import Completion, Request, Scheduler, cut_at_stop
 from .slots import bucket, decode_step, left_padded_layout, prefill, prompt_width  # noqa: F401
 from .static_batch import extend_batch, generate_batch
@@ -122,7 +122,7 @@ class Generator:
     `prefill_chunk` N: prompts longer than N tokens are padded to a multiple of N (not the next power
     of two) and prefilled N tokens at a time (slots.prefill; under continuous batching one chunk per
     host visit while the other rows decode): bounded activation memory.
-    `kv_pages` N (continuous batching, one device): a paged KV cache of N pages of `page_size` slots
+    `kv_pages` N (continuous batching; one device or a mesh, the pool's kv heads split over `tensor`): a paged KV cache of N pages of `page_size` slots
     shared by all rows (paged_cache.py); a row holds ceil((prompt + max_new_tokens) / page_size) pages
     while it runs, so memory follows the rows' lengths; decode steps read each row's pages only, with
     `paged_attention` (attention.PAGED_NAMES; auto: the TPU ragged_paged_attention kernel on TPU for a
@@ -167,9 +167,6 @@ class Generator:
         if kv_pages is not None:
             if kv_pages < 1 or page_size < 1:
                 raise ValueError(f"kv_pages and page_size must be >= 1, got {kv_pages} and {page_size}")
-            if mesh is not None and mesh.size > 1:
-                raise ValueError("kv_pages: the paged KV cache runs on one device, not a mesh of "
-                                 f"{mesh.size} (drop --kv-pages or use a one-device mesh)")
         self.kv_pages, self.page_size = kv_pages, page_size
         if decode_attention == "auto":
             decode_attention = "window" if mesh is None or mesh.size == 1 else "reference"
@@ -281,8 +278,14 @@ class Generator:
         del c
         init = functools.partial(PagedKVCache.init, self.cfg, self.kv_pages + 1, self.page_size, batch, table_width,
                                  self.kv_dtype)
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0] if self.mesh is None else self.mesh.devices.flat[0])
-        return jax.jit(init, out_shardings=PagedKVCache(kv=one, table=one))()
+        if self.mesh is None:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            out = PagedKVCache(kv=one, table=one)
+        else:  # kv heads over `tensor` (POOL_AXES); the host-owned table replicated
+            shape = jax.eval_shape(init).kv.shape
+            out = PagedKVCache(kv=named_sharding(self.mesh, POOL_AXES, shape),
+                               table=named_sharding(self.mesh, (None, None), (batch, table_width)))
+        return jax.jit(init, out_shardings=out)()
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):

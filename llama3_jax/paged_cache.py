@@ -35,6 +35,12 @@ from .config import ModelConfig
 from .kv_cache import KVCache
 
 
+# logical axes of the pool (sharding.py rules): the interleaved K/V heads split over `tensor` like the
+# contiguous cache's kv heads (an even split keeps each head's K and V together); pages are shared by
+# all rows, so they are not split over the batch axes
+POOL_AXES = ("layers", None, None, "kv_heads", "head_dim")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class PagedKVCache:

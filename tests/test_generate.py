@@ -352,7 +352,7 @@ def test_resume_after_sigkill_gives_every_id_once_with_the_same_tokens(gen, ckpt
 
 def test_mesh_on_eight_devices_equals_one_device(gen, ckpt, tmp_path):
     """One process, 8 fake devices: generate on data=2 x tensor=4 (the cache and the weights sharded by
-    the rules), score on --mesh data=2,fsdp=2,tensor=2 and convert --to jax on the default mesh (the model
+    the rules) and with a paged cache on data=4 x tensor=2 (the pool's heads split), score on --mesh data=2,fsdp=2,tensor=2 and convert --to jax on the default mesh (the model
     split over all 8) give the tokens, log-probs and stored weights of one device."""
     from llama3_jax.generate import run_generate, run_score
     rng = np.random.RandomState(2)
@@ -369,6 +369,7 @@ def test_mesh_on_eight_devices_equals_one_device(gen, ckpt, tmp_path):
         from llama3_jax.engine import Generator
         from llama3_jax.generate import run_generate
         from llama3_jax.kv_cache import CACHE_AXES
+        from llama3_jax.paged_cache import POOL_AXES
         mesh = sharding.inference_mesh(sharding.parse_mesh("data=2,fsdp=1,tensor=4"))
         g = Generator({str(ckpt)!r}, dtype="float32", mesh=mesh)
         args = {vars(gen_args(ckpt, inp, tmp_path / "gen8.jsonl", batch_size=4))!r}
@@ -377,6 +378,14 @@ def test_mesh_on_eight_devices_equals_one_device(gen, ckpt, tmp_path):
         want = sharding.named_sharding(mesh, CACHE_AXES, k.shape)
         print(json.dumps({{"sharded": k.sharding.is_equivalent_to(want, k.ndim), "replicated": k.sharding.is_fully_replicated,
                            "params_sharded": not g.params["layers"][0]["wq"].sharding.is_fully_replicated}}))
+        # the paged cache on data=4 x tensor=2: the pool's 2 kv heads (K and V interleaved) split over tensor
+        mesh = sharding.inference_mesh(sharding.parse_mesh("data=4,fsdp=1,tensor=2"))
+        g = Generator({str(ckpt)!r}, dtype="float32", mesh=mesh, kv_pages=12, page_size=8)
+        args["output"] = {str(tmp_path / "gen8paged.jsonl")!r}
+        run_generate(argparse.Namespace(**args), generator=g)
+        pool = g._pool.kv
+        print(json.dumps({{"pool": pool.sharding.is_equivalent_to(sharding.named_sharding(mesh, POOL_AXES, pool.shape), pool.ndim),
+                           "pool_split": pool.sharding.shard_shape(pool.shape)[3] == 2}}))
         common = ["--checkpoint", {str(ckpt)!r}, "--input", {str(inp)!r}, "--dtype", "float32", "--batch-size", "4"]
         assert main(["score", *common, "--output", {str(tmp_path / "score8.jsonl")!r}, "--mesh", "data=2,fsdp=2,tensor=2"]) == 0
         assert main(["convert", "--from", "hf", "--to", "jax", "--quiet", {str(ckpt.parent / "hf")!r}, {str(tmp_path / "jax8")!r}]) == 0
@@ -384,9 +393,11 @@ def test_mesh_on_eight_devices_equals_one_device(gen, ckpt, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res, paged = (json.loads(line) for line in r.stdout.strip().splitlines()[-2:])
     assert res == {"sharded": True, "replicated": False, "params_sharded": True}
+    assert paged == {"pool": True, "pool_split": True}
     assert read_jsonl(tmp_path / "gen8.jsonl") == read_jsonl(tmp_path / "gen1.jsonl")
+    assert read_jsonl(tmp_path / "gen8paged.jsonl") == read_jsonl(tmp_path / "gen1.jsonl")
     one = {x["id"]: x for x in read_jsonl(tmp_path / "score1.jsonl")}
     for x in read_jsonl(tmp_path / "score8.jsonl"):
         np.testing.assert_allclose(x["logprobs"], one[x["id"]]["logprobs"], rtol=1e-5, atol=1e-5)

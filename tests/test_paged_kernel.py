@@ -92,7 +92,24 @@ args = jax.tree.map(spec, (params, jax.ShapeDtypeStruct((b,), jnp.int32), jax.Sh
 with jax.default_device(dev):  # Mosaic asks the default device which chip it lowers for
     text = jax.jit(step).lower(*args).compile().as_text()
 assert "ragged_paged_attention_kernel" in text, "the kernel is not in the compiled step"
-print("compiled", text.count("ragged_paged_attention_kernel"))
+
+# a 2 x 2 mesh (data, tensor): one kernel call per device (shard_map), rows and kv heads split
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from llama3_jax.paged_cache import POOL_AXES
+from llama3_jax.sharding import named_sharding
+devs = topology_devices("v5e:2x2")
+mesh = jax.sharding.Mesh(np.array(devs).reshape(2, 1, 2), ("data", "fsdp", "tensor"))
+put = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+rep = NamedSharding(mesh, P())
+rows = named_sharding(mesh, ("batch",), (b,))
+args = (jax.tree.map(lambda x: put(x, rep), params), put(args[1], rows), put(args[2], rows),
+        type(cache)(kv=put(cache.kv, named_sharding(mesh, POOL_AXES, cache.kv.shape)), table=put(cache.table, rep)))
+assert args[3].kv.sharding.spec[3] == "tensor"
+with jax.set_mesh(mesh), jax.default_device(devs[0]):
+    text = jax.jit(step).lower(*args).compile().as_text()
+assert "ragged_paged_attention_kernel" in text, "the kernel is not in the compiled mesh step"
+print("compiled")
 """
 
 

@@ -15,6 +15,10 @@ Each decoding row is one sequence with one query: cu_q_lens = 0, 1, .., B; kv_le
 query's own k/v are written before attention). Free slots point at page 0 and are computed like any
 row (garbage, never read), as on the XLA path.
 
+Under a mesh the kernel runs once per device (shard_map; XLA cannot partition a Pallas call): rows
+split as the batch, heads as `tensor` when the q heads and the pool's kv heads split alike with each
+head's K and V on one device, else every device takes all heads.
+
 Limits: float K/V only (the kernel's scales are one static float per cache; our int8 cache keeps a scale
 per position and kv head in the row's last 4 bytes, quant.py): an int8 cache keeps `attend_paged`.
 Block sizes: the kernel's tuned table on TPU; when compiling for a TPU topology from a CPU host
@@ -30,8 +34,14 @@ DMA indexing), so the test feeds `kernel_inputs` to the kernel's own reference,
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from ..paged_cache import POOL_AXES
+from ..sharding import logical_spec
 
 DEFAULT_BLOCKS = (128, 32)  # (kv pages, queries) per kernel block: the kernel's untuned default
 
@@ -60,10 +70,28 @@ def attend(q, pool, layer, q_seg=None, k_seg=None, q_slot=None, *, table, positi
     if width != d or jnp.issubdtype(pool.dtype, jnp.integer):
         raise ValueError(f"the ragged_paged_attention kernel reads a float cache of head_dim {d}; this pool is "
                          f"{pool.dtype} of width {width} (use paged_attention=blockwise for an int8 KV cache)")
-    args = kernel_inputs(q, pool, layer, table, positions)
-    blocks = {}
-    if jax.devices()[0].platform != "tpu":  # compile-only for a topology: no chip to look the tuning up for
-        blocks = dict(num_kv_pages_per_block=min(table.shape[1], DEFAULT_BLOCKS[0]),
-                      num_queries_per_block=min(q.shape[0], DEFAULT_BLOCKS[1]))
-    out = ragged_paged_attention(*args, sm_scale=d ** -0.5, **blocks)
-    return out[:, None].astype(q.dtype)
+    tuned = jax.devices()[0].platform == "tpu"  # compiling for a topology from a CPU host: no chip to ask
+
+    def run(q, pool, layer, table, positions):  # one device's rows and heads
+        blocks = {} if tuned else dict(num_kv_pages_per_block=min(table.shape[1], DEFAULT_BLOCKS[0]),
+                                       num_queries_per_block=min(q.shape[0], DEFAULT_BLOCKS[1]))
+        args = kernel_inputs(q, pool, layer, table, positions)
+        return ragged_paged_attention(*args, sm_scale=d ** -0.5, **blocks)[:, None]
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:  # a Pallas call is not partitioned by XLA: one call per device
+        q_spec = logical_spec(("batch", None, "q_heads", None), q.shape, mesh)
+        pool_spec = logical_spec(POOL_AXES, pool.shape, mesh)
+        kv_heads = pool.shape[3] // 2
+        if q_spec[2] != pool_spec[3] or kv_heads % math.prod(mesh.shape[a] for a in _axes(pool_spec[3])):
+            # heads not split alike (or a head's K and V on two devices): every device takes all heads
+            q_spec = logical_spec(("batch", None, None, None), q.shape, mesh)
+            pool_spec = logical_spec(("layers", None, None, None, None), pool.shape, mesh)
+        rows = logical_spec(("batch", None), table.shape, mesh)
+        run = jax.shard_map(run, mesh=mesh, in_specs=(q_spec, pool_spec, P(), rows, P(rows[0])),
+                            out_specs=q_spec, check_vma=False)
+    return run(q, pool, jnp.asarray(layer, jnp.int32), table, positions).astype(q.dtype)
+
+
+def _axes(spec_entry) -> tuple[str, ...]:
+    return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
