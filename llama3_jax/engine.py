@@ -45,7 +45,7 @@ from .config import ModelConfig
 from .kv_cache import CACHE_AXES, KVCache
 from .model import abstract_model, quantize_params, split_layer_params
 from .multihost_io import to_host
-from .paged_cache import POOL_AXES, PagedKVCache
+from .paged_cache import PagedKVCache
 from .scheduler import Completion, Request, Scheduler, cut_at_stop
 from .slots import bucket, decode_step, left_padded_layout, prefill, prompt_width  # noqa: F401
 from .static_batch import extend_batch, generate_batch
@@ -277,14 +277,15 @@ class Generator:
             return c
         del c
         init = functools.partial(PagedKVCache.init, self.cfg, self.kv_pages + 1, self.page_size, batch, table_width,
-                                 self.kv_dtype)
+                                 self.kv_dtype, interleaved=self.paged_attention == "ragged_paged")
         if self.mesh is None:
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            out = PagedKVCache(kv=one, table=one)
-        else:  # kv heads over `tensor` (POOL_AXES); the host-owned table replicated
-            shape = jax.eval_shape(init).kv.shape
-            out = PagedKVCache(kv=named_sharding(self.mesh, POOL_AXES, shape),
-                               table=named_sharding(self.mesh, (None, None), (batch, table_width)))
+            out = PagedKVCache(kv=one, table=one, interleaved=self.paged_attention == "ragged_paged")
+        else:  # kv heads over `tensor` (PagedKVCache.axes); the host-owned table replicated
+            abstract = jax.eval_shape(init)
+            out = PagedKVCache(kv=named_sharding(self.mesh, abstract.axes, abstract.kv.shape),
+                               table=named_sharding(self.mesh, (None, None), (batch, table_width)),
+                               interleaved=abstract.interleaved)
         return jax.jit(init, out_shardings=out)()
 
     def _encode(self, prompt) -> list[int]:

@@ -30,7 +30,7 @@ from flax import nnx
 
 from . import paged_cache
 from .kv_cache import CACHE_AXES, KVCache
-from .paged_cache import POOL_AXES, PagedKVCache
+from .paged_cache import PagedKVCache
 from .sampling import sample_rows
 from .sharding import constrain
 
@@ -134,7 +134,7 @@ def _laid_out(state: dict) -> dict:
     rewrites it, so the next call takes it as it is (no reshard, no recompile)."""
     c = state["cache"]
     if isinstance(c, PagedKVCache):
-        return {**state, "cache": dataclasses.replace(c, kv=constrain(c.kv, POOL_AXES))}
+        return {**state, "cache": dataclasses.replace(c, kv=constrain(c.kv, c.axes))}
     c = KVCache(k=constrain(c.k, CACHE_AXES), v=constrain(c.v, CACHE_AXES),
                 segment_ids=constrain(c.segment_ids, ("batch", "cache_seq")), index=c.index)
     return {**state, "cache": c}

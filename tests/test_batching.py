@@ -6,6 +6,7 @@ prompts in the 16 and 32 buckets, slot counts 1, 7 and 10 (batch 32 over 10 prom
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -200,7 +201,7 @@ def test_paged_cache_equals_the_contiguous_one(gen):
         first, cache = prefill(model, jnp.asarray(tokens), lengths, KVCache.init(gen.cfg, 3, 40, kv_dtype))
         _, tmp = prefill(model, jnp.asarray(tokens), lengths, KVCache.init(gen.cfg, 3, 32, kv_dtype))
         pool = place(PagedKVCache.init(gen.cfg, 15, 8, 3, 6, kv_dtype), tmp, pages)
-        pool = PagedKVCache(kv=pool.kv, table=pages)
+        pool = dataclasses.replace(pool, table=pages)
         tok, a, b = jnp.argmax(first, -1).astype(jnp.int32), [], []
         for step in range(3):
             la, cache = decode_step(model, tok, lengths + step, cache)

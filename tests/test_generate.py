@@ -369,7 +369,6 @@ def test_mesh_on_eight_devices_equals_one_device(gen, ckpt, tmp_path):
         from llama3_jax.engine import Generator
         from llama3_jax.generate import run_generate
         from llama3_jax.kv_cache import CACHE_AXES
-        from llama3_jax.paged_cache import POOL_AXES
         mesh = sharding.inference_mesh(sharding.parse_mesh("data=2,fsdp=1,tensor=4"))
         g = Generator({str(ckpt)!r}, dtype="float32", mesh=mesh)
         args = {vars(gen_args(ckpt, inp, tmp_path / "gen8.jsonl", batch_size=4))!r}
@@ -378,14 +377,14 @@ def test_mesh_on_eight_devices_equals_one_device(gen, ckpt, tmp_path):
         want = sharding.named_sharding(mesh, CACHE_AXES, k.shape)
         print(json.dumps({{"sharded": k.sharding.is_equivalent_to(want, k.ndim), "replicated": k.sharding.is_fully_replicated,
                            "params_sharded": not g.params["layers"][0]["wq"].sharding.is_fully_replicated}}))
-        # the paged cache on data=4 x tensor=2: the pool's 2 kv heads (K and V interleaved) split over tensor
+        # the paged cache on data=4 x tensor=2: the pool's 2 kv heads split over tensor
         mesh = sharding.inference_mesh(sharding.parse_mesh("data=4,fsdp=1,tensor=2"))
         g = Generator({str(ckpt)!r}, dtype="float32", mesh=mesh, kv_pages=12, page_size=8)
         args["output"] = {str(tmp_path / "gen8paged.jsonl")!r}
         run_generate(argparse.Namespace(**args), generator=g)
-        pool = g._pool.kv
-        print(json.dumps({{"pool": pool.sharding.is_equivalent_to(sharding.named_sharding(mesh, POOL_AXES, pool.shape), pool.ndim),
-                           "pool_split": pool.sharding.shard_shape(pool.shape)[3] == 2}}))
+        pool = g._pool.kv  # (layers, K|V, pages, page, kv heads, head_dim)
+        print(json.dumps({{"pool": pool.sharding.is_equivalent_to(sharding.named_sharding(mesh, g._pool.axes, pool.shape), pool.ndim),
+                           "pool_split": pool.sharding.shard_shape(pool.shape)[4] == 1}}))
         common = ["--checkpoint", {str(ckpt)!r}, "--input", {str(inp)!r}, "--dtype", "float32", "--batch-size", "4"]
         assert main(["score", *common, "--output", {str(tmp_path / "score8.jsonl")!r}, "--mesh", "data=2,fsdp=2,tensor=2"]) == 0
         assert main(["convert", "--from", "hf", "--to", "jax", "--quiet", {str(ckpt.parent / "hf")!r}, {str(tmp_path / "jax8")!r}]) == 0

@@ -147,21 +147,21 @@ def attend(q, k_cache, v_cache, layer, q_seg, k_seg, q_slot, *, block: int = BLO
 
 def attend_paged(q, pool, layer, q_seg=None, k_seg=None, q_slot=None, *, table, positions,
                  chunk: int | None = None, load=None):
-    """`attend` over the paged cache (paged_cache.py): pool (L, N, G, 2 KV, W) pages, K and V
-    interleaved by kv head; table (B, M) each row's pages in position order, positions (B,) the query's
+    """`attend` over the paged cache (paged_cache.py): pool (L, 2, N, G, KV, W), the K pages then the V
+    pages (the split layout); table (B, M) each row's pages in position order, positions (B,) the query's
     position (its own k/v are written there already). Row r visits its pages 0 .. positions[r] // G
     through its table (where `attend` reads block first[r] + j, this reads page table[r, j]); a key at
     position j * G + s is attended iff it is <= the query's position. q_seg, k_seg, q_slot: the
     interface's, unused (every decoding row is one segment, and its pages hold nothing else)."""
-    g, kv = pool.shape[2], pool.shape[3] // 2
+    g, kv = pool.shape[3], pool.shape[4]
     load = load or (lambda c: c)
     m = table.shape[1]
 
     def fetch(row, j):
         j = jnp.clip(j, 0, m - 1)
-        pages = pool[layer, table[row, j]]                                      # (w, G, 2 KV, W)
+        page = table[row, j]
         allowed = j[:, None] * g + jnp.arange(g)[None] <= positions[row][:, None]
-        return load(pages[:, :, 0::2]), load(pages[:, :, 1::2]), allowed
+        return load(pool[layer, 0, page]), load(pool[layer, 1, page]), allowed
 
     return _work_loop(q, kv, jnp.minimum(positions // g + 1, m).astype(jnp.int32), fetch, chunk)
 

@@ -6,7 +6,8 @@ on TPU a gather of whole pages is slow next to a kernel that DMAs a row's pages 
 (vLLM-TPU, tpu-inference). This file is that kernel behind the paged cache's switch
 (`paged_attention`, attention/__init__.py), proven equal to `attend_paged` (below).
 
-The pool already has the kernel's layout (paged_cache.py: K and V interleaved by kv head). The stacked
+The pool already has the kernel's layout (paged_cache.py's interleaved layout, which the engine
+allocates with this backend: K and V interleaved by kv head). The stacked
 pool (L, N, G, 2 KV, K) is handed over whole, reshaped to (L N, G, 2 KV, K), a bitcast, and layer l's
 pages are addressed as l N + page: slicing a layer out would copy the layer's whole pool on every decode
 step, because a Pallas call takes its operands as materialised buffers.
@@ -40,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ..paged_cache import POOL_AXES
+from ..paged_cache import INTERLEAVED_AXES
 from ..sharding import logical_spec
 
 DEFAULT_BLOCKS = (128, 32)  # (kv pages, queries) per kernel block: the kernel's untuned default
@@ -81,7 +82,7 @@ def attend(q, pool, layer, q_seg=None, k_seg=None, q_slot=None, *, table, positi
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and mesh.size > 1:  # a Pallas call is not partitioned by XLA: one call per device
         q_spec = logical_spec(("batch", None, "q_heads", None), q.shape, mesh)
-        pool_spec = logical_spec(POOL_AXES, pool.shape, mesh)
+        pool_spec = logical_spec(INTERLEAVED_AXES, pool.shape, mesh)
         kv_heads = pool.shape[3] // 2
         if q_spec[2] != pool_spec[3] or kv_heads % math.prod(mesh.shape[a] for a in _axes(pool_spec[3])):
             # heads not split alike (or a head's K and V on two devices): every device takes all heads
