@@ -40,7 +40,7 @@ from ..hardware import HBM_BYTES, PEAK_FLOPS, GiB, lookup
 from ..sharding import logical_spec, make_mesh
 from .config import TrainConfig, model_config, resolve_lora
 from .metrics import model_flops_per_token, peak_flops
-from .roofline import estimate as roofline_estimate
+from . import roofline
 from .step import build
 
 
@@ -98,8 +98,9 @@ def cost_estimate(cfg: TrainConfig, mc, devices) -> tuple[float, float | None, f
     splash kernel) not at all. So the figures come from two extra compiles with the layers unrolled
     (1 and 2 layers, one microbatch, the loss in one piece; total = c1 + (layers - 1) * (c2 - c1),
     times `grad_accum`), plus the attention the compiler cannot see (the splash/cuDNN kernel, or the
-    blockwise loops): causal score and value matmuls, forward + backward (+ the forward again under
-    remat), counted at the chip's peak FLOP/s. None when those compiles do not fit either."""
+    blockwise loops): roofline.attention_flops, the one count of it (the forward again only where the
+    remat policy recomputes attention), at the chip's peak FLOP/s. None when those compiles do not fit
+    either."""
     flat = dataclasses.replace(cfg, scan_layers=False, loss_chunk=0, grad_accum=1,
                                batch_size=cfg.batch_size // cfg.grad_accum)
     costs = []
@@ -117,9 +118,7 @@ def cost_estimate(cfg: TrainConfig, mc, devices) -> tuple[float, float | None, f
     hbm = (b1 + (mc.n_layers - 1) * (b2 - b1)) * cfg.grad_accum if min(b1, b2) > 0 else None
     backend = attention.resolve(cfg.attention, devices[0].platform, cfg.seq_len)
     if backend != "reference":
-        passes = 4 if cfg.remat != "none" else 3  # forward, backward (2x), forward again under remat
-        unseen = 2 * mc.n_layers * mc.n_heads * mc.head_dim * cfg.seq_len * passes  # per token, causal
-        unseen *= cfg.batch_size * cfg.seq_len / len(devices)
+        unseen = roofline.attention_flops(mc, cfg.remat, cfg.batch_size, cfg.seq_len) / len(devices)
         flops += unseen
         peak = lookup(PEAK_FLOPS, devices[0].device_kind)
         seconds = seconds + unseen / peak if seconds is not None and peak else None
@@ -183,7 +182,7 @@ def dry_run(cfg: TrainConfig, topology: str | None = None, num_slices: int = 1, 
           f"{'n/a' if seconds is None else f'{seconds:.3f} s'} (cost compiles: {cost_s:.0f} s)", file=out)
     source = "libtpu cost model" if seconds is not None else None
     if seconds is None:  # no usable cost-model time: the roofline bound, when the chip's peaks are known
-        roof = roofline_estimate(mc, cfg.remat, cfg.batch_size, cfg.seq_len, dict(mesh.shape),
+        roof = roofline.estimate(mc, cfg.remat, cfg.batch_size, cfg.seq_len, dict(mesh.shape),
                                  devices[0].device_kind, n, per_device_flops, hbm_bytes, cfg.peak_flops or None,
                                  attention.resolve(cfg.attention, devices[0].platform, cfg.seq_len) != "reference")
         if roof is not None:

@@ -54,11 +54,19 @@ def executed_flops(mc: ModelConfig, remat: str, batch: int, seq_len: int, causal
     weights = {"q": d * h * hd, "kv": 2 * d * kv * hd, "o": h * hd * d, "gate_up": 2 * d * f, "down": d * f}
     again = _RECOMPUTE.get(remat, _RECOMPUTE["full"])
     per_layer = 6 * sum(weights.values()) + 2 * sum(w for name, w in weights.items() if name in again)
-    keys = (seq_len + 1) / 2 if causal_skip else seq_len  # causal: (T + 1) / 2 keys per query on average
-    attn = 2 * 2 * h * hd * keys  # scores + weighted sum
-    per_layer += attn * (4 if "attn" in again else 3)
     head = 6 * mc.vocab_size * d  # the output layer (tied or not); the embedding lookup is a gather
-    return float(batch * seq_len * (mc.n_layers * per_layer + head))
+    return float(batch * seq_len * (mc.n_layers * per_layer + head)) + attention_flops(mc, remat, batch, seq_len,
+                                                                                      causal_skip)
+
+
+def attention_flops(mc: ModelConfig, remat: str, batch: int, seq_len: int, causal_skip: bool = True) -> float:
+    """The attention matmuls of one train step (all chips): scores and weighted sum, forward, backward
+    (2x) and the forward again where the remat policy recomputes attention (`_RECOMPUTE`). Also what the
+    dry run adds for a kernel the compiler's cost analysis cannot see (dryrun.cost_estimate)."""
+    keys = (seq_len + 1) / 2 if causal_skip else seq_len  # causal: (T + 1) / 2 keys per query on average
+    per_token = 2 * 2 * mc.n_heads * mc.head_dim * keys  # scores + weighted sum
+    passes = 4 if "attn" in _RECOMPUTE.get(remat, _RECOMPUTE["full"]) else 3
+    return float(batch * seq_len * mc.n_layers * per_token * passes)
 
 
 def collective_bytes(mc: ModelConfig, remat: str, batch: int, seq_len: int, mesh: dict,
