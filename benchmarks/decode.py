@@ -229,6 +229,7 @@ def main(argv=None) -> None:
                 peak[w, b] = paged._scheduler.peak_pages
 
     t_int8 = {}
+    decode_attention = gen.decode_attention
     if args.int8 and any(w == "uniform" for w, _ in work):
         del gen  # the child needs the memory; the config is all that is used below
         t_int8 = run_int8_child(args, Path(tmp.name) / "jax", work)
@@ -264,7 +265,7 @@ def main(argv=None) -> None:
           f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), torch {torch.__version__} "
           f"({args.torch_threads} threads), "
           f"transformers {transformers.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
-          f"decode attention {gen.decode_attention}; prefill chunk {args.prefill_chunk}; "
+          f"decode attention {decode_attention}; prefill chunk {args.prefill_chunk}; "
           f"load average {os.getloadavg()[0]:.1f}" + (f"; paged: {args.kv_pages} pages of {args.page_size} slots"
                                                      if paged else ""))
     print(f"- measured memory bandwidth (numpy copy of 1 GiB): {bandwidth / 1e9:.1f} GB/s; weights read per "
