@@ -276,16 +276,17 @@ class Generator:
         if c is not None and c.table.shape == (batch, table_width):
             return c
         del c
+        interleaved = attn.reads_interleaved(self.paged_attention)
         init = functools.partial(PagedKVCache.init, self.cfg, self.kv_pages + 1, self.page_size, batch, table_width,
-                                 self.kv_dtype, interleaved=self.paged_attention == "ragged_paged")
+                                 self.kv_dtype, interleaved=interleaved)
         if self.mesh is None:
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            out = PagedKVCache(kv=one, table=one, interleaved=self.paged_attention == "ragged_paged")
+            out = PagedKVCache(kv=one, table=one, interleaved=interleaved)
         else:  # kv heads over `tensor` (PagedKVCache.axes); the host-owned table replicated
             abstract = jax.eval_shape(init)
             out = PagedKVCache(kv=named_sharding(self.mesh, abstract.axes, abstract.kv.shape),
                                table=named_sharding(self.mesh, (None, None), (batch, table_width)),
-                               interleaved=abstract.interleaved)
+                               interleaved=interleaved)
         return jax.jit(init, out_shardings=out)()
 
     def _encode(self, prompt) -> list[int]:

@@ -298,10 +298,11 @@ class Llama(nnx.Module):
                 raise ValueError("a paged KV cache takes one-token decode steps (prefill into a KVCache, then "
                                  "paged_cache.place)")
             index, cache_seg, kv = 0, None, (cache.kv,)
-            if cache.interleaved != (self.paged_attention == "ragged_paged"):
-                raise ValueError(f"paged_attention={self.paged_attention} reads the "
-                                 f"{'interleaved' if self.paged_attention == 'ragged_paged' else 'split'} pool layout; "
-                                 f"this cache is {'interleaved' if cache.interleaved else 'split'} (paged_cache.py)")
+            layout = {True: "interleaved", False: "split"}
+            wants = attn.reads_interleaved(self.paged_attention)
+            if cache.interleaved != wants:
+                raise ValueError(f"paged_attention={self.paged_attention} reads the {layout[wants]} pool layout; "
+                                 f"this cache is {layout[cache.interleaved]} (paged_cache.py)")
             where = dict(table=cache.table, positions=positions[:, 0])
             cache_write = functools.partial(paged_cache.write, interleaved=cache.interleaved, **where)
             cache_attend = functools.partial(attn.paged_backend(self.paged_attention), **where)

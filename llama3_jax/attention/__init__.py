@@ -94,6 +94,12 @@ def resolve_paged(name: str, platform: str, kv_dtype, head_dim: int = 128) -> st
     return name
 
 
+def reads_interleaved(name: str) -> bool:
+    """Whether a resolved paged backend reads the interleaved pool layout (paged_cache.py): the kernel
+    does, XLA's gather reads the split one."""
+    return name == "ragged_paged"
+
+
 def paged_backend(name: str) -> Callable:
     """A resolved paged backend -> its function (decode.attend_paged's interface)."""
     if name == "blockwise":
@@ -120,4 +126,4 @@ def get(backend: str) -> Callable:
 
 
 __all__ = ["BLOCKWISE_MIN_LEN", "DECODE_NAMES", "NAMES", "PAGED_NAMES", "decode_backend", "paged_backend",
-           "resolve_paged", "NEG_INF", "attention", "get", "mask", "resolve"]
+           "reads_interleaved", "resolve_paged", "NEG_INF", "attention", "get", "mask", "resolve"]

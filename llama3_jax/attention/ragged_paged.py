@@ -35,14 +35,12 @@ DMA indexing), so the test feeds `kernel_inputs` to the kernel's own reference,
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ..paged_cache import INTERLEAVED_AXES
-from ..sharding import logical_spec
+from ..sharding import local_shape, logical_spec
 
 DEFAULT_BLOCKS = (128, 32)  # (kv pages, queries) per kernel block: the kernel's untuned default
 
@@ -83,8 +81,7 @@ def attend(q, pool, layer, q_seg=None, k_seg=None, q_slot=None, *, table, positi
     if not mesh.empty and mesh.size > 1:  # a Pallas call is not partitioned by XLA: one call per device
         q_spec = logical_spec(("batch", None, "q_heads", None), q.shape, mesh)
         pool_spec = logical_spec(INTERLEAVED_AXES, pool.shape, mesh)
-        kv_heads = pool.shape[3] // 2
-        if q_spec[2] != pool_spec[3] or kv_heads % math.prod(mesh.shape[a] for a in _axes(pool_spec[3])):
+        if q_spec[2] != pool_spec[3] or local_shape(mesh, INTERLEAVED_AXES, pool.shape)[3] % 2:
             # heads not split alike (or a head's K and V on two devices): every device takes all heads
             q_spec = logical_spec(("batch", None, None, None), q.shape, mesh)
             pool_spec = logical_spec(("layers", None, None, None, None), pool.shape, mesh)
@@ -92,7 +89,3 @@ def attend(q, pool, layer, q_seg=None, k_seg=None, q_slot=None, *, table, positi
         run = jax.shard_map(run, mesh=mesh, in_specs=(q_spec, pool_spec, P(), rows, P(rows[0])),
                             out_specs=q_spec, check_vma=False)
     return run(q, pool, jnp.asarray(layer, jnp.int32), table, positions).astype(q.dtype)
-
-
-def _axes(spec_entry) -> tuple[str, ...]:
-    return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
