@@ -103,7 +103,7 @@ def int8_child(args) -> None:
     """Time the uniform rows (a JSON file: batch -> rows) with float32 and int8 weights; print JSON."""
     import json
 
-    from llama3_jax.engine import Generator
+    from llama3_jax.serve.engine import Generator
     ckpt, work_file = args.int8_child
     work = {int(b): rows for b, rows in json.loads(Path(work_file).read_text()).items()}
     out = {}
@@ -201,7 +201,7 @@ def main(argv=None) -> None:
     import jax
 
     from llama3_jax.convert import convert
-    from llama3_jax.engine import Generator
+    from llama3_jax.serve.engine import Generator
     convert(Path(tmp.name) / "hf", Path(tmp.name) / "jax", src_format="hf", dst_format="jax", progress=False)
     gen = Generator(Path(tmp.name) / "jax", dtype=args.dtype, decode_attention=args.decode_attention,
                     prefill_chunk=args.prefill_chunk)
@@ -233,7 +233,7 @@ def main(argv=None) -> None:
     if args.int8 and any(w == "uniform" for w, _ in work):
         del gen  # the child needs the memory; the config is all that is used below
         t_int8 = run_int8_child(args, Path(tmp.name) / "jax", work)
-        from llama3_jax.checkpoint import load_config
+        from llama3_jax.store.checkpoint import load_config
         cfg = load_config(Path(tmp.name) / "jax")
     else:
         cfg = gen.cfg

@@ -33,9 +33,10 @@ def _rss_mb() -> float:
 def run_jax(args, rank: int) -> dict:
     import jax
 
-    from llama3_jax import checkpoint, train
-    from llama3_jax.config import load_yaml_config
-    from llama3_jax.sharding import make_mesh
+    from llama3_jax.store import checkpoint
+    from llama3_jax import train
+    from llama3_jax.model.config import load_yaml_config
+    from llama3_jax.parallel.sharding import make_mesh
 
     model = (f"{{preset: tiny, vocab_size: {args.vocab}, dim: {args.dim}, n_layers: {args.layers}, "
              f"n_heads: {args.heads}, n_kv_heads: {args.kv_heads}, head_dim: {args.dim // args.heads}, "

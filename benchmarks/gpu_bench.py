@@ -31,13 +31,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama3_jax import attention  # noqa: E402
-from llama3_jax.config import load_model_config  # noqa: E402
-from llama3_jax.hardware import PEAK_FLOPS, lookup  # noqa: E402
-from llama3_jax.kv_cache import KVCache  # noqa: E402
-from llama3_jax.losses import chunked_lm_loss, resolve_chunk  # noqa: E402
-from llama3_jax.model import Llama, abstract_model  # noqa: E402
-from llama3_jax.optim import OptimConfig, flops_per_token, make_optimizer  # noqa: E402
+from llama3_jax.model import attention  # noqa: E402
+from llama3_jax.model.config import load_model_config  # noqa: E402
+from llama3_jax.parallel.hardware import PEAK_FLOPS, lookup  # noqa: E402
+from llama3_jax.model.kv_cache import KVCache  # noqa: E402
+from llama3_jax.train.losses import chunked_lm_loss, resolve_chunk  # noqa: E402
+from llama3_jax.model.llama import Llama, abstract_model  # noqa: E402
+from llama3_jax.train.optim import OptimConfig, flops_per_token, make_optimizer  # noqa: E402
 
 MODES = {  # layers, seq_len, decode batches, prompt, new tokens, train steps, matmul n, model overrides
     "full": dict(layers=4, seq=8192, batches=(1, 16, 64), prompt=128, new=128, steps=5, n=8192, dims={}),

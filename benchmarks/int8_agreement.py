@@ -27,9 +27,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from llama3_jax.config import ModelConfig
-from llama3_jax.engine import Generator
-from llama3_jax.model import Llama, abstract_model, quantize_params
+from llama3_jax.model.config import ModelConfig
+from llama3_jax.serve.engine import Generator
+from llama3_jax.model.llama import Llama, abstract_model, quantize_params
 from llama3_jax.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

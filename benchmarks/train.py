@@ -22,8 +22,8 @@ import numpy as np
 
 def bench_jax(args, tokens: np.ndarray) -> float:
     from llama3_jax import train
-    from llama3_jax.config import load_yaml_config
-    from llama3_jax.sharding import make_mesh
+    from llama3_jax.model.config import load_yaml_config
+    from llama3_jax.parallel.sharding import make_mesh
 
     cfg = load_yaml_config(train.TrainConfig, None, [
         f"model={{preset: tiny, vocab_size: {args.vocab}, dim: {args.dim}, n_layers: {args.layers}, "
@@ -112,7 +112,7 @@ def main() -> None:
     args = p.parse_args()
 
     from llama3_jax import train
-    from llama3_jax.config import ModelConfig
+    from llama3_jax.model.config import ModelConfig
 
     tokens = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq + 1)).astype(np.int32)
     mc = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,

@@ -12,12 +12,12 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "ModelConfig": "config", "load_model_config": "config",
+    "ModelConfig": "model.config", "load_model_config": "model.config",
     "Tokenizer": "tokenizer",
-    "load_model": "checkpoint", "restore_params": "checkpoint",
-    "Llama": "model",
-    "Generator": "generate",
-    "make_mesh": "sharding",
+    "load_model": "store.checkpoint", "restore_params": "store.checkpoint",
+    "Llama": "model.llama",
+    "Generator": "serve.engine",
+    "make_mesh": "parallel.sharding",
 }
 __all__ = sorted(_LAZY)
 

@@ -80,7 +80,7 @@ def run_ok(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.Comple
 def train_killed_then_rerun(cmd: list[str], workdir: Path, point: str, env: dict | None = None) -> int:
     """Run a `train` command armed to SIGKILL itself at `point`, then the same command to the end; it
     must say it resumed from the latest checkpoint the killed run left. Returns that step."""
-    from llama3_jax import checkpoint
+    from llama3_jax.store import checkpoint
     env = env or cli_env()
     run_killed_at(cmd, env, point)
     resumed_from = checkpoint.latest_step(workdir)

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama3_jax import attention
-from llama3_jax.attention import blockwise, reference
+from llama3_jax.model import attention
+from llama3_jax.model.attention import blockwise, reference
 
 T, D, H = 40, 16, 8
 
@@ -96,7 +96,7 @@ def test_switch_resolves_and_refuses():
 
 def test_cudnn_segments_become_packed_runs():
     """The packed-layout offsets/lengths cuDNN gets describe exactly the non-zero segment runs."""
-    from llama3_jax.attention.cudnn import _runs
+    from llama3_jax.model.attention.cudnn import _runs
     _, _, _, seg, _ = inputs(2)
     offsets, lengths = map(np.asarray, _runs(seg))
     for row, off, ln in zip(np.asarray(seg), offsets, lengths):
@@ -113,7 +113,7 @@ def test_ragged_and_window_decode_equal_reference_on_a_ragged_cache():
     lengths ending at the write slot (the engines' layout), plus a row with a hole in its segments and
     a row filled from slot 0: equal to the reference over all S slots (blocks straddle row starts, the
     work list spans several loop steps)."""
-    from llama3_jax.attention import decode
+    from llama3_jax.model.attention import decode
     n_layers, b, s, kv, index = 3, 5, 48, 2, 37
     ks = jax.random.split(jax.random.key(3), 3)
     q = jax.random.normal(ks[0], (b, 1, H, D), jnp.float32)

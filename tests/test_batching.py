@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 
-from llama3_jax.generate import run_generate
-from llama3_jax.sampling import Temperature, TopK, TopP
-from llama3_jax.scheduler import cut_at_stop
+from llama3_jax.serve.offline import run_generate
+from llama3_jax.serve.sampling import Temperature, TopK, TopP
+from llama3_jax.serve.scheduler import cut_at_stop
 
 from test_generate import ckpt, gen, gen_args, hf_greedy, hf_model, ragged_prompts, read_jsonl  # noqa: F401
 
@@ -125,10 +125,10 @@ def test_chunked_prefill_equals_one_pass_and_transformers(gen, hf_model):
     import jax.numpy as jnp
     from flax import nnx
 
-    from llama3_jax.engine import Generator
-    from llama3_jax.kv_cache import KVCache
-    from llama3_jax.model import stack_layer_params
-    from llama3_jax.slots import open_prefill, prefill, prefill_step, prompt_width
+    from llama3_jax.serve.engine import Generator
+    from llama3_jax.model.kv_cache import KVCache
+    from llama3_jax.model.llama import stack_layer_params
+    from llama3_jax.serve.slots import open_prefill, prefill, prefill_step, prompt_width
 
     prompts = ragged_prompts([30, 5, 19], seed=4)
     tokens = np.zeros((3, 32), np.int32)
@@ -174,11 +174,11 @@ def test_paged_cache_equals_the_contiguous_one(gen):
     import jax.numpy as jnp
     from flax import nnx
 
-    from llama3_jax.engine import Generator
-    from llama3_jax.kv_cache import KVCache
-    from llama3_jax.model import stack_layer_params
-    from llama3_jax.paged_cache import PagedKVCache, place
-    from llama3_jax.slots import decode_step, prefill
+    from llama3_jax.serve.engine import Generator
+    from llama3_jax.model.kv_cache import KVCache
+    from llama3_jax.model.llama import stack_layer_params
+    from llama3_jax.model.paged_cache import PagedKVCache, place
+    from llama3_jax.serve.slots import decode_step, prefill
 
     reqs, _ = requests(gen)
     want = [c.tokens for c in run(gen, reqs, 7)]

@@ -5,8 +5,7 @@ import dataclasses
 import pytest
 
 from llama3_jax import cli
-from llama3_jax.config import (ModelConfig, _meta_ffn_args, from_hf_config, load_model_config, load_yaml_config,
-                               meta_ffn_dim, preset_names, to_hf_config)
+from llama3_jax.model.config import ModelConfig, _meta_ffn_args, from_hf_config, load_model_config, load_yaml_config, meta_ffn_dim, preset_names, to_hf_config
 
 
 @pytest.mark.parametrize("name,count", [
@@ -21,7 +20,7 @@ def test_num_params_matches_the_model():
     import jax
     from flax import nnx
 
-    from llama3_jax.model import abstract_model
+    from llama3_jax.model.llama import abstract_model
     for name in ("test-small", "llama3.2-1b"):
         cfg = load_model_config(name)
         state = nnx.state(abstract_model(cfg), nnx.Param)

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_hf_llama
-from llama3_jax import checkpoint, cli
+from llama3_jax.store import checkpoint
+from llama3_jax import cli
 from llama3_jax.convert import ConvertError, convert
 
 
@@ -57,7 +58,7 @@ def test_dtype_option_casts(tmp_path):
 
 
 def test_transformers_v4_config_form_reads_the_same(tmp_path):
-    from llama3_jax.config import from_hf_config, to_hf_config
+    from llama3_jax.model.config import from_hf_config, to_hf_config
 
     make_hf_llama(tmp_path / "hf")
     v5 = json.loads((tmp_path / "hf" / "config.json").read_text())

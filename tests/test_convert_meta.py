@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from llama3_jax import checkpoint, cli
+from llama3_jax.store import checkpoint
+from llama3_jax import cli
 from llama3_jax.convert import ConvertError, convert
 from llama3_jax.convert.meta import MetaReader
 

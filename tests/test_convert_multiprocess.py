@@ -19,8 +19,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import make_hf_llama
-from llama3_jax import checkpoint, cli, lora
-from llama3_jax.config import ModelConfig
+from llama3_jax.store import checkpoint
+from llama3_jax import cli
+from llama3_jax.model import lora
+from llama3_jax.model.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,11 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama3_jax import objectives, train
-from llama3_jax.config import load_yaml_config
+from llama3_jax.train import objectives
+from llama3_jax import train
+from llama3_jax.model.config import load_yaml_config
 from llama3_jax.convert import convert
 from llama3_jax.data import DataConfig, make_iterator
-from llama3_jax.sharding import make_mesh
+from llama3_jax.parallel.sharding import make_mesh
 
 from conftest import make_hf_llama
 from faults_helpers import cli, train_killed_then_rerun

@@ -16,7 +16,7 @@ import jax
 import pytest
 
 from llama3_jax import cli
-from llama3_jax.config import load_yaml_config
+from llama3_jax.model.config import load_yaml_config
 from llama3_jax.train import TrainConfig
 from llama3_jax.train import roofline
 from llama3_jax.train.config import model_config
@@ -79,7 +79,7 @@ def test_train_step_memory_is_linear_in_seq_len_with_blockwise():
 SEQ_PARALLEL = """
 import json, jax
 from llama3_jax import sharding
-from llama3_jax.config import load_yaml_config
+from llama3_jax.model.config import load_yaml_config
 from llama3_jax.train import TrainConfig
 from llama3_jax.train.dryrun import compile_step
 cfg = load_yaml_config(TrainConfig, None, ["model={preset: test-small, vocab_size: 262, dim: 64, n_layers: 6, max_seq_len: 256}",

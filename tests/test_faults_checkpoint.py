@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama3_jax import checkpoint, cli, integrity
-from llama3_jax.config import ModelConfig
+from llama3_jax.store import checkpoint, integrity
+from llama3_jax import cli
+from llama3_jax.model.config import ModelConfig
 
 from faults_helpers import cli as cli_cmd
 from faults_helpers import cli_env, run_killed_at, run_ok
@@ -151,8 +152,8 @@ def test_a_checkpoint_of_another_shape_names_the_first_mismatched_parameter(run,
         next(checkpoint.ParamReader(wd, ModelConfig.from_dict(cfg["model"])).arrays("lm_head"))
 
     from llama3_jax import train
-    from llama3_jax.config import load_yaml_config
-    from llama3_jax.sharding import make_mesh
+    from llama3_jax.model.config import load_yaml_config
+    from llama3_jax.parallel.sharding import make_mesh
     tc = load_yaml_config(train.TrainConfig, None, base_overrides(wd, "unused", **{"model": "{preset: test-small, vocab_size: 300}"}))
     setup = train.build(tc, train.model_config(tc), make_mesh(1, 1, 1))
     with pytest.raises(ValueError, match=r"params embed has shape \(262, 40\) in the checkpoint, the model expects \(300, 40\)"):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from llama3_jax import checkpoint, integrity
+from llama3_jax.store import checkpoint, integrity
 
 from faults_helpers import cli, cli_env, run_ok
 from train_helpers import base_overrides, write_corpus

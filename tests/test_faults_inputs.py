@@ -17,7 +17,7 @@ import subprocess
 import pytest
 
 from llama3_jax import cli
-from llama3_jax.generate import run_generate, run_score
+from llama3_jax.serve.offline import run_generate, run_score
 
 from faults_helpers import cli as cli_cmd
 from faults_helpers import cli_env, run_ok

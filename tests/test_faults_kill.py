@@ -61,7 +61,7 @@ def assert_same_run(workdir, reference):
     evals = [r for r in read_metrics(workdir) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [10, 20, STEPS]
     assert evals == [r for r in read_metrics(reference) if "eval_loss" in r]
-    from llama3_jax import checkpoint
+    from llama3_jax.store import checkpoint
     assert checkpoint.latest_step(workdir) == STEPS
     assert not unfinished(workdir)
 
@@ -89,7 +89,7 @@ def _logged(workdir) -> int:
 def test_train_killed_at_random_moments(reference, corpus, env, tmp_path, seed):
     """Three kills, each once a random step has been logged plus a random delay (startup, steps,
     saves and evals alike), then a run to the end."""
-    from llama3_jax import checkpoint
+    from llama3_jax.store import checkpoint
     rng = random.Random(seed)
     wd = tmp_path / "run"
     cmd = train_cmd(wd, corpus)
@@ -180,7 +180,7 @@ def _assert_complete_or_absent(dst: Path, hf_reference: Path, fmt: str):
     if fmt == "hf":
         assert _files(dst) == _files(hf_reference)
     else:
-        from llama3_jax import checkpoint
+        from llama3_jax.store import checkpoint
         from llama3_jax.convert.hf import HFReader
         cfg, params = checkpoint.restore_params(dst)
         for t in HFReader(hf_reference).tensors():

@@ -26,10 +26,11 @@ import jax
 import numpy as np
 import pytest
 
-from llama3_jax import checkpoint, train
-from llama3_jax.config import load_yaml_config
+from llama3_jax.store import checkpoint
+from llama3_jax import train
+from llama3_jax.model.config import load_yaml_config
 from llama3_jax.data import DataConfig, make_iterator
-from llama3_jax.sharding import make_mesh
+from llama3_jax.parallel.sharding import make_mesh
 from llama3_jax.train.numerics import Guard
 
 from faults_helpers import cli_env

@@ -22,8 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llama3_jax import attention, checkpoint
-from llama3_jax.config import ModelConfig, RopeScaling
+from llama3_jax.model import attention
+from llama3_jax.store import checkpoint
+from llama3_jax.model.config import ModelConfig, RopeScaling
 from llama3_jax.convert import convert
 from llama3_jax.convert.core import expected_shapes
 from llama3_jax.tokenizer import Tokenizer, special_token_names

@@ -24,10 +24,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama3_jax import checkpoint, engine
-from llama3_jax.engine import Generator
-from llama3_jax.model import Llama, abstract_model, stack_layer_params
-from llama3_jax.sampling import TopP
+from llama3_jax.store import checkpoint
+from llama3_jax.serve import engine
+from llama3_jax.serve.engine import Generator
+from llama3_jax.model.llama import Llama, abstract_model, stack_layer_params
+from llama3_jax.serve.sampling import TopP
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -258,7 +259,7 @@ def read_jsonl(path):
 
 
 def test_bad_lines_are_reported_and_skipped(gen, ckpt, tmp_path, capsys):
-    from llama3_jax.generate import run_generate
+    from llama3_jax.serve.offline import run_generate
     good = ragged_prompts([5, 20, 40])
     lines = [
         json.dumps({"id": "a", "tokens": good[0]}),
@@ -296,7 +297,7 @@ def test_the_input_is_read_a_piece_at_a_time(gen, ckpt, tmp_path, capsys):
     output is in input order), with the reports and counts of one piece: a bad line, a duplicate id
     found in a later piece, an id already done. Prompts of one bucket at batch 1: one set of programs
     compiled for all three pieces."""
-    from llama3_jax.generate import run_generate
+    from llama3_jax.serve.offline import run_generate
     good = ragged_prompts([20, 24, 30], seed=7)
     lines = [json.dumps({"id": "a", "tokens": good[0]}), '{"id": "broken"',
              json.dumps({"id": "done", "tokens": good[0]}), json.dumps({"id": "b", "tokens": good[1]}),
@@ -316,7 +317,7 @@ def test_the_input_is_read_a_piece_at_a_time(gen, ckpt, tmp_path, capsys):
 
 
 def test_resume_after_sigkill_gives_every_id_once_with_the_same_tokens(gen, ckpt, tmp_path):
-    from llama3_jax.generate import run_generate
+    from llama3_jax.serve.offline import run_generate
     lengths = [3, 5, 9, 12, 14, 20, 23, 28, 31, 10, 7, 2]  # two prompt buckets (16, 32) at batch 2
     prompts = ragged_prompts(lengths, seed=4)
     inp = tmp_path / "in.jsonl"
@@ -354,7 +355,7 @@ def test_mesh_on_eight_devices_equals_one_device(gen, ckpt, tmp_path):
     """One process, 8 fake devices: generate on data=2 x tensor=4 (the cache and the weights sharded by
     the rules) and with a paged cache on data=4 x tensor=2 (the pool's heads split), score on --mesh data=2,fsdp=2,tensor=2 and convert --to jax on the default mesh (the model
     split over all 8) give the tokens, log-probs and stored weights of one device."""
-    from llama3_jax.generate import run_generate, run_score
+    from llama3_jax.serve.offline import run_generate, run_score
     rng = np.random.RandomState(2)
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": i, "tokens": p, "prompt_tokens": p, "completion_tokens":
@@ -366,9 +367,9 @@ def test_mesh_on_eight_devices_equals_one_device(gen, ckpt, tmp_path):
         import argparse, json, jax
         from llama3_jax import sharding
         from llama3_jax.cli import main
-        from llama3_jax.engine import Generator
-        from llama3_jax.generate import run_generate
-        from llama3_jax.kv_cache import CACHE_AXES
+        from llama3_jax.serve.engine import Generator
+        from llama3_jax.serve.offline import run_generate
+        from llama3_jax.model.kv_cache import CACHE_AXES
         mesh = sharding.inference_mesh(sharding.parse_mesh("data=2,fsdp=1,tensor=4"))
         g = Generator({str(ckpt)!r}, dtype="float32", mesh=mesh)
         args = {vars(gen_args(ckpt, inp, tmp_path / "gen8.jsonl", batch_size=4))!r}
@@ -412,7 +413,7 @@ def test_mesh_on_eight_devices_equals_one_device(gen, ckpt, tmp_path):
 @pytest.fixture(scope="module")
 def big_vocab(tmp_path_factory):
     """A dim-16 model with the real 128K vocabulary (random weights): text, chat and score plumbing."""
-    from llama3_jax.config import ModelConfig
+    from llama3_jax.model.config import ModelConfig
     cfg = ModelConfig(vocab_size=128256, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
                       intermediate_size=32, max_seq_len=64, dtype="float32")
     model = Llama(cfg, rngs=nnx.Rngs(0))
@@ -424,7 +425,7 @@ def big_vocab(tmp_path_factory):
 
 
 def test_text_and_chat_prompts_and_text_scoring(big_vocab, tmp_path, capsys):
-    from llama3_jax.generate import run_generate, run_score
+    from llama3_jax.serve.offline import run_generate, run_score
     d, g = big_vocab
     tok = g.tokenizer
     text = "The capital of France is"
@@ -498,7 +499,7 @@ def test_generate_defaults_fit_the_context_and_error_lines_are_tried_again(gen, 
     error line from an earlier run (here: an explicit budget too large) is retried on a rerun and
     replaced, so every id ends up once, with a result."""
     from llama3_jax import cli
-    from llama3_jax.generate import run_generate
+    from llama3_jax.serve.offline import run_generate
     ctx = gen.cfg.max_seq_len
     prompts = ragged_prompts([100, 120], seed=7)
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -532,7 +533,7 @@ def test_every_line_failing_is_said_and_exits_1(ckpt, tmp_path, capsys):
 
 
 def test_score_errors_name_the_field_and_the_part_too_long(gen, ckpt, tmp_path, capsys):
-    from llama3_jax.generate import run_score
+    from llama3_jax.serve.offline import run_score
     lines = [{"id": 1, "messages": [{"role": "user", "content": "hi"}]},
              {"id": 2, "prompt_tokens": [1, 2], "completion_tokens": [3, VOCAB]},
              {"id": 3, "prompt_tokens": [1] * 10, "completion_tokens": [2] * 130},
@@ -562,7 +563,7 @@ def test_generate_and_score_help_give_every_default():
 
 
 def test_messages_for_a_tokenizer_without_chat_format_are_skipped_in_one_line(gen, ckpt, tmp_path, capsys):
-    from llama3_jax.generate import run_generate
+    from llama3_jax.serve.offline import run_generate
     from llama3_jax.tokenizer import ByteTokenizer
     g = Generator(cfg=gen.cfg, params=stack_layer_params(gen.params), dtype="float32", split_layers=False,
                   tokenizer=ByteTokenizer())
@@ -578,7 +579,7 @@ def test_num_samples_lines_are_independent_of_batching(gen, ckpt, tmp_path):
     """--num-samples 3 at temperature 1: one line per (id, sample); the same tokens at batch size 8 and
     2; sample 0 is what a single-sample run draws; a rerun finds everything done. A line's "n" does the
     same for that line alone, and resumes per sample."""
-    from llama3_jax.generate import run_generate
+    from llama3_jax.serve.offline import run_generate
     prompts = ragged_prompts([4, 9, 17], seed=8)
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": f"q{i}", "tokens": p}) + "\n" for i, p in enumerate(prompts)))

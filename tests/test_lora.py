@@ -23,11 +23,13 @@ import pytest
 import torch
 from flax import nnx
 
-from llama3_jax import checkpoint, cli, lora, train
-from llama3_jax.config import load_yaml_config
+from llama3_jax.store import checkpoint
+from llama3_jax import cli, train
+from llama3_jax.model import lora
+from llama3_jax.model.config import load_yaml_config
 from llama3_jax.convert import convert
-from llama3_jax.model import Adapters, abstract_model
-from llama3_jax.sharding import make_mesh
+from llama3_jax.model.llama import Adapters, abstract_model
+from llama3_jax.parallel.sharding import make_mesh
 
 from conftest import make_hf_llama
 from faults_helpers import cli as cli_cmd, train_killed_then_rerun

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama3_jax.losses import chunked_lm_loss, lm_loss, resolve_chunk
-from llama3_jax.model import output_logits
+from llama3_jax.train.losses import chunked_lm_loss, lm_loss, resolve_chunk
+from llama3_jax.model.llama import output_logits
 
 B, T, D, V = 2, 37, 24, 211  # T not a multiple of the chunks
 

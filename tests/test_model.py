@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import make_hf_llama
-from llama3_jax import checkpoint
+from llama3_jax.store import checkpoint
 from llama3_jax.convert import convert
-from llama3_jax.kv_cache import KVCache
+from llama3_jax.model.kv_cache import KVCache
 
 CASES = {
     # name: (make_hf_llama kwargs, model kwargs)
@@ -96,8 +96,8 @@ def test_a_cache_write_past_the_last_slot_is_refused():
     when the shapes say so (jit) or the start index is known (an eager call)."""
     import jax
     from flax import nnx
-    from llama3_jax.config import ModelConfig
-    from llama3_jax.model import abstract_model
+    from llama3_jax.model.config import ModelConfig
+    from llama3_jax.model.llama import abstract_model
 
     cfg = ModelConfig(vocab_size=31, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
                       intermediate_size=32, max_seq_len=64, dtype="float32")

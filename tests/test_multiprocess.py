@@ -13,7 +13,7 @@ from pathlib import Path
 import orbax.checkpoint as ocp
 import pytest
 
-from llama3_jax import checkpoint
+from llama3_jax.store import checkpoint
 from train_helpers import base_overrides, read_metrics, train_losses, write_corpus
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama3_jax import attention as attn
-from llama3_jax import paged_cache
-from llama3_jax.attention import decode, ragged_paged
+from llama3_jax.model import attention as attn
+from llama3_jax.model import paged_cache
+from llama3_jax.model.attention import decode, ragged_paged
 
 
 def pools(dtype, layers=3, n=15, g=8, kv=2, d=128, seed=0):
@@ -73,10 +73,10 @@ def test_the_switch_picks_the_kernel_on_tpu_only_for_what_it_reads():
 PAGED_TPU_STEP = r"""
 import jax, jax.numpy as jnp
 from flax import nnx
-from llama3_jax.config import ModelConfig
-from llama3_jax.model import abstract_model
-from llama3_jax.paged_cache import PagedKVCache
-from llama3_jax.slots import decode_step
+from llama3_jax.model.config import ModelConfig
+from llama3_jax.model.llama import abstract_model
+from llama3_jax.model.paged_cache import PagedKVCache
+from llama3_jax.serve.slots import decode_step
 from llama3_jax.train.dryrun import topology_devices
 
 dev = topology_devices("v5e:2x2")[0]
@@ -99,8 +99,8 @@ assert "ragged_paged_attention_kernel" in text, "the kernel is not in the compil
 # a 2 x 2 mesh (data, tensor): one kernel call per device (shard_map), rows and kv heads split
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from llama3_jax.paged_cache import INTERLEAVED_AXES
-from llama3_jax.sharding import named_sharding
+from llama3_jax.model.paged_cache import INTERLEAVED_AXES
+from llama3_jax.parallel.sharding import named_sharding
 devs = topology_devices("v5e:2x2")
 mesh = jax.sharding.Mesh(np.array(devs).reshape(2, 1, 2), ("data", "fsdp", "tensor"))
 put = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
@@ -133,8 +133,8 @@ def test_a_paged_decode_step_with_the_kernel_compiles_for_a_tpu_topology():
 def test_both_pool_layouts_hold_the_same_pages():
     """`place` (prefilled rows into their pages) and `write` (a decode step's token) fill the split and
     the interleaved pool alike, and put each token at (table[r, t // G], t % G)."""
-    from llama3_jax.config import ModelConfig
-    from llama3_jax.kv_cache import KVCache
+    from llama3_jax.model.config import ModelConfig
+    from llama3_jax.model.kv_cache import KVCache
 
     cfg = ModelConfig(vocab_size=32, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64,
                       max_seq_len=64, dtype="float32")

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from llama3_jax import cli
-from llama3_jax.config import load_yaml_config
-from llama3_jax.paths import local_path
+from llama3_jax.model.config import load_yaml_config
+from llama3_jax.store.paths import local_path
 from llama3_jax.train import TrainConfig
 
 

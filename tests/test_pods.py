@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama3_jax import distributed
+from llama3_jax.parallel import distributed
 from llama3_jax.cli import main as cli_main
-from llama3_jax.distributed import DistributedConfig
-from llama3_jax.sharding import hybrid_device_array
+from llama3_jax.parallel.distributed import DistributedConfig
+from llama3_jax.parallel.sharding import hybrid_device_array
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -82,7 +82,7 @@ def test_bad_distributed_settings_are_one_line_errors(no_cluster, tmp_path, caps
 
 def test_bad_mesh_flags_are_one_line_errors(tmp_path, capsys):
     import jax
-    from llama3_jax.sharding import inference_mesh, parse_mesh
+    from llama3_jax.parallel.sharding import inference_mesh, parse_mesh
     assert parse_mesh("data=1, fsdp=1,tensor=-1") == {"data": 1, "fsdp": 1, "tensor": -1} and parse_mesh(None) == {}
     assert dict(inference_mesh().shape) == {"data": 1, "fsdp": 1, "tensor": len(jax.devices())}
     for text, why in [("data=x", "data='x' is not an integer"), ("pipe=2", "'pipe=2' is not AXIS=SIZE"),
@@ -128,7 +128,7 @@ def test_hybrid_mesh_without_slice_info_lays_out_devices_as_mesh_utils_does(ici,
 
 
 def test_num_shards_over_three_runs_plus_the_merge_equals_one_run(gen, ckpt, tmp_path, capsys):
-    from llama3_jax.generate import run_generate
+    from llama3_jax.serve.offline import run_generate
 
     prompts = ragged_prompts([3, 9, 5, 12, 2, 7, 4], seed=3)
     inp = tmp_path / "in.jsonl"
@@ -158,7 +158,7 @@ def test_num_shards_over_three_runs_plus_the_merge_equals_one_run(gen, ckpt, tmp
 def test_merge_keeps_every_sample_of_num_samples_runs_and_names_a_missing_one(gen, ckpt, tmp_path, capsys):
     """--num-samples 2 over two shards, merged: each id's lines in sample order, equal to one run; a
     sample lost from a shard is named (exit status 1), the id's other sample kept."""
-    from llama3_jax.generate import run_generate
+    from llama3_jax.serve.offline import run_generate
 
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": f"s{i}", "tokens": p}) + "\n"
@@ -268,7 +268,7 @@ def _start_two(overrides: list[str], workdir: Path, after_step: int, logs: Path)
 
 
 def test_sigterm_to_one_process_stops_all_and_a_killed_one_fails_the_other_within_60s(corpus, tmp_path):
-    from llama3_jax import checkpoint
+    from llama3_jax.store import checkpoint
     workdir = tmp_path / "run"
     overrides = base_overrides(workdir, corpus, steps=100_000, checkpoint_every=100_000,
                                **{"mesh.data": 2, "mesh.fsdp": 1, "distributed.heartbeat_timeout": 10})
@@ -316,7 +316,7 @@ def test_generate_on_two_by_four_processes_gives_the_tokens_of_one_process_and_r
     Process 0 alone reads the input, 2 lines to run at a time (--read-lines: three pieces, the last
     one empty but for the bad line, reported once), resumes (two ids already in the output are not run
     again) and writes; the one-process run read it as one piece."""
-    from llama3_jax.generate import run_generate
+    from llama3_jax.serve.offline import run_generate
 
     prompts = ragged_prompts([3, 9, 5, 12, 2, 7], seed=5)
     rows = [{"id": i if i % 2 else f"g{i}", "tokens": p, "max_new_tokens": 3 + i, **({"temperature": 1.0} if i % 3 == 0 else {})}
@@ -340,7 +340,7 @@ def test_score_on_two_by_four_processes_gives_the_log_probs_of_one_process(gen, 
     """--mesh data=2,fsdp=2,tensor=2 over 2 processes x 4 devices, the input sent 2 lines at a time
     (--read-lines): every row's log-probs as one process computes them from one piece (float32; the
     sharded sums round differently, 1e-5)."""
-    from llama3_jax.generate import run_score
+    from llama3_jax.serve.offline import run_score
 
     rng = np.random.RandomState(6)
     inp = _lines(tmp_path / "in.jsonl", [{"id": i, "prompt_tokens": rng.randint(0, 211, n).tolist(),
@@ -371,7 +371,7 @@ print("STEP", checkpoint.latest_intact_step(workdir, set_aside=True))
 def test_a_corrupt_step_is_found_and_set_aside_by_process_0_alone(ckpt, tmp_path):
     """Two processes resume from a workdir whose newest step has a flipped byte: process 0 checks the
     files, reports and renames the step to STEP.corrupt; both take the older step."""
-    from llama3_jax import checkpoint
+    from llama3_jax.store import checkpoint
     workdir = tmp_path / "run"
     shutil.copytree(ckpt, workdir)
     cfg, params = checkpoint.restore_params(ckpt)

@@ -23,10 +23,10 @@ import optax
 import pytest
 from flax import nnx
 
-from llama3_jax import quant
-from llama3_jax.config import ModelConfig
-from llama3_jax.kv_cache import KVCache
-from llama3_jax.model import N_IN, Llama, abstract_model, quantize_params
+from llama3_jax.model import quant
+from llama3_jax.model.config import ModelConfig
+from llama3_jax.model.kv_cache import KVCache
+from llama3_jax.model.llama import N_IN, Llama, abstract_model, quantize_params
 
 # Stated bounds (README "int8"): max |logit error| / std of the float32 logits.
 WEIGHT_BOUND = 0.1  # int8 weights (measured: 0.046 random, 0.042 trained)
@@ -204,7 +204,7 @@ def test_int8_kv_cache_logits_within_the_stated_bound(trained):
 def test_convert_quantize_equals_quantize_at_load_and_bad_combinations(tmp_path, hf_llama, capsys):
     from llama3_jax.cli import main
     from llama3_jax.convert import convert
-    from llama3_jax.engine import Generator
+    from llama3_jax.serve.engine import Generator
     from llama3_jax.train import TrainConfig, model_config
     hf_llama(tmp_path / "hf", init_range=0.2)
     convert(tmp_path / "hf", tmp_path / "jax", src_format="hf", dst_format="jax", progress=False)

@@ -19,8 +19,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from conftest import make_hf_llama
-from llama3_jax import checkpoint, cli, integrity, remote
-from llama3_jax.config import ModelConfig
+from llama3_jax.store import checkpoint, integrity, remote
+from llama3_jax import cli
+from llama3_jax.model.config import ModelConfig
 from llama3_jax.convert import convert
 from train_helpers import VOCAB, base_overrides, train_losses, write_corpus
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama3_jax import sampling
-from llama3_jax.sampling import Greedy, Temperature, TopK, TopP
+from llama3_jax.serve import sampling
+from llama3_jax.serve.sampling import Greedy, Temperature, TopK, TopP
 
 N_DRAWS = 4000
 

@@ -27,12 +27,13 @@ import pytest
 import torch
 from flax import nnx
 
-from llama3_jax import checkpoint, cli, train
-from llama3_jax.config import load_yaml_config
+from llama3_jax.store import checkpoint
+from llama3_jax import cli, train
+from llama3_jax.model.config import load_yaml_config
 from llama3_jax.convert import convert
 from llama3_jax.data import DataConfig, corpus_documents, make_iterator
-from llama3_jax.optim import OptimConfig, decay_mask, make_optimizer, schedule
-from llama3_jax.sharding import make_mesh
+from llama3_jax.train.optim import OptimConfig, decay_mask, make_optimizer, schedule
+from llama3_jax.parallel.sharding import make_mesh
 
 from conftest import make_hf_llama
 from train_helpers import VOCAB, base_overrides, flat_state, read_metrics, train_losses, write_corpus
@@ -491,7 +492,7 @@ def test_no_eval_documents_is_decided_at_startup(tmp_path, capsys):
 
 def test_generate_uses_the_tokenizer_the_run_trained_with(text_file_run):
     """`tokenizer: bytes` is recorded in the workdir's config.json, and the Generator picks it up."""
-    from llama3_jax.engine import Generator
+    from llama3_jax.serve.engine import Generator
     from llama3_jax.tokenizer import ByteTokenizer
     wd = text_file_run[0]
     assert json.loads((wd / "config.json").read_text())["tokenizer"] == "bytes"

@@ -77,9 +77,10 @@ def flat_state(state: dict) -> dict[str, np.ndarray]:
 def _sharded_main(out: Path, overrides: list[str]) -> None:
     import jax
 
-    from llama3_jax import checkpoint, train
-    from llama3_jax.config import load_yaml_config
-    from llama3_jax.sharding import make_mesh
+    from llama3_jax.store import checkpoint
+    from llama3_jax import train
+    from llama3_jax.model.config import load_yaml_config
+    from llama3_jax.parallel.sharding import make_mesh
 
     assert jax.device_count() == 8, jax.devices()
     cfg = load_yaml_config(train.TrainConfig, None, overrides + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
@@ -117,7 +118,7 @@ def _backends_main(out: Path, overrides: list[str]) -> None:
     import jax
 
     from llama3_jax import train
-    from llama3_jax.config import load_yaml_config
+    from llama3_jax.model.config import load_yaml_config
 
     assert jax.device_count() == 8, jax.devices()
     report = {}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import orbax.checkpoint as ocp
 
-from llama3_jax import checkpoint
+from llama3_jax.store import checkpoint
 
 
 def main() -> int:

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from llama3_jax.convert.core import parse_size  # noqa: E402
 from llama3_jax.data import DataConfig  # noqa: E402
 from llama3_jax.data import prepared  # noqa: E402
-from llama3_jax import remote  # noqa: E402
-from llama3_jax.paths import filesystem, is_remote, resolve  # noqa: E402
+from llama3_jax.store import remote  # noqa: E402
+from llama3_jax.store.paths import filesystem, is_remote, resolve  # noqa: E402
 from llama3_jax.tokenizer import load_tokenizer  # noqa: E402
 
 

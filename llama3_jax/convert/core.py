@@ -26,10 +26,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .. import distributed
-from ..config import ModelConfig
+from ..parallel import distributed
+from ..model.config import ModelConfig
 from ..failpoints import kill_point
-from ..paths import filesystem, is_remote, local_path, resolve
+from ..store.paths import filesystem, is_remote, local_path, resolve
 
 FORMATS = ("hf", "meta", "jax", "peft")  # peft: LoRA adapters (convert/peft.py)
 
@@ -162,7 +162,7 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
     by process 0, config.json (params.json) last, so a reader never takes a half-uploaded DST.
     """
     src, dst = resolve(src, "SRC"), resolve(dst, "DST")
-    from .. import remote
+    from ..store import remote
     if is_remote(src):
         src = remote.fetch(src, "SRC")
     if is_remote(options.get("base")):
@@ -301,7 +301,7 @@ def _sync(name: str) -> None:
 
 def _main_pid() -> int:
     """Process 0's pid, on every process: the temp directory they all write into is named after it."""
-    from ..multihost_io import on_main
+    from ..parallel.multihost_io import on_main
     return on_main(os.getpid)
 
 

@@ -16,7 +16,7 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-from ..config import ModelConfig, from_hf_config, read_json, to_hf_config, to_hf_generation_config
+from ..model.config import ModelConfig, from_hf_config, read_json, to_hf_config, to_hf_generation_config
 from .core import ConvertError, Tensor, expected_shapes, parse_size
 from .untrusted import check_header_size, check_index_entry, check_tensor_table
 

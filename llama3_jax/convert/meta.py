@@ -32,7 +32,7 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-from ..config import ModelConfig, from_meta_params, read_json, to_meta_params
+from ..model.config import ModelConfig, from_meta_params, read_json, to_meta_params
 from .core import ConvertError, Tensor
 from .hf import to_hf
 

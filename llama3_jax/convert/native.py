@@ -18,11 +18,11 @@ from typing import Iterator
 import jax
 import numpy as np
 
-from .. import checkpoint
-from ..config import ModelConfig
-from ..model import quantize_params
-from ..multihost_io import several, to_host
-from ..sharding import inference_mesh, make_mesh, parse_mesh
+from ..store import checkpoint
+from ..model.config import ModelConfig
+from ..model.llama import quantize_params
+from ..parallel.multihost_io import several, to_host
+from ..parallel.sharding import inference_mesh, make_mesh, parse_mesh
 from .core import ConvertError, Tensor, expected_shapes
 
 

@@ -21,8 +21,9 @@ from typing import Iterator
 
 import numpy as np
 
-from .. import checkpoint, lora
-from ..config import read_json
+from ..store import checkpoint
+from ..model import lora
+from ..model.config import read_json
 from .core import ConvertError, Tensor, atomic_dir
 
 ADAPTER_CONFIG = "adapter_config.json"

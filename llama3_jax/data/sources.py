@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ..distributed import is_main
-from ..paths import resolve
+from ..parallel.distributed import is_main
+from ..store.paths import resolve
 
 # Files taken from a directory (a single file path is always taken, whatever its suffix).
 TEXT_SUFFIXES = frozenset(

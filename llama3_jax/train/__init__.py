@@ -7,7 +7,7 @@
     loop.py     run_train / train: restore, iterate, evaluate, save, sample
 """
 
-from ..model import Llama
+from ..model.llama import Llama
 from .config import ByteTokenizer, MeshConfig, TrainConfig, make_tokenizer, model_config
 from .loop import Preemption, run_train, train
 from .metrics import PEAK_FLOPS, MetricsLog, model_flops_per_token, peak_flops

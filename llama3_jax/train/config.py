@@ -6,16 +6,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .. import checkpoint, lora, remote
-from ..config import ModelConfig, load_model_config
-from ..attention import NAMES as ATTENTION_NAMES
+from ..store import checkpoint, remote
+from ..model import lora
+from ..model.config import ModelConfig, load_model_config
+from ..model.attention import NAMES as ATTENTION_NAMES
 from ..data import DataConfig
-from ..distributed import DistributedConfig
-from ..lora import LoraConfig
-from ..model import remat_policy
-from ..objectives import OBJECTIVES, DPOConfig
-from ..optim import OptimConfig
-from ..paths import is_remote, resolve
+from ..parallel.distributed import DistributedConfig
+from ..model.lora import LoraConfig
+from ..model.llama import remat_policy
+from .objectives import OBJECTIVES, DPOConfig
+from .optim import OptimConfig
+from ..store.paths import is_remote, resolve
 from ..tokenizer import ByteTokenizer, load_tokenizer as make_tokenizer  # noqa: F401 (the train API names them)
 
 # A model given as keys without a `preset:` base must give all of these (the rest have Llama 3 defaults).

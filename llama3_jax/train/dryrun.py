@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 
 from ..data import BATCH_KEYS
-from .. import attention
-from ..hardware import HBM_BYTES, PEAK_FLOPS, GiB, lookup
-from ..sharding import logical_spec, make_mesh
+from ..model import attention
+from ..parallel.hardware import HBM_BYTES, PEAK_FLOPS, GiB, lookup
+from ..parallel.sharding import logical_spec, make_mesh
 from .config import TrainConfig, model_config, resolve_lora
 from .metrics import model_flops_per_token, peak_flops
 from . import roofline

@@ -27,14 +27,17 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from .. import checkpoint, distributed, lora, objectives, remote
+from ..store import checkpoint, remote
+from ..parallel import distributed
+from ..model import lora
+from . import objectives
 from ..config_loader import load_yaml_config
 from ..data import BATCH_KEYS, corpus_documents, make_iterator, skipped_line_count, split_sizes
 from ..failpoints import kill_point
-from ..objectives import DPO_METRICS
-from ..optim import OptimConfig, schedule
-from ..paths import is_remote
-from ..sharding import logical_spec, make_mesh, require_divisible
+from .objectives import DPO_METRICS
+from .optim import OptimConfig, schedule
+from ..store.paths import is_remote
+from ..parallel.sharding import logical_spec, make_mesh, require_divisible
 from .config import TrainConfig, make_tokenizer, model_config, resolve_lora, tokenizer_spec
 from .metrics import MetricsLog, model_flops_per_token, peak_flops
 from .numerics import Guard
@@ -192,8 +195,8 @@ def _warn_if_schedule_changed(cfg: TrainConfig, workdir: Path, step: int) -> Non
 
 def _sample(cfg: TrainConfig, setup: Setup, params: dict, tok) -> str:
     """Continuation of `sample_prompt` with the serving engine: greedy, or drawn with the run's seed."""
-    from ..engine import Generator
-    from ..sampling import from_flags
+    from ..serve.engine import Generator
+    from ..serve.sampling import from_flags
     gen = Generator(cfg=setup.model_cfg, params=setup.model_params(params), dtype=cfg.compute_dtype, mesh=setup.mesh,
                     tokenizer=tok)
     [completion] = gen.generate([cfg.sample_prompt], max_new_tokens=cfg.sample_tokens, batch_size=1,

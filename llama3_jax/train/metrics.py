@@ -11,9 +11,9 @@ from pathlib import Path
 
 import jax
 
-from ..config import ModelConfig
-from ..hardware import PEAK_FLOPS, lookup
-from ..optim import flops_per_token
+from ..model.config import ModelConfig
+from ..parallel.hardware import PEAK_FLOPS, lookup
+from .optim import flops_per_token
 
 # CPU: nominal float32 FMA peak per core, 2 AVX2 FMA units * 8 lanes * 2 flops * 3 GHz = 96 GFLOP/s,
 # for the whole host however many (fake) devices it is split into.

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import ModelConfig
-from ..hardware import HBM_BYTES_PER_S, ICI_BYTES_PER_S, PEAK_FLOPS, lookup
+from ..model.config import ModelConfig
+from ..parallel.hardware import HBM_BYTES_PER_S, ICI_BYTES_PER_S, PEAK_FLOPS, lookup
 
 # the decoder-layer matmuls whose forward a remat policy runs again in the backward (model.remat_policy).
 # A projection whose output only feeds the residual add (wo, the MLP's down projection) is never run

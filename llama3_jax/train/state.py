@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from .. import checkpoint
+from ..store import checkpoint
 
 
 def gather_data_states(state: dict) -> dict:

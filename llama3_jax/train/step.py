@@ -12,15 +12,17 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from .. import checkpoint, lora, objectives
-from ..config import ModelConfig
-from .. import attention
-from ..lora import LoraConfig
-from ..losses import chunked_lm_loss, resolve_chunk
-from ..model import Adapters, Llama, abstract_model
-from ..objectives import DPOConfig
-from ..optim import make_optimizer, schedule
-from ..sharding import constrain, global_batch, local_shape, logical_spec, replicated
+from ..store import checkpoint
+from ..model import lora
+from . import objectives
+from ..model.config import ModelConfig
+from ..model import attention
+from ..model.lora import LoraConfig
+from .losses import chunked_lm_loss, resolve_chunk
+from ..model.llama import Adapters, Llama, abstract_model
+from .objectives import DPOConfig
+from .optim import make_optimizer, schedule
+from ..parallel.sharding import constrain, global_batch, local_shape, logical_spec, replicated
 from .config import TrainConfig
 from .numerics import is_finite_step, keep_finite
 

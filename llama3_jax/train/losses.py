@@ -19,8 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from .model import output_logits
-from .sharding import constrain
+from ..model.llama import output_logits
+from ..parallel.sharding import constrain
 
 # loss_chunk = -1 ("auto") chunks when one device's logits (its rows, its vocabulary shard) would pass
 # this many bytes

@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from .config_loader import build_dataclass, load_yaml_config, read_yaml  # noqa: F401 (load_yaml_config: re-exported)
+from ..config_loader import build_dataclass, load_yaml_config, read_yaml  # noqa: F401 (load_yaml_config: re-exported)
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 

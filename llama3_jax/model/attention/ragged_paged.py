@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ..paged_cache import INTERLEAVED_AXES
-from ..sharding import local_shape, logical_spec
+from ...parallel.sharding import local_shape, logical_spec
 
 DEFAULT_BLOCKS = (128, 32)  # (kv pages, queries) per kernel block: the kernel's untuned default
 

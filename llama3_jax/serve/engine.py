@@ -38,18 +38,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import attention as attn
-from . import checkpoint, quant
+from ..model import attention as attn
+from ..store import checkpoint
+from ..model import quant
 from . import sampling as sampling_lib
-from .config import ModelConfig
-from .kv_cache import CACHE_AXES, KVCache
-from .model import abstract_model, quantize_params, split_layer_params
-from .multihost_io import to_host
-from .paged_cache import PagedKVCache
+from ..model.config import ModelConfig
+from ..model.kv_cache import CACHE_AXES, KVCache
+from ..model.llama import abstract_model, quantize_params, split_layer_params
+from ..parallel.multihost_io import to_host
+from ..model.paged_cache import PagedKVCache
 from .scheduler import Completion, Request, Scheduler, cut_at_stop
 from .slots import bucket, decode_step, left_padded_layout, prefill, prompt_width  # noqa: F401
 from .static_batch import extend_batch, generate_batch
-from .sharding import named_sharding
+from ..parallel.sharding import named_sharding
 
 FIRST_CHUNK = 256  # new tokens decoded before the cache first grows, when no max_new_tokens is given
 STOP_SLOTS = 8  # stop-id arrays are padded with -1 to a multiple of this: one compile for any stop set
@@ -191,7 +192,7 @@ class Generator:
     @property
     def tokenizer(self):
         """The Llama 3 tokenizer (loaded on first use; a path or a Tokenizer may be given)."""
-        from .tokenizer import load_tokenizer
+        from ..tokenizer import load_tokenizer
         if not hasattr(self._tokenizer, "decode"):
             self._tokenizer = load_tokenizer(self._tokenizer)
         return self._tokenizer

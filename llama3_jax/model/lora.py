@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
-from .model import N_IN, PROJECTIONS, layer_specs
+from .llama import N_IN, PROJECTIONS, layer_specs
 
 TARGETS = PROJECTIONS
 PEFT_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
@@ -86,7 +86,7 @@ def init(cfg: ModelConfig, lc: LoraConfig, key: jax.Array) -> dict:
 
 def abstract(cfg: ModelConfig, lc: LoraConfig, mesh) -> dict:
     """ShapeDtypeStructs (float32) with shardings from the logical rules."""
-    from .sharding import named_sharding
+    from ..parallel.sharding import named_sharding
     return {"layers": {name: {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=named_sharding(mesh, axes, shape))
                               for k, (shape, axes) in s.items()} for name, s in specs(cfg, lc).items()}}
 

@@ -12,7 +12,7 @@ import sys
 
 
 def _convert(args) -> None:
-    from .convert import convert
+    from ..convert import convert
     options = {}
     if args.max_shard_size is not None:
         options["max_shard_size"] = args.max_shard_size
@@ -34,12 +34,12 @@ def _train(args) -> int:
     if not args.dry_run:
         if args.topology or args.num_slices != 1:
             raise ValueError("--topology and --num-slices need --dry-run")
-        from .train import run_train
+        from ..train import run_train
         run_train(args.config, args.overrides)
         return 0
-    from .config_loader import load_yaml_config
-    from .train import TrainConfig
-    from .train.dryrun import DoesNotFit, dry_run
+    from ..config_loader import load_yaml_config
+    from ..train import TrainConfig
+    from ..train.dryrun import DoesNotFit, dry_run
     try:
         dry_run(load_yaml_config(TrainConfig, args.config, list(args.overrides)), args.topology, args.num_slices)
     except DoesNotFit as e:
@@ -49,12 +49,12 @@ def _train(args) -> int:
 
 
 def _generate(args) -> int:
-    from .generate import run_generate
+    from ..serve.offline import run_generate
     return 1 if run_generate(args)["all_failed"] else 0
 
 
 def _score(args) -> int:
-    from .generate import run_score
+    from ..serve.offline import run_score
     return 1 if run_score(args)["all_failed"] else 0
 
 
@@ -215,16 +215,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import distributed
+    from ..parallel import distributed
     try:
         if args.command != "train":  # train starts it from its distributed.* keys
             distributed.initialize(distributed.DistributedConfig(
                 args.coordinator_address, args.num_processes, args.process_id))
         if getattr(args, "checkpoint", None) is not None:  # generate, score
-            from .paths import is_remote, resolve
+            from ..store.paths import is_remote, resolve
             args.checkpoint = resolve(args.checkpoint, "--checkpoint")  # file:///x -> /x
             if is_remote(args.checkpoint):  # gs://...: its latest complete step, into the cache (remote.py)
-                from .remote import fetch
+                from ..store.remote import fetch
                 args.checkpoint = fetch(args.checkpoint, "--checkpoint")
         rc = args.func(args)
     except (ValueError, KeyError, OSError) as e:  # OSError: also a full disk or a read-only path
@@ -236,6 +236,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return rc if isinstance(rc, int) else 0  # generate/score: 1 when every line failed; train --dry-run: 3
 
-
-if __name__ == "__main__":
-    sys.exit(main())

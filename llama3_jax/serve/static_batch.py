@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .kv_cache import KVCache
+from ..model.kv_cache import KVCache
 from .slots import decode_step, is_stop, prefill, row_keys, sample
 
 

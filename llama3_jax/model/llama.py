@@ -38,7 +38,7 @@ from . import paged_cache, quant, rope
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .paged_cache import PagedKVCache
-from .sharding import constrain
+from ..parallel.sharding import constrain
 
 Remat = Literal["none", "full", "dots", "save_qkv_proj", "offload"]
 # Activations a remat policy may keep (named with jax.ad_checkpoint.checkpoint_name in decoder_layer).

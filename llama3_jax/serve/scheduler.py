@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import slots as programs
-from .multihost_io import to_host
+from ..parallel.multihost_io import to_host
 from .slots import ROW_FIELDS, bucket, prompt_width
 
 DECODE_STEPS = 32  # most decode steps per host visit

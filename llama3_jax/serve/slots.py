@@ -28,11 +28,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import paged_cache
-from .kv_cache import CACHE_AXES, KVCache
-from .paged_cache import PagedKVCache
+from ..model import paged_cache
+from ..model.kv_cache import CACHE_AXES, KVCache
+from ..model.paged_cache import PagedKVCache
 from .sampling import sample_rows
-from .sharding import constrain
+from ..parallel.sharding import constrain
 
 MIN_BUCKET = 16
 ROW_FIELDS = ("lengths", "seeds", "row_seeds", "temperature", "top_k", "top_p", "limit")  # `rows` of `place`

@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Iterator
 
 from . import sampling
-from .distributed import is_main
+from ..parallel.distributed import is_main
 from .engine import Generator
-from .multihost_io import on_main
-from .sharding import inference_mesh, parse_mesh
+from ..parallel.multihost_io import on_main
+from ..parallel.sharding import inference_mesh, parse_mesh
 
 # ------------------------------------------------------------------------------------ JSONL plumbing
 

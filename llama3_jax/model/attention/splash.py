@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-from ..sharding import logical_spec
+from ...parallel.sharding import logical_spec
 
 BLOCK = 512  # largest block; the TPU lane width (128) is the smallest
 

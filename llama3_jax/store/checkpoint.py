@@ -29,12 +29,13 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import nnx
 
-from . import integrity, lora, remote
-from .config import ModelConfig, read_json
-from .model import abstract_model
-from .multihost_io import on_main
+from . import integrity, remote
+from ..model import lora
+from ..model.config import ModelConfig, read_json
+from ..model.llama import abstract_model
+from ..parallel.multihost_io import on_main
 from .paths import is_remote
-from .sharding import make_mesh, state_shardings
+from ..parallel.sharding import make_mesh, state_shardings
 
 FORMAT = "llama3-jax"
 CONFIG_FILE = "config.json"

@@ -50,7 +50,7 @@ import sys
 from pathlib import Path
 
 from . import integrity
-from .distributed import is_main, process_count
+from ..parallel.distributed import is_main, process_count
 from .paths import filesystem, MOUNT_HINT
 
 CACHE_ENV, STAGING_ENV = "LLAMA3_JAX_CACHE", "LLAMA3_JAX_STAGING"
