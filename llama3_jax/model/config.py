@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config_loader import build_dataclass, load_yaml_config, read_yaml  # noqa: F401 (load_yaml_config: re-exported)
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 @dataclasses.dataclass(frozen=True)
