@@ -78,7 +78,7 @@ def test_train_step_memory_is_linear_in_seq_len_with_blockwise():
 # rule as the table has it, then with the residual stream whole (the layout before sequence parallelism)
 SEQ_PARALLEL = """
 import json, jax
-from llama3_jax import sharding
+from llama3_jax.parallel import sharding
 from llama3_jax.model.config import load_yaml_config
 from llama3_jax.train import TrainConfig
 from llama3_jax.train.dryrun import compile_step

@@ -365,7 +365,7 @@ def test_mesh_on_eight_devices_equals_one_device(gen, ckpt, tmp_path):
     run_score(gen_args(ckpt, inp, tmp_path / "score1.jsonl", batch_size=4), generator=gen)
     code = textwrap.dedent(f"""
         import argparse, json, jax
-        from llama3_jax import sharding
+        from llama3_jax.parallel import sharding
         from llama3_jax.cli import main
         from llama3_jax.serve.engine import Generator
         from llama3_jax.serve.offline import run_generate

@@ -363,7 +363,7 @@ import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 pid, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid, initialization_timeout=60)
-from llama3_jax import checkpoint
+from llama3_jax.store import checkpoint
 print("STEP", checkpoint.latest_intact_step(workdir, set_aside=True))
 """
 
