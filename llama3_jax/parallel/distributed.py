@@ -128,6 +128,20 @@ def process_count() -> int:
     return jax.process_count()
 
 
+def sync(name: str) -> None:
+    """Every process waits here until all have reached the barrier `name` (several processes only).
+
+    Why: some steps are done by process 0 alone on storage every process sees (clear or rename a temp
+    directory, set corrupt checkpoint steps aside, download a workdir into the shared cache), and the
+    others must not read or write there before it has finished. One place for the barrier, so every
+    such step waits the same way. With one process there is nobody to wait for, and no JAX backend is
+    started for it (process_count reads the running one only); `name` must be the same on every
+    process and distinct from other barriers in flight."""
+    if process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def is_main() -> bool:
     """Process 0 writes logs, progress bars and output files; the others stay quiet."""
     return process_index() == 0

@@ -33,6 +33,7 @@ from . import integrity, remote
 from ..model import lora
 from ..model.config import ModelConfig, read_json
 from ..model.llama import abstract_model
+from ..parallel.distributed import sync
 from ..parallel.multihost_io import on_main
 from .paths import is_remote
 from ..parallel.sharding import make_mesh, state_shardings
@@ -216,17 +217,11 @@ def latest_intact_step(directory: str | Path, *, set_aside: bool = False) -> int
         if jax.process_index() == 0:
             for step, _ in corrupt:
                 os.replace(Path(directory) / str(step), Path(directory) / f"{step}.corrupt")
-        _sync(f"llama3_jax_set_aside_{corrupt[-1][0]}")  # no process lists the steps before they moved
+        sync(f"llama3_jax_set_aside_{corrupt[-1][0]}")  # no process lists the steps before they moved
     if intact is None and corrupt:
         raise ValueError(f"{directory}: no intact checkpoint step "
                          f"({'; '.join(f'step {step}: {problem}' for step, problem in corrupt)})")
     return intact
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
 
 
 def check_shapes(directory: str | Path, step: int, item: str, target: dict) -> None:

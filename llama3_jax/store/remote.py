@@ -50,7 +50,7 @@ import sys
 from pathlib import Path
 
 from . import integrity
-from ..parallel.distributed import is_main, process_count
+from ..parallel.distributed import is_main, process_count, sync
 from .paths import filesystem, MOUNT_HINT
 
 CACHE_ENV, STAGING_ENV = "LLAMA3_JAX_CACHE", "LLAMA3_JAX_STAGING"
@@ -227,7 +227,7 @@ class WorkdirMirror:
                 print(f"remote: removed {self.url}/{s}, an upload that never finished (no {integrity.MANIFEST})",
                       file=sys.stderr)
             _report(self.url, download(self.fs, self.root, checkpoint_files(files, self.url), self.local), self.local)
-        _sync("llama3_jax_remote_pull")
+        sync("llama3_jax_remote_pull")
 
     def push(self) -> None:
         """Upload the sealed local steps the remote lacks (manifest last), prune remote steps beyond
@@ -260,9 +260,3 @@ class WorkdirMirror:
 def _in_step(rel: Path) -> bool:
     """Whether a workdir path lies in a step directory (`N`, `N.corrupt`, orbax's `N.orbax-checkpoint-tmp*`)."""
     return len(rel.parts) > 1 and rel.parts[0].split(".", 1)[0].isdigit()
-
-
-def _sync(name: str) -> None:
-    if process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
