@@ -1,4 +1,8 @@
-"""Converters between Hugging Face, Meta and llama3-jax checkpoints (see core.convert)."""
+"""Converters between Hugging Face, Meta and llama3-jax checkpoints and PEFT LoRA adapters (see core.convert).
+
+Floors inside: tensors.py and atomic.py (the shared vocabulary and the atomic output directory) < the
+formats (hf, meta, native, peft, untrusted) and stream.py < core.py, the driver that picks them.
+"""
 
 from .core import FORMATS, ConvertError, convert
 

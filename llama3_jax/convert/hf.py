@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from ..model.config import ModelConfig, from_hf_config, read_json, to_hf_config, to_hf_generation_config
-from .core import ConvertError, Tensor, expected_shapes, parse_size
+from .tensors import ConvertError, Tensor, expected_shapes, parse_size
 from .untrusted import check_header_size, check_index_entry, check_tensor_table
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,

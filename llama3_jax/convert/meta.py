@@ -33,7 +33,7 @@ import ml_dtypes
 import numpy as np
 
 from ..model.config import ModelConfig, from_meta_params, read_json, to_meta_params
-from .core import ConvertError, Tensor
+from .tensors import ConvertError, Tensor
 from .hf import to_hf
 
 # our name -> Meta name template

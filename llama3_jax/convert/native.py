@@ -23,7 +23,7 @@ from ..model.config import ModelConfig
 from ..model.llama import quantize_params
 from ..parallel.multihost_io import several, to_host
 from ..parallel.sharding import inference_mesh, make_mesh, parse_mesh
-from .core import ConvertError, Tensor, expected_shapes
+from .tensors import ConvertError, Tensor, expected_shapes
 
 
 class JaxReader:

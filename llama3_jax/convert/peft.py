@@ -17,14 +17,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from ..store import checkpoint
 from ..model import lora
-from ..model.config import read_json
-from .core import ConvertError, Tensor, atomic_dir
+from ..model.config import ModelConfig, read_json
+from .atomic import atomic_dir
+from .tensors import ConvertError, Tensor
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -92,36 +93,40 @@ def read_adapter(src: Path) -> tuple[lora.LoraConfig, dict[str, np.ndarray]]:
     return lora.LoraConfig(rank=r, alpha=alpha, dropout=float(pc.get("lora_dropout", 0.0)), targets=targets), tensors
 
 
-def _base_dir(base: str | Path | None) -> Path:
+def base_dir(base: str | Path | None) -> Path:
     """--base, which both imports (merged and as adapters) need."""
     if base is None:
         raise ConvertError("--from peft needs --base BASE_DIR (the transformers or llama3-jax model it adapts)")
     return Path(base)
 
 
-def _base_is_jax(base: Path) -> bool:
+def base_format(base: Path) -> str:
+    """The format of the model an adapter is merged into: "jax" for a llama3-jax checkpoint, else "hf"."""
     cfg_path = base / checkpoint.CONFIG_FILE
-    return cfg_path.exists() and read_json(cfg_path, "a model config", ConvertError).get("format") == checkpoint.FORMAT
+    if cfg_path.exists() and read_json(cfg_path, "a model config", ConvertError).get("format") == checkpoint.FORMAT:
+        return "jax"
+    return "hf"
 
 
-def import_adapters(src: Path, dst: Path, base: str | Path | None, dtype: str | None, progress: bool):
+def import_adapters(src: Path, dst: Path, base: str | Path | None, progress: bool,
+                    convert_base: Callable[[Path, Path], ModelConfig]) -> ModelConfig:
     """`--keep-adapters`: a PEFT adapter -> a LoRA checkpoint at `dst` (written to a temp dir, renamed
     when complete) whose `lora` record names the base: `base` itself when it is a llama3-jax checkpoint,
-    else `dst/base`, converted from transformers here (`dtype` applies to it; adapters stay float32)."""
+    else `dst/base`, converted from transformers here by `convert_base(base, out)` (the driver's
+    `convert --from hf --to jax`, passed in so this format never imports the driver above it; its dtype
+    applies to the base, adapters stay float32)."""
     import jax
-    from .core import convert
-    base = _base_dir(base)
+    base = base_dir(base)
     lc, tensors = read_adapter(src)
     with atomic_dir(dst) as tmp:
-        if _base_is_jax(base):
+        if base_format(base) == "jax":
             try:
                 cfg, tokenizer = checkpoint.load_config(base), checkpoint.load_tokenizer_spec(base)
             except (FileNotFoundError, ValueError) as e:
                 raise ConvertError(str(e)) from None
             recorded = base.absolute()
         else:
-            cfg, tokenizer = convert(base, tmp / "base", src_format="hf", dst_format="jax", dtype=dtype,
-                                     progress=progress), None
+            cfg, tokenizer = convert_base(base, tmp / "base"), None
             recorded = dst.absolute() / "base"  # where it lands after the rename below
         try:
             adapters = lora.from_peft(tensors, cfg, lc, str(src / ADAPTER_WEIGHTS))
@@ -136,12 +141,11 @@ def import_adapters(src: Path, dst: Path, base: str | Path | None, dtype: str | 
 
 
 class PeftReader:
-    """The base checkpoint's tensors (hf or jax reader) with the adapter merged into its targets."""
+    """The base checkpoint's tensors (`base`: its hf or jax reader, which the driver opens from
+    `base_dir`/`base_format`) with the adapter at `src` merged into its targets."""
 
-    def __init__(self, src: Path, base: str | Path | None):
-        from .core import _reader
-        base = _base_dir(base)
-        self.base = _reader("jax" if _base_is_jax(base) else "hf", base)
+    def __init__(self, src: Path, base):
+        self.base = base
         self.config, self.dtype = self.base.config, self.base.dtype
         lc, tensors = read_adapter(src)
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .core import ConvertError
+from .tensors import ConvertError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
