@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -213,6 +213,17 @@ def layer_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str,
     }
 
 
+class _CachePlan(NamedTuple):
+    """How one `Llama.__call__` hands the cache to decoder_layer: write slot `index` on, the cache's
+    `segment_ids` after this call's write, the buffers `kv` carried through the layers, and the paged
+    cache's `write` / the decode backend's `attend` (None: decoder_layer's defaults)."""
+    index: jax.Array | int
+    segment_ids: jax.Array | None
+    kv: tuple | None
+    write: Callable | None
+    attend: Callable | None
+
+
 class Llama(nnx.Module):
     """Llama 3. `scan_layers`, `split_layers`, `remat` and `attention` are runtime choices over the same
     weights (`attention`: a backend resolved by attention.resolve, for calls without a cache; cached
@@ -274,60 +285,77 @@ class Llama(nnx.Module):
         applies `output_weight()` a chunk at a time, so the (tokens, vocab) logits never exist at once.
         `lora`: LoRA adapters added to the projections (stacked layouts only; serving uses merged weights).
         """
-        cfg = self.cfg
-        dt = jnp.dtype(cfg.dtype)
+        x = self._embed(tokens, cache)
+        cos, sin = rope.cos_sin(positions, self.cfg)
+        plan = self._cache_plan(cache, tokens, positions, segment_ids)
+        attend = attn.get("reference" if cache is not None else self.attention)
+        self._check_lora(lora)
+        layer = self._layer_fn(cos, sin, segment_ids, plan, attend, lora)
+        x, new_kv = self._layer_stack(layer, x, plan.kv, None if lora is None else lora.weights)
+        x = self._final_norm(x, last_only)
+        out = x if hidden_only else self._logits(x)
+        return out, None if cache is None else self._new_cache(cache, new_kv, plan.segment_ids, plan.index, tokens)
+
+    def _embed(self, tokens, cache):
+        """tokens (B, T) -> embeddings (B, T, D) in the compute dtype, split as the residual stream."""
+        dt = jnp.dtype(self.cfg.dtype)
         # gather from the table with its model dim whole (all-gathered over fsdp, as for any weight):
         # a gather whose output is sharded on the model dim cannot be resharded to the batch cheaply
         # cast BEFORE the constraint: the all-gather then moves the table in the compute dtype (half the
         # bytes in bfloat16; for 8B under fsdp the float32 gather was 2.1 GB per device per step)
-        if cfg.quantization is not None:  # gather int8 rows, then scale them (the table is never float)
+        if self.cfg.quantization is not None:  # gather int8 rows, then scale them (the table is never float)
             x = quant.embed_lookup(constrain(self.embed[...], ("vocab", None)), self.embed_scale[...], tokens, dt)
         else:
             table = constrain(self.embed[...].astype(dt), ("vocab", None))
             x = jnp.take(table, tokens, axis=0)
-        x = constrain(x, ("batch", "seq" if cache is not None else "act_seq", "act_embed"))
-        cos, sin = rope.cos_sin(positions, cfg)
+        return constrain(x, ("batch", "seq" if cache is not None else "act_seq", "act_embed"))
 
+    def _cache_plan(self, cache, tokens, positions, segment_ids) -> _CachePlan:
+        """How this call's layers read and write `cache` (decoder_layer's cache arguments)."""
         one_token = cache is not None and tokens.shape[1] == 1
         cache_attend = attn.decode_backend(self.decode_attention) if one_token else None
-        cache_write = None
         if cache is None:
-            index, cache_seg, kv = 0, None, None
-        elif isinstance(cache, PagedKVCache):  # decode steps only: prompts are prefilled contiguous, then placed
+            return _CachePlan(0, None, None, None, cache_attend)
+        if isinstance(cache, PagedKVCache):  # decode steps only: prompts are prefilled contiguous, then placed
             if not one_token:
                 raise ValueError("a paged KV cache takes one-token decode steps (prefill into a KVCache, then "
                                  "paged_cache.place)")
-            index, cache_seg, kv = 0, None, (cache.kv,)
             layout = {True: "interleaved", False: "split"}
             wants = attn.reads_interleaved(self.paged_attention)
             if cache.interleaved != wants:
                 raise ValueError(f"paged_attention={self.paged_attention} reads the {layout[wants]} pool layout; "
                                  f"this cache is {layout[cache.interleaved]} (paged_cache.py)")
             where = dict(table=cache.table, positions=positions[:, 0])
-            cache_write = functools.partial(paged_cache.write, interleaved=cache.interleaved, **where)
-            cache_attend = functools.partial(attn.paged_backend(self.paged_attention), **where)
-        else:
-            cache.check_write(tokens.shape[1])  # dynamic_update_slice would clamp silently
-            index = cache.index
-            cache_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, index))
-            kv = (cache.k, cache.v)
+            return _CachePlan(0, None, (cache.kv,),
+                              functools.partial(paged_cache.write, interleaved=cache.interleaved, **where),
+                              functools.partial(attn.paged_backend(self.paged_attention), **where))
+        cache.check_write(tokens.shape[1])  # dynamic_update_slice would clamp silently
+        index = cache.index
+        cache_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, index))
+        return _CachePlan(index, cache_seg, (cache.k, cache.v), None, cache_attend)
 
-        attend = attn.get("reference" if cache is not None else self.attention)
+    def _check_lora(self, lora: Adapters | None) -> None:
         if lora is not None and self.split_layers:
             raise ValueError("LoRA adapters need the stacked layer layout (merge them to serve)")
-        if lora is not None and cfg.quantization is not None:
+        if lora is not None and self.cfg.quantization is not None:
             raise ValueError("LoRA adapters need float weights, not an int8 model")
-        lw = None if lora is None else lora.weights
+
+    def _layer_fn(self, cos, sin, segment_ids, plan: _CachePlan, attend, lora: Adapters | None):
+        """`layer(x, w, kv, i, lw) -> (x, kv)`: decoder_layer with this call's inputs bound, under the
+        remat policy; `lw` is layer i's slice of the LoRA weights (or None)."""
+        cfg = self.cfg
 
         def layer(x, w, kv, i, lw=None):
             ad = None if lw is None else lora._replace(weights=lw)
-            return decoder_layer(cfg, w, x, cos, sin, segment_ids, kv, cache_seg, index, i, ad, attend=attend,
-                                 cache_attend=cache_attend, cache_write=cache_write)
+            return decoder_layer(cfg, w, x, cos, sin, segment_ids, kv, plan.segment_ids, plan.index, i, ad,
+                                 attend=attend, cache_attend=plan.attend, cache_write=plan.write)
 
         rematerialise, policy = remat_policy(self.remat)
-        if rematerialise:
-            layer = jax.checkpoint(layer, policy=policy)
+        return jax.checkpoint(layer, policy=policy) if rematerialise else layer
 
+    def _layer_stack(self, layer, x, kv, lw):
+        """x through every layer: scanned over the stacked weights, or unrolled (per-layer arrays, or
+        slices of the stacked ones). Returns (x, the updated cache buffers)."""
         # the whole cache is carried through the layers (not scanned as xs/ys, which would copy it)
         if self.scan_layers:
             weights = {name: p[...] for name, p in self.layers.items()}
@@ -336,32 +364,32 @@ class Llama(nnx.Module):
                 x, kv = carry
                 w, lwi, i = xs
                 return layer(x, w, kv, i, lwi), None
-            (x, new_kv), _ = jax.lax.scan(body, (x, kv), (weights, lw, jnp.arange(cfg.n_layers)))
-        else:  # unrolled: over per-layer arrays, or over slices of the stacked ones
-            if self.split_layers:
-                per_layer = [{n: p[...] for n, p in w.items()} for w in self.layers]
-            else:
-                stacked = {name: p[...] for name, p in self.layers.items()}
-                per_layer = [{n: a[i] for n, a in stacked.items()} for i in range(cfg.n_layers)]
-            new_kv = kv
-            for i, w in enumerate(per_layer):
-                x, new_kv = layer(x, w, new_kv, i, None if lw is None else jax.tree.map(lambda a: a[i], lw))
+            (x, new_kv), _ = jax.lax.scan(body, (x, kv), (weights, lw, jnp.arange(self.cfg.n_layers)))
+            return x, new_kv
+        if self.split_layers:
+            per_layer = [{n: p[...] for n, p in w.items()} for w in self.layers]
+        else:
+            stacked = {name: p[...] for name, p in self.layers.items()}
+            per_layer = [{n: a[i] for n, a in stacked.items()} for i in range(self.cfg.n_layers)]
+        new_kv = kv
+        for i, w in enumerate(per_layer):
+            x, new_kv = layer(x, w, new_kv, i, None if lw is None else jax.tree.map(lambda a: a[i], lw))
+        return x, new_kv
 
+    def _final_norm(self, x, last_only: bool):
+        """The last layer's output -> final-norm hidden states (B, T or 1, D)."""
         x = constrain(x, ("batch", "seq", "act_embed"))  # positions whole again for the output layer
         if last_only:
             x = x[:, -1:]
-        x = rms_norm(x, self.norm[...], cfg.norm_eps)
-        if hidden_only:
-            return x, None if cache is None else self._new_cache(cache, new_kv, cache_seg, index, tokens)
-        if cfg.quantization is not None:
-            tied = cfg.tie_embeddings
+        return rms_norm(x, self.norm[...], self.cfg.norm_eps)
+
+    def _logits(self, x):
+        """Final-norm hidden (B, T, D) -> float32 logits (B, T, vocab); int8 weights multiply as int8."""
+        if self.cfg.quantization is not None:
+            tied = self.cfg.tie_embeddings
             w, s = (self.embed, self.embed_scale) if tied else (self.lm_head, self.lm_head_scale)
-            logits = output_logits(x, w[...], s[...], tied=tied)
-        else:
-            logits = output_logits(x, self.output_weight())
-        if cache is None:
-            return logits, None
-        return logits, self._new_cache(cache, new_kv, cache_seg, index, tokens)
+            return output_logits(x, w[...], s[...], tied=tied)
+        return output_logits(x, self.output_weight())
 
     def output_weight(self):
         """The output projection (D, vocab) in the compute dtype: `lm_head`, or the embedding table
