@@ -4,7 +4,7 @@ grain's small JSON iterator state for checkpoints (see the package docstring for
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import numpy as np
@@ -183,6 +183,47 @@ def make_iterator(
     ``documents``: `list_documents(cfg, record_check(kind))` when the caller already has it (a
     training run lists the corpus once, not at every eval). Prepared data (prepared.py) lists nothing.
     """
+    _check_arguments(cfg, kind, seq_len, batch_size, seed, process_index, process_count)
+    rows = batch_size // process_count
+    shuffle = cfg.shuffle and split == "train"
+    if split == "eval":
+        num_epochs = num_epochs or 1
+    # Every process reads the same global order and keeps its rows of each batch (below): the order
+    # does not depend on the process count, so N processes' checkpoint continues on M (elastic resume).
+    src = _open_source(cfg, tokenizer, kind, seq_len, split, documents)
+    ds = src.dataset.shuffle(seed) if shuffle else src.dataset  # grain reshuffles each epoch with seed + epoch
+    this_process = dict(start=process_index * rows, stop=(process_index + 1) * rows)
+    render = None
+    if src.rows_packed is not None:  # rows read by index: each process reads only its rows of each batch
+        batches = prepared.ProcessRows(
+            ds.repeat(num_epochs), src.records, batch_size, this_process["start"], this_process["stop"], src.read,
+            functools.partial(text_batch, n_rows=rows, seq_len=seq_len)).to_iter_dataset(_ROW_READ_OPTIONS)
+    else:
+        if kind == "text":
+            packed, batch_fn = _pack_text(cfg, src, ds.repeat(num_epochs), seq_len, shuffle, seed)
+        else:
+            packed, batch_fn, render = _pack_examples(cfg, src, ds, tokenizer, kind, seq_len, num_epochs,
+                                                      reference, pair_index)
+        batches = packed.batch(
+            batch_size, batch_fn=functools.partial(batch_fn, n_rows=batch_size, seq_len=seq_len)
+        )
+        if process_count > 1:  # the global batch is the same in every process; each keeps its rows
+            batches = batches.map(functools.partial(_rows_of, **this_process))
+    return BatchIterator(
+        _prefetch(batches, cfg),
+        documents=src.documents,
+        num_documents=src.num_documents,
+        rows=rows,
+        seq_len=seq_len,
+        process_count=process_count,
+        fingerprint=_fingerprint(cfg, src, kind, split, seq_len, batch_size, seed, shuffle, num_epochs),
+        render=render,
+    )
+
+
+def _check_arguments(cfg: DataConfig, kind: str, seq_len: int, batch_size: int, seed: int, process_index: int,
+                     process_count: int) -> None:
+    """make_iterator's arguments, refused before anything is read."""
     if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r} (choose from {', '.join(KINDS)})")
     if seq_len < 1 or batch_size < 1:
@@ -196,70 +237,81 @@ def make_iterator(
         raise ValueError(f"worker_count, prefetch and shuffle_window must be >= 0: {cfg}")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
-    rows = batch_size // process_count
-    shuffle = cfg.shuffle and split == "train"
-    if split == "eval":
-        num_epochs = num_epochs or 1
-    # Every process reads the same global order and keeps its rows of each batch (below): the order
-    # does not depend on the process count, so N processes' checkpoint continues on M (elastic resume).
-    rows_packed = None  # prepared data packed into rows: (seed it was shuffled with, row count)
+
+
+class _Source(NamedTuple):
+    """One split's records before shuffling: what grain iterates (`dataset`: documents, or prepared
+    record indices) and how an item becomes tokens (`read`)."""
+    documents: list[Document] | None  # the split's documents; None: prepared data
+    documents_id: str                 # the fingerprint's "documents"
+    num_documents: int
+    records: Any                      # prepared.source for prepared data, else None
+    dataset: grain.MapDataset
+    read: Any
+    rows_packed: tuple[int, int] | None  # prepared data packed into rows: (seed it was shuffled with, row count)
+
+
+def _open_source(cfg: DataConfig, tokenizer, kind: str, seq_len: int, split: str,
+                 documents: list[Document] | None) -> _Source:
+    """The split's records: prepared ArrayRecord shards (checked against this run), else the raw corpus's
+    documents (listed here unless the caller passes them)."""
     if uses_prepared(cfg):
         meta = prepared.load_metadata(cfg.path)
         prepared.check_run(meta, cfg, tokenizer, kind, seq_len)
-        docs, docs_id = None, meta["splits"][split]["documents"]
+        docs_id = meta["splits"][split]["documents"]
         n_docs = int(docs_id.split(":")[0])
         # the record keys go through grain (shuffle, repeat: the raw pipeline's indices); prepared.py reads
         records = prepared.source(cfg.path, meta, split)
-        ds, read = grain.MapDataset.range(len(records)), prepared.decode
+        src = _Source(None, docs_id, n_docs, records, grain.MapDataset.range(len(records)), prepared.decode, None)
         if meta["packed"]:
-            rows_packed, read = (meta["packed"]["seed"], meta["splits"][split]["records"]), prepared.decode_row
+            src = src._replace(rows_packed=(meta["packed"]["seed"], meta["splits"][split]["records"]),
+                               read=prepared.decode_row)
     else:
         docs = documents if documents is not None else list_documents(cfg, record_check(kind))
         docs = split_documents(docs, split, cfg.eval_fraction)
-        n_docs, docs_id = len(docs), prepared.documents_fingerprint(docs)
-        records, ds, read = None, grain.MapDataset.source(docs), ReadAndTokenize(tokenizer, cfg.text_field)
+        src = _Source(docs, prepared.documents_fingerprint(docs), len(docs), None, grain.MapDataset.source(docs),
+                      ReadAndTokenize(tokenizer, cfg.text_field), None)
     # An empty eval split ends at once; the caller feeds padding batches.
-    if not n_docs and split == "train":
+    if not src.num_documents and split == "train":
         raise ValueError(f"no {split} documents in data path {cfg.path} (eval_fraction={cfg.eval_fraction})")
+    return src
 
-    if shuffle:
-        ds = ds.shuffle(seed)  # grain reshuffles each epoch with seed + epoch
-    render = None
-    if rows_packed is not None:  # rows read by index: each process reads only its rows of each batch
-        batches = prepared.ProcessRows(
-            ds.repeat(num_epochs), records, batch_size, process_index * rows, (process_index + 1) * rows, read,
-            functools.partial(text_batch, n_rows=rows, seq_len=seq_len)).to_iter_dataset(_ROW_READ_OPTIONS)
-    elif kind == "text":
-        ds = ds.repeat(num_epochs)
-        ds = prepared.BlockReads(ds, records, read) if docs is None else ds.map(read)
-        packed = ConcatThenSplitIterDataset(
-            ds.to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len + 1}
-        )
-        if shuffle and cfg.shuffle_window > 1:  # tokens flow through in order; rows leave mixed
-            packed = WindowShuffleIterDataset(packed, window_size=cfg.shuffle_window, seed=seed)
-        batch_fn = text_batch
-    else:
-        if docs is None and (reference is not None or pair_index):
-            raise ValueError(f"data.path {cfg.path} (prepared data): dpo.precompute_reference keys its table by "
-                             f"source record; give the JSONL/Parquet records, or set it to false")
-        index = {d.key: i for i, d in enumerate(docs)} if pair_index else None
-        render = RenderRecords(tokenizer, kind, seq_len, reference, index)
-        ds = ds.repeat(num_epochs)  # prepared: the records rendered when preparing, cut and shifted here
-        ds = ds.map(render) if docs is not None else prepared.BlockReads(
-            ds, records, prepared.RecordExamples(render, f"{cfg.path} (prepared)"))
-        keys = EXAMPLE_KEYS + (("half",) if kind == "dpo" else ())
-        keys += (("ref_logps",) if reference is not None else ()) + (("pair",) if pair_index else ())
-        packed = FirstFitPackIterDataset(
-            ds.to_iter_dataset(_READ_OPTIONS), length_struct={k: seq_len for k in keys},
-            num_packing_bins=cfg.packing_bins, shuffle_bins=False,
-        )
-        batch_fn = example_batch
-    if rows_packed is None:
-        batches = packed.batch(
-            batch_size, batch_fn=functools.partial(batch_fn, n_rows=batch_size, seq_len=seq_len)
-        )
-    if process_count > 1 and rows_packed is None:  # the global batch is the same in every process; each keeps its rows
-        batches = batches.map(functools.partial(_rows_of, start=process_index * rows, stop=(process_index + 1) * rows))
+
+def _pack_text(cfg: DataConfig, src: _Source, ds: grain.MapDataset, seq_len: int, shuffle: bool, seed: int):
+    """Pretraining: documents read and tokenized, concatenated and cut into rows of seq_len + 1 tokens.
+    Returns (rows, the batch function)."""
+    ds = prepared.BlockReads(ds, src.records, src.read) if src.documents is None else ds.map(src.read)
+    packed = ConcatThenSplitIterDataset(
+        ds.to_iter_dataset(_READ_OPTIONS), length_struct={"tokens": seq_len + 1}
+    )
+    if shuffle and cfg.shuffle_window > 1:  # tokens flow through in order; rows leave mixed
+        packed = WindowShuffleIterDataset(packed, window_size=cfg.shuffle_window, seed=seed)
+    return packed, text_batch
+
+
+def _pack_examples(cfg: DataConfig, src: _Source, ds: grain.MapDataset, tokenizer, kind: str, seq_len: int,
+                   num_epochs: int | None, reference: dict | None, pair_index: bool):
+    """Fine-tuning: records rendered into examples (chat.py), packed first-fit into rows of seq_len.
+    Returns (rows, the batch function, the renderer: it counts truncated records)."""
+    if src.documents is None and (reference is not None or pair_index):
+        raise ValueError(f"data.path {cfg.path} (prepared data): dpo.precompute_reference keys its table by "
+                         f"source record; give the JSONL/Parquet records, or set it to false")
+    index = {d.key: i for i, d in enumerate(src.documents)} if pair_index else None
+    render = RenderRecords(tokenizer, kind, seq_len, reference, index)
+    ds = ds.repeat(num_epochs)  # prepared: the records rendered when preparing, cut and shifted here
+    ds = ds.map(render) if src.documents is not None else prepared.BlockReads(
+        ds, src.records, prepared.RecordExamples(render, f"{cfg.path} (prepared)"))
+    keys = EXAMPLE_KEYS + (("half",) if kind == "dpo" else ())
+    keys += (("ref_logps",) if reference is not None else ()) + (("pair",) if pair_index else ())
+    packed = FirstFitPackIterDataset(
+        ds.to_iter_dataset(_READ_OPTIONS), length_struct={k: seq_len for k in keys},
+        num_packing_bins=cfg.packing_bins, shuffle_bins=False,
+    )
+    return packed, example_batch, render
+
+
+def _prefetch(batches: grain.IterDataset, cfg: DataConfig) -> grain.IterDataset:
+    """Batches made ahead in worker processes (data.worker_count) and a prefetch thread (data.prefetch)."""
     if cfg.worker_count:
         # grain reads an absl flag when starting workers; outside absl.app it is unparsed.
         if not absl_flags.FLAGS.is_parsed():
@@ -267,10 +319,15 @@ def make_iterator(
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
     if cfg.prefetch:
         batches = ThreadPrefetchIterDataset(batches, prefetch_buffer_size=cfg.prefetch)
+    return batches
 
-    # A restored state only makes sense for the same documents read the same way.
-    fingerprint = {
-        "documents": docs_id,
+
+def _fingerprint(cfg: DataConfig, src: _Source, kind: str, split: str, seq_len: int, batch_size: int, seed: int,
+                 shuffle: bool, num_epochs: int | None) -> dict[str, Any]:
+    """What a restored iterator state must agree with: it only makes sense for the same documents read
+    the same way (BatchIterator.set_state compares every entry)."""
+    return {
+        "documents": src.documents_id,
         "split": split,
         "seq_len": seq_len,
         "rows": batch_size,  # global: the same state in every process, whatever their number
@@ -280,15 +337,6 @@ def make_iterator(
         "worker_count": cfg.worker_count,
         **({} if kind == "text" else {"kind": kind, "packing_bins": cfg.packing_bins}),
         # rows packed when preparing: another pipeline than packing documents here
-        **({} if rows_packed is None else {"packed_rows": f"{rows_packed[1]} rows, seed {rows_packed[0]}"}),
+        **({} if src.rows_packed is None else
+           {"packed_rows": f"{src.rows_packed[1]} rows, seed {src.rows_packed[0]}"}),
     }
-    return BatchIterator(
-        batches,
-        documents=docs,
-        num_documents=n_docs,
-        rows=rows,
-        seq_len=seq_len,
-        process_count=process_count,
-        fingerprint=fingerprint,
-        render=render,
-    )
