@@ -14,7 +14,7 @@ import pytest
 
 from llama3_jax.serve.offline import run_generate
 from llama3_jax.serve.sampling import Temperature, TopK, TopP
-from llama3_jax.serve.scheduler import cut_at_stop
+from llama3_jax.serve.request import cut_at_stop
 
 from test_generate import ckpt, gen, gen_args, hf_greedy, hf_model, ragged_prompts, read_jsonl  # noqa: F401
 

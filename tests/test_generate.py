@@ -25,8 +25,9 @@ import pytest
 from flax import nnx
 
 from llama3_jax.store import checkpoint
-from llama3_jax.serve import engine
+from llama3_jax.serve import engine, slots, static_batch
 from llama3_jax.serve.engine import Generator
+from llama3_jax.model.kv_cache import KVCache
 from llama3_jax.model.llama import Llama, abstract_model, stack_layer_params
 from llama3_jax.serve.sampling import TopP
 
@@ -89,7 +90,7 @@ def test_greedy_equals_transformers_on_a_ragged_batch(gen, hf_model):
 
 
 def test_prompt_lengths_in_one_bucket_share_one_compile(gen):
-    assert [engine.bucket(n) for n in (1, 16, 17, 32, 33, 64, 65)] == [16, 16, 32, 32, 64, 64, 128]
+    assert [slots.bucket(n) for n in (1, 16, 17, 32, 33, 64, 65)] == [16, 16, 32, 32, 64, 64, 128]
     gen.generate(ragged_prompts(LENGTHS), N_NEW, ignore_eos=True, batch_size=8, decode_text=False, continuous=False)
     compiles = gen._generate._cache_size()
     other = ragged_prompts([2, 4, 6, 9, 34, 35, 50, 63], seed=9)  # also pads to 64
@@ -144,18 +145,18 @@ def test_prefill_then_decode_equals_a_full_forward_pass(gen, layers):
 
     @jax.jit
     def prefill(params, tokens, cache):
-        return engine.prefill(nnx.merge(graphdef, params), tokens, lengths_a, cache)
+        return slots.prefill(nnx.merge(graphdef, params), tokens, lengths_a, cache)
 
     @jax.jit
     def step(params, tok, pos, cache):
-        return engine.decode_step(nnx.merge(graphdef, params), tok, pos, cache)
+        return slots.decode_step(nnx.merge(graphdef, params), tok, pos, cache)
 
     @jax.jit
     def full(params, tokens, seg):  # right-padded rows, positions from 0
         pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         return nnx.merge(graphdef, params)(tokens, pos, seg)[0]
 
-    cache = engine.KVCache.init(cfg, 3, p + steps, jnp.float32)
+    cache = KVCache.init(cfg, 3, p + steps, jnp.float32)
     logits, cache = prefill(params, jnp.asarray(tokens), cache)
     cached = [np.asarray(logits)]
     for s in range(steps - 1):
@@ -472,7 +473,7 @@ def test_without_max_new_tokens_rows_run_to_the_end_of_the_context(gen, monkeypa
     (lowered here so the 128-token context takes two doublings) and grows while a row has room: the
     tokens equal one uninterrupted run, sampled rows included (their keys fold in the step), and a stop
     token in a later chunk still ends its row."""
-    monkeypatch.setattr(engine, "FIRST_CHUNK", 32)
+    monkeypatch.setattr(static_batch, "FIRST_CHUNK", 32)
     ctx, sampler = gen.cfg.max_seq_len, TopP(p=0.9)
     prompts = ragged_prompts([3, 20, 40], seed=6)
 

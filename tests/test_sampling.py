@@ -1,4 +1,8 @@
-"""Sampling strategies on hand-made logits: supports and frequencies against computed expectations."""
+"""Sampling on hand-made logits: supports and frequencies against computed expectations.
+
+Every draw goes through the engine's one path, `sample_rows`, with the per-row values a strategy gives
+(`row_params`): the strategies hold values, they do not sample.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +17,24 @@ from llama3_jax.serve.sampling import Greedy, Temperature, TopK, TopP
 N_DRAWS = 4000
 
 
+def knobs(samplers) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-row (temperature, top_k, top_p) arrays for `sample_rows`, one row per strategy."""
+    t, k, p = zip(*map(sampling.row_params, samplers))
+    return jnp.asarray(t, jnp.float32), jnp.asarray(k, jnp.int32), jnp.asarray(p, jnp.float32)
+
+
+sample_rows = jax.jit(sampling.sample_rows)
+
+
+def rows_draw(sampler, logits, keys) -> np.ndarray:
+    """logits (B, V), keys (B,) -> ids (B,): every row with `sampler`'s values, through the engine's path."""
+    return np.asarray(sample_rows(jnp.asarray(logits), keys, *knobs([sampler] * len(keys))))
+
+
 def draws(sampler, logits, seed=0, n=N_DRAWS) -> np.ndarray:
-    """n samples (one key each) for a single (V,) row of logits."""
+    """n samples (one key each) for a single (V,) row of logits: n rows of it in one batch."""
     keys = jax.random.split(jax.random.key(seed), n)
-    return np.asarray(jax.jit(jax.vmap(sampler.sample, in_axes=(None, 0)))(jnp.asarray(logits), keys))
+    return rows_draw(sampler, np.broadcast_to(np.asarray(logits), (n, len(logits))), keys)
 
 
 def freqs(samples, v) -> np.ndarray:
@@ -48,16 +66,17 @@ def test_top_p_mask_is_the_smallest_set_reaching_p():
 
 def test_top_p_1_keeps_every_token():
     """Peaked rows (a few tokens hold almost all the mass): float32 running sums reach 1.0 before the
-    tail is counted, which must not drop the tail when p = 1."""
+    tail is counted, which must not drop the tail when p = 1. The p = 1 rows share a batch with a
+    p < 1 row, so the top-p pass really runs over them."""
     rng = np.random.default_rng(0)
-    logits = jnp.asarray(rng.normal(size=(32, 211)).astype(np.float32) * 10)
+    logits = jnp.asarray(rng.normal(size=(33, 211)).astype(np.float32) * 10)
     probs = jax.nn.softmax(logits, axis=-1)
     assert bool((probs > 0).all())  # every token is a possible sample
     keep = jax.jit(jax.vmap(sampling.top_p_mask, in_axes=(0, None)))(logits, 1.0)
     assert bool(keep.all())
-    keys = jax.random.split(jax.random.key(0), 32)
-    np.testing.assert_array_equal(np.asarray(jax.vmap(TopP(p=1.0).sample)(logits, keys)),
-                                  np.asarray(jax.vmap(Temperature(1.0).sample)(logits, keys)))
+    keys = jax.random.split(jax.random.key(0), 33)
+    with_mask = np.asarray(sample_rows(logits, keys, *knobs([TopP(p=1.0)] * 32 + [TopP(p=0.5)])))
+    np.testing.assert_array_equal(with_mask[:32], rows_draw(Temperature(1.0), logits, keys)[:32])
 
 
 @pytest.mark.parametrize("p, support", [(0.6, {1, 3}), (0.75, {1, 3, 4}), (0.3, {1}), (1.0, {0, 1, 2, 3, 4})])
@@ -96,10 +115,10 @@ def test_top_k_1_equals_greedy():
     rng = np.random.default_rng(2)
     logits = jnp.asarray(rng.normal(size=(64, 211)).astype(np.float32))
     keys = jax.random.split(jax.random.key(5), 64)
-    greedy = jax.vmap(Greedy().sample)(logits, keys)
+    greedy = rows_draw(Greedy(), logits, keys)
     for s in (TopK(k=1), TopK(k=1, temperature=3.0), TopP(p=0.5, k=1)):
-        np.testing.assert_array_equal(np.asarray(jax.vmap(s.sample)(logits, keys)), np.asarray(greedy))
-    np.testing.assert_array_equal(np.asarray(greedy), np.argmax(np.asarray(logits), axis=-1))
+        np.testing.assert_array_equal(rows_draw(s, logits, keys), greedy)
+    np.testing.assert_array_equal(greedy, np.argmax(np.asarray(logits), axis=-1))
 
 
 def test_same_key_same_samples_other_key_other_samples():
@@ -120,25 +139,32 @@ def test_from_flags():
             sampling.from_flags(**{"temperature": 1.0, **bad})
 
 
-def test_per_row_top_k_mask_equals_the_static_one():
-    logits = jnp.asarray(np.random.RandomState(0).randn(5, 40).astype(np.float32))
-    logits = logits.at[1, :10].set(-3.0).at[2, 5].set(-jnp.inf)  # ties and -inf
-    ks = jnp.asarray([1, 3, 11, 40, 0])
-    got = np.asarray(jax.jit(sampling.top_k_mask_rows)(logits, ks))
-    for r, k in enumerate([1, 3, 11, 40, 40]):
-        np.testing.assert_array_equal(got[r], np.asarray(sampling.top_k_mask(logits[r], k)), err_msg=f"row {r}")
+def test_per_row_top_k_mask_keeps_each_rows_k_largest_ties_included():
+    """Against the sort definition: keep every logit >= the row's k-th largest (ties at the k-th value
+    all kept, -inf counted like any value); k = 0 and k >= V keep the whole row."""
+    logits = np.random.RandomState(0).randn(6, 40).astype(np.float32)
+    logits[1, :10] = 5.0   # ten ties above the rest: k = 3 keeps all ten
+    logits[2, 5] = -np.inf
+    logits[5, :] = 0.5     # one value everywhere
+    ks = [1, 3, 11, 40, 0, 2]
+    got = np.asarray(jax.jit(sampling.top_k_mask_rows)(jnp.asarray(logits), jnp.asarray(ks)))
+    for r, k in enumerate(ks):
+        kth = np.sort(logits[r])[::-1][min(k, 40) - 1] if k else -np.inf
+        np.testing.assert_array_equal(got[r], logits[r] >= kth, err_msg=f"row {r}")
+    assert got[1].sum() == 10 and got[5].all()
 
 
-def test_sample_rows_draws_what_each_rows_strategy_draws_with_the_same_key():
-    """One program, per-row knobs: row r draws exactly what its own strategy draws with its key."""
+def test_a_row_draws_the_same_in_a_mixed_batch_as_in_a_batch_of_its_own_knobs():
+    """One program, per-row knobs: the top-k / top-p passes and the draw run for the whole batch when
+    any row asks for them, and must not change what the other rows draw."""
     strategies = [Greedy(), Temperature(0.7), TopK(5, 0.9), TopP(0.8, 1.2, k=10), TopP(0.5)]
     logits = jnp.asarray(np.random.RandomState(1).randn(len(strategies), 30).astype(np.float32))
-    knobs = [jnp.asarray(v) for v in zip(*map(sampling.row_params, strategies))]
-    knobs = [knobs[0].astype(jnp.float32), knobs[1].astype(jnp.int32), knobs[2].astype(jnp.float32)]
-    f = jax.jit(jax.vmap(lambda keys: sampling.sample_rows(logits, keys, *knobs)))
+    mixed = knobs(strategies)
+    f = jax.jit(jax.vmap(lambda keys, t, k, p: sampling.sample_rows(logits, keys, t, k, p),
+                         in_axes=(0, None, None, None)))
     keys = jax.random.split(jax.random.key(3), 300 * len(strategies)).reshape(300, len(strategies))
-    got = np.asarray(f(keys))
+    got = np.asarray(f(keys, *mixed))
     for r, s in enumerate(strategies):
-        want = np.asarray(jax.vmap(lambda k: s.sample(logits[r], k))(keys[:, r]))
-        np.testing.assert_array_equal(got[:, r], want, err_msg=repr(s))
+        alone = np.asarray(f(keys, *knobs([s] * len(strategies))))
+        np.testing.assert_array_equal(got[:, r], alone[:, r], err_msg=repr(s))
     assert len(set(got[:, 1])) > 3  # it really sampled

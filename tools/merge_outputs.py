@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     if (args.num_shards is None) == (args.shards is None):
         p.error("give --num-shards or --shards (one of them)")
     if args.shards is None:
-        from llama3_jax.serve.offline import shard_path
+        from llama3_jax.serve.jsonl import shard_path
         shards = [shard_path(args.output, args.num_shards, i) for i in range(args.num_shards)]
     else:
         shards = args.shards

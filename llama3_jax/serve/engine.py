@@ -1,9 +1,14 @@
-"""The decoding engine: restore once, then prefill + decode on device.
+"""The decoding engine: `Generator`, the public class that restores once and takes requests.
+
+Generator holds the state (parameters, graphdef, jitted programs, the reusable KV cache) and the
+request API (generate / request / generate_requests / score); the other jobs live in their own files:
+restore.py (parameters: restore, cast, quantise, split), caches.py (new KV caches with their
+sharding), scheduler.py + slots.py (continuous batching), static_batch.py (the static path),
+scoring.py (log-probs of given completions), request.py (how a row ends), padding.py.
 
 By default rows run through a fixed number of decode slots refilled as rows finish (continuous
-batching, scheduler.py + slots.py). The static path (`continuous=False`, device programs in
-static_batch.py) decodes whole batches; it is kept for the benchmark comparison. Per batch, one call of
-one jitted function does everything:
+batching). The static path (`continuous=False`) decodes whole batches; it is kept for the benchmark
+comparison. Per batch, one call of one jitted function does everything:
   * prompts are LEFT-padded to a power-of-two bucket P (few compiles; with `prefill_chunk` a long prompt
     to a multiple of the chunk, prefilled a chunk at a time), so every row's last prompt token
     sits in the same slot and all rows write the same cache slot each step (see kv_cache.py);
@@ -16,7 +21,7 @@ one jitted function does everything:
     dynamic_update_slice; the call hands it back and the next batch of the same shape reuses it;
   * without a max_new_tokens each row may run to the end of the context: the batch decodes FIRST_CHUNK
     tokens, then, while a row has room and has not stopped, the cache and out buffer double
-    (`extend_batch`), so memory follows the longest answer rather than a 128K context.
+    (`static_batch.extend_batch`), so memory follows the longest answer rather than a 128K context.
 The model runs as a pure function: `nnx.merge(graphdef, params)` inside jit (no nnx.jit per token).
 Prefill asks the model for the last slot's logits only (B x P x V float32 logits would dominate memory).
 
@@ -39,66 +44,24 @@ import numpy as np
 from flax import nnx
 
 from ..model import attention as attn
-from ..store import checkpoint
-from ..model import quant
-from . import sampling as sampling_lib
 from ..model.config import ModelConfig
-from ..model.kv_cache import CACHE_AXES, KVCache
-from ..model.llama import abstract_model, quantize_params, split_layer_params
-from ..parallel.multihost_io import to_host
+from ..model.kv_cache import KVCache
+from ..model.llama import abstract_model
 from ..model.paged_cache import PagedKVCache
-from .scheduler import Completion, Request, Scheduler, cut_at_stop
-from .slots import bucket, decode_step, left_padded_layout, prefill, prompt_width  # noqa: F401
-from .static_batch import extend_batch, generate_batch
+from ..parallel.multihost_io import to_host
 from ..parallel.sharding import named_sharding
+from ..store import checkpoint
+from . import caches, restore
+from . import sampling as sampling_lib
+from .padding import left_padded_batches
+from .request import Completion, Request
+from .scheduler import Scheduler
+from .scoring import Scored, score_batch, scored_rows
+from .static_batch import extend_batch, generate_batch, static_batches
 
-FIRST_CHUNK = 256  # new tokens decoded before the cache first grows, when no max_new_tokens is given
 STOP_SLOTS = 8  # stop-id arrays are padded with -1 to a multiple of this: one compile for any stop set
 
-
-def left_padded_batches(seqs: Sequence[Sequence[int]], batch_size: int, width=bucket
-                        ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
-    """Sequences sorted longest first (less padding; the largest shapes compile and allocate first, so a
-    memory problem shows at once), cut into batches of `batch_size` rows, each left-padded to a
-    power-of-two bucket (or `width(longest)`). Yields (indices of the batch's sequences, tokens (B, P),
-    lengths (B,)); rows past len(indices) are padding (length 1, all zeros) so every batch has B rows."""
-    b = min(batch_size, len(seqs))
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    for start in range(0, len(order), b):
-        rows = order[start:start + b]
-        p = width(max(len(seqs[i]) for i in rows))
-        tokens = np.zeros((b, p), np.int32)
-        lengths = np.ones((b,), np.int32)
-        for r, i in enumerate(rows):
-            tokens[r, p - len(seqs[i]):] = seqs[i]
-            lengths[r] = len(seqs[i])
-        yield rows, tokens, lengths
-
-
-@dataclasses.dataclass(frozen=True)
-class Scored:
-    tokens: list[int]     # the completion ids
-    logprobs: list[float]  # log p(token_i | prompt, tokens_<i), one per completion token
-
-    @property
-    def sum_logprob(self) -> float:
-        return float(np.sum(np.asarray(self.logprobs, np.float64)))
-
-
-# ----------------------------------------------------------------------------- pure device functions
-
-
-def score_batch(graphdef, params, tokens, lengths):
-    """tokens (B, T) left-padded sequences -> log p(tokens[:, t+1] | tokens[:, :t+1]) (B, T-1)."""
-    model = nnx.merge(graphdef, params)
-    positions, segment_ids = left_padded_layout(lengths, tokens.shape[1])
-    logits, _ = model(tokens, positions, segment_ids)
-    logits = logits[:, :-1]  # picked logit - log-sum-exp: no second (B, T, vocab) log-softmax copy
-    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
-
-
-# ----------------------------------------------------------------------------------------- Generator
+__all__ = ["Completion", "Generator", "Request", "Scored"]
 
 
 class Generator:
@@ -135,32 +98,10 @@ class Generator:
                  split_layers: bool | None = None, quantize: str | None = None, kv_cache_dtype: str | None = None,
                  decode_attention: str = "auto", prefill_chunk: int | None = None, kv_pages: int | None = None,
                  page_size: int = 64, paged_attention: str = "auto"):
-        if dtype not in ("bfloat16", "float32"):
-            raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
-        quant.check(quantize)
-        if kv_cache_dtype not in (None, "bfloat16", "float32", "int8"):
-            raise ValueError(f"kv_cache_dtype must be bfloat16, float32 or int8, got {kv_cache_dtype!r}")
-        if params is None:
-            if checkpoint_dir is None:
-                raise ValueError("Generator needs a checkpoint directory (or cfg and params)")
-            cfg = checkpoint.load_config(checkpoint_dir)
-            # quantising here: restore in the stored dtype, so the int8 weights equal convert --quantize's
-            quantize_now = quantize is not None and cfg.quantization is None
-            cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=cfg.param_dtype if quantize_now else dtype)
-            cfg, params = checkpoint.restore_params(checkpoint_dir, mesh, cfg=cfg)
-        else:  # already in memory (tests, benchmarks): cast the same way
-            quantize_now = quantize is not None and cfg.quantization is None
-            cfg = dataclasses.replace(cfg, dtype=dtype)
-        if quantize_now:
-            params = quantize_params(params, cfg)
-            cfg = dataclasses.replace(cfg, quantization=quantize)
-        cfg = dataclasses.replace(cfg, param_dtype=dtype)
-        params = quant.cast_floats(params, dtype)  # int8 matrices and their scales stay as they are
+        restore.check_options(dtype, quantize, kv_cache_dtype)
+        cfg, params, split_layers = restore.load_params(checkpoint_dir, dtype, mesh, cfg, params, quantize,
+                                                        split_layers)
         self.kv_dtype = jnp.dtype(kv_cache_dtype or dtype)
-        if split_layers is None:  # XLA:CPU reads separate per-layer arrays ~2x faster (model.Llama)
-            split_layers = jax.devices()[0].platform == "cpu"
-        if split_layers:
-            params = split_layer_params(params)
         self.cfg, self.params, self.mesh, self.dtype = cfg, params, mesh, dtype
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
@@ -255,21 +196,11 @@ class Generator:
 
     def _cache_for(self, batch: int, slots: int) -> KVCache:
         """Reuse the last batch's cache when the shape matches (it was donated and handed back)."""
-        c = self._cache
+        c, self._cache = self._cache, None  # a cache of another shape is freed before the new one exists
         if c is not None and c.k.shape[1:3] == (batch, slots):
-            self._cache = None
             return c
-        self._cache = None  # free the old buffers before allocating new ones
-        shape = (self.cfg.n_layers, batch, slots, self.cfg.n_kv_heads, quant.kv_width(self.cfg.head_dim, self.kv_dtype))
-        init = functools.partial(KVCache.init, self.cfg, batch, slots, self.kv_dtype)
-        if self.mesh is None:  # committed to the device, like the cache the call hands back (no recompile)
-            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            out = KVCache(k=one, v=one, segment_ids=one, index=one)
-        else:
-            kv = named_sharding(self.mesh, CACHE_AXES, shape)
-            out = KVCache(k=kv, v=kv, segment_ids=named_sharding(self.mesh, ("batch", "cache_seq"), shape[1:3]),
-                          index=named_sharding(self.mesh, (), ()))
-        return jax.jit(init, out_shardings=out)()
+        del c
+        return caches.contiguous(self.cfg, self.kv_dtype, self.mesh, batch, slots)
 
     def _paged_cache(self, batch: int, table_width: int) -> PagedKVCache:
         """The page pool (kv_pages + page 0) with a (batch, table_width) table; reused when it fits."""
@@ -277,18 +208,8 @@ class Generator:
         if c is not None and c.table.shape == (batch, table_width):
             return c
         del c
-        interleaved = attn.reads_interleaved(self.paged_attention)
-        init = functools.partial(PagedKVCache.init, self.cfg, self.kv_pages + 1, self.page_size, batch, table_width,
-                                 self.kv_dtype, interleaved=interleaved)
-        if self.mesh is None:
-            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            out = PagedKVCache(kv=one, table=one, interleaved=interleaved)
-        else:  # kv heads over `tensor` (PagedKVCache.axes); the host-owned table replicated
-            abstract = jax.eval_shape(init)
-            out = PagedKVCache(kv=named_sharding(self.mesh, abstract.axes, abstract.kv.shape),
-                               table=named_sharding(self.mesh, (None, None), (batch, table_width)),
-                               interleaved=interleaved)
-        return jax.jit(init, out_shardings=out)()
+        return caches.paged(self.cfg, self.kv_dtype, self.mesh, self.kv_pages, self.page_size, self.paged_attention,
+                            batch, table_width)
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -377,50 +298,10 @@ class Generator:
                 self._scheduler = Scheduler(self, batch_size)
             batches = self._scheduler.run(requests, stop_arr, decode)
         else:
-            batches = self._static_batches(requests, stop_arr, batch_size, decode)
+            batches = static_batches(self, requests, stop_arr, batch_size, decode)
         for batch in batches:
             if decode is not None and not decode_text:
                 batch = [(i, dataclasses.replace(c, text=None)) for i, c in batch]
-            yield batch
-
-    def _static_batches(self, requests: Sequence[Request], stop_arr, batch_size: int, decode
-                        ) -> Iterator[list[tuple[int, Completion]]]:
-        """Whole batches of `left_padded_batches`. The cache holds the bucket of the longest budget, at
-        most FIRST_CHUNK new tokens at first: while a row has room and no stop token the cache and the
-        out buffer double (`extend_batch`), so memory follows the longest answer, not the context."""
-        width = functools.partial(prompt_width, chunk=self.prefill_chunk)
-        for rows, tokens, lengths in left_padded_batches([r.tokens for r in requests], batch_size, width):
-            b, p = tokens.shape
-            active = np.arange(b) < len(rows)
-            col = lambda f, dtype, fill: np.array([f(requests[i]) for i in rows] + [fill] * (b - len(rows)), dtype)
-            seeds, row_seeds = col(lambda r: r.seed, np.int32, 0), col(lambda r: r.row_seed, np.int32, 0)
-            knobs = tuple(self._put(col(f, dt, fill), ("batch",)) for f, dt, fill in (
-                (lambda r: r.temperature, np.float32, 0.0), (lambda r: r.top_k, np.int32, 0),
-                (lambda r: r.top_p, np.float32, 1.0)))
-            limits = col(lambda r: r.max_new_tokens, np.int32, 1)
-            n = min(bucket(int(limits.max()), 1), FIRST_CHUNK)
-            cache = self._cache_for(b, p + n)
-            common = dict(params=self.params, lengths=self._put(lengths, ("batch",)), knobs=knobs,
-                          row_seeds=self._put(row_seeds, ("batch",)), seeds=self._put(seeds, ("batch",)),
-                          stop_ids=stop_arr, limits=self._put(limits, ("batch",)))
-            with self._scope():
-                state = self._generate(cache=cache, tokens=self._put(tokens, ("batch", "seq")),
-                                       active=self._put(active, ("batch",)), max_new=n, **common)
-                while n < limits.max() and not bool(to_host(state[3]).all()):
-                    n *= 2
-                    state = self._extend(state=state, max_new=n, **common)
-            _, _, out, _, n_kept, cache = state
-            self._cache = cache
-            out, n_kept = to_host(out), to_host(n_kept)
-            batch = []
-            for r, i in enumerate(rows):
-                toks = out[r, :n_kept[r]].tolist()
-                reason = "stop" if n_kept[r] < limits[r] else "length"
-                cut = cut_at_stop(toks, requests[i].stop, decode) if decode is not None else None
-                if cut is not None:
-                    batch.append((i, Completion(toks[:cut[0]], "stop", cut[1])))
-                else:
-                    batch.append((i, Completion(toks, reason, decode(toks) if decode is not None else None)))
             yield batch
 
     # ------------------------------------------------------------------ scoring
@@ -450,13 +331,7 @@ class Generator:
             return
         seqs = [list(p) + list(c) for p, c in pairs]
         for rows, tokens, lengths in left_padded_batches(seqs, batch_size):
-            t = tokens.shape[1]
             with self._scope():
                 logp = to_host(self._score(self.params, self._put(tokens, ("batch", "seq")),
-                                              self._put(lengths, ("batch",))))
-            batch = []
-            for r, i in enumerate(rows):
-                n_prompt, n_comp = len(pairs[i][0]), len(pairs[i][1])
-                first = t - len(seqs[i]) + n_prompt - 1  # logp[:, j] scores the token in slot j + 1
-                batch.append((i, Scored(list(pairs[i][1]), logp[r, first:first + n_comp].tolist())))
-            yield batch
+                                           self._put(lengths, ("batch",))))
+            yield scored_rows(pairs, rows, tokens.shape[1], logp)

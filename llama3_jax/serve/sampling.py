@@ -1,9 +1,11 @@
-"""Sampling strategies: small frozen dataclasses with one method, `sample(logits, key) -> ids`.
+"""Sampling: per-row temperature / top-k / top-p draws in one compiled program, and the strategies.
 
-The engine does not compile per strategy: `row_params` turns one into per-row (temperature, top_k,
-top_p) values and `sample_rows` draws for a whole batch whose rows each have their own values (greedy is
-temperature 0), so requests with different knobs share one compiled decode program.
-`logits` is (..., V) float32 and `key` one PRNG key; the engine gives each row its own key
+The engine does not compile per strategy: a strategy (`Greedy`, `Temperature`, `TopK`, `TopP`: small
+frozen dataclasses that check their values) is turned by `row_params` into per-row (temperature,
+top_k, top_p) values, and `sample_rows` draws for a whole batch whose rows each have their own values
+(greedy is temperature 0), so requests with different knobs share one compiled decode program. There
+is one way to draw, `sample_rows`: the strategies hold values, they do not sample.
+`logits` are (B, V) float32 with one PRNG key per row; the engine gives each row its own key
 (`fold_in(fold_in(seed, row), step)`), so a row's sample never depends on its neighbours in the batch.
 
 Filters apply in the order transformers uses: temperature, then top-k, then top-p.
@@ -16,14 +18,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Greedy", "Temperature", "TopK", "TopP", "from_flags", "row_params", "sample_rows", "top_k_mask",
+__all__ = ["Greedy", "Temperature", "TopK", "TopP", "check_flags", "from_flags", "row_params", "sample_rows",
            "top_k_mask_rows", "top_p_mask"]
-
-
-def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
-    """(..., V) -> bool (..., V): the k largest logits (ties at the k-th value are all kept)."""
-    kth = jax.lax.top_k(logits, k)[0][..., -1:]
-    return logits >= kth
 
 
 def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
@@ -63,8 +59,8 @@ def _ordered_bits(x: jax.Array) -> jax.Array:
 
 
 def top_k_mask_rows(logits: jax.Array, k: jax.Array) -> jax.Array:
-    """(B, V), k (B,) int32 traced (0 = keep all) -> bool (B, V): each row's k largest logits, ties at the
-    k-th value kept, as `top_k_mask`. `lax.top_k` needs a static k; a per-row traced k is found instead
+    """(B, V), k (B,) int32 traced (0 = keep all) -> bool (B, V): each row's k largest logits (ties at the
+    k-th value are all kept). `lax.top_k` needs a static k; a per-row traced k is found instead
     by bisecting for the largest value t with count(logits >= t) >= k over the order-preserving int32 view
     of the floats (32 steps, no sort over the vocabulary)."""
     keys = _ordered_bits(logits)
@@ -86,8 +82,8 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
                 top_p: jax.Array) -> jax.Array:
     """logits (B, V), one key per row, per-row temperature (0 = greedy), top_k (0 = off), top_p (1 = off)
     -> ids (B,). One program for any mix of values; the top-k / top-p passes run only when some row asks
-    for them, and the draw only when some row samples (temperature > 0). A row draws what the strategy
-    `from_flags` gives for its values draws with the same key."""
+    for them, and the draw only when some row samples (temperature > 0). A row's draw depends on its
+    logits, key and values only, never on the other rows' values."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(logits):
@@ -113,10 +109,6 @@ def _check_temperature(t: float) -> None:
 class Greedy:
     """The most likely token (temperature 0)."""
 
-    def sample(self, logits: jax.Array, key: jax.Array) -> jax.Array:
-        del key
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
 
 @dataclasses.dataclass(frozen=True)
 class Temperature:
@@ -126,9 +118,6 @@ class Temperature:
 
     def __post_init__(self):
         _check_temperature(self.temperature)
-
-    def sample(self, logits: jax.Array, key: jax.Array) -> jax.Array:
-        return jax.random.categorical(key, logits / self.temperature, axis=-1).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,11 +131,6 @@ class TopK:
         _check_temperature(self.temperature)
         if self.k < 1:
             raise ValueError(f"top-k must be >= 1, got {self.k}")
-
-    def sample(self, logits: jax.Array, key: jax.Array) -> jax.Array:
-        logits = logits / self.temperature
-        logits = jnp.where(top_k_mask(logits, min(self.k, logits.shape[-1])), logits, -jnp.inf)
-        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,13 +148,6 @@ class TopP:
             raise ValueError(f"top-p must be in (0, 1], got {self.p}")
         if self.k < 0:
             raise ValueError(f"top-k must be >= 0, got {self.k}")
-
-    def sample(self, logits: jax.Array, key: jax.Array) -> jax.Array:
-        logits = logits / self.temperature
-        if self.k:
-            logits = jnp.where(top_k_mask(logits, min(self.k, logits.shape[-1])), logits, -jnp.inf)
-        logits = jnp.where(top_p_mask(logits, self.p), logits, -jnp.inf)
-        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 Sampler = Greedy | Temperature | TopK | TopP

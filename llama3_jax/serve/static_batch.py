@@ -1,21 +1,33 @@
-"""The static path's device programs: prefill + decode one whole batch until its longest row is done.
+"""The static path: prefill + decode one whole batch until its longest row is done, then the next.
 
-Kept beside continuous batching (scheduler.py) for the benchmark comparison (`--static-batching`);
-engine.Generator jits and calls them. Prompts are left-padded to one width, so every row writes the
+Kept beside continuous batching (scheduler.py) for the benchmark comparison (`--static-batching`).
+The device programs (`generate_batch`, `extend_batch`) are jitted by engine.Generator; the host loop
+(`static_batches`) walks the batches. Prompts are left-padded to one width, so every row writes the
 same cache slot each step (kv_cache.py); the decode loop is a `lax.while_loop` with a per-row done mask.
+The cache holds the bucket of the longest budget, at most FIRST_CHUNK new tokens at first: while a row
+has room and no stop token, the cache and the out buffer double (`extend_batch`), so memory follows the
+longest answer rather than the context.
 Shapes: B batch, P padded prompt, N max new tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ..model.kv_cache import KVCache
-from .slots import decode_step, is_stop, prefill, row_keys, sample
+from ..parallel.multihost_io import to_host
+from .padding import left_padded_batches
+from .request import Completion, Request, finished
+from .slots import bucket, decode_step, is_stop, prefill, prompt_width, row_keys, sample
+
+FIRST_CHUNK = 256  # new tokens decoded before the cache first grows, when no max_new_tokens is given
 
 
 def _decode_loop(model, knobs, max_new: int, state, lengths, keys, stop_ids, limits):
@@ -74,3 +86,43 @@ def extend_batch(graphdef, max_new: int, params, state, lengths, row_seeds, seed
                     segment_ids=jnp.pad(cache.segment_ids, ((0, 0), (0, grow))), index=cache.index)
     state = (step, tok, out, done, n_kept, cache)
     return _decode_loop(model, knobs, max_new, state, lengths, row_keys(seeds, row_seeds), stop_ids, limits)
+
+
+# ------------------------------------------------------------------------------------------ host loop
+
+
+def _columns(requests: Sequence[Request], rows: list[int], b: int) -> dict[str, np.ndarray]:
+    """Per-row host arrays (B,) of one batch; padding rows (past len(rows)) get neutral values."""
+    def col(f, dtype, fill):
+        return np.array([f(requests[i]) for i in rows] + [fill] * (b - len(rows)), dtype)
+    return dict(seeds=col(lambda r: r.seed, np.int32, 0), row_seeds=col(lambda r: r.row_seed, np.int32, 0),
+                temperature=col(lambda r: r.temperature, np.float32, 0.0), top_k=col(lambda r: r.top_k, np.int32, 0),
+                top_p=col(lambda r: r.top_p, np.float32, 1.0), limits=col(lambda r: r.max_new_tokens, np.int32, 1))
+
+
+def static_batches(gen, requests: Sequence[Request], stop_arr, batch_size: int, decode
+                   ) -> Iterator[list[tuple[int, Completion]]]:
+    """Yield [(request index, Completion)] per whole batch of `left_padded_batches`. `gen` is the
+    engine.Generator: its params, prefill_chunk, jitted `_generate` / `_extend`, `_cache_for` (whose
+    cache is handed back in `_cache` for the next batch), `_put` and `_scope`."""
+    width = functools.partial(prompt_width, chunk=gen.prefill_chunk)
+    for rows, tokens, lengths in left_padded_batches([r.tokens for r in requests], batch_size, width):
+        b, p = tokens.shape
+        cols = _columns(requests, rows, b)
+        limits = cols["limits"]
+        n = min(bucket(int(limits.max()), 1), FIRST_CHUNK)
+        cache = gen._cache_for(b, p + n)
+        knobs = tuple(gen._put(cols[f], ("batch",)) for f in ("temperature", "top_k", "top_p"))
+        common = dict(params=gen.params, lengths=gen._put(lengths, ("batch",)), knobs=knobs,
+                      row_seeds=gen._put(cols["row_seeds"], ("batch",)), seeds=gen._put(cols["seeds"], ("batch",)),
+                      stop_ids=stop_arr, limits=gen._put(limits, ("batch",)))
+        with gen._scope():
+            state = gen._generate(cache=cache, tokens=gen._put(tokens, ("batch", "seq")),
+                                  active=gen._put(np.arange(b) < len(rows), ("batch",)), max_new=n, **common)
+            while n < limits.max() and not bool(to_host(state[3]).all()):
+                n *= 2
+                state = gen._extend(state=state, max_new=n, **common)
+        _, _, out, _, n_kept, gen._cache = state
+        out, n_kept = to_host(out), to_host(n_kept)
+        yield [(i, finished(out[r, :n_kept[r]].tolist(), limits[r], requests[i].stop, decode))
+               for r, i in enumerate(rows)]
