@@ -12,7 +12,7 @@ OPTIONS = ("max_shard_size", "shards", "base", "mesh", "keep_adapters", "quantiz
 
 
 def add_parser(sub) -> None:
-    c = sub.add_parser("convert", help="convert weights between hf, meta and jax formats")
+    c = sub.add_parser("convert", help="convert weights between hf, meta and jax formats, and peft (LoRA adapters)")
     c.add_argument("--from", dest="src_format", required=True, choices=["hf", "meta", "jax", "peft"])
     c.add_argument("--to", dest="dst_format", required=True, choices=["hf", "meta", "jax", "peft"])
     c.add_argument("src")
