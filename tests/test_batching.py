@@ -214,3 +214,24 @@ def test_paged_cache_equals_the_contiguous_one(gen):
     for kv_dtype in (jnp.float32, jnp.int8):
         a, b = jax.jit(both, static_argnums=1)(gen.params, kv_dtype)
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_contiguous_cache_shifts_and_resizes_without_changing_a_row(gen, hf_model):
+    """Two slots, ragged rows timed to drive the contiguous cache through every move (scheduler.py's
+    `_make_room` and `_room_for_prompts`, slots.shift / resize): the two long rows end together as the
+    write slot nears the end of the 64-slot cache, so the next two reach it with a few tokens each:
+    shift them to the front and halve the cache; a prompt wider than the write slot then moves the rows
+    up; the sampled row outlives three quarters of the halved cache, which then doubles. Each row
+    must give what it gives alone: transformers' greedy tokens, and the sampled row its solo run's."""
+    lengths, budgets = [3, 3, 3, 2, 5], [44, 44, 30, 10, 8]
+    prompts = ragged_prompts(lengths, seed=3)
+    reqs = [gen.request(p, n, row_seed=i) for i, (p, n) in enumerate(zip(prompts, budgets))]
+    reqs[2] = gen.request(prompts[2], budgets[2], TopP(0.9, 0.8), seed=5, row_seed=2)
+    gen._scheduler = None  # a fresh scheduler: its counters count this run only
+    got = run(gen, reqs, 2)
+    moves = gen._scheduler
+    assert (moves.shifts, moves.shrinks, moves.grows) == (3, 1, 1)
+    for i in (0, 1, 3, 4):
+        assert got[i].tokens == hf_greedy(hf_model, prompts[i], budgets[i]), f"row {i}"
+    [alone] = run(gen, [reqs[2]], 1)
+    assert got[2].tokens == alone.tokens and len(alone.tokens) == budgets[2]
