@@ -135,63 +135,23 @@ def dry_run(cfg: TrainConfig, topology: str | None = None, num_slices: int = 1, 
     """Compile, print the report (last line JSON) and return it; raises DoesNotFit when it does not fit."""
     out = out or sys.stdout
     cfg = resolve_lora(cfg)  # lora.init_from: its base's shape and the adapters' rank
-    if num_slices < 1:
-        raise ValueError(f"--num-slices must be >= 1, got {num_slices}")
-    if num_slices > 1 and topology is None:
-        raise ValueError("--num-slices needs --topology")
-    devices = topology_devices(topology, num_slices) if topology else jax.devices()
+    devices, name = _target_devices(topology, num_slices)
     n = len(devices)
     hbm = device_memory_bytes(devices)
-    name = topology + (f" x{num_slices}" if num_slices > 1 else "") if topology else \
-        f"{devices[0].platform}:{len(devices)}"
     started = time.perf_counter()
-    try:
-        compiled, mc, mesh = compile_step(cfg, devices)
-    except jax.errors.JaxRuntimeError as e:
-        # the TPU compiler refuses a program whose temporaries exceed HBM: that is the answer too
-        first = str(e).strip().splitlines()[0]
-        if "RESOURCE_EXHAUSTED" not in first:
-            raise
-        found = re.search(r"temporaries \(([\d.]+)([KMGT])\)", first)
-        temp = int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2))) if found else None
-        report = {"topology": name, "devices": n, "bytes_per_device": {"arguments": None, "temporaries": temp,
-                  "outputs": None, "peak": None}, "device_memory_bytes": hbm, "fits": False,
-                  "flops_per_step": None, "estimated_step_seconds": None, "estimated_mfu": None}
-        print(f"dry run: {name}: the compiler ran out of memory: {first}", file=out)
-        print(json.dumps(report), file=out, flush=True)
-        raise DoesNotFit(first.split(":", 1)[-1].strip()) from None
+    compiled, mc, mesh = _compile_or_report_oom(cfg, devices, name, hbm, out)
     mem = compiled.memory_analysis()
-    per_device = {"arguments": int(mem.argument_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
-                  "outputs": int(mem.output_size_in_bytes)}
-    per_device["peak"] = sum(per_device.values()) - int(mem.alias_size_in_bytes)
+    per_device = _bytes_per_device(mem)
     fits = bool(hbm) and per_device["peak"] <= hbm
-    gib = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
     # the memory lines first: the cost compiles below can take as long again on a big topology
     print(f"dry run: {mc.num_params():,} params, {name} ({devices[0].device_kind}), mesh {dict(mesh.shape)}, "
           f"{cfg.batch_size}x{cfg.seq_len} tokens, attention={cfg.attention}, remat={cfg.remat}, "
           f"compiled in {time.perf_counter() - started:.0f} s", file=out)
-    print(f"per device: arguments {gib(per_device['arguments'])}, temporaries {gib(per_device['temporaries'])}, "
-          f"outputs {gib(per_device['outputs'])}, peak {gib(per_device['peak'])} of {gib(hbm)}"
+    print(f"per device: arguments {_gib(per_device['arguments'])}, temporaries {_gib(per_device['temporaries'])}, "
+          f"outputs {_gib(per_device['outputs'])}, peak {_gib(per_device['peak'])} of {_gib(hbm)}"
           f"{host_line(mem)}", file=out, flush=True)
-    started = time.perf_counter()
-    per_device_flops, seconds, hbm_bytes = cost_estimate(cfg, mc, devices)
-    flops = per_device_flops * n
     model_flops = model_flops_per_token(mc, cfg.seq_len) * cfg.batch_size * cfg.seq_len
-    cost_s = time.perf_counter() - started
-    print(f"compiler: {flops:.3e} FLOPs per step (model: {model_flops:.3e}), cost-model step "
-          f"{'n/a' if seconds is None else f'{seconds:.3f} s'} (cost compiles: {cost_s:.0f} s)", file=out)
-    source = "libtpu cost model" if seconds is not None else None
-    if seconds is None:  # no usable cost-model time: the roofline bound, when the chip's peaks are known
-        roof = roofline.estimate(mc, cfg.remat, cfg.batch_size, cfg.seq_len, dict(mesh.shape),
-                                 devices[0].device_kind, n, per_device_flops, hbm_bytes, cfg.peak_flops or None,
-                                 attention.resolve(cfg.attention, devices[0].platform, cfg.seq_len) != "reference")
-        if roof is not None:
-            seconds, source, flops = roof.seconds, "roofline", roof.flops
-            hbm_s = "n/a" if roof.memory_s is None else f"{roof.memory_s:.3f} s"
-            net_s = "n/a" if roof.network_s is None else f"{roof.network_s:.3f} s"
-            print(f"roofline: {roof.flops:.3e} FLOPs run per step -> compute {roof.compute_s:.3f} s, HBM {hbm_s}, "
-                  f"interconnect {net_s} per chip; {roof.bound()}-bound, perfectly overlapped: step >= "
-                  f"{roof.seconds:.3f} s", file=out)
+    flops, seconds, source = _step_time(cfg, mc, mesh, devices, model_flops, out)
     peak = peak_flops(cfg.peak_flops, devices) if devices[0].platform != "cpu" or cfg.peak_flops else float("nan")
     mfu = model_flops / (seconds * peak) if seconds and math.isfinite(peak) else None
     report = {"topology": name, "devices": n, "bytes_per_device": per_device, "device_memory_bytes": hbm,
@@ -202,6 +162,78 @@ def dry_run(cfg: TrainConfig, topology: str | None = None, num_slices: int = 1, 
               f"({cfg.batch_size * cfg.seq_len / seconds / n:,.0f} tokens/s/chip)", file=out)
     print(json.dumps(report), file=out, flush=True)
     if not fits:
-        raise DoesNotFit(f"needs {gib(per_device['peak'])} per device, the device has {gib(hbm)}"
+        raise DoesNotFit(f"needs {_gib(per_device['peak'])} per device, the device has {_gib(hbm)}"
                          if hbm else "the device's memory size is unknown")
     return report
+
+
+def _gib(b) -> str:
+    return f"{b / GiB:.2f} GiB"
+
+
+def _target_devices(topology: str | None, num_slices: int) -> tuple[list, str]:
+    """(devices to compile for, their name in the report): a compile-only TPU topology, else the local
+    devices ("cpu:8")."""
+    if num_slices < 1:
+        raise ValueError(f"--num-slices must be >= 1, got {num_slices}")
+    if num_slices > 1 and topology is None:
+        raise ValueError("--num-slices needs --topology")
+    if topology:
+        return topology_devices(topology, num_slices), topology + (f" x{num_slices}" if num_slices > 1 else "")
+    devices = jax.devices()
+    return devices, f"{devices[0].platform}:{len(devices)}"
+
+
+def _compile_or_report_oom(cfg: TrainConfig, devices, name: str, hbm: int, out):
+    """compile_step, or, when the compiler itself runs out of memory, the does-not-fit report (its
+    temporaries from the error message) printed and DoesNotFit raised."""
+    try:
+        return compile_step(cfg, devices)
+    except jax.errors.JaxRuntimeError as e:
+        # the TPU compiler refuses a program whose temporaries exceed HBM: that is the answer too
+        first = str(e).strip().splitlines()[0]
+        if "RESOURCE_EXHAUSTED" not in first:
+            raise
+        found = re.search(r"temporaries \(([\d.]+)([KMGT])\)", first)
+        temp = int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2))) if found else None
+        report = {"topology": name, "devices": len(devices), "bytes_per_device": {"arguments": None,
+                  "temporaries": temp, "outputs": None, "peak": None}, "device_memory_bytes": hbm, "fits": False,
+                  "flops_per_step": None, "estimated_step_seconds": None, "estimated_mfu": None}
+        print(f"dry run: {name}: the compiler ran out of memory: {first}", file=out)
+        print(json.dumps(report), file=out, flush=True)
+        raise DoesNotFit(first.split(":", 1)[-1].strip()) from None
+
+
+def _bytes_per_device(mem) -> dict[str, int]:
+    """The compiled step's memory analysis -> {arguments, temporaries, outputs, peak} bytes; the donated
+    state is updated in place, so the aliased bytes count once."""
+    per_device = {"arguments": int(mem.argument_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
+                  "outputs": int(mem.output_size_in_bytes)}
+    per_device["peak"] = sum(per_device.values()) - int(mem.alias_size_in_bytes)
+    return per_device
+
+
+def _step_time(cfg: TrainConfig, mc, mesh, devices, model_flops: float, out) -> tuple[float, float | None, str | None]:
+    """(FLOPs per step, estimated step seconds or None, which estimate: "libtpu cost model", "roofline"
+    or None), printing the compiler's line (beside the `model_flops` the MFU counts) and the roofline's."""
+    n = len(devices)
+    started = time.perf_counter()
+    per_device_flops, seconds, hbm_bytes = cost_estimate(cfg, mc, devices)
+    flops = per_device_flops * n
+    cost_s = time.perf_counter() - started
+    print(f"compiler: {flops:.3e} FLOPs per step (model: {model_flops:.3e}), cost-model step "
+          f"{'n/a' if seconds is None else f'{seconds:.3f} s'} (cost compiles: {cost_s:.0f} s)", file=out)
+    if seconds is not None:
+        return flops, seconds, "libtpu cost model"
+    # no usable cost-model time: the roofline bound, when the chip's peaks are known
+    roof = roofline.estimate(mc, cfg.remat, cfg.batch_size, cfg.seq_len, dict(mesh.shape),
+                             devices[0].device_kind, n, per_device_flops, hbm_bytes, cfg.peak_flops or None,
+                             attention.resolve(cfg.attention, devices[0].platform, cfg.seq_len) != "reference")
+    if roof is None:
+        return flops, None, None
+    hbm_s = "n/a" if roof.memory_s is None else f"{roof.memory_s:.3f} s"
+    net_s = "n/a" if roof.network_s is None else f"{roof.network_s:.3f} s"
+    print(f"roofline: {roof.flops:.3e} FLOPs run per step -> compute {roof.compute_s:.3f} s, HBM {hbm_s}, "
+          f"interconnect {net_s} per chip; {roof.bound()}-bound, perfectly overlapped: step >= "
+          f"{roof.seconds:.3f} s", file=out)
+    return roof.flops, roof.seconds, "roofline"
