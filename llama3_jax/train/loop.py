@@ -11,6 +11,7 @@ computes in `compute_dtype`. The workdir is itself a `jax` checkpoint (config.js
 `params`, `opt_state`, `data`, `meta`), so generate/convert/init_from read it as they read a converted
 model. Step numbers count finished updates: checkpoint N holds the weights after N updates and the
 iterator positioned at batch N + 1; metrics line N reports the loss of batch N (before its update).
+SIGTERM / Ctrl-C handling is preemption.py; the end-of-run sample and summary line, report.py.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 from ..store import checkpoint, remote
 from ..parallel import distributed
 from ..model import lora
+from ..model.config import ModelConfig
 from . import objectives
 from ..config_loader import load_yaml_config
 from ..data import BATCH_KEYS, corpus_documents, make_iterator, skipped_line_count, split_sizes
@@ -41,53 +41,12 @@ from ..parallel.sharding import logical_spec, make_mesh, require_divisible
 from .config import TrainConfig, make_tokenizer, model_config, resolve_lora, tokenizer_spec
 from .metrics import MetricsLog, model_flops_per_token, peak_flops
 from .numerics import Guard
+from .preemption import Preemption
+from .report import draw_sample, report
 from .state import restore_state, save_state
 from .step import Setup, build, forward, init_params
 
 DATA_KIND = {"lm": "text", "sft": "sft", "dpo": "dpo"}  # objective -> data/ pipeline
-
-
-class Preemption:
-    """SIGTERM, or a first Ctrl-C (SIGINT), sets a flag: the loop saves a checkpoint at the end of the
-    step (several processes: of the next step where they compare flags) and exits cleanly. A second
-    Ctrl-C stops at once (KeyboardInterrupt), saving nothing more."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested = False
-        self.signal = None  # the name of the first signal received
-        self._old = {}
-
-    def __enter__(self):
-        try:
-            for sig in self.SIGNALS:
-                self._old[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-        return self
-
-    def _handle(self, signum, _frame):
-        self.requested, self.signal = True, self.signal or signal.Signals(signum).name
-        if signum == signal.SIGINT:  # the next Ctrl-C interrupts, whatever SIGINT was set to before
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            print("\ntrain: SIGINT: saving a checkpoint after this step, then stopping "
-                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def agreed(self, step: int, every: int) -> bool:
-        """Whether every process stops after `step`. Each step is a collective, so with several
-        processes a signal to any one of them stops all at the same step: the flags are compared
-        every `every` steps (where the loop waits for the devices anyway), and one checkpoint is saved."""
-        if jax.process_count() == 1:
-            return self.requested
-        if step % every:
-            return False
-        from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
 
 
 def run_train(config_path: str | None, overrides=(), *, tokenizer=None) -> dict:
@@ -193,17 +152,6 @@ def _warn_if_schedule_changed(cfg: TrainConfig, workdir: Path, step: int) -> Non
           f"({', '.join(changed)}): the rate here is now {now:.3g}, was {was:.3g}", file=sys.stderr)
 
 
-def _sample(cfg: TrainConfig, setup: Setup, params: dict, tok) -> str:
-    """Continuation of `sample_prompt` with the serving engine: greedy, or drawn with the run's seed."""
-    from ..serve.engine import Generator
-    from ..serve.sampling import from_flags
-    gen = Generator(cfg=setup.model_cfg, params=setup.model_params(params), dtype=cfg.compute_dtype, mesh=setup.mesh,
-                    tokenizer=tok)
-    [completion] = gen.generate([cfg.sample_prompt], max_new_tokens=cfg.sample_tokens, batch_size=1,
-                                sampling=from_flags(cfg.sample_temperature, cfg.sample_top_k), seed=cfg.seed)
-    return completion.text
-
-
 def _frozen(cfg: TrainConfig, setup: Setup, force: bool = False) -> dict:
     """The weights a fine-tuning step reads but does not train, in the compute dtype: the LoRA base, or
     full DPO's reference model (both the starting checkpoint: `init_from`, else the seeded init)."""
@@ -254,22 +202,76 @@ def _local_paths(cfg: TrainConfig) -> tuple[TrainConfig, remote.WorkdirMirror | 
     return dataclasses.replace(cfg, **changes), mirror
 
 
+@dataclasses.dataclass
+class _Run:
+    """What a run works with, settled before its first step (`_prepare`)."""
+    cfg: TrainConfig          # with remote paths made local
+    given: TrainConfig        # as the user gave it (URLs): recorded in train_config.json and a LoRA workdir's base
+    mirror: remote.WorkdirMirror | None
+    workdir: Path
+    is_main: bool
+    mesh: jax.sharding.Mesh
+    resume: int | None        # the checkpoint step resumed, None: a new run
+    mc: ModelConfig
+    tok: object
+    own_tokenizer: bool       # the tokenizer came from cfg.tokenizer (recorded in config.json), not the caller
+    documents: list | None    # the corpus, listed once per run (None: prepared data)
+    eval_every: int
+    setup: Setup
+    t0: float                 # wall clock at the start of `train`
+    tokens_per_step: int
+    flops_per_step: float
+    peak: float
+
+
+@dataclasses.dataclass
+class _Progress:
+    """The loop's counters. Step numbers count finished updates (module docstring)."""
+    start: int
+    step: int
+    tokens: int               # tokens seen, over every (re)start
+    saved: int | None         # the step of the last checkpoint
+    losses: list = dataclasses.field(default_factory=list)
+    last_eval: dict | None = None
+    sample: str | None = None
+    # wall clock after the first step (compilation excluded after it), at the last metrics line, at the end
+    t_first: float | None = None
+    t_log: float | None = None
+    step_log: int | None = None
+    startup: float | None = None
+    t_end: float | None = None
+
+
 def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
     """Run (or resume) the job described by `cfg`; returns a summary dict (losses, throughput, sample)."""
+    run = _prepare(cfg, tokenizer)
+    with Preemption() as preempt:  # from here on SIGTERM or Ctrl-C means "save and stop", even while compiling
+        state, data_state, start, tokens_seen, origin = _start_state(run.cfg, run.setup, run.workdir, run.resume)
+        reference = _reference_table(run.cfg, run.setup, run.tok, run.workdir)
+        it = _open_iterator(run, reference, data_state, origin)
+        progress = _Progress(start=start, step=start, tokens=tokens_seen,
+                             saved=start if run.resume is not None else None)
+        _run_steps(run, progress, state, it, reference, preempt)
+    summary = _summary(run, progress, preempt.signal, it.truncated)
+    if run.is_main:
+        report(run.cfg, summary, run.workdir)
+    if run.mirror:  # the final metrics and sample.txt
+        run.mirror.push()
+    return summary
+
+
+def _prepare(cfg: TrainConfig, tokenizer) -> _Run:
+    """Everything settled before the first step, each refusal before anything is compiled or written:
+    processes, local paths, the mesh, the model config (a resumed workdir's own), the tokenizer, the data
+    listing, the abstract sharded state (step.build)."""
     t0 = time.time()
     distributed.initialize(cfg.distributed)  # before any other JAX call
     cfg = resolve_lora(cfg)  # lora.init_from: its base and LoRA settings
-    given = cfg  # as the user gave it (URLs): recorded in train_config.json and a LoRA workdir's base
+    given = cfg
     cfg, mirror = _local_paths(cfg)
     workdir = Path(cfg.workdir)
     is_main = jax.process_index() == 0
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, dcn_data=cfg.mesh.dcn_data,
-                     dcn_fsdp=cfg.mesh.dcn_fsdp)
-    batch_axes = logical_spec(("batch",), None, mesh)[0] or ()
-    n_batch = math.prod(mesh.shape[a] for a in ((batch_axes,) if isinstance(batch_axes, str) else batch_axes))
-    if (cfg.batch_size // cfg.grad_accum) % n_batch:
-        raise ValueError(f"batch_size/grad_accum = {cfg.batch_size // cfg.grad_accum} sequences do not split over "
-                         f"the {n_batch} batch shards of the mesh (mesh.data*mesh.fsdp)")
+    mesh = _train_mesh(cfg)
     # a corrupt latest step is reported and set aside; the newest intact one is resumed
     resume = checkpoint.latest_intact_step(workdir, set_aside=True) if checkpoint.is_checkpoint(workdir) else None
     mc = model_config(cfg, workdir if resume is not None else None)
@@ -286,121 +288,147 @@ def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
         _warn_if_schedule_changed(cfg, workdir, resume)
     setup = build(cfg, mc, mesh)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    flops_per_step = model_flops_per_token(mc, cfg.seq_len) * tokens_per_step
-    peak = peak_flops(cfg.peak_flops, list(mesh.devices.flat))
-
-    with Preemption() as preempt:  # from here on SIGTERM or Ctrl-C means "save and stop", even while compiling
-        state, data_state, start, tokens_seen, origin = _start_state(cfg, setup, workdir, resume)
-        reference = _reference_table(cfg, setup, tok, workdir)
-        it = make_iterator(cfg.data, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                           process_index=jax.process_index(), process_count=jax.process_count(),
-                           kind=DATA_KIND[cfg.objective], reference=reference, documents=documents)
-        try:
-            if data_state is not None:
-                it.set_state(data_state)
-            if is_main:  # the run starts now: record what it is (not before, so a refused run changes nothing)
-                base = given.init_from if is_remote(given.init_from) else str(Path(cfg.init_from or "").absolute())
-                record = lora.config_record(cfg.lora, base) if cfg.lora.rank else None
-                checkpoint.save_config(workdir, mc, tokenizer=tokenizer_spec(cfg) if tokenizer is None else None,
-                                       lora_record=record)
-                checkpoint.write_json_atomic(workdir / "train_config.json", dataclasses.asdict(given))
-                print(f"train: {mc.num_params():,} params, mesh {dict(mesh.shape)}, {origin}, "
-                      f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", file=sys.stderr)
-        except BaseException:
-            it.close()
-            raise
-        log = MetricsLog(workdir, start, cfg.tensorboard)
-        mgr = checkpoint.manager(workdir, max_to_keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint,
-                                 on_sealed=mirror and mirror.push)
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and is_main), unit="step",
-                   dynamic_ncols=True, file=sys.stderr)
-        step, saved, losses, last_eval, sample = start, start if resume is not None else None, [], None, None
-        t_first = t_log = startup = None  # wall clock after the first step (compilation excluded after it)
-        guard = Guard(cfg.nan_policy, cfg.nan_max_consecutive, cfg.spike_factor, last_checkpoint=lambda: saved)
-        try:
-            with jax.set_mesh(mesh):
-                while step < cfg.steps and not preempt.agreed(step, cfg.log_every):
-                    state, metrics = setup.step_fn(state, setup.put_batch(next(it)))
-                    kill_point("train.step")
-                    step += 1
-                    guard.push(step, metrics)  # checks the previous step: stop / count a skip / spike
-                    tokens_seen += tokens_per_step
-                    bar.update(1)
-                    if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1:
-                        guard.flush()
-                        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                        now = time.time()
-                        record = {"step": step, "loss": m["loss"], "learning_rate": m["learning_rate"],
-                                  "grad_norm": m["grad_norm"], "tokens_per_second": None, "mfu": None,
-                                  "loss_tokens": int(m["tokens"]), "tokens": tokens_seen,
-                                  "skipped_updates": guard.skipped, **{k: m[k] for k in DPO_METRICS if k in m}}
-                        if t_log is None:  # the first step of a (re)start: restore, data, compilation
-                            t_first, startup = now, now - t0
-                            record["startup_seconds"] = round(startup, 2)
-                            record["data_skipped_lines"] = skipped_line_count()  # reported on stderr
-                        else:
-                            n, dt = step - step_log, now - t_log
-                            record["tokens_per_second"] = n * tokens_per_step / dt
-                            record["mfu"] = n * flops_per_step / dt / peak if math.isfinite(peak) else None
-                        t_log, step_log = now, step
-                        losses.append(m["loss"])
-                        log.write(record)
-                        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{record['tokens_per_second'] or 0:.0f}")
-                    if eval_every and (step % eval_every == 0 or step == cfg.steps):
-                        t_eval = time.time()
-                        last_eval = _evaluate(cfg, setup, state["params"], tok, reference, documents)
-                        log.write({"step": step, **last_eval})
-                        if t_log is not None:  # eval time is not training time
-                            t_log, t_first = t_log + time.time() - t_eval, t_first + time.time() - t_eval
-                    if step % cfg.checkpoint_every == 0:
-                        guard.flush()  # never save a non-finite state
-                        save_state(mgr, step, state, it.get_state(), {"step": step, "tokens": tokens_seen})
-                        kill_point("train.save")
-                        saved = step
-                guard.flush()
-                t_end = time.time()
-                if saved != step:
-                    save_state(mgr, step, state, it.get_state(), {"step": step, "tokens": tokens_seen})
-                    kill_point("train.final_save")
-                mgr.wait_until_finished()
-                # the engine places its inputs from one host; multi-process decoding is not built yet
-                if cfg.sample_tokens and step >= cfg.steps and jax.process_count() == 1:
-                    sample = _sample(cfg, setup, state["params"], tok)
-        finally:
-            bar.close()
-            mgr.close()
-            log.close()
-            it.close()
-
-    timed = step - start - 1  # steps after the first (which includes compilation)
-    summary = {"workdir": given.workdir if mirror else str(workdir), "start_step": start, "step": step,
-               "preempted": step < cfg.steps, "stopped_by": preempt.signal,
-               "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-               "seconds": round(time.time() - t0, 1), "startup_seconds": startup and round(startup, 1),
-               "tokens_per_second": timed * tokens_per_step / (t_end - t_first) if timed > 0 else None,
-               **(last_eval or {}), "sample": sample, "truncated": it.truncated}
-    if is_main:
-        _report(cfg, summary, workdir)
-    if mirror:  # the final metrics and sample.txt
-        mirror.push()
-    return summary
+    return _Run(cfg=cfg, given=given, mirror=mirror, workdir=workdir, is_main=is_main, mesh=mesh, resume=resume,
+                mc=mc, tok=tok, own_tokenizer=tokenizer is None, documents=documents, eval_every=eval_every,
+                setup=setup, t0=t0, tokens_per_step=tokens_per_step,
+                flops_per_step=model_flops_per_token(mc, cfg.seq_len) * tokens_per_step,
+                peak=peak_flops(cfg.peak_flops, list(mesh.devices.flat)))
 
 
-def _report(cfg: TrainConfig, s: dict, workdir: Path) -> None:
-    if s["sample"] is not None:
-        text = f"{cfg.sample_prompt}{s['sample']}"
-        tmp = workdir / ".sample.txt.tmp"
-        tmp.write_text(text + "\n")
-        os.replace(tmp, workdir / "sample.txt")
-        how = "greedy" if cfg.sample_temperature == 0 else (
-            f"temperature {cfg.sample_temperature:g}" + (f", top-k {cfg.sample_top_k}" if cfg.sample_top_k else ""))
-        print(f"sample ({how}, {cfg.sample_tokens} tokens): {text!r}", file=sys.stderr)
-    how = f"preempted ({s['stopped_by'] or 'SIGTERM'}), saved" if s["preempted"] else "done"
-    loss = f", loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}" if s["first_loss"] is not None else ""
-    ev = f", eval loss {s['eval_loss']:.4f}" if "eval_loss" in s else ""
-    ev += f", {s['truncated']} records truncated to seq_len" if s["truncated"] else ""
-    speed = f", {s['tokens_per_second']:.0f} tokens/s" if s["tokens_per_second"] else ""
-    print(f"train: {how}: steps {s['start_step']} -> {s['step']} in {s['seconds']:.0f}s "
-          f"(startup {s['startup_seconds'] or 0:.0f}s){loss}{ev}{speed}; checkpoint {s['workdir']} step {s['step']}",
-          file=sys.stderr)
+def _train_mesh(cfg: TrainConfig) -> jax.sharding.Mesh:
+    """The run's mesh; refused when a microbatch does not split over its batch shards."""
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, dcn_data=cfg.mesh.dcn_data,
+                     dcn_fsdp=cfg.mesh.dcn_fsdp)
+    batch_axes = logical_spec(("batch",), None, mesh)[0] or ()
+    n_batch = math.prod(mesh.shape[a] for a in ((batch_axes,) if isinstance(batch_axes, str) else batch_axes))
+    if (cfg.batch_size // cfg.grad_accum) % n_batch:
+        raise ValueError(f"batch_size/grad_accum = {cfg.batch_size // cfg.grad_accum} sequences do not split over "
+                         f"the {n_batch} batch shards of the mesh (mesh.data*mesh.fsdp)")
+    return mesh
+
+
+def _open_iterator(run: _Run, reference: dict | None, data_state: dict | None, origin: str):
+    """The training batches, positioned where the checkpoint left them; then (main process) the run is
+    recorded in the workdir and announced. The iterator is closed again if that fails."""
+    cfg = run.cfg
+    it = make_iterator(cfg.data, tokenizer=run.tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       kind=DATA_KIND[cfg.objective], reference=reference, documents=run.documents)
+    try:
+        if data_state is not None:
+            it.set_state(data_state)
+        if run.is_main:  # the run starts now: record what it is (not before, so a refused run changes nothing)
+            _record_run(run, origin)
+    except BaseException:
+        it.close()
+        raise
+    return it
+
+
+def _record_run(run: _Run, origin: str) -> None:
+    """config.json (the model, its tokenizer, a LoRA run's base) and train_config.json (the run as given)
+    in the workdir, and the run's first line on stderr."""
+    cfg, given, mc = run.cfg, run.given, run.mc
+    base = given.init_from if is_remote(given.init_from) else str(Path(cfg.init_from or "").absolute())
+    record = lora.config_record(cfg.lora, base) if cfg.lora.rank else None
+    checkpoint.save_config(run.workdir, mc, tokenizer=tokenizer_spec(cfg) if run.own_tokenizer else None,
+                           lora_record=record)
+    checkpoint.write_json_atomic(run.workdir / "train_config.json", dataclasses.asdict(given))
+    print(f"train: {mc.num_params():,} params, mesh {dict(run.mesh.shape)}, {origin}, "
+          f"{cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens", file=sys.stderr)
+
+
+def _run_steps(run: _Run, p: _Progress, state, it, reference: dict | None, preempt: Preemption) -> None:
+    """The loop { step -> metrics line -> eval -> checkpoint } until `steps` or an agreed stop, then the
+    final checkpoint and sample (`_finish`). Closes the iterator, the metrics log and the checkpointer."""
+    cfg, setup = run.cfg, run.setup
+    log = MetricsLog(run.workdir, p.start, cfg.tensorboard)
+    mgr = checkpoint.manager(run.workdir, max_to_keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint,
+                             on_sealed=run.mirror and run.mirror.push)
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.steps, initial=p.start, disable=not (cfg.progress and run.is_main), unit="step",
+               dynamic_ncols=True, file=sys.stderr)
+    guard = Guard(cfg.nan_policy, cfg.nan_max_consecutive, cfg.spike_factor, last_checkpoint=lambda: p.saved)
+    try:
+        with jax.set_mesh(run.mesh):
+            while p.step < cfg.steps and not preempt.agreed(p.step, cfg.log_every):
+                state, metrics = setup.step_fn(state, setup.put_batch(next(it)))
+                kill_point("train.step")
+                p.step += 1
+                guard.push(p.step, metrics)  # checks the previous step: stop / count a skip / spike
+                p.tokens += run.tokens_per_step
+                bar.update(1)
+                if p.step % cfg.log_every == 0 or p.step == cfg.steps or p.step == p.start + 1:
+                    guard.flush()
+                    _log_metrics(run, p, metrics, guard.skipped, log, bar)
+                if run.eval_every and (p.step % run.eval_every == 0 or p.step == cfg.steps):
+                    _evaluate_now(run, p, state["params"], reference, log)
+                if p.step % cfg.checkpoint_every == 0:
+                    guard.flush()  # never save a non-finite state
+                    save_state(mgr, p.step, state, it.get_state(), {"step": p.step, "tokens": p.tokens})
+                    kill_point("train.save")
+                    p.saved = p.step
+            guard.flush()
+            _finish(run, p, state, it, mgr)
+    finally:
+        bar.close()
+        mgr.close()
+        log.close()
+        it.close()
+
+
+def _log_metrics(run: _Run, p: _Progress, metrics, skipped: int, log: MetricsLog, bar) -> None:
+    """Metrics line `p.step`: the loss of the batch just stepped, and the throughput since the previous
+    line (the first line of a (re)start reports its startup time instead: restore, data, compilation)."""
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    now = time.time()
+    record = {"step": p.step, "loss": m["loss"], "learning_rate": m["learning_rate"],
+              "grad_norm": m["grad_norm"], "tokens_per_second": None, "mfu": None,
+              "loss_tokens": int(m["tokens"]), "tokens": p.tokens,
+              "skipped_updates": skipped, **{k: m[k] for k in DPO_METRICS if k in m}}
+    if p.t_log is None:  # the first step of a (re)start: restore, data, compilation
+        p.t_first, p.startup = now, now - run.t0
+        record["startup_seconds"] = round(p.startup, 2)
+        record["data_skipped_lines"] = skipped_line_count()  # reported on stderr
+    else:
+        n, dt = p.step - p.step_log, now - p.t_log
+        record["tokens_per_second"] = n * run.tokens_per_step / dt
+        record["mfu"] = n * run.flops_per_step / dt / run.peak if math.isfinite(run.peak) else None
+    p.t_log, p.step_log = now, p.step
+    p.losses.append(m["loss"])
+    log.write(record)
+    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{record['tokens_per_second'] or 0:.0f}")
+
+
+def _evaluate_now(run: _Run, p: _Progress, params: dict, reference: dict | None, log: MetricsLog) -> None:
+    """The eval metrics line for `p.step`; the time it takes is not counted as training time."""
+    t_eval = time.time()
+    p.last_eval = _evaluate(run.cfg, run.setup, params, run.tok, reference, run.documents)
+    log.write({"step": p.step, **p.last_eval})
+    if p.t_log is not None:  # eval time is not training time
+        p.t_log, p.t_first = p.t_log + time.time() - t_eval, p.t_first + time.time() - t_eval
+
+
+def _finish(run: _Run, p: _Progress, state, it, mgr) -> None:
+    """After the last step: the final checkpoint (unless that step was just saved), every save sealed,
+    then the sample of a run that reached `steps`."""
+    cfg = run.cfg
+    p.t_end = time.time()
+    if p.saved != p.step:
+        save_state(mgr, p.step, state, it.get_state(), {"step": p.step, "tokens": p.tokens})
+        kill_point("train.final_save")
+    mgr.wait_until_finished()
+    # the engine places its inputs from one host; multi-process decoding is not built yet
+    if cfg.sample_tokens and p.step >= cfg.steps and jax.process_count() == 1:
+        p.sample = draw_sample(cfg, run.setup, state["params"], run.tok)
+
+
+def _summary(run: _Run, p: _Progress, stopped_by: str | None, truncated: int) -> dict:
+    """The dict `train` returns (and `report` prints)."""
+    timed = p.step - p.start - 1  # steps after the first (which includes compilation)
+    return {"workdir": run.given.workdir if run.mirror else str(run.workdir), "start_step": p.start, "step": p.step,
+            "preempted": p.step < run.cfg.steps, "stopped_by": stopped_by,
+            "first_loss": p.losses[0] if p.losses else None, "last_loss": p.losses[-1] if p.losses else None,
+            "seconds": round(time.time() - run.t0, 1), "startup_seconds": p.startup and round(p.startup, 1),
+            "tokens_per_second": timed * run.tokens_per_step / (p.t_end - p.t_first) if timed > 0 else None,
+            **(p.last_eval or {}), "sample": p.sample, "truncated": truncated}
