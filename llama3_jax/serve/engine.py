@@ -1,5 +1,7 @@
 """The decoding engine: `Generator`, the public class that restores once and takes requests.
 
+Shapes: B batch, P padded prompt, N max new tokens, S = P + N cache slots, V vocab.
+
 Generator holds the state (parameters, graphdef, jitted programs, the reusable KV cache) and the
 request API (generate / request / generate_requests / score); the other jobs live in their own files:
 restore.py (parameters: restore, cast, quantise, split), caches.py (new KV caches with their
@@ -24,8 +26,6 @@ comparison. Per batch, one call of one jitted function does everything:
     (`static_batch.extend_batch`), so memory follows the longest answer rather than a 128K context.
 The model runs as a pure function: `nnx.merge(graphdef, params)` inside jit (no nnx.jit per token).
 Prefill asks the model for the last slot's logits only (B x P x V float32 logits would dominate memory).
-
-Shapes: B batch, P padded prompt, N max new tokens, S = P + N cache slots, V vocab.
 Several processes (multihost_io.py): every process passes the same host arrays (`device_put` keeps
 its shards of them) and reads results back gathered (`to_host`), so each runs the same steps.
 """
