@@ -473,7 +473,7 @@ def test_without_max_new_tokens_rows_run_to_the_end_of_the_context(gen, monkeypa
     (lowered here so the 128-token context takes two doublings) and grows while a row has room: the
     tokens equal one uninterrupted run, sampled rows included (their keys fold in the step), and a stop
     token in a later chunk still ends its row."""
-    monkeypatch.setattr(static_batch, "FIRST_CHUNK", 32)
+    monkeypatch.setattr(slots, "FIRST_CHUNK", 32)  # both batching paths read it
     ctx, sampler = gen.cfg.max_seq_len, TopP(p=0.9)
     prompts = ragged_prompts([3, 20, 40], seed=6)
 

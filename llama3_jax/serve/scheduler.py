@@ -178,8 +178,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ the steps of a run
     def _start(self, requests: Sequence[Request], decode) -> _Run:
-        """The empty cache (contiguous: room for the widest prompt and up to 256 new tokens; paged: the
-        pool, refusing a request it could never hold) and the admission order."""
+        """The empty cache (contiguous: room for the widest prompt and up to slots.FIRST_CHUNK new tokens;
+        paged: the pool, refusing a request it could never hold) and the admission order."""
         g = self.g
         b = min(self.b, len(requests))
         # the longest budgets first, then the longest prompts (longest-processing-time-first): a slot is
@@ -191,7 +191,7 @@ class Scheduler:
         with g._scope():
             if g.kv_pages is None:
                 longest = max(self.width(len(r.tokens)) for r in requests)
-                slots = bucket(longest + min(max(r.max_new_tokens for r in requests), 256))
+                slots = bucket(longest + min(max(r.max_new_tokens for r in requests), programs.FIRST_CHUNK))
                 state = programs.empty_state(g._cache_for(b, slots), b, g.cfg.vocab_size)
                 return _Run(requests, decode, b, state, waiting, slots=slots)
             pool = PagePool(g.kv_pages, g.page_size)

@@ -35,6 +35,10 @@ from .sampling import sample_rows
 from ..parallel.sharding import constrain
 
 MIN_BUCKET = 16
+# New-token slots a contiguous cache first holds when a budget is larger (no max_new_tokens: the context
+# end). Both batching paths start there and grow the cache while a row still has room; read at run time
+# (slots.FIRST_CHUNK), so one constant governs both.
+FIRST_CHUNK = 256
 ROW_FIELDS = ("lengths", "seeds", "row_seeds", "temperature", "top_k", "top_p", "limit")  # `rows` of `place`
 
 

@@ -4,8 +4,8 @@ Kept beside continuous batching (scheduler.py) for the benchmark comparison (`--
 The device programs (`generate_batch`, `extend_batch`) are jitted by engine.Generator; the host loop
 (`static_batches`) walks the batches. Prompts are left-padded to one width, so every row writes the
 same cache slot each step (kv_cache.py); the decode loop is a `lax.while_loop` with a per-row done mask.
-The cache holds the bucket of the longest budget, at most FIRST_CHUNK new tokens at first: while a row
-has room and no stop token, the cache and the out buffer double (`extend_batch`), so memory follows the
+The cache holds the bucket of the longest budget, at most slots.FIRST_CHUNK new tokens at first: while a
+row has room and no stop token, the cache and the out buffer double (`extend_batch`), so memory follows the
 longest answer rather than the context.
 Shapes: B batch, P padded prompt, N max new tokens.
 """
@@ -25,9 +25,9 @@ from ..model.kv_cache import KVCache
 from ..parallel.multihost_io import to_host
 from .padding import left_padded_batches
 from .request import Completion, Request, finished
+from . import slots
 from .slots import bucket, decode_step, is_stop, prefill, prompt_width, row_keys, sample
 
-FIRST_CHUNK = 256  # new tokens decoded before the cache first grows, when no max_new_tokens is given
 
 
 def _decode_loop(model, knobs, max_new: int, state, lengths, keys, stop_ids, limits):
@@ -110,7 +110,7 @@ def static_batches(gen, requests: Sequence[Request], stop_arr, batch_size: int, 
         b, p = tokens.shape
         cols = _columns(requests, rows, b)
         limits = cols["limits"]
-        n = min(bucket(int(limits.max()), 1), FIRST_CHUNK)
+        n = min(bucket(int(limits.max()), 1), slots.FIRST_CHUNK)
         cache = gen._cache_for(b, p + n)
         knobs = tuple(gen._put(cols[f], ("batch",)) for f in ("temperature", "top_k", "top_p"))
         common = dict(params=gen.params, lengths=gen._put(lengths, ("batch",)), knobs=knobs,
