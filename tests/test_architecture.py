@@ -125,3 +125,24 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
     edges = {(a, b) for a, b, _ in imports(mods)}
     assert ("llama3_jax.cli.generate", "llama3_jax.serve.offline") in edges  # lazy, inside a function
     assert any(a.startswith("llama3_jax.model.") and b == "llama3_jax.parallel.sharding" for a, b in edges)
+
+
+# A function past this reads as several jobs: split it into named steps (docs/architecture.md). The
+# count includes the signature and docstring; `make_iterator`'s 14 keyword arguments are most of its 63.
+MAX_FUNCTION_LINES = 65
+MAX_MODULE_LINES = 500  # past this a module becomes a package of one-job files
+
+
+def test_functions_and_modules_stay_short():
+    long = []
+    for path in PKG.rglob("*.py"):
+        text = path.read_text()
+        if text.count("\n") > MAX_MODULE_LINES:
+            long.append(f"{path.relative_to(PKG.parent)}: {text.count(chr(10))} lines (> {MAX_MODULE_LINES})")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PKG.parent)}:{node.lineno}: {node.name} is {n} lines "
+                                f"(> {MAX_FUNCTION_LINES})")
+    assert not long, "split these into named steps or one-job files:\n" + "\n".join(long)
