@@ -38,7 +38,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "and sends each piece), so no host holds the whole input (default: 4096)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="compute dtype; float32 matches transformers' float32 logits (default: %(default)s)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model path (default: the one in llama-models)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.model path (default: the one the checkpoint records, else llama-models' Llama 3)")
     add_mesh_arg(p, "parameters, KV cache and batch rows")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weights with one scale per output channel, made at load (a checkpoint from "

@@ -9,8 +9,8 @@ TRAIN_DESCRIPTION = """\
 Train (or resume) the run described by a YAML config plus dotted key=value overrides, e.g.
   llama3-jax train --config configs/tiny.yaml data.path=my_docs.jsonl steps=500 optim.lr=1e-3
 Rerunning the same command resumes from WORKDIR's latest checkpoint. SIGTERM or Ctrl-C saves a
-checkpoint and stops (a second Ctrl-C stops at once). Keys: see configs/tiny.yaml and the README's
-Training section; an unknown key is refused with the closest valid one.
+checkpoint and stops (a second Ctrl-C stops at once). Keys: see configs/tiny.yaml and
+docs/configuration.md; an unknown key is refused with the closest valid one.
 """
 
 
