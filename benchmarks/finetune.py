@@ -35,7 +35,7 @@ def run_jax(args, rank: int) -> dict:
 
     from llama3_jax.store import checkpoint
     from llama3_jax import train
-    from llama3_jax.model.config import load_yaml_config
+    from llama3_jax.config_loader import load_yaml_config
     from llama3_jax.parallel.sharding import make_mesh
 
     model = (f"{{preset: tiny, vocab_size: {args.vocab}, dim: {args.dim}, n_layers: {args.layers}, "

@@ -26,7 +26,7 @@ SETTINGS = {"reference": ["attention=reference", "loss_chunk=0"],
 
 
 def temporaries(config: str, seq_len: int, extra: list[str]) -> int:
-    from llama3_jax.model.config import load_yaml_config
+    from llama3_jax.config_loader import load_yaml_config
     from llama3_jax.train import TrainConfig
     from llama3_jax.train.dryrun import compile_step
 

@@ -22,7 +22,7 @@ import numpy as np
 
 def bench_jax(args, tokens: np.ndarray) -> float:
     from llama3_jax import train
-    from llama3_jax.model.config import load_yaml_config
+    from llama3_jax.config_loader import load_yaml_config
     from llama3_jax.parallel.sharding import make_mesh
 
     cfg = load_yaml_config(train.TrainConfig, None, [

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from llama3_jax.convert.core import parse_size  # noqa: E402
+from llama3_jax.convert.tensors import parse_size  # noqa: E402
 from llama3_jax.data import DataConfig  # noqa: E402
 from llama3_jax.data import prepared  # noqa: E402
 from llama3_jax.store import remote  # noqa: E402
