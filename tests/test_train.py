@@ -479,14 +479,14 @@ def test_single_text_file_with_eval_every_trains_without_eval(text_file_run):
 
 def test_no_eval_documents_is_decided_at_startup(tmp_path, capsys):
     """A one-line JSONL and data.eval_fraction=0 also mean "no eval", said once before any step."""
-    from llama3_jax.train.loop import _eval_every
+    from llama3_jax.train.evaluate import eval_every
     one = tmp_path / "one.jsonl"
     one.write_text('{"text": "the only document"}\n')
     many = write_corpus(tmp_path / "many.jsonl", n_docs=20)
     for path, fraction, expected in [(one, 0.5, 0), (many, 0.0, 0), (many, 0.1, 3)]:
         cfg = load_yaml_config(train.TrainConfig, None, [f"data.path={path}", f"data.eval_fraction={fraction}",
                                                          "eval_every=3"])
-        assert _eval_every(cfg, True, corpus_documents(cfg.data)) == expected
+        assert eval_every(cfg, True, corpus_documents(cfg.data)) == expected
         assert capsys.readouterr().err.count("no eval documents") == (expected == 0)
 
 

@@ -10,6 +10,7 @@
     metrics.py     metrics.jsonl, TensorBoard, FLOP/s and MFU
     preemption.py  SIGTERM -> save at the next step boundary, every process at the same step
     loop.py        run_train / train: restore, iterate, evaluate, save
+    evaluate.py    when to evaluate, and the held-out loss (lm/sft per token, dpo per pair)
     report.py      the end-of-run sample and summary line
     dryrun.py      compile a step for a target topology without it (fit, cost) ...
     roofline.py    ... and its roofline time / MFU bound

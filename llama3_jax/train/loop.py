@@ -11,7 +11,8 @@ computes in `compute_dtype`. The workdir is itself a `jax` checkpoint (config.js
 `params`, `opt_state`, `data`, `meta`), so generate/convert/init_from read it as they read a converted
 model. Step numbers count finished updates: checkpoint N holds the weights after N updates and the
 iterator positioned at batch N + 1; metrics line N reports the loss of batch N (before its update).
-SIGTERM / Ctrl-C handling is preemption.py; the end-of-run sample and summary line, report.py.
+SIGTERM / Ctrl-C handling is preemption.py; evaluation, evaluate.py; the end-of-run sample and summary
+line, report.py.
 """
 
 from __future__ import annotations
@@ -32,22 +33,21 @@ from ..model import lora
 from ..model.config import ModelConfig
 from . import objectives
 from ..config_loader import load_yaml_config
-from ..data import BATCH_KEYS, corpus_documents, make_iterator, skipped_line_count, split_sizes
+from ..data import BATCH_KEYS, corpus_documents, make_iterator, skipped_line_count
 from ..failpoints import kill_point
 from .objectives import DPO_METRICS
 from .optim import OptimConfig, schedule
 from ..store.paths import is_remote
 from ..parallel.sharding import logical_spec, make_mesh, require_divisible
 from .config import TrainConfig, make_tokenizer, model_config, resolve_lora, tokenizer_spec
+from . import evaluate as evaluation
+from .evaluate import DATA_KIND
 from .metrics import MetricsLog, model_flops_per_token, peak_flops
 from .numerics import Guard
 from .preemption import Preemption
 from .report import draw_sample, report
 from .state import restore_state, save_state
 from .step import Setup, build, forward, init_params
-
-DATA_KIND = {"lm": "text", "sft": "sft", "dpo": "dpo"}  # objective -> data/ pipeline
-
 
 def run_train(config_path: str | None, overrides=(), *, tokenizer=None) -> dict:
     """`llama3-jax train --config FILE key=value ...`: returns the run's summary (also printed)."""
@@ -81,54 +81,6 @@ def _reference_table(cfg: TrainConfig, setup: Setup, tok, workdir: Path) -> dict
                     table[it.documents[batch["pair"][r][seg == 2 * p - 1][0]].key] = tuple(sides)
     checkpoint.write_json_atomic(path, {k: list(v) for k, v in table.items()})
     return table
-
-
-def _evaluate(cfg: TrainConfig, setup: Setup, params: dict, tok, reference: dict | None = None,
-              documents: list | None = None) -> dict:
-    """Mean loss over the first `eval_batches` batches of the held-out split (the same every time):
-    lm/sft: `eval_loss` per target token and `eval_perplexity`; dpo: `eval_loss` per pair and TRL's
-    `eval_rewards/...`, `eval_logps/...` (a perplexity of a DPO loss means nothing).
-
-    Every process runs exactly `eval_batches` steps (each is a collective): a process whose share of
-    the held-out data ends early feeds all-padding batches, which count no tokens."""
-    total, count, sums = 0.0, 0.0, {}
-    with make_iterator(cfg.data, tokenizer=tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                       split="eval", process_index=jax.process_index(),
-                       process_count=jax.process_count(), kind=DATA_KIND[cfg.objective],
-                       reference=reference, documents=documents) as it:
-        padding = None
-        for _ in range(cfg.eval_batches):
-            batch = next(it, None)
-            if batch is None:
-                rows = cfg.batch_size // jax.process_count()
-                padding = padding or {k: np.zeros((rows, cfg.seq_len), np.float32 if k == "ref_logps" else np.int32)
-                                      for k in BATCH_KEYS + (("ref_logps",) if reference else ())}
-                batch = padding
-            s, n, m = jax.device_get(setup.eval_fn(params, setup.put_batch(batch)))
-            kill_point("train.eval")
-            total, count = total + float(s), count + float(n)
-            sums = {k: sums.get(k, 0.0) + float(v) for k, v in m.items()}
-    loss = total / max(count, 1.0)
-    if cfg.objective == "dpo":
-        return {"eval_loss": loss, **{f"eval_{k}": v / max(count, 1.0) for k, v in sums.items()},
-                "eval_pairs": int(count)}
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0)), "eval_tokens": int(count)}
-
-
-def _eval_every(cfg: TrainConfig, is_main: bool, documents: list | None) -> int:
-    """`eval_every`, or 0 when the data holds no eval documents (a single text file, a one-line JSONL,
-    data.eval_fraction=0): decided here, before any step, rather than failing at the first eval."""
-    if not cfg.eval_every:
-        return 0
-    sizes = split_sizes(cfg.data, documents)
-    if sizes["eval"]:
-        return cfg.eval_every
-    if is_main:
-        n = sizes["train"]
-        print(f"train: warning: no eval documents in data.path {cfg.data.path} ({n} document"
-              f"{'s' * (n != 1)}, data.eval_fraction={cfg.data.eval_fraction}): eval_every="
-              f"{cfg.eval_every} ignored, no eval", file=sys.stderr)
-    return 0
 
 
 def _warn_if_schedule_changed(cfg: TrainConfig, workdir: Path, step: int) -> None:
@@ -283,7 +235,7 @@ def _prepare(cfg: TrainConfig, tokenizer) -> _Run:
     if tok.n_words > mc.vocab_size:
         raise ValueError(f"tokenizer has {tok.n_words} ids but the model's vocab_size is {mc.vocab_size}")
     documents = corpus_documents(cfg.data, DATA_KIND[cfg.objective])  # listed once per run (None: prepared)
-    eval_every = _eval_every(cfg, is_main, documents)
+    eval_every = evaluation.eval_every(cfg, is_main, documents)
     if resume is not None and is_main:
         _warn_if_schedule_changed(cfg, workdir, resume)
     setup = build(cfg, mc, mesh)
@@ -403,7 +355,7 @@ def _log_metrics(run: _Run, p: _Progress, metrics, skipped: int, log: MetricsLog
 def _evaluate_now(run: _Run, p: _Progress, params: dict, reference: dict | None, log: MetricsLog) -> None:
     """The eval metrics line for `p.step`; the time it takes is not counted as training time."""
     t_eval = time.time()
-    p.last_eval = _evaluate(run.cfg, run.setup, params, run.tok, reference, run.documents)
+    p.last_eval = evaluation.evaluate(run.cfg, run.setup, params, run.tok, reference, run.documents)
     log.write({"step": p.step, **p.last_eval})
     if p.t_log is not None:  # eval time is not training time
         p.t_log, p.t_first = p.t_log + time.time() - t_eval, p.t_first + time.time() - t_eval
