@@ -6,7 +6,7 @@
 #
 # No network: the project is installed with --no-deps (full mode) and only jax, flax, optax, numpy (and
 # transformers + torch for the comparison, when present) are used; grain, orbax and llama-models are
-# not needed. What it measures: benchmarks/gpu_bench.py. Output: a markdown table for the README,
+# not needed. What it measures: benchmarks/gpu_bench.py. Output: a markdown table for docs/performance.md,
 # then one JSON line; both are also written to benchmarks/gpu-results-<date>.md.
 set -euo pipefail
 mode="${1:-full}"

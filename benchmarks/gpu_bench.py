@@ -12,8 +12,9 @@ with the same run's own matmul and copy speeds as the yardsticks, and transforme
     copy timed here. (c) the same shapes in transformers + torch where torch is installed (on the GPU
     when torch sees one).
 Imports only jax, flax, optax and numpy from outside (not grain, orbax or llama-models, which a GPU
-image may lack): so it builds its step from model.py / losses.py / optim.py rather than train/, whose
-package imports the data pipeline. Prints a markdown table; the last line is the same as JSON.
+image may lack): so it builds its step from model/llama.py, train/losses.py and train/optim.py rather
+than train/loop.py, which imports the data pipeline (tests/test_architecture.py checks these imports).
+Prints a markdown table; the last line is the same as JSON.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The conversion driver: reader -> (check, cast) -> writer, one tensor at a time, into a temp dir.
 
 Every format has a reader (`.config`, `.dtype`, `.tensors()` yielding `Tensor`s in our layout, see
-model.py) and a writer (`add(name, layer, array)`, `finish()`). The driver picks them, the stream
+model/llama.py) and a writer (`add(name, layer, array)`, `finish()`). The driver picks them, the stream
 (stream.py) checks each tensor's shape against the config and casts, and the temp directory is renamed
 to DST only when everything succeeded, so a failure never leaves a half-written output (atomic.py).
 The format modules know only tensors.py and atomic.py, never this file: the driver sits on top.

@@ -23,7 +23,7 @@ class ConvertError(ValueError):
 class Tensor(NamedTuple):
     name: str          # our name, e.g. "layers/wq"
     layer: int | None  # layer index for "layers/*"
-    array: np.ndarray  # in our layout (model.py), one layer's slice for stacked weights
+    array: np.ndarray  # in our layout (model/llama.py), one layer's slice for stacked weights
     origin: str        # "file:tensor" in the source, for error messages
 
 

@@ -1,7 +1,7 @@
 """LoRA: low-rank adapters as a separate pytree beside the frozen base weights.
 
 For a projection ``y = x W`` the adapter adds ``(alpha / rank) * (x A) B``, A (in..., rank) and
-B (rank, out...) in the same einsum layout as W (model.py), so the merged weight is
+B (rank, out...) in the same einsum layout as W (llama.py), so the merged weight is
 ``W + (alpha / rank) * tensordot(A, B, 1)``. B starts at zero: an untrained adapter is the base model.
 A starts as PEFT's default (Kaiming-uniform, bound 1/sqrt(fan_in)).
 
@@ -14,7 +14,7 @@ state) and names its base in config.json (`lora` section, see `config_record`).
 
 PEFT interoperability (`to_peft` / `from_peft`): Hugging Face's `LlamaForCausalLM` keeps each
 projection as a Linear of weight (out_features, in_features) whose in/out match our einsum layout
-flattened (q/k are already in HF's rotate-half layout, model.py), so PEFT's ``lora_A.weight`` is
+flattened (q/k are already in HF's rotate-half layout, llama.py), so PEFT's ``lora_A.weight`` is
 ``A.reshape(-1, rank).T`` and ``lora_B.weight`` is ``B.reshape(rank, -1).T``.
 """
 

@@ -108,7 +108,7 @@ def matmul(x: jax.Array, q: jax.Array, scale: jax.Array, contract: int = 0, out_
 
 def project(x: jax.Array, q: jax.Array, scale: jax.Array, n_in: int) -> jax.Array:
     """x (n, *in) @ q (*in, *out) with per-output-channel scale (*out) -> (n, *out): the int8 form of
-    model.py's projection einsums (every one is a matmul over flattened input and output dims)."""
+    llama.py's projection einsums (every one is a matmul over flattened input and output dims)."""
     n = x.shape[0]
     out = q.shape[n_in:]
     k = q.size // max(1, _prod(out))

@@ -218,7 +218,7 @@ def _sample_request(gen: Generator, args, id_, k: int, ids: list[int], knobs: di
 
 
 def run_generate(args, generator: Generator | None = None) -> dict:
-    """The `generate` command (argparse Namespace from cli.py). Returns the summary counts."""
+    """The `generate` command (argparse Namespace from cli/generate.py). Returns the summary counts."""
     sampling.check_flags(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -16,15 +16,26 @@
     roofline.py    ... and its roofline time / MFU bound
 """
 
-from ..model.llama import Llama
-from .config import ByteTokenizer, MeshConfig, TrainConfig, make_tokenizer, model_config
-from .loop import run_train, train
-from .preemption import Preemption
-from .metrics import PEAK_FLOPS, MetricsLog, model_flops_per_token, peak_flops
-from .state import gather_data_states, restore_state, save_state, this_process_data_state
-from .step import Setup, build, eval_step, init_params, loss_and_count, split_microbatches, train_step
+import importlib
 
-__all__ = ["ByteTokenizer", "Llama", "MeshConfig", "MetricsLog", "PEAK_FLOPS", "Preemption", "Setup", "TrainConfig",
-           "build", "eval_step", "gather_data_states", "init_params", "loss_and_count", "make_tokenizer",
-           "model_config", "model_flops_per_token", "peak_flops", "restore_state", "run_train", "save_state",
-           "split_microbatches", "this_process_data_state", "train", "train_step"]
+# Loaded on first use: `llama3_jax.train.losses` / `.optim` must import without the data pipeline
+# (grain) that the loop needs, e.g. benchmarks/gpu_bench.py on a GPU image without grain.
+_LAZY = {
+    "Llama": "..model.llama",
+    "ByteTokenizer": ".config", "MeshConfig": ".config", "TrainConfig": ".config", "make_tokenizer": ".config",
+    "model_config": ".config",
+    "run_train": ".loop", "train": ".loop",
+    "Preemption": ".preemption",
+    "PEAK_FLOPS": ".metrics", "MetricsLog": ".metrics", "model_flops_per_token": ".metrics", "peak_flops": ".metrics",
+    "gather_data_states": ".state", "restore_state": ".state", "save_state": ".state",
+    "this_process_data_state": ".state",
+    "Setup": ".step", "build": ".step", "eval_step": ".step", "init_params": ".step", "loss_and_count": ".step",
+    "split_microbatches": ".step", "train_step": ".step",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'llama3_jax.train' has no attribute {name!r}")

@@ -10,7 +10,7 @@ so a pod configuration's fit (out of memory or not) is known from a laptop.
 
 Output: human-readable lines, then as the LAST line one JSON object: topology, devices,
 bytes_per_device {arguments, temporaries, outputs, peak}, device_memory_bytes, fits, flops_per_step,
-estimated_step_seconds, estimated_mfu. Exit status (cli.py): 0 fits, 3 does not fit, 2 config error.
+estimated_step_seconds, estimated_mfu. Exit status (cli/train.py): 0 fits, 3 does not fit, 2 config error.
 `peak` = arguments + temporaries + outputs - aliased (the donated state is updated in place). The
 compiler's cost model gives FLOPs (incl. rematerialised work) and, on TPU, an optimal step time
 (`optimal_seconds`; see `cost_estimate` for how loops and kernels are counted). Where it gives none (libtpu

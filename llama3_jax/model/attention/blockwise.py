@@ -12,7 +12,7 @@ the work of causal attention. Rows with nothing to attend (padding, segment 0) c
 reference gives them the mean of the values instead; no real token ever reads a padding row.
 
 Works on every backend (the CPU default above a length threshold, see attention/__init__.py).
-Einsum letters as in model.py: b batch, t query slots, s key slots, k kv heads, g heads per kv head,
+Einsum letters as in model/llama.py: b batch, t query slots, s key slots, k kv heads, g heads per kv head,
 d head dim; a leading n is the block number.
 """
 

@@ -38,7 +38,7 @@ first[r] + j), masked by position instead of segment ids.
 
 On TPU the paged cache is read by `jax.experimental.pallas.ops.tpu.ragged_paged_attention` instead
 (ragged_paged.py, the `paged_attention` switch), proven equal to `attend_paged`.
-Einsum letters as in model.py: w work item (row, block), s slots of a block, k kv heads, g heads per
+Einsum letters as in model/llama.py: w work item (row, block), s slots of a block, k kv heads, g heads per
 kv head, d head dim.
 """
 
