@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class Request:
@@ -28,6 +30,22 @@ class Request:
     seed: int = 0
     row_seed: int = 0
     stop: tuple[str, ...] = ()
+
+
+# the per-row device fields both decoding paths build from a batch's Requests (with `lengths`, which come
+# from the padding, the `rows` of slots.place): field -> (Request attribute, dtype, the value of a padding row:
+# greedy, no filters, a budget of one token)
+_ROW_COLUMNS = {"seeds": ("seed", np.int32, 0), "row_seeds": ("row_seed", np.int32, 0),
+                "temperature": ("temperature", np.float32, 0.0), "top_k": ("top_k", np.int32, 0),
+                "top_p": ("top_p", np.float32, 1.0), "limit": ("max_new_tokens", np.int32, 1)}
+
+
+def row_columns(requests: Sequence[Request], rows: int) -> dict[str, np.ndarray]:
+    """Host arrays (rows,) of each request's seeds, knobs and budget (`limit`); rows past len(requests)
+    are batch padding with neutral values."""
+    pad = rows - len(requests)
+    return {f: np.array([getattr(r, attr) for r in requests] + [fill] * pad, dtype)
+            for f, (attr, dtype, fill) in _ROW_COLUMNS.items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,17 +40,11 @@ import numpy as np
 from . import slots as programs
 from ..parallel.multihost_io import to_host
 from .padding import left_pad
-from .request import Completion, Request, ended, stop_string_cut
-from .slots import ROW_FIELDS, bucket, prompt_width
+from .request import Completion, Request, ended, row_columns, stop_string_cut
+from .slots import bucket, prompt_width
 
 DECODE_STEPS = 32  # most decode steps per host visit
 PREFILL_TOKENS = 4096  # most prompt slots (rows x padded width) prefilled in one call: bounds its activations
-
-# the `rows` of slots.place: the Request attribute behind each field (lengths come from the padding),
-# and the value of a padding row
-_ROW_SOURCE = {"seeds": ("seed", 0), "row_seeds": ("row_seed", 0), "temperature": ("temperature", 0.0),
-               "top_k": ("top_k", 0), "top_p": ("top_p", 1.0), "limit": ("max_new_tokens", 1)}
-
 
 class PagePool:
     """The paged cache's free pages, on the host. Page 0 is never handed out (paged_cache.py)."""
@@ -362,15 +356,12 @@ class Scheduler:
         tokens, lengths = left_pad([q.tokens for q in reqs], p, n)
         slot = np.full((n,), run.b, np.int32)
         slot[:len(members)] = members
-        cols = {"lengths": lengths}
-        for f in ROW_FIELDS[1:]:
-            attr, fill = _ROW_SOURCE[f]
-            cols[f] = np.array([getattr(q, attr) for q in reqs] + [fill] * (n - len(reqs)),
-                               np.float32 if isinstance(fill, float) else np.int32)
+        cols = {"lengths": lengths, **row_columns(reqs, n)}
         pages = None
         if run.paged:
             pages = np.full((n, run.m), self.g.kv_pages + 1, np.int32)
             for k, r in enumerate(members):
                 pages[k, :len(run.pages_of[r])] = run.pages_of[r]
-        return dict(tokens=jnp.asarray(tokens), slots=jnp.asarray(slot), rows={f: jnp.asarray(a) for f, a in cols.items()},
+        return dict(tokens=jnp.asarray(tokens), slots=jnp.asarray(slot),
+                    rows={f: jnp.asarray(a) for f, a in cols.items()},
                     pages=None if pages is None else jnp.asarray(pages))

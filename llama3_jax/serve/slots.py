@@ -39,7 +39,6 @@ MIN_BUCKET = 16
 # end). Both batching paths start there and grow the cache while a row still has room; read at run time
 # (slots.FIRST_CHUNK), so one constant governs both.
 FIRST_CHUNK = 256
-ROW_FIELDS = ("lengths", "seeds", "row_seeds", "temperature", "top_k", "top_p", "limit")  # `rows` of `place`
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -165,9 +164,9 @@ def _place_contiguous(cache: KVCache, tmp: KVCache, slots) -> KVCache:
 
 def place(state: dict, tmp: KVCache, logits, slots, rows: dict, pages=None) -> dict:
     """Rows prefilled into `tmp` (n rows of P slots, index at P) into decode slots `slots` (n,) (a slot
-    >= B is batch padding: dropped). rows: ROW_FIELDS -> (n,) arrays. The contiguous cache needs
-    index >= P; a paged one takes the rows' page-table rows `pages` (n, M). The last logits (n, V)
-    wait in the state: `decode_chunk` samples each row's first token."""
+    >= B is batch padding: dropped). rows: `lengths` and request.row_columns' fields -> (n,) arrays. The
+    contiguous cache needs index >= P; a paged one takes the rows' page-table rows `pages` (n, M). The
+    last logits (n, V) wait in the state: `decode_chunk` samples each row's first token."""
     cache = state["cache"]
     if isinstance(cache, PagedKVCache):
         cache = paged_cache.place(cache, tmp, pages)

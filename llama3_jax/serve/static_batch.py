@@ -24,10 +24,9 @@ from flax import nnx
 from ..model.kv_cache import KVCache
 from ..parallel.multihost_io import to_host
 from .padding import left_padded_batches
-from .request import Completion, Request, finished
+from .request import Completion, Request, finished, row_columns
 from . import slots
 from .slots import bucket, decode_step, is_stop, prefill, prompt_width, row_keys, sample
-
 
 
 def _decode_loop(model, knobs, max_new: int, state, lengths, keys, stop_ids, limits):
@@ -91,15 +90,6 @@ def extend_batch(graphdef, max_new: int, params, state, lengths, row_seeds, seed
 # ------------------------------------------------------------------------------------------ host loop
 
 
-def _columns(requests: Sequence[Request], rows: list[int], b: int) -> dict[str, np.ndarray]:
-    """Per-row host arrays (B,) of one batch; padding rows (past len(rows)) get neutral values."""
-    def col(f, dtype, fill):
-        return np.array([f(requests[i]) for i in rows] + [fill] * (b - len(rows)), dtype)
-    return dict(seeds=col(lambda r: r.seed, np.int32, 0), row_seeds=col(lambda r: r.row_seed, np.int32, 0),
-                temperature=col(lambda r: r.temperature, np.float32, 0.0), top_k=col(lambda r: r.top_k, np.int32, 0),
-                top_p=col(lambda r: r.top_p, np.float32, 1.0), limits=col(lambda r: r.max_new_tokens, np.int32, 1))
-
-
 def static_batches(gen, requests: Sequence[Request], stop_arr, batch_size: int, decode
                    ) -> Iterator[list[tuple[int, Completion]]]:
     """Yield [(request index, Completion)] per whole batch of `left_padded_batches`. `gen` is the
@@ -108,8 +98,8 @@ def static_batches(gen, requests: Sequence[Request], stop_arr, batch_size: int, 
     width = functools.partial(prompt_width, chunk=gen.prefill_chunk)
     for rows, tokens, lengths in left_padded_batches([r.tokens for r in requests], batch_size, width):
         b, p = tokens.shape
-        cols = _columns(requests, rows, b)
-        limits = cols["limits"]
+        cols = row_columns([requests[i] for i in rows], b)
+        limits = cols["limit"]
         n = min(bucket(int(limits.max()), 1), slots.FIRST_CHUNK)
         cache = gen._cache_for(b, p + n)
         knobs = tuple(gen._put(cols[f], ("batch",)) for f in ("temperature", "top_k", "top_p"))
