@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from llama3_jax.convert.tensors import parse_size  # noqa: E402
-from llama3_jax.data import DataConfig  # noqa: E402
+from llama3_jax.data import DataConfig, skipped_line_count  # noqa: E402
 from llama3_jax.data import prepared  # noqa: E402
 from llama3_jax.store import remote  # noqa: E402
 from llama3_jax.store.paths import filesystem, is_remote, resolve  # noqa: E402
@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=4, help="tokenizer threads (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     args = p.parse_args(argv)
+    skipped = skipped_line_count()  # (this process may have listed other files before: a caller's)
     try:
         src, dst = resolve(args.src, "SRC"), resolve(args.dst, "DST")
         src = remote.fetch(src, "SRC") if is_remote(src) else src  # gs://...: into the cache (remote.py)
@@ -80,9 +81,10 @@ def main(argv=None) -> int:
         print(f"prepare_data: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     s, unit = meta["splits"], "rows" if meta["packed"] else "documents" if args.objective == "lm" else "records"
+    skipped = skipped_line_count() - skipped  # each reported above as FILE:LINE: skipped: why
     print(f"prepare_data: {args.dst}: train {s['train']['records']} {unit} ({s['train']['tokens']:,} tokens, "
-          f"{len(s['train']['shards'])} shards), eval {s['eval']['records']} {unit} ({s['eval']['tokens']:,} tokens)",
-          file=sys.stderr)
+          f"{len(s['train']['shards'])} shards), eval {s['eval']['records']} {unit} ({s['eval']['tokens']:,} tokens)"
+          + (f", {skipped} bad lines skipped" if skipped else ""), file=sys.stderr)
     return 0
 
 

@@ -16,7 +16,17 @@ user or ipython turn.
 An example is the model's view of one record, already shifted: ``tokens = ids[:-1]``,
 ``targets = ids[1:]``, ``loss_mask[i] = 1`` when ``targets[i]`` is a trained token. Shifting per
 record (not per packed row as pretraining does) keeps a record whole inside one row. A record longer
-than ``seq_len`` (a DPO pair: each side longer than ``seq_len // 2``) is cut to fit, and counted.
+than ``seq_len`` (a DPO pair: either side longer than ``seq_len // 2``) is cut to fit, and counted.
+
+What can go wrong, and what catches it:
+  * counting a long record at every read: a record is read again every epoch, and reader threads read
+    ahead of the step. So the count is not kept here: an example carries ``cut`` (1 on its first token
+    when the record was cut in its first epoch, else 0), packing sums it into the batch, and the
+    iterator adds a batch's count when the step takes the batch and keeps the total in its checkpointed
+    state (iterator.py): N long records are N, whatever the epochs, the read-ahead or the resumes.
+  * a DPO pair whose chosen and rejected sides render alike (the same string, or messages with the
+    same roles and contents: all the renderer reads) has nothing to prefer and a zero gradient; it is
+    skipped when listed, ``FILE:LINE: skipped: why``, and counted with the other skipped lines.
 """
 
 from __future__ import annotations
@@ -80,11 +90,22 @@ def dpo_problem(record) -> str | None:
     if isinstance(p, str):
         if not all(isinstance(record[k], str) for k in ("chosen", "rejected")):
             return "with a string 'prompt', 'chosen' and 'rejected' must be strings"
-        return None
-    why = _messages_problem(p, "prompt")
-    for k in ("chosen", "rejected"):
-        why = why or _messages_problem(record[k], k) or (None if _has_assistant(record[k]) else f"no assistant turn in {k!r}")
-    return why
+    else:
+        why = _messages_problem(p, "prompt")
+        for k in ("chosen", "rejected"):
+            why = why or _messages_problem(record[k], k) or (
+                None if _has_assistant(record[k]) else f"no assistant turn in {k!r}")
+        if why:
+            return why
+    if _rendered(record["chosen"]) == _rendered(record["rejected"]):
+        return "'chosen' equals 'rejected' (nothing to prefer)"
+    return None
+
+
+def _rendered(side):
+    """What the renderer reads of one side (render_completion): the string, or each message's role and
+    content (other fields of a message are not rendered)."""
+    return side if isinstance(side, str) else [(m["role"], m["content"]) for m in side]
 
 
 # ------------------------------------------------------------------------------- rendering
@@ -129,14 +150,16 @@ def example(ids, mask, max_len: int) -> dict[str, np.ndarray]:
 
 class RenderRecords(TokenizerHolder):
     """Document -> an example ready for packing (SFT), or a pair of examples in one (DPO): for DPO,
-    the chosen then the rejected sequence, ``half`` 1 / 2, positions restarting at the rejected one."""
+    the chosen then the rejected sequence, ``half`` 1 / 2, positions restarting at the rejected one.
+    Every example has ``cut``: 1 on its first token when this read cut the record and is the record's
+    first (element index < ``per_epoch``, the records of one epoch; None: every read is a first), else 0."""
 
     def __init__(self, tokenizer, kind: str, seq_len: int, reference: dict | None = None,
-                 index: dict | None = None):
+                 index: dict | None = None, per_epoch: int | None = None):
         super().__init__(tokenizer)
-        self.kind, self.seq_len = kind, seq_len
+        self.kind, self.seq_len, self.per_epoch = kind, seq_len, per_epoch
         self.reference, self.index = reference, index  # DPO precomputed reference: see add_reference
-        self.truncated = 0
+        self._reported = False
         self._lock = threading.Lock()  # grain's reader threads render records concurrently
 
     def __getstate__(self):  # a lock does not pickle: worker processes get their own
@@ -148,36 +171,45 @@ class RenderRecords(TokenizerHolder):
         super().__setstate__(state)
         self._lock = threading.Lock()
 
-    def _cut(self, n: int, limit: int, where: str) -> None:
-        if n > limit:
-            with self._lock:
-                self.truncated += 1
-                first = self.truncated == 1
-            if first:  # reported once (the first record a reader thread cut); the summary gives the count
-                report(f"{where}: truncated: {n} tokens > {limit} (this and every longer record is "
-                       f"cut to fit seq_len and counted; the count is in the run summary)")
+    def _cut(self, n: int, limit: int, where: str) -> bool:
+        if n <= limit:
+            return False
+        with self._lock:
+            first, self._reported = not self._reported, True
+        if first:  # reported once (the first record a reader thread cut); the summary gives the count
+            report(f"{where}: truncated: {n} tokens > {limit} (this and every longer record is "
+                   f"cut to fit seq_len and counted; the count is in the run summary)")
+        return True
 
-    def __call__(self, doc: Document) -> dict[str, np.ndarray]:
-        out = self.examples(render_sides(self._tokenizer, self.kind, read_record(doc)), f"{doc.path}:{doc.line}")
+    def indexed(self, i: int, doc: Document) -> dict[str, np.ndarray]:
+        """`__call__` for grain's map_with_index: element `i` of the repeated records."""
+        return self(doc, first_read=self.per_epoch is None or i < self.per_epoch)
+
+    def __call__(self, doc: Document, first_read: bool = True) -> dict[str, np.ndarray]:
+        out = self.examples(render_sides(self._tokenizer, self.kind, read_record(doc)), f"{doc.path}:{doc.line}",
+                            first_read)
         if self.index is not None:  # the pass that computes reference log-probs: which pair this is
             out["pair"] = np.full(len(out["tokens"]), self.index[doc.key], np.int32)
         if self.reference is not None:
             out["ref_logps"] = add_reference(out, *self.reference[doc.key])
         return out
 
-    def examples(self, sides: list, where: str) -> dict[str, np.ndarray]:
+    def examples(self, sides: list, where: str, first_read: bool = True) -> dict[str, np.ndarray]:
         """A record's rendered sides (`render_sides`) -> its example (SFT) or pair of examples (DPO),
-        cut to fit seq_len; `where` names the record in the truncation report."""
+        cut to fit seq_len; `where` names the record in the truncation report; `first_read`: whether a
+        cut is counted (``cut``)."""
         if self.kind == "sft":
             [(ids, mask)] = sides
-            self._cut(len(ids) - 1, self.seq_len, where)
-            return example(ids, mask, self.seq_len)
-        half = self.seq_len // 2
-        for ids, _ in sides:
-            self._cut(len(ids) - 1, half, where)
-        chosen, rejected = (example(ids, mask, half) for ids, mask in sides)
-        out = {k: np.concatenate([chosen[k], rejected[k]]) for k in chosen}
-        out["half"] = np.repeat(np.int32([1, 2]), [len(chosen["tokens"]), len(rejected["tokens"])])
+            cut = self._cut(len(ids) - 1, self.seq_len, where)
+            out = example(ids, mask, self.seq_len)
+        else:
+            half = self.seq_len // 2
+            cut = any([self._cut(len(ids) - 1, half, where) for ids, _ in sides])  # a list: report either side
+            chosen, rejected = (example(ids, mask, half) for ids, mask in sides)
+            out = {k: np.concatenate([chosen[k], rejected[k]]) for k in chosen}
+            out["half"] = np.repeat(np.int32([1, 2]), [len(chosen["tokens"]), len(rejected["tokens"])])
+        out["cut"] = np.zeros(len(out["tokens"]), np.int32)
+        out["cut"][:1] = int(cut and first_read)
         return out
 
 

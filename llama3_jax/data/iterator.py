@@ -1,5 +1,19 @@
 """The batch iterator: documents -> shuffled, sharded, tokenized, packed, batched, prefetched, with
-grain's small JSON iterator state for checkpoints (see the package docstring for the steps)."""
+grain's small JSON iterator state for checkpoints (see the package docstring for the steps).
+
+What can go wrong with a saved state, and what catches it:
+  * resuming with another pipeline (another data.path, batch_size, seed, ...): the state's fingerprint
+    is compared entry by entry, and a difference is refused in one line naming the run's key, its
+    value in the checkpoint and now, and the way out (a new workdir, or the key set back). The state
+    also records the keys that decide the documents (``source``: data.path -- for prepared data the
+    corpus it was prepared from, so raw and prepared states stay interchangeable --, max_documents,
+    eval_fraction, text_field), so a changed document list names the key that changed it; a state
+    without them (older checkpoints) still resumes, and its message names the candidates.
+  * a truncation count that restarts at 0 on resume, or counts read-ahead or re-reads: the count
+    (``truncated``) rides in the batches (packing.TRUNCATED_KEY, first reads only) and is added when
+    the caller takes a batch, and saved in the state, so a resumed run reports what an uninterrupted
+    one does; a state without it resumes at 0.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +27,9 @@ from grain.experimental import (ConcatThenSplitIterDataset, FirstFitPackIterData
                                 WindowShuffleIterDataset)
 
 from . import prepared
+from .prepared import OBJECTIVES
 from .chat import RenderRecords, dpo_problem, sft_problem
-from .packing import EXAMPLE_KEYS, example_batch, text_batch
+from .packing import EXAMPLE_KEYS, TRUNCATED_KEY, example_batch, text_batch
 from .sources import DataConfig, Document, list_documents, split_documents
 from .text import ReadAndTokenize
 
@@ -77,19 +92,21 @@ class BatchIterator:
         seq_len: int,
         process_count: int,
         fingerprint: dict[str, Any],
-        render: RenderRecords | None = None,
+        source: dict[str, Any] | None = None,
     ):
         self._it = dataset.__iter__()
         self.documents = documents  # the split's documents (every process reads them all); None: prepared data
         self.num_documents = num_documents
         self.rows, self.seq_len, self.process_count = rows, seq_len, process_count
         self._fingerprint = fingerprint
-        self._render = render
+        self._source = source or {}
+        self._truncated = 0
 
     @property
     def truncated(self) -> int:
-        """Fine-tuning records cut to fit seq_len so far (read in this process's threads)."""
-        return self._render.truncated if self._render is not None else 0
+        """Fine-tuning records cut to fit seq_len in the batches taken so far, over every (re)start: each
+        record once (its first epoch's read), in every process the count of the global batches."""
+        return self._truncated
 
     @property
     def tokens_per_batch(self) -> int:
@@ -104,20 +121,22 @@ class BatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._it)
+        batch = next(self._it)
+        cut = batch.pop(TRUNCATED_KEY, None)
+        if cut is not None:
+            self._truncated += int(cut)
+        return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"fingerprint": dict(self._fingerprint), "grain": _jsonable(self._it.get_state())}
+        return {"fingerprint": dict(self._fingerprint), "source": dict(self._source),
+                "truncated": self._truncated, "grain": _jsonable(self._it.get_state())}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        saved = state.get("fingerprint", {})
-        for name, now in self._fingerprint.items():
-            if saved.get(name) != now:
-                raise ValueError(
-                    f"data iterator state is for another pipeline: {name} was "
-                    f"{saved.get(name)!r}, now {now!r}"
-                )
+        why = mismatch(state, self._fingerprint, self._source)
+        if why:
+            raise ValueError(f"data iterator state is for another pipeline: {why}")
         self._it.set_state(_from_json(state["grain"]))
+        self._truncated = int(state.get("truncated", 0))  # states saved before the count was kept: 0
 
     def close(self) -> None:
         """Stop prefetch threads and worker processes."""
@@ -128,6 +147,48 @@ class BatchIterator:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# fingerprint entry -> the run's key that sets it (None: set by the caller, not by a key)
+_KEY_OF = {"seq_len": "seq_len", "rows": "batch_size", "seed": "seed", "shuffle": "data.shuffle",
+           "worker_count": "data.worker_count", "kind": "objective", "packing_bins": "data.packing_bins",
+           "packed_rows": "data.path (its packed rows)", "split": None, "num_epochs": None}
+_SOURCE_KEYS = ("data.path", "data.max_documents", "data.eval_fraction", "data.text_field")
+
+
+def mismatch(state: dict[str, Any], fingerprint: dict[str, Any], source: dict[str, Any]) -> str | None:
+    """Why a saved iterator state cannot continue in the pipeline of `fingerprint` (and `source`, the
+    run's keys that decide its documents), naming the run's key, its old and new value, and the way out;
+    None when it can."""
+    saved = state.get("fingerprint", {})
+    name = next((n for n in fingerprint if saved.get(n) != fingerprint[n]), None)
+    if name is None:
+        return None
+    old, now = saved.get(name), fingerprint[name]
+    if name == "documents":
+        return _documents_mismatch(old, now, state.get("source") or {}, source)
+    if name == "kind":  # the text pipeline has no "kind" entry
+        old, now = (OBJECTIVES[v or "text"] for v in (old, now))
+    key = _KEY_OF.get(name) or f"the iterator's {name}"
+    return f"{key} was {old!r}, now {now!r}; use a new workdir, or set {key} back to {old!r}"
+
+
+def _documents_mismatch(old: str | None, now: str, saved: dict, source: dict) -> str:
+    """The documents differ: name the keys that changed them, else say what else can have."""
+    def count(docs_id):
+        return "none recorded" if docs_id is None else f"{docs_id.split(':')[0]} documents ({docs_id[:12]}...)"
+
+    what = f"the split's documents were {count(old)}, now {count(now)}"
+    changed = [k for k in _SOURCE_KEYS if k in saved and k in source and saved[k] != source[k]]
+    if changed:
+        was = "; ".join(f"{k} was {saved[k]!r}, now {source[k]!r}" for k in changed)
+        back = " and ".join(f"{k} back to {saved[k]!r}" for k in changed)
+        return f"{was} ({what}); use a new workdir, or set {back}"
+    if saved:
+        return (f"{what}: the records of data.path {source.get('data.path')!r} changed since the checkpoint; "
+                f"use a new workdir, or put back the data it was trained on")
+    return (f"{what}: data.path ({source.get('data.path')!r} now), data.max_documents, data.eval_fraction or "
+            f"the records changed (this checkpoint does not record which); use a new workdir, or set them back")
 
 
 def uses_prepared(cfg: DataConfig) -> bool:
@@ -153,7 +214,8 @@ def split_sizes(cfg: DataConfig, documents: list[Document] | None) -> dict[str, 
 
 
 def _rows_of(batch: dict, *, start: int, stop: int) -> dict:
-    return {k: np.ascontiguousarray(v[start:stop]) for k, v in batch.items()}
+    """This process's rows of a global batch; a 0-d entry (the batch's truncation count) is the batch's."""
+    return {k: np.ascontiguousarray(v[start:stop]) if v.ndim else v for k, v in batch.items()}
 
 
 def make_iterator(
@@ -193,7 +255,6 @@ def make_iterator(
     src = _open_source(cfg, tokenizer, kind, seq_len, split, documents)
     ds = src.dataset.shuffle(seed) if shuffle else src.dataset  # grain reshuffles each epoch with seed + epoch
     this_process = dict(start=process_index * rows, stop=(process_index + 1) * rows)
-    render = None
     if src.rows_packed is not None:  # rows read by index: each process reads only its rows of each batch
         batches = prepared.ProcessRows(
             ds.repeat(num_epochs), src.records, batch_size, this_process["start"], this_process["stop"], src.read,
@@ -202,7 +263,7 @@ def make_iterator(
         if kind == "text":
             packed, batch_fn = _pack_text(cfg, src, ds.repeat(num_epochs), seq_len, shuffle, seed)
         else:
-            packed, batch_fn, render = _pack_examples(cfg, src, ds, tokenizer, kind, seq_len, num_epochs,
+            packed, batch_fn = _pack_examples(cfg, src, ds, tokenizer, kind, seq_len, num_epochs,
                                                       reference, pair_index)
         batches = packed.batch(
             batch_size, batch_fn=functools.partial(batch_fn, n_rows=batch_size, seq_len=seq_len)
@@ -217,7 +278,8 @@ def make_iterator(
         seq_len=seq_len,
         process_count=process_count,
         fingerprint=_fingerprint(cfg, src, kind, split, seq_len, batch_size, seed, shuffle, num_epochs),
-        render=render,
+        source={"data.path": src.corpus, "data.max_documents": cfg.max_documents,
+                "data.eval_fraction": cfg.eval_fraction, "data.text_field": cfg.text_field},
     )
 
 
@@ -249,6 +311,7 @@ class _Source(NamedTuple):
     dataset: grain.MapDataset
     read: Any
     rows_packed: tuple[int, int] | None  # prepared data packed into rows: (seed it was shuffled with, row count)
+    corpus: str                       # the records' data.path: for prepared data, the one it was prepared from
 
 
 def _open_source(cfg: DataConfig, tokenizer, kind: str, seq_len: int, split: str,
@@ -262,7 +325,8 @@ def _open_source(cfg: DataConfig, tokenizer, kind: str, seq_len: int, split: str
         n_docs = int(docs_id.split(":")[0])
         # the record keys go through grain (shuffle, repeat: the raw pipeline's indices); prepared.py reads
         records = prepared.source(cfg.path, meta, split)
-        src = _Source(None, docs_id, n_docs, records, grain.MapDataset.range(len(records)), prepared.decode, None)
+        src = _Source(None, docs_id, n_docs, records, grain.MapDataset.range(len(records)), prepared.decode, None,
+                      meta.get("source", cfg.path))
         if meta["packed"]:
             src = src._replace(rows_packed=(meta["packed"]["seed"], meta["splits"][split]["records"]),
                                read=prepared.decode_row)
@@ -270,7 +334,7 @@ def _open_source(cfg: DataConfig, tokenizer, kind: str, seq_len: int, split: str
         docs = documents if documents is not None else list_documents(cfg, record_check(kind))
         docs = split_documents(docs, split, cfg.eval_fraction)
         src = _Source(docs, prepared.documents_fingerprint(docs), len(docs), None, grain.MapDataset.source(docs),
-                      ReadAndTokenize(tokenizer, cfg.text_field), None)
+                      ReadAndTokenize(tokenizer, cfg.text_field), None, cfg.path)
     # An empty eval split ends at once; the caller feeds padding batches.
     if not src.num_documents and split == "train":
         raise ValueError(f"no {split} documents in data path {cfg.path} (eval_fraction={cfg.eval_fraction})")
@@ -292,22 +356,23 @@ def _pack_text(cfg: DataConfig, src: _Source, ds: grain.MapDataset, seq_len: int
 def _pack_examples(cfg: DataConfig, src: _Source, ds: grain.MapDataset, tokenizer, kind: str, seq_len: int,
                    num_epochs: int | None, reference: dict | None, pair_index: bool):
     """Fine-tuning: records rendered into examples (chat.py), packed first-fit into rows of seq_len.
-    Returns (rows, the batch function, the renderer: it counts truncated records)."""
+    Returns (rows, the batch function); each batch counts the records it holds cut at their first read."""
     if src.documents is None and (reference is not None or pair_index):
         raise ValueError(f"data.path {cfg.path} (prepared data): dpo.precompute_reference keys its table by "
                          f"source record; give the JSONL/Parquet records, or set it to false")
     index = {d.key: i for i, d in enumerate(src.documents)} if pair_index else None
-    render = RenderRecords(tokenizer, kind, seq_len, reference, index)
+    render = RenderRecords(tokenizer, kind, seq_len, reference, index, per_epoch=len(ds))
     ds = ds.repeat(num_epochs)  # prepared: the records rendered when preparing, cut and shifted here
-    ds = ds.map(render) if src.documents is not None else prepared.BlockReads(
-        ds, src.records, prepared.RecordExamples(render, f"{cfg.path} (prepared)"))
-    keys = EXAMPLE_KEYS + (("half",) if kind == "dpo" else ())
+    # with the element index: reads past the first epoch's are not counted again (chat.py)
+    ds = ds.map_with_index(render.indexed) if src.documents is not None else prepared.BlockReads(
+        ds, src.records, prepared.RecordExamples(render, f"{cfg.path} (prepared)").indexed, with_index=True)
+    keys = EXAMPLE_KEYS + ("cut",) + (("half",) if kind == "dpo" else ())
     keys += (("ref_logps",) if reference is not None else ()) + (("pair",) if pair_index else ())
     packed = FirstFitPackIterDataset(
         ds.to_iter_dataset(_READ_OPTIONS), length_struct={k: seq_len for k in keys},
         num_packing_bins=cfg.packing_bins, shuffle_bins=False,
     )
-    return packed, example_batch, render
+    return packed, example_batch
 
 
 def _prefetch(batches: grain.IterDataset, cfg: DataConfig) -> grain.IterDataset:

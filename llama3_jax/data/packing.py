@@ -13,6 +13,9 @@ import numpy as np
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 EXAMPLE_KEYS = ("tokens", "targets", "loss_mask", "positions")
 EXTRA_KEYS = ("ref_logps", "pair")  # DPO with precomputed reference log-probs (float32), its pre-pass
+# fine-tuning: the batch's count of records cut to fit, first reads only (a 0-d int32, from the examples'
+# ``cut``: chat.py); the iterator takes it out of the batch and adds it to its checkpointed total
+TRUNCATED_KEY = "truncated"
 
 
 def text_batch(rows: list[dict[str, np.ndarray]], *, n_rows: int, seq_len: int) -> dict:
@@ -55,4 +58,5 @@ def example_batch(rows: list[dict[str, np.ndarray]], *, n_rows: int, seq_len: in
     for k in EXTRA_KEYS:  # an all-padding batch still has the keys
         if rows and k in rows[0]:
             out.setdefault(k, np.zeros((n_rows, seq_len), rows[0][k].dtype))
+    out[TRUNCATED_KEY] = np.asarray(sum(int(row["cut"].sum()) for row in rows if "cut" in row), np.int32)
     return out

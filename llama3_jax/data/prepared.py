@@ -181,13 +181,18 @@ def decode_sides(raw: bytes) -> list[tuple[np.ndarray, np.ndarray]]:
 
 class RecordExamples:
     """A prepared fine-tuning record -> the example the raw pipeline's RenderRecords makes of its source
-    record (cut to seq_len, shifted; DPO: both sides), counting what it cuts in `render.truncated`."""
+    record (cut to seq_len, shifted; DPO: both sides; ``cut`` marking a first read it cut)."""
 
     def __init__(self, render: RenderRecords, where: str):
         self.render, self.where = render, where
 
     def __call__(self, raw: bytes) -> dict[str, np.ndarray]:
         return self.render.examples(decode_sides(raw), self.where)
+
+    def indexed(self, i: int, raw: bytes) -> dict[str, np.ndarray]:
+        """Element `i` of the repeated records (BlockReads with_index): as RenderRecords.indexed."""
+        per_epoch = self.render.per_epoch
+        return self.render.examples(decode_sides(raw), self.where, per_epoch is None or i < per_epoch)
 
 
 def _read(records, keys: list[int]) -> list[bytes]:
@@ -200,11 +205,14 @@ class BlockReads(grain.MapDataset):
     """Element i = `decode(records[keys[i]])`, the records read `block` at a time: `keys` is grain's
     index dataset (range -> shuffle -> repeat), so the element index, and the iterator state, are those
     of the raw pipeline (grain's source -> shuffle -> repeat). A consumer walks the indices in order, as
-    grain's iterator does; the last few blocks are cached (not part of the state)."""
+    grain's iterator does; the last few blocks are cached (not part of the state). `with_index`:
+    `decode(i, raw)`, as grain's map_with_index calls its function."""
 
-    def __init__(self, keys: grain.MapDataset, records, decode, block: int = READ_BLOCK, keep: int = 4):
+    def __init__(self, keys: grain.MapDataset, records, decode, block: int = READ_BLOCK, keep: int = 4,
+                 with_index: bool = False):
         super().__init__(keys)
         self._records, self._decode, self._block, self._keep = records, decode, block, keep
+        self._with_index = with_index
         self._blocks: dict[int, list] = {}
         self._lock = threading.Lock()
 
@@ -222,7 +230,7 @@ class BlockReads(grain.MapDataset):
                 for old in sorted(self._blocks)[:-self._keep]:
                     del self._blocks[old]
             raw = self._blocks[b][index - b * self._block]
-        return self._decode(raw)
+        return self._decode(index, raw) if self._with_index else self._decode(raw)
 
     def __getstate__(self):  # worker processes start with an empty cache and their own lock
         return {**self.__dict__, "_blocks": {}, "_lock": None}
@@ -306,11 +314,17 @@ def _row_records(docs: list[Document], tok, cfg: DataConfig, read: grain.ReadOpt
         yield np.stack([row["tokens"], seg]).astype(DTYPE).tobytes(), int(np.count_nonzero(seg))
 
 
+def _progress(split: str, count: int, tokens: int, end: str) -> None:
+    print(f"\rprepare_data: {split}: {count:,} records, {tokens:,} tokens", end=end, file=sys.stderr, flush=True)
+
+
 def _write_split(records, out: Path, split: str, shard_bytes: int, progress: bool) -> dict:
     """Write `records` ((bytes, tokens) pairs) into shard files of about `shard_bytes` each."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    shards, writer, size, count, tokens, last = [], None, 0, 0, 0, 0.0
+    # progress: first after a second (a quick split prints nothing: the summary says it all), then each
+    # second on one line (\r), closed with the split's final counts
+    shards, writer, size, count, tokens, last, shown = [], None, 0, 0, 0, time.time(), False
     try:
         for raw, n in records:
             if writer is None or size >= shard_bytes:
@@ -322,14 +336,13 @@ def _write_split(records, out: Path, split: str, shard_bytes: int, progress: boo
             shards[-1]["records"] += 1
             size, count, tokens = size + len(raw), count + 1, tokens + n
             if progress and time.time() - last > 1:
-                last = time.time()
-                print(f"\rprepare_data: {split}: {count:,} records, {tokens:,} tokens", end="", file=sys.stderr,
-                      flush=True)
+                last, shown = time.time(), True
+                _progress(split, count, tokens, end="")
     finally:
         if writer is not None:
             writer.close()
-    if progress and count:
-        print(file=sys.stderr)
+    if shown:
+        _progress(split, count, tokens, end="\n")
     return {"shards": shards, "records": count, "tokens": tokens}
 
 

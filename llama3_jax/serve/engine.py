@@ -117,7 +117,8 @@ class Generator:
         self.paged_attention = attn.resolve_paged(paged_attention, platform, self.kv_dtype, cfg.head_dim)
         self.graphdef, _ = nnx.split(abstract_model(cfg, split_layers=split_layers, decode_attention=decode_attention,
                                                     paged_attention=self.paged_attention))
-        if tokenizer is None and checkpoint_dir is not None:  # the one it was trained with (train records it)
+        if tokenizer is None and checkpoint_dir is not None and checkpoint.is_checkpoint(checkpoint_dir):
+            # the one it was trained with (train records it); a Meta directory has no config.json: Llama 3's
             tokenizer = checkpoint.load_tokenizer_spec(checkpoint_dir)
         self._tokenizer = tokenizer
         self._cache: KVCache | None = None
@@ -177,7 +178,8 @@ class Generator:
 
     def score_context_error(self, n_prompt: int, n_completion: int) -> str | None:
         """Why a prompt + completion pair does not fit the context (naming the part that is too long),
-        or None. The model reads all but the last token, at positions 0 .. n - 2."""
+        or None. score_batch feeds all n = n_prompt + n_completion tokens, at positions 0 .. n - 1 (the
+        last one's logits are not used), so a pair fits when n <= max_seq_len."""
         ctx = self.cfg.max_seq_len
         if n_prompt + n_completion <= ctx:
             return None
