@@ -29,7 +29,17 @@ Behaviour the tests pin down:
     gets an output line {"id", "error": "..."} (and a stderr report); a rerun drops those lines from the
     output and tries those ids again (with other options they may fit);
   * without --max-new-tokens each prompt generates until a stop token or the end of the context;
-  * the summary line says when every line failed, and the command then exits with status 1;
+  * the output file is locked for the run (OUTPUT.lock, store/lock.py; process 0's lock): a second
+    generate or score writing the same file is refused with one line naming the holder (host, pid,
+    start time) before it reads or writes anything;
+  * the summary line says when every line failed, and the command then exits with status 1. A line
+    whose id is already in the output is done, not failed: a rerun with nothing left to run says
+    "nothing new to run", counts the lines still too long for the context (their error lines are
+    written again) and exits 0, as the run that wrote the others did; status 1 means that no line of
+    the input has a result, none run now and none earlier;
+  * the token count (progress bar, summary) is the tokens each row generated: its kept tokens, plus the
+    stop token that ended it (not kept); a row ended by a stop string kept the token that completed it,
+    so nothing is added;
   * the input is read, checked and run --read-lines lines at a time (each piece's rows are done before
     the next piece is read; several processes: process 0 reads each piece and sends it to the others),
     so no host holds the whole input; only the ids seen are kept, to report duplicates.
@@ -42,20 +52,22 @@ import zlib
 from pathlib import Path
 
 from . import sampling
+from ..store.lock import Lock
 from ..parallel.distributed import is_main
 from ..parallel.multihost_io import on_main
 from ..parallel.sharding import inference_mesh, parse_mesh
 from .engine import Generator
 from .jsonl import (Appender, Progress, fitting, id_key, one_of, pieces, read_done, read_lines, report, shard_args,
                     token_list)
-from .request import Request
+from .request import Completion, Request
 
 
-def _open(args, generator: Generator | None) -> tuple[set[str], Generator]:
-    """Check the shared flags and paths before the (slow) model restore, then read the ids already
-    in the output and restore the model on --mesh (default: sharding.inference_mesh). Returns (done
-    ids, generator). Several processes: the files are process 0's (the others get its errors and an
-    empty done set); every process restores its shards of the model."""
+def _open(args, generator: Generator | None, held: dict) -> tuple[set[str], Generator]:
+    """Check the shared flags and paths before the (slow) model restore, lock the output (the lock
+    goes into `held`, for the caller to release), then read the ids already in the output and restore
+    the model on --mesh (default: sharding.inference_mesh). Returns (done ids, generator). Several
+    processes: the files are process 0's (the others get its errors and an empty done set); every
+    process restores its shards of the model."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     sizes = parse_mesh(getattr(args, "mesh", None))
@@ -66,6 +78,8 @@ def _open(args, generator: Generator | None) -> tuple[set[str], Generator]:
             raise FileNotFoundError(f"input file not found: {args.input}")
         if Path(args.output).resolve() == Path(args.input).resolve():
             raise ValueError(f"--output {args.output} is the input file")
+        out = Path(args.output)
+        held["lock"] = Lock(out.with_name(out.name + ".lock"), f"output {args.output}").acquire()
         mine["done"] = read_done(args.output)
 
     on_main(check)
@@ -109,20 +123,28 @@ def _summary(command: str, unit: str, args, progress: Progress, totals: dict, *,
     summary["all_failed"] = _all_failed(summary, n_todo)
     if is_main():
         made = " generated" if command == "generate" else ""
-        report(f"{command}: {_failed_prefix(summary)}{n_todo} {unit}, {progress.tokens} tokens{made} in "
+        report(f"{command}: {_prefix(summary, n_todo)}{n_todo} {unit}, {progress.tokens} tokens{made} in "
                f"{progress.elapsed():.1f}s ({progress.rate():.1f} tokens/s); {n_errors} too long for the "
                f"context, {counts['bad']} bad lines skipped, {counts['resumed']} already in {args.output}")
     return summary
 
 
 def _all_failed(summary: dict, n_ok: int) -> bool:
-    """Every input line that was not already done failed (bad or too long), and there was at least one:
-    the commands then exit with status 1, so a script sees it without reading the output."""
-    return n_ok == 0 and summary["errors"] + summary["skipped_lines"] > 0
+    """Every input line failed (bad or too long), and there was at least one: the commands then exit
+    with status 1, so a script sees it without reading the output. A line already in the output is
+    done, not failed: a rerun exits as the run that wrote it did."""
+    return n_ok + summary["already_done"] == 0 and summary["errors"] + summary["skipped_lines"] > 0
 
 
-def _failed_prefix(summary: dict) -> str:
-    return "every line failed: " if summary["all_failed"] else ""
+def _prefix(summary: dict, n_ok: int) -> str:
+    if summary["all_failed"]:
+        return "every line failed: "
+    return "nothing new to run: " if n_ok == 0 and summary["already_done"] else ""
+
+
+def _output_lock_released(held: dict) -> None:
+    if "lock" in held:
+        held["lock"].release()
 
 
 # ------------------------------------------------------------------------------------------ generate
@@ -217,13 +239,30 @@ def _sample_request(gen: Generator, args, id_, k: int, ids: list[int], knobs: di
                        seed=seed, row_seed=row_seed, stop=knobs["stop"])
 
 
+def generated_tokens(c: Completion, stops, decode) -> int:
+    """The tokens a row generated: those it kept, plus the stop token that ended it (never kept). A row
+    ended by a stop STRING kept the token that completed it (request.py): nothing to add. Its text is
+    cut before the stop string, so it is shorter than its tokens' text; a stop token's row has the
+    whole text."""
+    by_token = c.finish_reason == "stop" and (not stops or c.text == decode(c.tokens))
+    return len(c.tokens) + by_token
+
+
 def run_generate(args, generator: Generator | None = None) -> dict:
     """The `generate` command (argparse Namespace from cli/generate.py). Returns the summary counts."""
     sampling.check_flags(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     args, keep = shard_args(args)
-    done, gen = _open(args, generator)
+    held: dict = {}
+    try:
+        return _generate(args, keep, generator, held)
+    finally:
+        _output_lock_released(held)
+
+
+def _generate(args, keep, generator: Generator | None, held: dict) -> dict:
+    done, gen = _open(args, generator, held)
     n_cli = getattr(args, "num_samples", 1)
     if n_cli < 1:
         raise ValueError(f"--num-samples must be >= 1, got {n_cli}")
@@ -236,7 +275,7 @@ def run_generate(args, generator: Generator | None = None) -> dict:
                                            continuous=not getattr(args, "static_batching", False)):
             records = [{"id": samples[i][0], **({"sample": samples[i][1]} if samples[i][2][1]["n"] > 1 else {}),
                         "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason} for i, c in batch]
-            yield records, sum(len(c.tokens) + (c.finish_reason == "stop") for _, c in batch)
+            yield records, sum(generated_tokens(c, samples[i][2][1]["stop"], gen.tokenizer.decode) for i, c in batch)
 
     progress = Progress("sample" if n_cli > 1 else "prompt")
     totals = _run_pieces(args, _generate_pieces(args, gen, done, keep, out), progress, out, batches)
@@ -275,7 +314,15 @@ def _score_pair(rec: dict, gen: Generator) -> tuple[list[int], list[int]]:
 
 def run_score(args, generator: Generator | None = None) -> dict:
     """The `score` command: per-token log-probs of given completions. Returns the summary counts."""
-    done, gen = _open(args, generator)
+    held: dict = {}
+    try:
+        return _score(args, generator, held)
+    finally:
+        _output_lock_released(held)
+
+
+def _score(args, generator: Generator | None, held: dict) -> dict:
+    done, gen = _open(args, generator, held)
     out = Appender(args.output) if is_main() else None
     reader: dict = {"counts": {}}
 

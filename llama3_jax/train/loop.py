@@ -28,7 +28,9 @@ import jax
 import numpy as np
 
 from ..store import checkpoint, remote
+from ..store.lock import Lock
 from ..parallel import distributed
+from ..parallel.multihost_io import on_main
 from ..model import lora
 from ..model.config import ModelConfig
 from . import objectives
@@ -111,8 +113,9 @@ def _frozen(cfg: TrainConfig, setup: Setup, force: bool = False) -> dict:
         return {}
     abstract = setup.frozen_abstract or {"ref": jax.tree.map(lambda a: a.sharding, setup.abstract["params"])}
     target = jax.tree.map(lambda a: getattr(a, "sharding", a), abstract)
-    if cfg.init_from:
-        _, params = checkpoint.restore_params(cfg.init_from, setup.mesh, cfg=setup.model_cfg)
+    if cfg.init_from:  # a checkpoint, or an HF / Meta directory streamed onto the mesh (convert/load.py)
+        from ..convert.load import restore_params_any
+        _, params = restore_params_any(cfg.init_from, setup.mesh, cfg=setup.model_cfg)
     else:
         params = jax.jit(lambda: init_params(setup.model_cfg, cfg.seed))()
     (name, target), = target.items()  # one frozen model: "base" or "ref"
@@ -133,18 +136,31 @@ def _start_state(cfg: TrainConfig, setup: Setup, workdir: Path, resume: int | No
                 f"LoRA rank {cfg.lora.rank} adapters from {cfg.lora.init_from} on {cfg.init_from}")
     if cfg.lora.rank:
         return setup.init_state(cfg.seed), None, 0, 0, f"LoRA rank {cfg.lora.rank} on {cfg.init_from}"
-    if cfg.init_from:
-        _, params = checkpoint.restore_params(cfg.init_from, setup.mesh, cfg=setup.model_cfg)
+    if cfg.init_from:  # a checkpoint, or an HF / Meta directory streamed onto the mesh (convert/load.py)
+        from ..convert.load import restore_params_any
+        _, params = restore_params_any(cfg.init_from, setup.mesh, cfg=setup.model_cfg)
         return setup.init_state(cfg.seed, params), None, 0, 0, f"weights from {cfg.init_from}"
     return setup.init_state(cfg.seed), None, 0, 0, "random init"
 
 
-def _local_paths(cfg: TrainConfig) -> tuple[TrainConfig, remote.WorkdirMirror | None]:
+def _lock_workdir(local: Path, name: str, held: dict) -> None:
+    """Process 0 takes the workdir's lock (store/lock.py), WORKDIR/.lock (a remote workdir's on its local
+    staging directory), before anything in the workdir is read or written; every process hears of a
+    refusal (on_main). The lock goes into `held`, for `train` to release."""
+    def take():
+        held["lock"] = Lock(local / ".lock", f"workdir {name}").acquire()
+    on_main(take)
+
+
+def _local_paths(cfg: TrainConfig, held: dict) -> tuple[TrainConfig, remote.WorkdirMirror | None]:
     """`cfg` with its remote paths made local (remote.py): `init_from` and `data.path` fetched into the
-    cache, a remote `workdir` pulled into its staging directory (the mirror pushes it back)."""
+    cache, a remote `workdir` pulled into its staging directory (the mirror pushes it back); the
+    workdir's lock taken first (`_lock_workdir`)."""
     changes, mirror = {}, None
     if is_remote(cfg.workdir):
         mirror = remote.WorkdirMirror(cfg.workdir, cfg.keep_checkpoints)
+    _lock_workdir(mirror.local if mirror else Path(cfg.workdir), cfg.workdir, held)
+    if mirror:
         mirror.pull()
         changes["workdir"] = str(mirror.local)
     if is_remote(cfg.init_from):
@@ -195,32 +211,40 @@ class _Progress:
 
 
 def train(cfg: TrainConfig, *, tokenizer=None) -> dict:
-    """Run (or resume) the job described by `cfg`; returns a summary dict (losses, throughput, sample)."""
-    run = _prepare(cfg, tokenizer)
-    with Preemption() as preempt:  # from here on SIGTERM or Ctrl-C means "save and stop", even while compiling
-        state, data_state, start, tokens_seen, origin = _start_state(run.cfg, run.setup, run.workdir, run.resume)
-        reference = _reference_table(run.cfg, run.setup, run.tok, run.workdir)
-        it = _open_iterator(run, reference, data_state, origin)
-        progress = _Progress(start=start, step=start, tokens=tokens_seen,
-                             saved=start if run.resume is not None else None)
-        _run_steps(run, progress, state, it, reference, preempt)
-    summary = _summary(run, progress, preempt.signal, it.truncated)
-    if run.is_main:
-        report(run.cfg, summary, run.workdir)
-    if run.mirror:  # the final metrics and sample.txt
-        run.mirror.push()
-    return summary
+    """Run (or resume) the job described by `cfg`; returns a summary dict (losses, throughput, sample).
+    The workdir is locked for the whole run (process 0's lock, store/lock.py): a second run into it is
+    refused with one line naming this one."""
+    held: dict = {}
+    try:
+        run = _prepare(cfg, tokenizer, held)
+        with Preemption() as preempt:  # from here on SIGTERM or Ctrl-C means "save and stop", even while compiling
+            state, data_state, start, tokens_seen, origin = _start_state(run.cfg, run.setup, run.workdir,
+                                                                         run.resume)
+            reference = _reference_table(run.cfg, run.setup, run.tok, run.workdir)
+            it = _open_iterator(run, reference, data_state, origin)
+            progress = _Progress(start=start, step=start, tokens=tokens_seen,
+                                 saved=start if run.resume is not None else None)
+            _run_steps(run, progress, state, it, reference, preempt)
+        summary = _summary(run, progress, preempt.signal, it.truncated)
+        if run.is_main:
+            report(run.cfg, summary, run.workdir)
+        if run.mirror:  # the final metrics and sample.txt
+            run.mirror.push()
+        return summary
+    finally:
+        if "lock" in held:
+            held["lock"].release()
 
 
-def _prepare(cfg: TrainConfig, tokenizer) -> _Run:
+def _prepare(cfg: TrainConfig, tokenizer, held: dict) -> _Run:
     """Everything settled before the first step, each refusal before anything is compiled or written:
-    processes, local paths, the mesh, the model config (a resumed workdir's own), the tokenizer, the data
-    listing, the abstract sharded state (step.build)."""
+    processes, the workdir's lock, local paths, the mesh, the model config (a resumed workdir's own), the
+    tokenizer, the data listing, the abstract sharded state (step.build)."""
     t0 = time.time()
     distributed.initialize(cfg.distributed)  # before any other JAX call
     cfg = resolve_lora(cfg)  # lora.init_from: its base and LoRA settings
     given = cfg
-    cfg, mirror = _local_paths(cfg)
+    cfg, mirror = _local_paths(cfg, held)
     workdir = Path(cfg.workdir)
     is_main = jax.process_index() == 0
     mesh = _train_mesh(cfg)
@@ -233,7 +257,7 @@ def _prepare(cfg: TrainConfig, tokenizer) -> _Run:
                          f"(lower seq_len, or give a new model a larger model.max_seq_len)")
     tok = tokenizer or make_tokenizer(cfg.tokenizer)
     if tok.n_words > mc.vocab_size:
-        raise ValueError(f"tokenizer has {tok.n_words} ids but the model's vocab_size is {mc.vocab_size}")
+        raise ValueError(_tokenizer_too_big(cfg, tok, mc, tokenizer is None, workdir if resume is not None else None))
     documents = corpus_documents(cfg.data, DATA_KIND[cfg.objective])  # listed once per run (None: prepared)
     eval_every = evaluation.eval_every(cfg, is_main, documents)
     if resume is not None and is_main:
@@ -245,6 +269,23 @@ def _prepare(cfg: TrainConfig, tokenizer) -> _Run:
                 setup=setup, t0=t0, tokens_per_step=tokens_per_step,
                 flops_per_step=model_flops_per_token(mc, cfg.seq_len) * tokens_per_step,
                 peak=peak_flops(cfg.peak_flops, list(mesh.devices.flat)))
+
+
+def _tokenizer_too_big(cfg: TrainConfig, tok, mc: ModelConfig, own: bool, resumed: Path | None) -> str:
+    """The one line for a tokenizer with more ids than the model has rows. From a resumed workdir that
+    is almost always another run's model (another job pointed at the same workdir): say so, and which."""
+    mine = (cfg.tokenizer or "Llama 3's") if own else type(tok).__name__
+    if resumed is None:
+        return f"tokenizer ({mine}) has {tok.n_words} ids but the model's vocab_size is {mc.vocab_size}"
+    try:
+        before = json.loads((resumed / "train_config.json").read_text())
+        source = "".join(f", {k} {before[k]}" for k in ("model", "init_from") if before.get(k))
+    except (OSError, ValueError, TypeError, AttributeError):
+        source = ""
+    theirs = checkpoint.load_tokenizer_spec(resumed) or "Llama 3's"
+    return (f"workdir {resumed} holds another run's model ({mc.num_params():,} params: dim {mc.dim}, n_layers "
+            f"{mc.n_layers}, vocab_size {mc.vocab_size}{source}; trained with tokenizer {theirs}): this run's "
+            f"tokenizer ({mine}) has {tok.n_words} ids; use a new workdir for this run, or that run's tokenizer")
 
 
 def _train_mesh(cfg: TrainConfig) -> jax.sharding.Mesh:
@@ -310,7 +351,11 @@ def _run_steps(run: _Run, p: _Progress, state, it, reference: dict | None, preem
                 guard.push(p.step, metrics)  # checks the previous step: stop / count a skip / spike
                 p.tokens += run.tokens_per_step
                 bar.update(1)
-                if p.step % cfg.log_every == 0 or p.step == cfg.steps or p.step == p.start + 1:
+                if p.t_first is None:  # the first step of this (re)start: its startup is behind it
+                    _started(run, p, metrics)
+                # step 1 is logged too (a new run's first loss), but not a resumed run's first step:
+                # a resumed run logs the steps an uninterrupted one does
+                if p.step % cfg.log_every == 0 or p.step == cfg.steps or p.step == 1:
                     guard.flush()
                     _log_metrics(run, p, metrics, guard.skipped, log, bar)
                 if run.eval_every and (p.step % run.eval_every == 0 or p.step == cfg.steps):
@@ -329,20 +374,28 @@ def _run_steps(run: _Run, p: _Progress, state, it, reference: dict | None, preem
         it.close()
 
 
+def _started(run: _Run, p: _Progress, metrics) -> None:
+    """After the first step of a (re)start: its startup time (restore, data, compilation, that step),
+    and the clock from which throughput is measured."""
+    jax.block_until_ready(metrics)
+    p.t_first = p.t_log = time.time()
+    p.startup, p.step_log = p.t_first - run.t0, p.step
+
+
 def _log_metrics(run: _Run, p: _Progress, metrics, skipped: int, log: MetricsLog, bar) -> None:
     """Metrics line `p.step`: the loss of the batch just stepped, and the throughput since the previous
-    line (the first line of a (re)start reports its startup time instead: restore, data, compilation)."""
+    line, or since the first step of this (re)start; the first line of a (re)start also reports the
+    startup time (restore, data, compilation)."""
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     now = time.time()
     record = {"step": p.step, "loss": m["loss"], "learning_rate": m["learning_rate"],
               "grad_norm": m["grad_norm"], "tokens_per_second": None, "mfu": None,
               "loss_tokens": int(m["tokens"]), "tokens": p.tokens,
               "skipped_updates": skipped, **{k: m[k] for k in DPO_METRICS if k in m}}
-    if p.t_log is None:  # the first step of a (re)start: restore, data, compilation
-        p.t_first, p.startup = now, now - run.t0
+    if not p.losses:  # the first line of a (re)start
         record["startup_seconds"] = round(p.startup, 2)
         record["data_skipped_lines"] = skipped_line_count()  # reported on stderr
-    else:
+    if p.step > p.step_log:
         n, dt = p.step - p.step_log, now - p.t_log
         record["tokens_per_second"] = n * run.tokens_per_step / dt
         record["mfu"] = n * run.flops_per_step / dt / run.peak if math.isfinite(run.peak) else None
