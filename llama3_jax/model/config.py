@@ -17,6 +17,9 @@ from pathlib import Path
 from ..config_loader import build_dataclass, load_yaml_config, read_yaml  # noqa: F401 (load_yaml_config: re-exported)
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+HEADS = ("lm", "score")  # ModelConfig.head: what sits on the final norm (llama.py)
+# transformers' class for each head (config.json "architectures")
+HF_ARCHITECTURES = {"lm": "LlamaForCausalLM", "score": "LlamaForSequenceClassification"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     # None: float matrices; "int8": int8 matrices + per-output-channel scales (quant.py), for generate/score
     quantization: str | None = None
+    # "lm": the output layer `lm_head` (vocab logits); "score": a scalar head `score` (embed, 1) in its
+    # place, a reward model (transformers' LlamaForSequenceClassification with num_labels=1)
+    head: str = "lm"
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -56,6 +62,11 @@ class ModelConfig:
         _check_model_values(self)
         if self.quantization not in (None, "int8"):
             raise ValueError(f"quantization={self.quantization!r}: expected \"int8\" or null")
+        if self.head not in HEADS:
+            raise ValueError(f"head={self.head!r}: expected one of {', '.join(HEADS)}")
+        if self.head == "score" and self.quantization is not None:
+            raise ValueError(f"head=score: a reward model has no {self.quantization} path (quantization is for "
+                             f"generating with a language model's output layer); use float weights")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
@@ -65,11 +76,16 @@ class ModelConfig:
         d, L, k = self.dim, self.n_layers, self.head_dim
         attn = d * k * (2 * self.n_heads + 2 * self.n_kv_heads)
         mlp = 3 * d * self.intermediate_size
-        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-        return emb + L * (attn + mlp + 2 * d) + d
+        out = d if self.head == "score" else 0 if self.tie_embeddings else self.vocab_size * d
+        return self.vocab_size * d + out + L * (attn + mlp + 2 * d) + d
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config.json record; `head` only when it is not "lm", so a language model's record (and
+        every reader of it, older versions included) is what it was before reward models existed."""
+        out = dataclasses.asdict(self)
+        if out["head"] == "lm":
+            del out["head"]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "model config") -> "ModelConfig":
@@ -146,6 +162,7 @@ def from_hf_config(hf: dict, *, source: str = "config.json") -> ModelConfig:
             raise ValueError(f"{source}: unsupported rope type {kind!r}")
         n_heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id", 128001)
+        head = _hf_head(hf)
         return ModelConfig(
             vocab_size=hf["vocab_size"],
             dim=hf["hidden_size"],
@@ -166,6 +183,7 @@ def from_hf_config(hf: dict, *, source: str = "config.json") -> ModelConfig:
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_id=hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 128000,
             eos_ids=tuple(eos) if isinstance(eos, list) else (eos,),
+            head=head,
         )
     except KeyError as e:
         raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
@@ -173,10 +191,24 @@ def from_hf_config(hf: dict, *, source: str = "config.json") -> ModelConfig:
         raise ValueError(e if str(e).startswith(source) else f"{source}: {e}") from None
 
 
+def _hf_head(hf: dict) -> str:
+    """"score" for a LlamaForSequenceClassification with one label (a reward model), else "lm"; a
+    classifier of several labels is refused (our `score` head is one scalar)."""
+    if "LlamaForSequenceClassification" not in (hf.get("architectures") or ()):
+        return "lm"
+    labels = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))  # transformers' default: 2 labels
+    if labels != 1:
+        raise ValueError(f"LlamaForSequenceClassification with {labels} labels: only a reward model "
+                         f"(num_labels=1) converts")
+    return "score"
+
+
 def to_hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
-    """A config.json that `AutoModelForCausalLM.from_pretrained` loads (transformers 4 and 5 keys)."""
+    """A config.json that `AutoModelForCausalLM.from_pretrained` loads (transformers 4 and 5 keys); of a
+    reward model (head "score"), one that `AutoModelForSequenceClassification` loads with num_labels=1
+    (its `pad_token_id`, which transformers needs to find each row's last token, is the converter's)."""
     out = {
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": [HF_ARCHITECTURES[cfg.head]],
         "model_type": "llama",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
@@ -197,6 +229,8 @@ def to_hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
         "torch_dtype": torch_dtype,
         "dtype": torch_dtype,
     }
+    if cfg.head == "score":  # one label: transformers reads num_labels from id2label
+        out |= {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
     if cfg.rope_scaling is not None:
         rs = dataclasses.asdict(cfg.rope_scaling) | {"rope_type": "llama3"}

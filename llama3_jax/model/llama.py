@@ -12,7 +12,14 @@ so scanning or unrolling the layers is a runtime choice that never changes a che
     layers/w_gate, w_up  (layers, embed, mlp)
     layers/w_down        (layers, mlp, embed)
     norm                 (embed,)
-    lm_head              (embed, vocab)    absent when embeddings are tied (Llama 3.2)
+    lm_head              (embed, vocab)    absent when embeddings are tied (Llama 3.2), or with a score head
+    score                (embed, 1)        cfg.head = "score" only (a reward model): in place of the output
+                                           layer, as transformers' LlamaForSequenceClassification(num_labels=1);
+                                           `embed` then serves the input only, tied or not
+
+A score head's model gives per-position rewards (B, T, 1); the reward of a sequence is the value at its
+last token (`rewards_at`, train/objectives.py pair_last_positions). Int8 quantization refuses a score head
+(config.py: a reward model is never the int8 generate/score path).
 
 With cfg.quantization = "int8" the matrices (embed, the seven projections, lm_head) are int8, each with
 a float32 `<name>_scale` over its output dims (quant.py); the norms stay float.
@@ -176,6 +183,13 @@ def output_logits(hidden, out_weight, scale=None, tied=False):
     return constrain(out.reshape(b, t, -1), ("batch", "seq", "act_vocab"))
 
 
+def rewards_at(hidden, score_w, index):
+    """The score head at given positions: final-norm hidden (B, T, D), score_w (D, 1), index (B, P) int
+    -> float32 rewards (B, P). Picks the P positions first, so the head never runs over all T."""
+    picked = jnp.take_along_axis(hidden, index[..., None].astype(jnp.int32), axis=1)  # (B, P, D)
+    return jnp.einsum("bpd,d->bp", picked, score_w[:, 0].astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
 def _param(rngs, shape, axes, std, dtype):
     if jnp.dtype(dtype) == jnp.int8:  # an int8 model is never initialised: it is restored (shapes only)
         return nnx.Param(jnp.zeros(shape, dtype), axes=axes)
@@ -269,7 +283,9 @@ class Llama(nnx.Module):
             self.layers = nnx.Dict({n: _param(rngs, (L, *shape), ("layers", *axes), init, dt)
                                     for n, (shape, axes, init, dt) in specs.items()})
         self.norm = _param(rngs, (D,), ("norm",), None, pd)
-        if not cfg.tie_embeddings:
+        if cfg.head == "score":  # a reward model: a scalar head, no output layer (int8 refused by config.py)
+            self.score = _param(rngs, (D, 1), ("embed", None), std, pd)  # transformers' init: N(0, 0.02)
+        elif not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), std, jnp.int8 if q8 else pd)
             if q8:
                 self.lm_head_scale = _param(rngs, (V,), ("vocab",), None, jnp.float32)
@@ -278,7 +294,8 @@ class Llama(nnx.Module):
                  hidden_only: bool = False, lora: Adapters | None = None):
         """tokens, positions, segment_ids: (B, T) int32 (segment 0 = padding).
 
-        Returns float32 logits (B, T, vocab) and the updated cache (None without one). `last_only` gives
+        Returns float32 logits (B, T, vocab) and the updated cache (None without one); a score head
+        (cfg.head "score") gives float32 rewards (B, T, 1) at every position instead. `last_only` gives
         logits (B, 1, vocab) of the last slot only: prefill of left-padded prompts needs no more, and
         B * T * vocab float32 logits would dominate its memory. `hidden_only` returns the final-norm
         hidden states (B, T, D) in the compute dtype instead of logits: the chunked loss (losses.py)
@@ -384,7 +401,10 @@ class Llama(nnx.Module):
         return rms_norm(x, self.norm[...], self.cfg.norm_eps)
 
     def _logits(self, x):
-        """Final-norm hidden (B, T, D) -> float32 logits (B, T, vocab); int8 weights multiply as int8."""
+        """Final-norm hidden (B, T, D) -> float32 logits (B, T, vocab); int8 weights multiply as int8. A
+        score head: float32 rewards (B, T, 1)."""
+        if self.cfg.head == "score":
+            return jnp.einsum("btd,dl->btl", x, self.score[...].astype(x.dtype), preferred_element_type=jnp.float32)
         if self.cfg.quantization is not None:
             tied = self.cfg.tie_embeddings
             w, s = (self.embed, self.embed_scale) if tied else (self.lm_head, self.lm_head_scale)
@@ -393,7 +413,10 @@ class Llama(nnx.Module):
 
     def output_weight(self):
         """The output projection (D, vocab) in the compute dtype: `lm_head`, or the embedding table
-        transposed when tied (Llama 3.2); of an int8 model, dequantised."""
+        transposed when tied (Llama 3.2); of an int8 model, dequantised. A reward model has none."""
+        if self.cfg.head == "score":
+            raise ValueError("head=score: a reward model has no output layer (its `score` head gives rewards, "
+                             "not next-token logits)")
         dt = jnp.dtype(self.cfg.dtype)
         if self.cfg.quantization is not None:
             if self.cfg.tie_embeddings:

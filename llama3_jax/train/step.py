@@ -19,8 +19,8 @@ from ..model.config import ModelConfig
 from ..model import attention
 from ..model.lora import LoraConfig
 from .losses import chunked_lm_loss, resolve_chunk
-from ..model.llama import Adapters, Llama, abstract_model
-from .objectives import DPOConfig
+from ..model.llama import Adapters, Llama, abstract_model, rewards_at
+from .objectives import DPOConfig, RewardConfig
 from .optim import make_optimizer, schedule
 from ..parallel.sharding import constrain, global_batch, local_shape, logical_spec, replicated
 from .config import TrainConfig
@@ -44,10 +44,12 @@ class Objective:
     dpo: DPOConfig = DPOConfig()
     seed: int = 0  # LoRA dropout keys: fold_in(key(seed), step), then the microbatch
     loss_chunk: int = 0  # lm/sft: output projection + NLL over chunks of this many positions (0 = at once)
+    reward: RewardConfig = RewardConfig()
 
     @classmethod
     def of(cls, cfg: TrainConfig, loss_chunk: int = 0) -> Objective:
-        return cls(cfg.objective, cfg.lora, cfg.dpo, cfg.seed, loss_chunk)
+        # `reward` is a TrainConfig section once train/config.py has it; until then the default
+        return cls(cfg.objective, cfg.lora, cfg.dpo, cfg.seed, loss_chunk, getattr(cfg, "reward", RewardConfig()))
 
 
 def forward(graphdef, params: dict, batch: dict, adapters: Adapters | None = None) -> jax.Array:
@@ -64,19 +66,38 @@ def loss_and_count(graphdef, params: dict, batch: dict, loss_chunk: int = 0,
     return chunked_lm_loss(hidden, model.output_weight(), batch["targets"], batch["loss_mask"], loss_chunk)
 
 
+def reward_loss(obj: Objective, graphdef, params: dict, batch: dict,
+                adapters: Adapters | None = None) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+    """The reward objective: final-norm hidden states, the score head at the last position of each side
+    of each packed pair (objectives.pair_last_positions), the Bradley-Terry loss. A batch key `margin`
+    (B, T) float32 gives each pair's margin at its chosen side's last position."""
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], hidden_only=True, lora=adapters)
+    chosen, rejected, valid = objectives.pair_last_positions(batch)
+    r = rewards_at(hidden, model.score[...], jnp.concatenate([chosen, rejected], axis=1))  # one gather
+    p = chosen.shape[1]
+    margin = jnp.take_along_axis(batch["margin"], chosen, axis=1) if "margin" in batch else None
+    loss_sum, count, metrics = objectives.reward(r[:, :p], r[:, p:], valid, margin,
+                                                 obj.reward.center_rewards_coefficient)
+    return loss_sum, (count, metrics)
+
+
 def objective_loss(obj: Objective, graphdef, trainable: dict, frozen: dict, batch: dict,
                    key: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, dict]]:
     """(summed loss, (count, summed metrics)) of the objective; differentiable in `trainable`.
 
     Full fine-tuning: `trainable` is the model's params; DPO's reference is `frozen["ref"]`. LoRA:
     `trainable` is the adapters, the model is `frozen["base"]`, and the reference is that base with the
-    adapters off (no second copy of the weights).
+    adapters off (no second copy of the weights). A reward model's LoRA trains its `score` head too
+    (PEFT's modules_to_save): `trainable["score"]` replaces the base's.
     """
     if obj.lora.rank:
-        params = frozen["base"]
+        params = frozen["base"] if "score" not in trainable else {**frozen["base"], "score": trainable["score"]}
         adapters = Adapters(trainable["layers"], obj.lora.scale, obj.lora.dropout, key)
     else:
         params, adapters = trainable, None
+    if obj.name == "reward":
+        return reward_loss(obj, graphdef, params, batch, adapters)
     if obj.name != "dpo":  # lm and sft: the loss mask says which tokens count
         loss_sum, count = loss_and_count(graphdef, params, batch, obj.loss_chunk, adapters)
         return loss_sum, (count, {})
@@ -92,8 +113,17 @@ def objective_loss(obj: Objective, graphdef, trainable: dict, frozen: dict, batc
 
 
 def zero_metrics(obj: Objective) -> dict:
-    """The objective's metric sums at zero (the carry of a scan over microbatches)."""
-    return {k: jnp.float32(0) for k in (objectives.DPO_METRICS if obj.name == "dpo" else ())}
+    """The objective's metric sums at their identity (the carry of a scan over microbatches): 0, and
+    +-inf for the min / max of objectives.MINMAX."""
+    names = {"dpo": objectives.DPO_METRICS, "reward": objectives.REWARD_METRICS}.get(obj.name, ())
+    return {k: objectives.metric_identity(k) for k in names}
+
+
+def _accumulate(carry: tuple, new: tuple) -> tuple:
+    """(..., summed metrics) + (..., summed metrics): every leaf adds, except MINMAX metrics (min / max)."""
+    *head, metrics = carry
+    *new_head, new_metrics = new
+    return (*jax.tree.map(jnp.add, tuple(head), tuple(new_head)), objectives.combine_metrics(metrics, new_metrics))
 
 
 def train_step(obj: Objective, graphdef, tx: optax.GradientTransformation, lr_schedule, grad_accum: int,
@@ -115,7 +145,7 @@ def train_step(obj: Objective, graphdef, tx: optax.GradientTransformation, lr_sc
             mb, j = xs
             k = None if key is None else jax.random.fold_in(key, j)
             (l, (n, m)), g = grad_fn(params, frozen, mb, k)
-            return jax.tree.map(jnp.add, carry, (g, l, n, m)), None
+            return _accumulate(carry, (g, l, n, m)), None
         zero = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0), zero_metrics(obj))
         (grads, loss_sum, count, msum), _ = jax.lax.scan(
             micro, zero, (split_microbatches(batch, grad_accum), jnp.arange(grad_accum)))
@@ -129,7 +159,7 @@ def train_step(obj: Objective, graphdef, tx: optax.GradientTransformation, lr_sc
     new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
     metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm,
                "learning_rate": lr_schedule(state["step"]), "tokens": count,
-               **{k: v / denom for k, v in msum.items()}}
+               **objectives.finish_metrics(msum, count)}
     return new_state, metrics
 
 
@@ -137,7 +167,9 @@ def eval_step(obj: Objective, graphdef, params: dict, batch: dict, frozen: dict,
               grad_accum: int = 1) -> tuple[jax.Array, jax.Array, dict]:
     """(loss sum, count, metric sums) of a batch, in the train step's `grad_accum` microbatches (a run
     that needs microbatches to fit a train step needs them for eval too). Metric sums: DPO's pair
-    metrics (objectives.DPO_METRICS), none for lm/sft."""
+    metrics (objectives.DPO_METRICS), the reward model's (REWARD_METRICS: min / max are combined, not
+    added, over microbatches, and so must they be over eval batches: objectives.combine_metrics), none
+    for lm/sft."""
     def one(mb):
         loss_sum, (count, metrics) = objective_loss(obj, graphdef, params, frozen, mb)
         return loss_sum, count, metrics
@@ -145,7 +177,7 @@ def eval_step(obj: Objective, graphdef, params: dict, batch: dict, frozen: dict,
         return one(batch)
 
     def micro(carry, mb):
-        return jax.tree.map(jnp.add, carry, one(mb)), None
+        return _accumulate(carry, one(mb)), None
     zero = (jnp.float32(0), jnp.float32(0), zero_metrics(obj))
     total, _ = jax.lax.scan(micro, zero, split_microbatches(batch, grad_accum))
     return total
@@ -153,6 +185,15 @@ def eval_step(obj: Objective, graphdef, params: dict, batch: dict, frozen: dict,
 
 def init_params(cfg: ModelConfig, seed: int) -> dict:
     return nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+
+
+def merge_trained(base: dict, trained: dict, scale: float) -> dict:
+    """A LoRA run's full params: the adapters merged into the base (lora.merge), and a reward model's
+    trained `score` head in place of the base's."""
+    merged = lora.merge(base, trained, scale)
+    if "score" in trained:
+        merged["score"] = trained["score"].astype(merged["score"].dtype)
+    return merged
 
 
 # --------------------------------------------------------------------------------------- setup
@@ -183,7 +224,7 @@ class Setup:
         """The full model's params: LoRA adapters merged into the frozen base (for sampling)."""
         if not self.objective.lora.rank:
             return params
-        return jax.jit(functools.partial(lora.merge, scale=self.objective.lora.scale))(self.frozen["base"], params)
+        return jax.jit(functools.partial(merge_trained, scale=self.objective.lora.scale))(self.frozen["base"], params)
 
     @property
     def shardings(self) -> dict:
@@ -199,6 +240,8 @@ class Setup:
             def fresh():
                 if self.objective.lora.rank:
                     p = lora.init(self.model_cfg, self.objective.lora, jax.random.key(seed))
+                    if self.model_cfg.head == "score":  # the head trains beside the adapters
+                        p["score"] = init_params(self.model_cfg, seed)["score"]
                 else:
                     p = init_params(self.model_cfg, seed)
                 return {"params": p, "opt_state": self.tx.init(p), "step": jnp.int32(0)}
@@ -227,6 +270,8 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, mesh) -> Setup:
                                                                sharding=a.sharding), base)
     if obj.lora.rank:
         params, frozen = lora.abstract(model_cfg, obj.lora, mesh), {"base": frozen_model}
+        if model_cfg.head == "score":  # PEFT's modules_to_save: the head trains (float32) with the adapters
+            params["score"] = base["score"]
     else:
         in_step_ref = obj.name == "dpo" and not obj.dpo.precompute_reference
         params, frozen = base, ({"ref": frozen_model} if in_step_ref else {})
