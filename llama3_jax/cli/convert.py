@@ -8,7 +8,7 @@ from .args import add_distributed_args, add_mesh_arg
 
 # flags handed to convert() as options when given, in this order (the first that does not fit the
 # output format is the one its error names)
-OPTIONS = ("max_shard_size", "shards", "base", "mesh", "keep_adapters", "quantize")
+OPTIONS = ("max_shard_size", "shards", "base", "mesh", "keep_adapters", "quantize", "base_model_name")
 
 
 def add_parser(sub) -> None:
@@ -35,6 +35,10 @@ def add_parser(sub) -> None:
                    help="--from peft --to jax only: keep the adapter as LoRA adapters on --base (a LoRA checkpoint "
                         "that generate/score read merged and `train lora.init_from=DST` trains on) instead of "
                         "merging it (default: merge)")
+    c.add_argument("--base-model-name", default=None, metavar="NAME",
+                   help="--to peft only: the adapter's base_model_name_or_path, the transformers model (hub name or "
+                        "directory) it loads onto (default: the one the LoRA base was converted from with "
+                        "`convert --from hf`)")
     add_distributed_args(c)
     c.set_defaults(func=run)
 

@@ -94,7 +94,9 @@ def convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: st
     "data=1,fsdp=1,tensor=-1", default sharding.inference_mesh's), `quantize` ("int8", jax: int8 matrices +
     scales for generate/score, quant.py); `base` (the model a `peft` adapter is
     merged into) to the reader; `keep_adapters` (with `base`): a `peft` adapter becomes a LoRA checkpoint
-    instead (convert/peft.py). `--to peft` writes a LoRA workdir's adapters.
+    instead (convert/peft.py). `--to peft` writes a LoRA workdir's adapters, as adapters on the
+    transformers model its base was converted from (the `source` that `--from hf --to jax` records in
+    config.json), or on `base_model_name`.
     Returns the model config. Raises ConvertError (one line, naming file and tensor) on bad input.
 
     SRC, DST and `base` may be URLs (gs://...: remote.py): a remote SRC or base is fetched into the
@@ -133,9 +135,12 @@ def _convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: s
     """`convert` between local paths: check the request, then either the adapters alone (no tensor
     stream) or every tensor from SRC's reader into the output format's writer."""
     src, dst = Path(local_path(src, "SRC")), Path(local_path(dst, "DST"))  # file:///x -> /x
+    base_name = options.pop("base_model_name", None)  # --to peft's, not a writer's option
+    if base_name is not None and dst_format != "peft":
+        raise ConvertError(f"--base-model-name applies only to --to peft, not --to {dst_format}")
     base, keep_adapters, options = _check_request(src, dst, src_format, dst_format, options)
     if keep_adapters or dst_format == "peft":
-        return _convert_adapters(src, dst, src_format, base, keep_adapters, dtype, progress)
+        return _convert_adapters(src, dst, src_format, base, keep_adapters, dtype, progress, base_name)
     out_dtype = parse_dtype(dtype)
     reader = _open_reader(src_format, src, base)
     out_dtype = out_dtype or reader.dtype
@@ -174,7 +179,7 @@ def _check_request(src: Path, dst: Path, src_format: str, dst_format: str,
 
 
 def _convert_adapters(src: Path, dst: Path, src_format: str, base: str | None, keep_adapters: bool,
-                      dtype: str | None, progress: bool) -> ModelConfig:
+                      dtype: str | None, progress: bool, base_name: str | None = None) -> ModelConfig:
     """The two conversions of LoRA adapters that are not a model: `--keep-adapters` (a LoRA checkpoint:
     the adapters + the base's path; a transformers base is converted beside them by `convert` itself)
     and `--to peft` (a LoRA workdir's adapters exported)."""
@@ -184,7 +189,7 @@ def _convert_adapters(src: Path, dst: Path, src_format: str, base: str | None, k
     if keep_adapters:
         convert_base = functools.partial(convert, src_format="hf", dst_format="jax", dtype=dtype, progress=progress)
         return peft.import_adapters(src, dst, base, progress, convert_base)
-    peft.export_peft(src, dst)
+    peft.export_peft(src, dst, base_name)
     return _reader("jax", src).config
 
 
@@ -206,6 +211,7 @@ def _write(reader, cfg: ModelConfig, out_dtype: np.dtype, src: Path, dst: Path, 
         nbytes = stream(reader, writer, cfg, out_dtype, src, progress, start)
         distributed.sync("llama3_jax_convert_written")
         if rank == 0:
+            _record_source(reader, tmp, dst_format)
             os.replace(tmp, dst)
         distributed.sync("llama3_jax_convert_renamed")  # every process returns once DST exists
     except BaseException:
@@ -216,3 +222,16 @@ def _write(reader, cfg: ModelConfig, out_dtype: np.dtype, src: Path, dst: Path, 
         if progress:
             sys.stderr.write("\n")
     return nbytes, time.time() - start
+
+
+def _record_source(reader, out: Path, dst_format: str) -> None:
+    """`--to jax` from a reader that knows where its model came from (hf.HFReader.source): that goes
+    into the new checkpoint's config.json as `source`, before the rename, so it appears with DST. A
+    `--to peft` export of a LoRA trained on DST names it as the adapter's base (peft.py)."""
+    source = getattr(reader, "source", None)
+    if dst_format != "jax" or not source:
+        return
+    from ..model.config import read_json
+    from ..store.checkpoint import CONFIG_FILE, write_json_atomic
+    path = out / CONFIG_FILE
+    write_json_atomic(path, read_json(path, "a llama3-jax checkpoint", ConvertError) | {"source": source})

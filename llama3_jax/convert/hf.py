@@ -4,6 +4,10 @@ safetensors is read and written here directly (an 8-byte header length, a JSON h
 reading memory-maps one file at a time, and writing plans every shard's header from the config up
 front, then drops each tensor at its offset as it arrives, so neither side holds more than one tensor
 (bfloat16 included, via ml_dtypes).
+
+The reader also says where the model came from (`HFReader.source`, `hf_source`), which `--to jax`
+records in the checkpoint's config.json: a LoRA trained on that checkpoint exports (peft.py) as an
+adapter on the transformers model, which transformers can load, not on our checkpoint, which it cannot.
 """
 
 from __future__ import annotations
@@ -119,8 +123,20 @@ def hf_weight_files(src: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------- reader
 
 
+def hf_source(src: Path) -> dict:
+    """Where a transformers model was read from, as config.json's `source` records it: a snapshot of
+    the Hugging Face hub cache (.../models--ORG--NAME/snapshots/REVISION) by its hub name and revision,
+    which load from the cache or the hub anywhere; any other directory by its absolute path."""
+    path = src.resolve()
+    repo = path.parent.parent.name
+    if path.parent.name == "snapshots" and repo.startswith("models--") and len(repo) > len("models--"):
+        return {"format": "hf", "name_or_path": repo[len("models--"):].replace("--", "/"), "revision": path.name}
+    return {"format": "hf", "name_or_path": str(path), "revision": None}
+
+
 class HFReader:
     def __init__(self, src: Path):
+        self.source = hf_source(src)
         cfg_path = src / "config.json"
         hf = read_json(cfg_path, "a transformers model directory", ConvertError)
         try:
