@@ -28,7 +28,7 @@ import numpy as np
 from ..parallel import distributed
 from ..model.config import ModelConfig
 from ..store.paths import filesystem, is_remote, local_path, resolve
-from .atomic import main_pid, remove_stale_temps, temp_dir
+from .atomic import main_owner, owner, remove_stale_temps, temp_dir
 from .stream import Discard, stream
 from .tensors import ConvertError, Tensor, all_keys, expected_shapes, parse_dtype, parse_size
 
@@ -198,7 +198,7 @@ def _write(reader, cfg: ModelConfig, out_dtype: np.dtype, src: Path, dst: Path, 
     """The tensor stream into a temp directory beside DST, renamed to DST once every process has
     written its part (deleted on any failure); (bytes read, seconds taken)."""
     rank, several = distributed.process_index(), distributed.process_count() > 1
-    tmp = temp_dir(dst, main_pid() if several else os.getpid())
+    tmp = temp_dir(dst, main_owner() if several else owner())
     if rank == 0:
         remove_stale_temps(dst)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,8 +5,9 @@ data_offsets: [begin, end]}} and the data. Every number in it comes from whoever
 header length of 2^63 would have us read (and allocate) that much; overlapping or out-of-range
 offsets would make one tensor's bytes another's, or read past the file; a shape that disagrees with
 the byte count would reshape garbage. An index file (`model.safetensors.index.json`) names shard
-files: a `../../etc/passwd` or an absolute path must not be opened. Each check raises ConvertError
-naming the file and the tensor or entry at fault.
+files: a `../../etc/passwd`, an absolute path, a backslash or a symlink out of the directory must not
+be opened (the one check of store/safe_paths.py, which bucket keys and manifests go through too).
+Each check raises ConvertError naming the file and the tensor or entry at fault.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..store.safe_paths import UnsafePath, inside
 from .tensors import ConvertError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
@@ -63,11 +65,10 @@ def check_index_entry(index: Path, src: Path, name: object) -> Path:
     """The shard file an index entry names, which must be a plain relative path inside `src`."""
     if not isinstance(name, str) or not name:
         raise ConvertError(f"{index}: weight_map entry {name!r} is not a file name")
-    path = Path(name)
-    resolved = (src / path).resolve()
-    if path.is_absolute() or ".." in path.parts or not resolved.is_relative_to(src.resolve()):
-        raise ConvertError(f"{index}: {name!r} points outside {src}: refusing to open it")
-    return src / path
+    try:
+        return inside(src, name)
+    except UnsafePath as e:
+        raise ConvertError(f"{index}: {name!r} points outside {src} (it {e}): refusing to open it") from None
 
 
 def _is_count(x) -> bool:

@@ -43,13 +43,21 @@ CONFIG_FILE = "config.json"
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON via temp file + rename so readers never see half a file."""
+    """Write JSON via temp file + fsync + rename, so readers never see half a file and a crash (of the
+    process or the machine) leaves the old file or the new one; on any error the temp file goes and
+    the old file stays as it was."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_config(directory: Path, cfg: ModelConfig, tokenizer: str | None = None,

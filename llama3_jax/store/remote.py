@@ -24,7 +24,14 @@ bucket is one request per record. So every remote path is turned into a local on
   train_config.json, metrics.jsonl, ...) and its latest complete step, and deletes remote steps newer
   than that one, uploads that never finished; `push` runs each time the checkpoint manager has sealed
   a step: the new steps, then remote steps beyond `keep_checkpoints` pruned, then the run's files. The
-  upload runs in the training thread (the next step waits for it).
+  upload runs in the training thread (the next step waits for it). A run killed between sealing a
+  step and uploading it (or its metrics lines) leaves local work newer than the remote: `pull` keeps
+  it (a step above the remote's latest complete one, a run file that extends the remote's copy, a
+  file the remote lacks) and the next push uploads it, so restarting on the same machine loses nothing.
+- Object keys are names chosen by whoever wrote the bucket: `..` is legal in GCS and S3 keys, and
+  `model//x` has the relative part `/x`. `listing` refuses a key that is not a plain relative path
+  (safe_paths.py, the check convert's index files use too) and `download` checks that every target
+  lies inside its destination, so no key writes outside the cache or staging directory.
 
 Several processes: process 0 alone uploads (and pulls a workdir), so the staging directory must be one
 that every process sees: $LLAMA3_JAX_STAGING on a shared file system (required then, since each
@@ -52,6 +59,7 @@ from pathlib import Path
 from . import integrity
 from ..parallel.distributed import is_main, process_count, sync
 from .paths import filesystem, MOUNT_HINT
+from .safe_paths import UnsafePath, inside, problem
 
 CACHE_ENV, STAGING_ENV = "LLAMA3_JAX_CACHE", "LLAMA3_JAX_STAGING"
 SMALL = 1 << 20  # files smaller than this are fetched again every time (configs, manifests, metrics)
@@ -83,7 +91,9 @@ def staging_dir(url: str, what: str) -> Path:
 
 
 def listing(fs, root: str) -> dict[str, int]:
-    """{relative posix path: size} of every file under `root` (empty if there is nothing)."""
+    """{relative posix path: size} of every file under `root` (empty if there is nothing). A key whose
+    relative part would leave a local directory (`..`, absolute, a backslash: safe_paths.problem) is a
+    one-line ValueError naming it, so no reader or writer ever joins it to a path."""
     if not fs.exists(root):
         return {}
     if fs.isfile(root):
@@ -93,7 +103,10 @@ def listing(fs, root: str) -> dict[str, int]:
     for name, info in fs.find(root, detail=True).items():
         name = fs._strip_protocol(name)
         if info.get("type") == "file" and name.startswith(root + "/"):
-            out[name[len(root) + 1:]] = int(info.get("size") or 0)
+            rel = name[len(root) + 1:]
+            if (why := problem(rel)) is not None:
+                raise ValueError(f"object key {name!r} {why}: refusing to copy it or anything else of {root}")
+            out[rel] = int(info.get("size") or 0)
     return out
 
 
@@ -131,11 +144,18 @@ def _get(fs, remote: str, local: Path) -> None:
         part.unlink(missing_ok=True)
 
 
-def download(fs, root: str, files: dict[str, int], dest: Path) -> int:
+def download(fs, root: str, files: dict[str, int], dest: Path, keep: frozenset[str] = frozenset()) -> int:
     """Make `dest` hold exactly `files` of `root`: fetch what is missing, of another size or small;
     a step whose manifest differs from the cached one is fetched whole; delete the rest. Returns the
-    bytes fetched."""
+    bytes fetched. Files the caller `keep`s (WorkdirMirror.pull: local work newer than the remote) are
+    neither fetched nor deleted. Every target is checked to lie inside `dest` before anything is written."""
     dest.mkdir(parents=True, exist_ok=True)
+    files = {rel: n for rel, n in files.items() if rel not in keep}
+    for rel in files:
+        try:
+            inside(dest, rel)
+        except UnsafePath as e:
+            raise ValueError(f"{root}/{rel}: object key {e}: refusing to copy it into {dest}") from None
     for rel in files:
         if rel.endswith("/" + integrity.MANIFEST) and (dest / rel).is_file():
             if fs.cat_file(f"{root}/{rel}") != (dest / rel).read_bytes():  # another save of that step
@@ -151,7 +171,7 @@ def download(fs, root: str, files: dict[str, int], dest: Path) -> int:
         rel = p.relative_to(dest).as_posix()
         if ".part-" in p.name:  # another process's download in flight
             continue
-        if p.is_file() and rel not in files:
+        if p.is_file() and rel not in files and rel not in keep:
             p.unlink()
         elif p.is_dir() and not any(p.iterdir()):
             p.rmdir()
@@ -214,20 +234,56 @@ class WorkdirMirror:
         self.local = staging_dir(url, "workdir")
 
     def pull(self) -> None:
+        """Bring the run's files and its latest complete step into `local`, delete remote steps newer
+        than that one that never finished uploading, and keep the local work that is newer than the
+        remote (`_newer_here`): pull never deletes or overwrites it, the next push uploads it."""
         if is_main():
             files = listing(self.fs, self.root)
             found = steps(files)
             complete = [s for s, ok in found.items() if ok]
-            if found and not complete:
+            latest = max(complete, default=None)
+            keep = self._newer_here(files, latest)
+            if found and not complete and not any(_sealed_step(rel) for rel in keep):
                 raise ValueError(f"workdir {self.url}: no step has its {integrity.MANIFEST} (uploads that never "
                                  f"finished, or steps copied by hand: seal them or start a new workdir)")
-            latest = max(complete, default=None)
             for s in sorted(s for s, ok in found.items() if not ok and s > (latest or -1)):
                 self.fs.rm(f"{self.root}/{s}", recursive=True)
                 print(f"remote: removed {self.url}/{s}, an upload that never finished (no {integrity.MANIFEST})",
                       file=sys.stderr)
-            _report(self.url, download(self.fs, self.root, checkpoint_files(files, self.url), self.local), self.local)
+            if keep:
+                print(f"remote: kept {len(keep)} file(s) of {self.local} newer than {self.url} (a step sealed "
+                      f"here, lines not pushed yet): the next push uploads them", file=sys.stderr)
+            _report(self.url, download(self.fs, self.root, checkpoint_files(files, self.url), self.local, keep),
+                    self.local)
         sync("llama3_jax_remote_pull")
+
+    def _newer_here(self, remote: dict[str, int], latest: int | None) -> frozenset[str]:
+        """The local files that are newer than the remote: every file of a step directory above the
+        remote's latest complete step (sealed here, never or half uploaded), of a set-aside or unfinished
+        step (`N.corrupt`, orbax's temp: local only, never uploaded), and each run file (metrics.jsonl,
+        tensorboard events, ...) that the remote lacks or holds a shorter copy of that the local one
+        extends (lines not pushed yet). A remote file that the local one does not extend wins."""
+        if not self.local.is_dir():
+            return frozenset()
+        keep = set()
+        for p in self.local.rglob("*"):
+            rel = p.relative_to(self.local)
+            if not p.is_file() or ".part-" in p.name:
+                continue
+            if _in_step(rel):
+                top = rel.parts[0]
+                if not top.isdigit() or latest is None or int(top) > latest:
+                    keep.add(rel.as_posix())
+            elif rel.as_posix() not in remote or self._extends(p, rel.as_posix(), remote[rel.as_posix()]):
+                keep.add(rel.as_posix())
+        return frozenset(keep)
+
+    def _extends(self, local: Path, rel: str, remote_size: int) -> bool:
+        """Whether the local file is the remote one with more bytes after it (appended here since)."""
+        if local.stat().st_size <= remote_size:
+            return False
+        with open(local, "rb") as f:
+            return f.read(remote_size) == self.fs.cat_file(f"{self.root}/{rel}")
 
     def push(self) -> None:
         """Upload the sealed local steps the remote lacks (manifest last), prune remote steps beyond
@@ -255,6 +311,12 @@ class WorkdirMirror:
         changed = [rel for rel in run_files if (self.local / rel).stat().st_size < SMALL
                    or remote.get(rel) != (self.local / rel).stat().st_size]
         upload(self.local, self.url, "workdir", changed)
+
+
+def _sealed_step(rel: str) -> bool:
+    """Whether a workdir path is a numbered step's manifest (the step was sealed)."""
+    top, _, rest = rel.partition("/")
+    return top.isdigit() and rest == integrity.MANIFEST
 
 
 def _in_step(rel: Path) -> bool:
