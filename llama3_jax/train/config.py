@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from ..store import checkpoint, remote
+from ..convert.load import model_config_of
 from ..model import lora
 from ..model.config import ModelConfig, load_model_config
 from ..model.attention import NAMES as ATTENTION_NAMES
@@ -40,7 +41,7 @@ class TrainConfig:
     # None: the resumed workdir's model, else init_from's, else the "tiny" preset
     model: str | dict | None = dataclasses.field(
         default=None, metadata={"keys": ModelConfig, "extra_keys": ("preset",)})
-    init_from: str | None = None  # a jax checkpoint (convert output or a train workdir): its config + params
+    init_from: str | None = None  # a jax checkpoint (convert output or a train workdir), or an HF / Meta directory
     objective: str = "lm"  # lm (pretraining) | sft (chat records, assistant-only loss) | dpo (preference pairs)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # rank > 0: train adapters only
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
@@ -144,7 +145,7 @@ def model_config(cfg: TrainConfig, resume_dir: Path | None = None) -> ModelConfi
     if stored is None:
         mc = _requested_model("tiny" if cfg.model is None else cfg.model)
     else:
-        mc = checkpoint.load_config(stored)
+        mc = model_config_of(stored)  # a checkpoint, or an HF / Meta directory (convert/load.py)
         if cfg.model is not None:
             asked = _requested_model(cfg.model)
             # dtypes come from the run; init_from's special-token ids are its tokenizer's, not the preset's
