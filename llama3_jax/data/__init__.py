@@ -22,8 +22,9 @@ Prepared data (prepared.py, made by tools/prepare_data.py) enters after the spli
 shards holding each document's tokens, read by index, so a run lists, parses and hashes nothing; the
 steps after it are the same, and so are the batches.
 
-The iterator state is grain's own (a few integers: document index, epoch, packer state), so it is
-small, JSON-serialisable, and restores exactly.
+The iterator state is grain's own (a few integers: document index, epoch, packer state), with the
+pipeline's fingerprint, the keys that chose its documents and the count of records cut to seq_len
+(iterator.py), so it is small, JSON-serialisable, restores exactly, and is refused by another pipeline.
 """
 
 from .iterator import KINDS, BatchIterator, corpus_documents, make_iterator, record_check, split_sizes
