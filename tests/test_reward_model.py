@@ -139,7 +139,7 @@ def test_no_valid_pair_reports_zeros_not_infinities():
         objectives.REWARD_METRICS, 0.0)
 
 
-CFG = ModelConfig(vocab_size=37, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4, intermediate_size=24,
+CFG = ModelConfig(vocab_size=37, dim=16, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=4, intermediate_size=24,
                   max_seq_len=64, dtype="float32", head="score")
 
 
@@ -191,10 +191,11 @@ def test_lora_trains_the_score_head_with_the_adapters():
     base, batch = init_params(CFG, 0), _pair_batch(1)
     graphdef, _ = nnx.split(abstract_model(CFG))
     trainable = {**lora.init(CFG, lc, jax.random.key(0)), "score": base["score"] * 2}
-    (loss, (count, _)), grads = jax.value_and_grad(
-        lambda t: objective_loss(obj, graphdef, t, {"base": base}, batch), has_aux=True)(trainable)
+    (loss, (count, _)), grads = jax.jit(jax.value_and_grad(
+        lambda t: objective_loss(obj, graphdef, t, {"base": base}, batch), has_aux=True))(trainable)
     # B = 0: the adapted model is the base with the TRAINED head (not the base's)
-    full = objective_loss(Objective(name="reward"), graphdef, {**base, "score": trainable["score"]}, {}, batch)
+    full = jax.jit(lambda p: objective_loss(Objective(name="reward"), graphdef, p, {}, batch))(
+        {**base, "score": trainable["score"]})
     assert float(loss) == pytest.approx(float(full[0]), rel=1e-6)
     assert float(jnp.abs(grads["score"]).max()) > 0 and float(jnp.abs(grads["layers"]["wq"]["b"]).max()) > 0
     merged = merge_trained(base, trainable, lc.scale)
