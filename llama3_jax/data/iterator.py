@@ -176,7 +176,10 @@ def mismatch(state: dict[str, Any], fingerprint: dict[str, Any], source: dict[st
 def _documents_mismatch(old: str | None, now: str, saved: dict, source: dict) -> str:
     """The documents differ: name the keys that changed them, else say what else can have."""
     def count(docs_id):
-        return "none recorded" if docs_id is None else f"{docs_id.split(':')[0]} documents ({docs_id[:12]}...)"
+        if docs_id is None:
+            return "none recorded"
+        n, _, digest = docs_id.partition(":")
+        return f"{n} documents (keys' sha1 {digest[:10]})"
 
     what = f"the split's documents were {count(old)}, now {count(now)}"
     changed = [k for k in _SOURCE_KEYS if k in saved and k in source and saved[k] != source[k]]
