@@ -29,7 +29,6 @@ import torch
 from llama3_jax import cli
 from llama3_jax.convert import convert
 from llama3_jax.convert import peft as ours
-from llama3_jax.convert.hf import hf_source
 from llama3_jax.model import lora
 from llama3_jax.store import checkpoint
 
@@ -107,9 +106,9 @@ def test_export_loads_with_auto_peft_model_and_gives_the_merged_export(base, wor
     out, merged = tmp_path / "adapter", tmp_path / "merged"
     assert cli.main(["convert", "--from", "jax", "--to", "peft", str(workdir), str(out)]) == 0
     assert cli.main(["convert", "--from", "jax", "--to", "hf", str(workdir), str(merged), "--quiet"]) == 0
+    loaded = torch_logits(AutoPeftModelForCausalLM.from_pretrained(out))  # no base given: the config's
     written = json.loads((out / "adapter_config.json").read_text())
     assert written["base_model_name_or_path"] == str((base / "hf").resolve())
-    loaded = torch_logits(AutoPeftModelForCausalLM.from_pretrained(out))  # no base given: the config's
     expected = hf_logits(merged)
     assert np.abs(expected - hf_logits(base / "hf")).max() > 1e-2  # the adapters change the model
     np.testing.assert_allclose(loaded, expected, atol=1e-5, rtol=1e-5)
@@ -151,6 +150,7 @@ def test_base_model_name_overrides_and_no_source_is_one_line(base, tmp_path, cap
 
 
 def test_a_hub_cache_snapshot_is_recorded_by_hub_name_and_revision(tmp_path):
+    from llama3_jax.convert.hf import hf_source
     snapshot = tmp_path / "hub" / "models--meta-llama--Llama-3.2-1B" / "snapshots" / "4e20de362430cd3b72f300e6b0f"
     snapshot.mkdir(parents=True)
     assert hf_source(snapshot) == {"format": "hf", "name_or_path": "meta-llama/Llama-3.2-1B",
@@ -240,7 +240,7 @@ def hostile_files(adapter: Path) -> dict[str, tuple[bytes, str]]:
         b = np.ascontiguousarray(a, np.float32).tobytes()
         header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + len(b)]}
         blob, offset = blob + b, offset + len(b)
-    first, second = list(header)[:2]
+    first, second, last = list(header)[0], list(header)[1], list(header)[-1]
     overlap = json.loads(json.dumps(header))
     overlap[second]["data_offsets"] = [o - 4 for o in overlap[second]["data_offsets"]]
     ints = json.loads(json.dumps(header))
@@ -256,16 +256,20 @@ def hostile_files(adapter: Path) -> dict[str, tuple[bytes, str]]:
         "integer tensor": (safetensors_bytes(ints, blob), f"{first} has dtype I32"),
         "extra tensor": (safetensors_bytes(extra, blob + blob[slice(*header[first]["data_offsets"])]),
                          f"unexpected tensor {extra_name}"),
-        "missing tensor": (safetensors_bytes({k: v for k, v in header.items() if k != second}, blob),
-                           f"missing tensor {second}"),
+        "missing tensor": (safetensors_bytes({k: v for k, v in header.items() if k != last},
+                                             blob[:header[last]["data_offsets"][0]]), f"missing tensor {last}"),
     }
 
 
-def test_hostile_adapter_weights_are_one_line_naming_file_and_tensor(base, adapter, tmp_path, capsys):
-    for i, (case, (content, says)) in enumerate(hostile_files(adapter).items()):
-        bad = tmp_path / f"bad{i}"
-        shutil.copytree(adapter, bad)
-        (bad / "adapter_model.safetensors").write_bytes(content)
-        err = one_line_error(capsys, import_argv(bad, tmp_path / f"out{i}", base))
-        assert str(bad / "adapter_model.safetensors") in err and says in err, (case, err)
-        assert not (tmp_path / f"out{i}").exists()
+HOSTILE = ["empty", "truncated", "absurd header", "overlap", "integer tensor", "extra tensor", "missing tensor"]
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_adapter_weights_are_one_line_naming_file_and_tensor(base, adapter, tmp_path, capsys, case):
+    content, says = hostile_files(adapter)[case]
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    (bad / "adapter_model.safetensors").write_bytes(content)
+    err = one_line_error(capsys, import_argv(bad, tmp_path / "out", base))
+    assert str(bad / "adapter_model.safetensors") in err and says in err, err
+    assert not (tmp_path / "out").exists()
