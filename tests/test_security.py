@@ -307,7 +307,8 @@ def test_pull_keeps_local_work_newer_than_the_remote_and_push_uploads_it(tmp_pat
     assert (local / "config.json").read_text() == '{"remote": true}\n'
     assert not (local / "1").exists()
     assert not fs.exists(f"{root}/run/6")
-    assert "removed " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "removed " in err and "kept 4 file(s)" in err and "the next push uploads them" in err, err
 
     mirror.push()
     up = _remote_files(fs, f"{root}/run")

@@ -250,8 +250,10 @@ class WorkdirMirror:
                 self.fs.rm(f"{self.root}/{s}", recursive=True)
                 print(f"remote: removed {self.url}/{s}, an upload that never finished (no {integrity.MANIFEST})",
                       file=sys.stderr)
-            if keep:
-                print(f"remote: kept {len(keep)} file(s) of {self.local} newer than {self.url} (a step sealed "
+            unpushed = [rel for rel in keep if not Path(rel).name.startswith(".")
+                        and (not _in_step(Path(rel)) or rel.split("/", 1)[0].isdigit())]
+            if unpushed:
+                print(f"remote: kept {len(unpushed)} file(s) of {self.local} newer than {self.url} (a step sealed "
                       f"here, lines not pushed yet): the next push uploads them", file=sys.stderr)
             _report(self.url, download(self.fs, self.root, checkpoint_files(files, self.url), self.local, keep),
                     self.local)
