@@ -240,3 +240,17 @@ def test_generate_and_score_are_refused_on_an_output_another_process_holds(tmp_p
         assert out.read_bytes() == before  # the torn line is the holder's to cut, not ours
     finally:
         stop(holder)
+
+
+def test_a_dry_run_takes_no_lock(tmp_path, capsys):
+    """`train --dry-run` writes nothing into the workdir, so it runs beside a live run (a held lock) and
+    leaves that lock and the workdir as they were."""
+    from llama3_jax import cli
+    lock = lock_module()
+    wd = tmp_path / "run"
+    with lock.Lock(wd / ".lock", f"workdir {wd}"):
+        before = (wd / ".lock").read_bytes()
+        assert cli.main(["train", f"workdir={wd}", "model={preset: test-small, vocab_size: 262}", "tokenizer=bytes",
+                         "batch_size=2", "seq_len=16", "compute_dtype=float32", "--dry-run"]) == 0, \
+            capsys.readouterr().err
+        assert (wd / ".lock").read_bytes() == before and [p.name for p in wd.iterdir()] == [".lock"]
