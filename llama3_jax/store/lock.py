@@ -23,10 +23,12 @@ How the design keeps that true:
     workdir for at most one lease. This assumes the hosts' clocks agree to well within
     lease - renew (NTP does); a holder paused longer than a lease (a frozen VM) loses the lock, and
     its renewer says so on stderr when it wakes;
-  * taking over is race-safe: the taker renames the stale file to a name of its own (one rename wins),
-    checks that what it renamed is the very stale lock it judged (else it was a faster taker's fresh
-    lock, or a renewal, and is put back), and then creates its own lock as above. Of several takers one
-    wins, the others get `Locked`;
+  * taking over is race-safe: a taker first claims the very stale lock it judged, by creating (as
+    above, exclusively) a claim file named after a hash of that lock's bytes; the one taker holding
+    the claim checks that the lock still has those bytes and replaces it with its own in one rename
+    (there is never a moment without a lock file for a third taker to slip into), then drops the
+    claim. The others wait for it and then find a live lock: of several takers one wins, the others
+    get `Locked`. A claim left by a taker that died in those microseconds is judged as a lock is;
   * `release` (also at interpreter exit) removes the file only while it is still this holder's (its
     token), and removes again the directories it had to create when they are empty, so a run refused
     after taking the lock leaves nothing behind.
@@ -39,6 +41,7 @@ take it through `multihost_io.on_main`, so every process hears of a refusal).
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 import socket
@@ -145,8 +148,9 @@ class Lock:
         self.record = {"host": self.host, "pid": os.getpid(), "start_time": _process_start(ticks),
                        "start_ticks": ticks, "created": now, "renewed": now, "token": token}
         try:
-            for _ in range(8):  # each pass: create, else judge the holder; a lost race goes round again
-                if self._create(self.record):
+            deadline = time.time() + 30  # another taker's takeover in progress is waited for this long
+            while time.time() < deadline:  # each pass: create, else judge the holder; a lost race goes round
+                if self._create(self.path, self.record):
                     return self._held(token)
                 raw = self._read()
                 if raw is None:
@@ -206,20 +210,20 @@ class Lock:
     def _tmp(self, kind: str) -> Path:
         return self.path.with_name(f".{self.path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
-    def _create(self, record: dict) -> bool:
-        """Create the lock file whole with `record`; False when the name exists."""
+    def _create(self, path: Path, record: dict) -> bool:
+        """Create the file `path` (the lock, or a takeover claim) whole with `record`; False when it exists."""
         data = json.dumps(record).encode()
         tmp = self._tmp("new")
         try:
             _write(tmp, data)
             try:
-                os.link(tmp, self.path)
+                os.link(tmp, path)
                 return True
             except FileExistsError:
                 return False
             except OSError:  # no hard links here (some FUSE, SMB mounts): O_EXCL, then the write
                 try:
-                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
                 except FileExistsError:
                     return False
                 with os.fdopen(fd, "wb") as f:
@@ -249,22 +253,28 @@ class Lock:
         return f"not renewed for {age:.0f}s (lease {self.lease:g}s)" if age > self.lease else None
 
     def _take_over(self, raw: bytes, held: dict, reason: str) -> bool:
-        """Move the stale lock `raw` aside and create ours; False when another process got there first."""
-        aside = self._tmp("stale")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return False
-        if aside.read_bytes() != raw:  # not the lock we judged: a faster taker's, or a renewal; put it back
+        """Replace the stale lock `raw` by ours under a claim on exactly those bytes; False when another
+        taker holds the claim (it is waited for), or the lock changed (go round again)."""
+        claim = self.path.with_name(f".{self.path.name}.takeover-{hashlib.sha256(raw).hexdigest()[:16]}")
+        self.record["created"] = self.record["renewed"] = time.time()
+        if not self._create(claim, self.record):
             try:
-                os.link(aside, self.path)
-            except FileExistsError:
-                pass
-            aside.unlink(missing_ok=True)
+                claimed = claim.read_bytes()
+            except FileNotFoundError:
+                return False
+            if self._stale(_parse(claimed, claim)) is not None:
+                claim.unlink(missing_ok=True)  # its taker died between claiming and replacing
+            else:
+                time.sleep(0.02)  # another taker is replacing the lock now
             return False
-        aside.unlink(missing_ok=True)
-        if not self._create(self.record):
-            return False
+        try:
+            if self._read() != raw:  # renewed, released or replaced since we judged it
+                return False
+            tmp = self._tmp("new")
+            _write(tmp, json.dumps(self.record).encode())
+            os.replace(tmp, self.path)
+        finally:
+            claim.unlink(missing_ok=True)
         print(f"{self.path}: took over the lock of {describe(held)}: {reason}", file=sys.stderr, flush=True)
         return True
 
