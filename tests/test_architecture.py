@@ -15,7 +15,8 @@ FLOORS = [
     ("parallel", "tokenizer", "failpoints", "config_loader"),  # meshes/processes; leaf helpers
     ("model",),                                                # the network, its caches, LoRA, int8
     ("store",),                                                # checkpoints, manifests, buckets
-    ("data", "serve", "convert"),                              # input pipeline, decoding, formats
+    ("data", "convert"),                                       # input pipeline, formats
+    ("serve",),                                                # decoding (reads any format convert reads)
     ("train",),                                                # the loop, the step, objectives
     ("cli",),                                                  # one file per command
     ("__init__",),                                             # the lazy public API

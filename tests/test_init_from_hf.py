@@ -151,15 +151,14 @@ def test_generate_from_an_hf_directory_equals_the_converted_checkpoint(dirs, tmp
     assert [len(r["tokens"]) for r in results["hf"]] == [6, 6, 6]
 
 
-def test_without_the_readers_a_source_directory_is_a_one_line_hint_naming_convert(dirs, monkeypatch):
-    """A caller that did not hand serve/ the readers (the Python API's Generator): one line naming
-    the `convert` command, not orbax's or json's complaint."""
-    monkeypatch.setattr(restore, "_OTHER_FORMATS", None, raising=False)
+def test_the_python_api_reads_a_source_directory_as_generate_does(dirs):
+    """serve/restore.py (what a Python `Generator` and `generate`/`score` restore through) reads an HF
+    or Meta directory itself: the same config and bit-identical params as its conversion."""
     for kind in ("hf", "meta"):
-        with pytest.raises(ValueError) as e:
-            restore.load_params(dirs[kind], "float32", None, None, None, None, None)
-        msg = str(e.value)
-        assert "\n" not in msg and f"llama3-jax convert --from {kind} --to jax {dirs[kind]} DST" in msg, msg
+        want_cfg, want, _ = restore.load_params(dirs[CONVERTED[kind]], "float32", None, None, None, None, False)
+        cfg, got, _ = restore.load_params(dirs[kind], "float32", None, None, None, None, False)
+        assert cfg == want_cfg, kind
+        assert_same(got, want)
 
 
 def test_a_bad_source_directory_is_one_line_naming_file_and_tensor(dirs, tmp_path):

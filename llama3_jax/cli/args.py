@@ -29,7 +29,7 @@ def add_mesh_arg(p: argparse.ArgumentParser, what: str) -> None:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """What every command that runs the decoding engine over a JSONL file takes (generate, score)."""
-    p.add_argument("--checkpoint", required=True, help="a jax checkpoint (convert --to jax, or a train workdir)")
+    p.add_argument("--checkpoint", required=True, help="a jax checkpoint (convert --to jax, or a train workdir), or an HF or Meta directory read as one")
     p.add_argument("--input", required=True, help="input JSONL")
     p.add_argument("--output", required=True, help="output JSONL (appended; ids already there are skipped)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: %(default)s)")

@@ -85,12 +85,9 @@ def run_score(args: argparse.Namespace) -> int:
 
 def _fetch_checkpoint(args: argparse.Namespace) -> None:
     """--checkpoint as a local path: file:///x -> /x; gs://...: its latest complete step, fetched into
-    the cache (store/remote.py); an HF or Meta directory read as one (convert/load.py)."""
+    the cache (store/remote.py). (An HF or Meta directory is read as one: serve/restore.py.)"""
     from ..store.paths import is_remote, resolve
     args.checkpoint = resolve(args.checkpoint, "--checkpoint")
     if is_remote(args.checkpoint):
         from ..store.remote import fetch
         args.checkpoint = fetch(args.checkpoint, "--checkpoint")
-    from ..convert import load
-    from ..serve import restore
-    restore.read_other_formats(load)  # an HF or Meta directory too, converted on the fly onto the mesh

@@ -11,9 +11,7 @@ Why the order matters:
     so the default splits there and stacks elsewhere.
 
 A checkpoint directory may also be a Hugging Face or Meta one, converted on the fly onto the mesh
-(convert/load.py). convert/ sits on serve's floor, so serve cannot import it: the layer above both
-(cli/generate.py, for `generate`/`score --checkpoint`) hands it in with `read_other_formats`; without
-it such a directory gets a one-line error naming the `convert` command to run first.
+(convert/load.py, the floor below serve), so `generate`, `score` and a Python `Generator` read it alike.
 """
 
 from __future__ import annotations
@@ -26,38 +24,15 @@ import jax
 from ..model import quant
 from ..model.config import ModelConfig
 from ..model.llama import quantize_params, split_layer_params
-from ..store import checkpoint
-
-
-# convert/load.py once read_other_formats gave it: model_config_of(dir), restore_params_any(dir, mesh, cfg)
-_OTHER_FORMATS = None
-
-
-def read_other_formats(loader) -> None:
-    """Let checkpoint directories be HF or Meta directories too, read by `loader` (convert/load.py)."""
-    global _OTHER_FORMATS
-    _OTHER_FORMATS = loader
+from ..convert import load
 
 
 def _restore(checkpoint_dir: str | Path, mesh, cfg: ModelConfig) -> tuple[ModelConfig, dict]:
-    if _OTHER_FORMATS is not None:
-        return _OTHER_FORMATS.restore_params_any(checkpoint_dir, mesh, cfg=cfg)
-    return checkpoint.restore_params(checkpoint_dir, mesh, cfg=cfg)
+    return load.restore_params_any(checkpoint_dir, mesh, cfg=cfg)
 
 
 def _load_config(checkpoint_dir: str | Path) -> ModelConfig:
-    if _OTHER_FORMATS is not None:
-        return _OTHER_FORMATS.model_config_of(checkpoint_dir)
-    path = Path(checkpoint_dir)
-    fmt = "meta" if (path / "params.json").is_file() and not checkpoint.is_checkpoint(path) else "hf"
-    try:
-        return checkpoint.load_config(checkpoint_dir)
-    except (FileNotFoundError, ValueError) as e:
-        if fmt == "meta" or "not a llama3-jax config" in str(e):
-            raise ValueError(f"{checkpoint_dir}: not a llama3-jax checkpoint (`llama3-jax generate`/`score` read "
-                             f"HF and Meta directories too; here convert it first: llama3-jax convert "
-                             f"--from {fmt} --to jax {checkpoint_dir} DST)") from None
-        raise
+    return load.model_config_of(checkpoint_dir)
 
 
 def check_options(dtype: str, quantize: str | None, kv_cache_dtype: str | None) -> None:
