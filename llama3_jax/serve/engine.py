@@ -55,6 +55,7 @@ from . import caches, restore
 from . import sampling as sampling_lib
 from .padding import left_padded_batches
 from .request import Completion, Request
+from .reward import check_policy_model
 from .scheduler import Scheduler
 from .scoring import Scored, score_batch, scored_rows
 from .static_batch import extend_batch, generate_batch, static_batches
@@ -99,6 +100,8 @@ class Generator:
                  decode_attention: str = "auto", prefill_chunk: int | None = None, kv_pages: int | None = None,
                  page_size: int = 64, paged_attention: str = "auto"):
         restore.check_options(dtype, quantize, kv_cache_dtype)
+        if cfg is not None or checkpoint_dir is not None:  # before the restore: a reward model cannot decode
+            check_policy_model(cfg if cfg is not None else restore.model_config(checkpoint_dir))
         cfg, params, split_layers = restore.load_params(checkpoint_dir, dtype, mesh, cfg, params, quantize,
                                                         split_layers)
         self.kv_dtype = jnp.dtype(kv_cache_dtype or dtype)

@@ -60,12 +60,15 @@ from .engine import Generator
 from .jsonl import (Appender, Progress, fitting, id_key, one_of, pieces, read_done, read_lines, report, shard_args,
                     token_list)
 from .request import Completion, Request
+from .reward import NO_OUTPUT_LAYER, RewardModel, is_reward_model
 
 
-def _open(args, generator: Generator | None, held: dict) -> tuple[set[str], Generator]:
+def _open(args, generator: Generator | RewardModel | None, held: dict, reward: bool = False
+          ) -> tuple[set[str], Generator | RewardModel]:
     """Check the shared flags and paths before the (slow) model restore, lock the output (the lock
     goes into `held`, for the caller to release), then read the ids already in the output and restore
-    the model on --mesh (default: sharding.inference_mesh). Returns (done ids, generator). Several
+    the model on --mesh (default: sharding.inference_mesh); `reward`: a RewardModel instead of a
+    Generator. Returns (done ids, generator). Several
     processes: the files are process 0's (the others get its errors and an empty done set); every
     process restores its shards of the model."""
     if args.batch_size < 1:
@@ -83,6 +86,9 @@ def _open(args, generator: Generator | None, held: dict) -> tuple[set[str], Gene
         mine["done"] = read_done(args.output)
 
     on_main(check)
+    if generator is None and reward:
+        return mine.get("done", set()), RewardModel(args.checkpoint, dtype=args.dtype, mesh=inference_mesh(sizes),
+                                                    batch_size=args.batch_size, tokenizer=args.tokenizer)
     gen = generator or Generator(args.checkpoint, dtype=args.dtype, tokenizer=args.tokenizer,
                                  mesh=inference_mesh(sizes), quantize=getattr(args, "quantize", None),
                                  kv_cache_dtype=getattr(args, "kv_cache_dtype", None),
@@ -250,6 +256,8 @@ def generated_tokens(c: Completion, stops, decode) -> int:
 
 def run_generate(args, generator: Generator | None = None) -> dict:
     """The `generate` command (argparse Namespace from cli/generate.py). Returns the summary counts."""
+    if generator is None and is_reward_model(args.checkpoint):  # before the output is locked or read
+        raise ValueError(NO_OUTPUT_LAYER)
     sampling.check_flags(args.temperature, args.top_k, args.top_p)
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -312,11 +320,18 @@ def _score_pair(rec: dict, gen: Generator) -> tuple[list[int], list[int]]:
     return prompt, completion
 
 
-def run_score(args, generator: Generator | None = None) -> dict:
-    """The `score` command: per-token log-probs of given completions. Returns the summary counts."""
+def run_score(args, generator: Generator | RewardModel | None = None) -> dict:
+    """The `score` command: per-token log-probs of given completions, or with a reward model (a
+    checkpoint whose head is "score", or a RewardModel) each line's reward. Returns the summary counts."""
     held: dict = {}
+    if isinstance(generator, RewardModel) or (generator is None and is_reward_model(args.checkpoint)):
+        if getattr(args, "quantize", None):
+            raise ValueError("--quantize: a reward model is scored with its float weights (int8 has no score head)")
+        job = _score_rewards
+    else:
+        job = _score
     try:
-        return _score(args, generator, held)
+        return job(args, generator, held)
     finally:
         _output_lock_released(held)
 
@@ -341,6 +356,32 @@ def _score(args, generator: Generator | None, held: dict) -> dict:
             records = [{"id": todo[i][0], "tokens": s.tokens, "logprobs": s.logprobs, "sum_logprob": s.sum_logprob}
                        for i, s in batch]
             yield records, sum(len(todo[i][1][0]) + len(s.tokens) for i, s in batch)
+
+    progress = Progress("seq")
+    totals = _run_pieces(args, next_piece, progress, out, batches)
+    return _summary("score", "sequences", args, progress, totals, seconds=False)
+
+
+def _score_rewards(args, model: RewardModel | None, held: dict) -> dict:
+    """`score` with a reward model: {"id", "reward"} per line, the reward of the line rendered whole
+    (RewardModel.render: {"prompt", "completion"} or {"messages"}); a line longer than the context gets
+    an error line, as for log-probs."""
+    done, rm = _open(args, model, held, reward=True)
+    out = Appender(args.output) if is_main() else None
+    reader: dict = {"counts": {}}
+
+    def next_piece(size: int) -> dict:  # process 0: the next sequences to score; it writes their error lines
+        if "lines" not in reader:
+            reader["lines"] = read_lines(args.input, done, rm.render, counts=reader["counts"])
+        items = list(itertools.islice(reader["lines"], size))
+        todo, errors = fitting(items, lambda ids: rm.context_error(len(ids)), args.input, out)
+        return {"seqs": todo, "rows": len(todo), "todo": len(todo), "counts": dict(reader["counts"]),
+                "errors": len(errors), "last": len(items) < size}
+
+    def batches(piece):
+        todo = piece["seqs"]
+        for batch in rm.reward_batches([ids for _, ids in todo]):
+            yield [{"id": todo[i][0], "reward": r} for i, r in batch], sum(len(todo[i][1]) for i, _ in batch)
 
     progress = Progress("seq")
     totals = _run_pieces(args, next_piece, progress, out, batches)

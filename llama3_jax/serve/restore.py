@@ -31,7 +31,8 @@ def _restore(checkpoint_dir: str | Path, mesh, cfg: ModelConfig) -> tuple[ModelC
     return load.restore_params_any(checkpoint_dir, mesh, cfg=cfg)
 
 
-def _load_config(checkpoint_dir: str | Path) -> ModelConfig:
+def model_config(checkpoint_dir: str | Path) -> ModelConfig:
+    """The model config of a checkpoint, an HF or a Meta directory (nothing restored)."""
     return load.model_config_of(checkpoint_dir)
 
 
@@ -51,7 +52,7 @@ def load_params(checkpoint_dir: str | Path | None, dtype: str, mesh, cfg: ModelC
     if params is None:
         if checkpoint_dir is None:
             raise ValueError("Generator needs a checkpoint directory (or cfg and params)")
-        cfg = _load_config(checkpoint_dir)
+        cfg = model_config(checkpoint_dir)
         quantize_now = quantize is not None and cfg.quantization is None
         cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=cfg.param_dtype if quantize_now else dtype)
         cfg, params = _restore(checkpoint_dir, mesh, cfg)
