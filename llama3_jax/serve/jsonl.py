@@ -95,10 +95,11 @@ class Appender:
         self.f.close()
 
 
-def read_lines(path: Path, done: set[str], parse, keep=None, counts: dict | None = None
+def read_lines(path: Path, done: set[str], parse, keep=None, counts: dict | None = None, line_ids: bool = False
                ) -> Iterator[tuple[int, object, object]]:
     """Parse each input line with `parse(record) -> payload` (raises ValueError on a bad line);
-    `keep(lineno)` False: the line is another shard's, not read at all.
+    `keep(lineno)` False: the line is another shard's, not read at all; `line_ids`: a line without an
+    "id" takes its line number as its id (rejection-sample's TRL prompt records) instead of being bad.
 
     Yields (lineno, id, payload) one line at a time, so the input is read a piece at a time (the ids
     seen are kept, to find duplicates). Bad lines are reported and skipped; lines whose id is already
@@ -118,9 +119,9 @@ def read_lines(path: Path, done: set[str], parse, keep=None, counts: dict | None
                 rec = json.loads(raw.rstrip(b"\r\n").decode("utf-8"))  # UnicodeDecodeError is a ValueError too
                 if not isinstance(rec, dict):
                     raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-                if "id" not in rec:
+                if "id" not in rec and not line_ids:
                     raise ValueError("missing 'id'")
-                id_ = rec["id"]
+                id_ = rec.get("id", lineno)
                 if isinstance(id_, bool) or not isinstance(id_, (str, int)):
                     raise ValueError(f"'id' must be a string or an integer, got {id_!r}")
                 key = id_key(id_)
