@@ -22,6 +22,8 @@ What can go wrong, and what here catches it:
 
 A LoRA workdir on such a base (train with `lora.rank` and `init_from` = an HF directory) is read the
 same way: the base streamed, the adapters restored, merged as store/checkpoint.py merges them.
+A reward model (head `score`) started from a language model takes only its trunk (`restore_trunk_any`):
+the output layer's tensors are checked like every other but never read nor placed.
 The tokenizer is what the run or the checkpoint records as usual: `convert --from hf|meta` records
 none (Llama 3's), so neither does a directory read here.
 """
@@ -109,11 +111,28 @@ def restore_params_any(path: str | Path, mesh=None, cfg: ModelConfig | None = No
     adapted = checkpoint.lora_base(path) if checkpoint.is_checkpoint(path) else None
     if adapted is not None and (is_hf_dir(adapted[1]) or is_meta_dir(adapted[1])):
         record, base = adapted
-        _, params = restore_params_any(base, mesh, cfg)
+        params = restore_trunk_any(base, mesh, cfg) if cfg.head == "score" else restore_params_any(base, mesh, cfg)[1]
         lc = lora.from_record(record)
         adapters = checkpoint.restore_adapters(path, cfg, lc, mesh)
-        return cfg, jax.jit(lora.merge, static_argnums=2)(params, adapters, lc.scale)
+        return cfg, jax.jit(checkpoint.merge_adapters, static_argnums=2)(params, adapters, lc.scale)
     return checkpoint.restore_params(path, mesh, cfg=cfg)
+
+
+def restore_trunk_any(path: str | Path, mesh, cfg: ModelConfig) -> dict:
+    """`cfg`'s params without a head (checkpoint.HEAD_KEYS), from a full model of `cfg`'s trunk with any
+    head (a checkpoint, an HF or Meta directory, a LoRA workdir): a reward model's start from a
+    language model. The head's tensors are not read (a LoRA workdir's merged model drops its head)."""
+    import dataclasses
+    reader = _reader(Path(path)) if not is_remote(path) else None
+    if reader is not None:
+        src = dataclasses.replace(cfg, head=reader.config.head)
+        placer = _Placer(checkpoint.abstract_params(src, mesh), skip=checkpoint.HEAD_KEYS)
+        stream(reader, placer, src, np.dtype(cfg.param_dtype), Path(path), progress=False, start=time.time())
+        return placer.params
+    if checkpoint.lora_base(path) is None:
+        return checkpoint.restore_trunk(path, mesh, cfg)
+    _, params = restore_params_any(path, mesh, dataclasses.replace(cfg, head=checkpoint.load_config(path).head))
+    return {k: v for k, v in params.items() if k not in checkpoint.HEAD_KEYS}
 
 
 def _stream_params(reader, src: Path, cfg: ModelConfig, mesh) -> dict:
@@ -158,11 +177,13 @@ class _Placer:
 
     reads_slices = True  # stream.py hands tensors over uncast: each slice is cast in _place
 
-    def __init__(self, target: dict):
-        self.target, self.params = target, {}
+    def __init__(self, target: dict, skip: tuple[str, ...] = ()):
+        self.target, self.params, self.skip = target, {}, skip  # skip: top-level names not placed
 
     def add(self, name: str, layer: int | None, array: np.ndarray) -> None:
         keys = name.split("/")
+        if keys[0] in self.skip:
+            return
         leaf, out = self.target, self.params
         for k in keys[:-1]:
             leaf, out = leaf[k], out.setdefault(k, {})

@@ -12,6 +12,12 @@ step they skip and the file at fault. Unfinished step directories (a save killed
 when a writing manager opens the directory. Before a restore, the stored arrays' shapes are compared
 with the target's, so a checkpoint of another model shape fails naming the first parameter that
 differs (orbax would otherwise pad or cut arrays to the target's shape).
+
+Heads (model/config.py `head`): a reward model (`score`) started from a language model reads only the
+trunk (`restore_trunk`: an orbax partial restore, so the output layer, 1 GB for Llama 3 8B, is never
+read); a LoRA reward workdir stores its trained `score` beside the adapters, and its merged model
+(`restore_params`, `ParamReader`) is the base's trunk + the adapters + that head, whatever head the base
+had (`merge_adapters`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from ..parallel.sharding import make_mesh, state_shardings
 
 FORMAT = "llama3-jax"
 CONFIG_FILE = "config.json"
+HEAD_KEYS = ("lm_head", "lm_head_scale", "score")  # what sits on the final norm; the rest is the trunk
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -278,42 +285,76 @@ def restore_params(directory: str | Path, mesh=None, step: int | None = None,
                    cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict]:
     """(config, params) from the latest (or given) step, restored straight into their shardings.
 
-    A LoRA workdir gives its merged model: base (restored from the path it records) + adapters."""
+    A LoRA workdir gives its merged model: base (restored from the path it records) + adapters (and a
+    reward model's trained `score` head, whatever head the base has: `merge_adapters`)."""
     cfg = cfg or load_config(directory)
     adapted = lora_base(directory)
     if adapted is not None:
         record, base = adapted
-        _, params = restore_params(base, mesh, cfg=cfg)
         lc = lora.from_record(record)
+        params = restore_trunk(base, mesh, cfg) if cfg.head == "score" else restore_params(base, mesh, cfg=cfg)[1]
         adapters = restore_adapters(directory, cfg, lc, mesh, step)
-        return cfg, jax.jit(lora.merge, static_argnums=2)(params, adapters, lc.scale)
+        return cfg, jax.jit(merge_adapters, static_argnums=2)(params, adapters, lc.scale)
     target = abstract_params(cfg, mesh)
     return cfg, _restore_params_item(directory, step, ocp.args.StandardRestore(target),
                                      "params do not match config.json", target)
 
 
-def restore_adapters(directory, cfg: ModelConfig, lc, mesh=None, step: int | None = None) -> dict:
-    """The LoRA adapters of a LoRA workdir (its `params` item)."""
-    mesh = mesh if mesh is not None else make_mesh(devices=jax.devices()[:1])
+def restore_trunk(directory: str | Path, mesh, cfg: ModelConfig, step: int | None = None) -> dict:
+    """`cfg`'s params without a head (HEAD_KEYS), from a full checkpoint of `cfg`'s trunk whatever its
+    head: only the trunk's arrays are read (an orbax partial restore), into their shardings."""
+    target = {k: v for k, v in abstract_params(cfg, mesh).items() if k not in HEAD_KEYS}
+    return _restore_params_item(directory, step, None, "params do not match config.json", target)
+
+
+def merge_adapters(params: dict, adapters: dict, scale: float) -> dict:
+    """A LoRA model's full params: scale * A B added to the base's weights (lora.merge), and a reward
+    model's trained head (`adapters["score"]`, PEFT's modules_to_save) in place of the base's head."""
+    merged = lora.merge(params, adapters, scale)
+    if "score" in adapters:
+        merged = {k: v for k, v in merged.items() if k not in HEAD_KEYS}
+        merged["score"] = adapters["score"].astype(merged["embed"].dtype)
+    return merged
+
+
+def adapter_target(cfg: ModelConfig, lc, mesh) -> dict:
+    """What a LoRA workdir trains and stores (abstract, sharded): the adapters, and for a reward model
+    (head `score`) the head beside them, float32 like the adapters."""
     target = lora.abstract(cfg, lc, mesh)
+    if cfg.head == "score":
+        target["score"] = abstract_params(cfg, mesh)["score"]
+        target["score"] = jax.ShapeDtypeStruct(target["score"].shape, np.float32, sharding=target["score"].sharding)
+    return target
+
+
+def restore_adapters(directory, cfg: ModelConfig, lc, mesh=None, step: int | None = None) -> dict:
+    """The LoRA adapters of a LoRA workdir (its `params` item; a reward model's `score` head too)."""
+    mesh = mesh if mesh is not None else make_mesh(devices=jax.devices()[:1])
+    target = adapter_target(cfg, lc, mesh)
     return _restore_params_item(directory, step, ocp.args.StandardRestore(target),
                                 "LoRA adapters do not match config.json", target)
 
 
 def _restore_params_item(directory, step: int | None, args, what: str, target: dict):
     """The `params` item of the latest intact step (or the given one: the caller chose it, e.g. with
-    latest_intact_step), its stored shapes checked against `target`; orbax's errors become one line."""
+    latest_intact_step), its stored shapes checked against `target`; orbax's errors become one line.
+    `args` None: a partial restore of `target`, a part of the stored tree (the rest is not read)."""
     if step is None:
         step = latest_intact_step(directory)
     if step is None:
         raise FileNotFoundError(f"{directory}: no checkpoint step found")
     check_shapes(directory, step, "params", target)
-    with manager(directory, read_only=True) as m:
-        try:
+    try:
+        if args is None:
+            with ocp.PyTreeCheckpointer() as c:
+                return c.restore(Path(directory).absolute() / str(step) / "params", args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True))
+        with manager(directory, read_only=True) as m:
             return m.restore(step, args=ocp.args.Composite(params=args))["params"]
-        except (ValueError, KeyError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"{directory} step {step}: {what} ({msg})") from None
+    except (ValueError, KeyError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{directory} step {step}: {what} ({msg})") from None
 
 
 class ParamReader:
@@ -324,7 +365,8 @@ class ParamReader:
     layer, placed as the rules shard the parameter (a jax.Array); without, a numpy array.
     Checkpoints written here keep every layer in chunks of its own (`layer_save_args`), so reading a
     layer touches only its bytes; older ones (chunks spanning all layers) are read a stacked array at a
-    time, as before. A LoRA workdir gives its merged model: base layer + scale * A_i B_i."""
+    time, as before. A LoRA workdir gives its merged model: base layer + scale * A_i B_i (and a reward
+model's trained `score`, read from the workdir)."""
 
     def __init__(self, directory: str | Path, cfg: ModelConfig, step: int | None = None, mesh=None):
         self.directory, self.cfg, self.mesh = Path(directory), cfg, mesh
@@ -338,13 +380,13 @@ class ParamReader:
         else:
             record, base = adapted
             self.lc = lora.from_record(record)
-            self.base = ParamReader(base, cfg, mesh=mesh)
+            self.base = ParamReader(base, cfg, mesh=mesh)  # read for the trunk only when cfg's head is a score
             one = make_mesh(devices=jax.devices()[:1])
-            self.target = lora.abstract(cfg, self.lc, mesh if mesh is not None else one)
+            self.target = adapter_target(cfg, self.lc, mesh if mesh is not None else one)
 
     def arrays(self, name: str):
         """(layer, array) for each layer of "layers/*" in order, or (None, array) for the others."""
-        if self.base is None:
+        if self.base is None or name == "score":  # a LoRA reward workdir's head is its own
             yield from self._read(name.split("/"))
             return
         target = name.split("/", 1)[1] if name.startswith("layers/") else None

@@ -1,5 +1,11 @@
 """The run config of `llama3-jax train` (TrainConfig, MeshConfig) and what it resolves to: the model's
-shape (a resumed workdir's, init_from's, or `model`) and the tokenizer."""
+shape (a resumed workdir's, init_from's, or `model`) and the tokenizer.
+
+The objective decides the model's head (model/config.py `head`): `reward` trains a scalar `score` head,
+every other objective the output layer. A reward run's shape is the stored one with `head: score` (a
+base or SFT checkpoint becomes a score target: its trunk is loaded, its output layer dropped, train/
+state.py), and a reward checkpoint given to lm/sft/dpo is refused in one line, since it has no output
+layer to train (and training a fresh one would silently throw the reward model away)."""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from ..data import DataConfig
 from ..parallel.distributed import DistributedConfig
 from ..model.lora import LoraConfig
 from ..model.llama import remat_policy
-from .objectives import OBJECTIVES, DPOConfig
+from .objectives import OBJECTIVES, DPOConfig, RewardConfig
 from .optim import OptimConfig
 from ..store.paths import is_remote, resolve
 from ..tokenizer import ByteTokenizer, load_tokenizer as make_tokenizer  # noqa: F401 (the train API names them)
@@ -42,9 +48,12 @@ class TrainConfig:
     model: str | dict | None = dataclasses.field(
         default=None, metadata={"keys": ModelConfig, "extra_keys": ("preset",)})
     init_from: str | None = None  # a jax checkpoint (convert output or a train workdir), or an HF / Meta directory
-    objective: str = "lm"  # lm (pretraining) | sft (chat records, assistant-only loss) | dpo (preference pairs)
+    # lm (pretraining) | sft (chat records, assistant-only loss) | dpo (preference pairs) |
+    # reward (a Bradley-Terry reward model on preference pairs: the model's head is `score`)
+    objective: str = "lm"
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # rank > 0: train adapters only
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     tokenizer: str | None = None  # None: Llama 3's tokenizer.model; a path to one; or "bytes" (UTF-8 bytes)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -150,6 +159,8 @@ def model_config(cfg: TrainConfig, resume_dir: Path | None = None) -> ModelConfi
             asked = _requested_model(cfg.model)
             # dtypes come from the run; init_from's special-token ids are its tokenizer's, not the preset's
             free = ("dtype", "param_dtype") + (("bos_id", "eos_ids") if resume_dir is None else ())
+            if cfg.objective == "reward":  # the run decides the head (below): compare the rest
+                asked = dataclasses.replace(asked, head=mc.head)
             differ = [f.name for f in dataclasses.fields(mc)
                       if f.name not in free and getattr(asked, f.name) != getattr(mc, f.name)]
             if differ:
@@ -163,7 +174,25 @@ def model_config(cfg: TrainConfig, resume_dir: Path | None = None) -> ModelConfi
         where = f"{stored}: its model has" if stored is not None else "the run config sets"
         raise ValueError(f"{where} quantization={mc.quantization!r}: training needs float weights "
                          f"(train from the float checkpoint)")
-    return dataclasses.replace(mc, dtype=cfg.compute_dtype, param_dtype="float32")
+    return dataclasses.replace(_with_head(cfg, mc, stored, resume_dir is not None),
+                               dtype=cfg.compute_dtype, param_dtype="float32")
+
+
+def _with_head(cfg: TrainConfig, mc: ModelConfig, stored, resuming: bool) -> ModelConfig:
+    """`mc` with the objective's head: `score` for a reward run (a language model's shape becomes a score
+    target), the stored one otherwise; a score head is refused for lm/sft/dpo, and a resumed language
+    model for reward (a workdir's model cannot change)."""
+    where = f"{'resuming ' if resuming else 'init_from '}{stored}: its model has" if stored is not None \
+        else "the run config sets"
+    if cfg.objective != "reward":
+        if mc.head == "score":
+            raise ValueError(f"{where} head='score' (a reward model, no output layer): objective {cfg.objective} "
+                             f"trains a language model (use objective=reward, or a language model checkpoint)")
+        return mc
+    if resuming and mc.head != "score":
+        raise ValueError(f"{where} head={mc.head!r} (a language model): objective reward trains a score head "
+                         f"(use a new workdir, with this one as init_from)")
+    return dataclasses.replace(mc, head="score")
 
 
 def resolve_lora(cfg: TrainConfig) -> TrainConfig:

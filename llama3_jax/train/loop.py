@@ -37,7 +37,7 @@ from . import objectives
 from ..config_loader import load_yaml_config
 from ..data import BATCH_KEYS, corpus_documents, make_iterator, skipped_line_count
 from ..failpoints import kill_point
-from .objectives import DPO_METRICS
+from .objectives import DPO_METRICS, REWARD_METRICS
 from .optim import OptimConfig, schedule
 from ..store.paths import is_remote
 from ..parallel.sharding import logical_spec, make_mesh, require_divisible
@@ -48,8 +48,8 @@ from .metrics import MetricsLog, model_flops_per_token, peak_flops
 from .numerics import Guard
 from .preemption import Preemption
 from .report import draw_sample, report
-from .state import restore_state, save_state
-from .step import Setup, build, forward, init_params
+from .state import restore_state, save_state, start_params
+from .step import Setup, build, forward
 
 def run_train(config_path: str | None, overrides=(), *, tokenizer=None) -> dict:
     """`llama3-jax train --config FILE key=value ...`: returns the run's summary (also printed)."""
@@ -106,18 +106,15 @@ def _warn_if_schedule_changed(cfg: TrainConfig, workdir: Path, step: int) -> Non
           f"({', '.join(changed)}): the rate here is now {now:.3g}, was {was:.3g}", file=sys.stderr)
 
 
-def _frozen(cfg: TrainConfig, setup: Setup, force: bool = False) -> dict:
+def _frozen(cfg: TrainConfig, setup: Setup, force: bool = False, start: dict | None = None) -> dict:
     """The weights a fine-tuning step reads but does not train, in the compute dtype: the LoRA base, or
-    full DPO's reference model (both the starting checkpoint: `init_from`, else the seeded init)."""
+    full DPO's reference model (both the starting weights, state.start_params: `init_from`, else the
+    seeded init; `start` when the caller has them)."""
     if not setup.frozen_abstract and not force:
         return {}
     abstract = setup.frozen_abstract or {"ref": jax.tree.map(lambda a: a.sharding, setup.abstract["params"])}
     target = jax.tree.map(lambda a: getattr(a, "sharding", a), abstract)
-    if cfg.init_from:  # a checkpoint, or an HF / Meta directory streamed onto the mesh (convert/load.py)
-        from ..convert.load import restore_params_any
-        _, params = restore_params_any(cfg.init_from, setup.mesh, cfg=setup.model_cfg)
-    else:
-        params = jax.jit(lambda: init_params(setup.model_cfg, cfg.seed))()
+    params = start if start is not None else start_params(cfg, setup)
     (name, target), = target.items()  # one frozen model: "base" or "ref"
     cast = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(cfg.compute_dtype), p), out_shardings=target)
     return {name: cast(params)}
@@ -126,7 +123,8 @@ def _frozen(cfg: TrainConfig, setup: Setup, force: bool = False) -> dict:
 def _start_state(cfg: TrainConfig, setup: Setup, workdir: Path, resume: int | None):
     """(state, data iterator state, start step, tokens seen, where it came from): the workdir's latest
     checkpoint wins over `init_from`, which wins over a fresh init. Fills `setup.frozen`."""
-    setup.frozen = _frozen(cfg, setup)
+    start = start_params(cfg, setup) if setup.frozen_abstract else None
+    setup.frozen = _frozen(cfg, setup, start=start)
     if resume is not None:
         state, data_state, meta = restore_state(workdir, resume, setup.abstract)
         return state, data_state, resume, meta.get("tokens", 0), f"resumed {workdir} at step {resume}"
@@ -135,11 +133,13 @@ def _start_state(cfg: TrainConfig, setup: Setup, workdir: Path, resume: int | No
         return (setup.init_state(cfg.seed, adapters), None, 0, 0,
                 f"LoRA rank {cfg.lora.rank} adapters from {cfg.lora.init_from} on {cfg.init_from}")
     if cfg.lora.rank:
-        return setup.init_state(cfg.seed), None, 0, 0, f"LoRA rank {cfg.lora.rank} on {cfg.init_from}"
+        state = setup.init_state(cfg.seed)
+        if "score" in state["params"]:  # a reward model's head trains on from the base's (modules_to_save);
+            # a copy: the frozen base may hold this very buffer (a float32 cast is a no-op), and steps donate
+            state["params"]["score"] = jax.device_put(start["score"], start["score"].sharding, may_alias=False)
+        return state, None, 0, 0, f"LoRA rank {cfg.lora.rank} on {cfg.init_from}"
     if cfg.init_from:  # a checkpoint, or an HF / Meta directory streamed onto the mesh (convert/load.py)
-        from ..convert.load import restore_params_any
-        _, params = restore_params_any(cfg.init_from, setup.mesh, cfg=setup.model_cfg)
-        return setup.init_state(cfg.seed, params), None, 0, 0, f"weights from {cfg.init_from}"
+        return setup.init_state(cfg.seed, start_params(cfg, setup)), None, 0, 0, f"weights from {cfg.init_from}"
     return setup.init_state(cfg.seed), None, 0, 0, "random init"
 
 
@@ -200,6 +200,7 @@ class _Progress:
     tokens: int               # tokens seen, over every (re)start
     saved: int | None         # the step of the last checkpoint
     losses: list = dataclasses.field(default_factory=list)
+    accuracy: float | None = None  # a reward model's, at the last metrics line
     last_eval: dict | None = None
     sample: str | None = None
     # wall clock after the first step (compilation excluded after it), at the last metrics line, at the end
@@ -391,7 +392,7 @@ def _log_metrics(run: _Run, p: _Progress, metrics, skipped: int, log: MetricsLog
     record = {"step": p.step, "loss": m["loss"], "learning_rate": m["learning_rate"],
               "grad_norm": m["grad_norm"], "tokens_per_second": None, "mfu": None,
               "loss_tokens": int(m["tokens"]), "tokens": p.tokens,
-              "skipped_updates": skipped, **{k: m[k] for k in DPO_METRICS if k in m}}
+              "skipped_updates": skipped, **{k: m[k] for k in DPO_METRICS + REWARD_METRICS if k in m}}
     if not p.losses:  # the first line of a (re)start
         record["startup_seconds"] = round(p.startup, 2)
         record["data_skipped_lines"] = skipped_line_count()  # reported on stderr
@@ -401,6 +402,7 @@ def _log_metrics(run: _Run, p: _Progress, metrics, skipped: int, log: MetricsLog
         record["mfu"] = n * run.flops_per_step / dt / run.peak if math.isfinite(run.peak) else None
     p.t_log, p.step_log = now, p.step
     p.losses.append(m["loss"])
+    p.accuracy = m.get("accuracy")  # a reward model's: the summary line's
     log.write(record)
     bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{record['tokens_per_second'] or 0:.0f}")
 
@@ -423,8 +425,9 @@ def _finish(run: _Run, p: _Progress, state, it, mgr) -> None:
         save_state(mgr, p.step, state, it.get_state(), {"step": p.step, "tokens": p.tokens})
         kill_point("train.final_save")
     mgr.wait_until_finished()
-    # the engine places its inputs from one host; multi-process decoding is not built yet
-    if cfg.sample_tokens and p.step >= cfg.steps and jax.process_count() == 1:
+    # the engine places its inputs from one host; multi-process decoding is not built yet; a reward
+    # model has no output layer to sample from (its summary gives the final accuracy instead)
+    if cfg.sample_tokens and p.step >= cfg.steps and jax.process_count() == 1 and run.mc.head == "lm":
         p.sample = draw_sample(cfg, run.setup, state["params"], run.tok)
 
 
@@ -434,6 +437,7 @@ def _summary(run: _Run, p: _Progress, stopped_by: str | None, truncated: int) ->
     return {"workdir": run.given.workdir if run.mirror else str(run.workdir), "start_step": p.start, "step": p.step,
             "preempted": p.step < run.cfg.steps, "stopped_by": stopped_by,
             "first_loss": p.losses[0] if p.losses else None, "last_loss": p.losses[-1] if p.losses else None,
+            **({"last_accuracy": p.accuracy} if p.accuracy is not None else {}),
             "seconds": round(time.time() - run.t0, 1), "startup_seconds": p.startup and round(p.startup, 1),
             "tokens_per_second": timed * run.tokens_per_step / (p.t_end - p.t_first) if timed > 0 else None,
             **(p.last_eval or {}), "sample": p.sample, "truncated": truncated}

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from .optim import lm_loss
 
-OBJECTIVES = ("lm", "sft", "dpo")
+OBJECTIVES = ("lm", "sft", "dpo", "reward")
 DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected")
 REWARD_METRICS = ("accuracy", "margin", "mean_reward", "min_reward", "max_reward")

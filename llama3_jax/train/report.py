@@ -1,5 +1,6 @@
 """The end of a run: a sample from the trained weights (drawn with the serving engine, so it is what
-`generate` would give) and the closing line that summarises the run on stderr."""
+`generate` would give) and the closing line that summarises the run on stderr. A reward model has no
+output layer to sample from: its line says the final loss and accuracy (train and eval) instead."""
 
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ def report(cfg: TrainConfig, s: dict, workdir: Path) -> None:
         print(f"sample ({how}, {cfg.sample_tokens} tokens): {text!r}", file=sys.stderr)
     how = f"preempted ({s['stopped_by'] or 'SIGTERM'}), saved" if s["preempted"] else "done"
     loss = f", loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}" if s["first_loss"] is not None else ""
+    loss += f", accuracy {s['last_accuracy']:.3f}" if s.get("last_accuracy") is not None else ""  # a reward model
     ev = f", eval loss {s['eval_loss']:.4f}" if "eval_loss" in s else ""
+    ev += f", eval accuracy {s['eval_accuracy']:.3f}" if "eval_accuracy" in s else ""
     ev += f", {s['truncated']} records truncated to seq_len" if s["truncated"] else ""
     speed = f", {s['tokens_per_second']:.0f} tokens/s" if s["tokens_per_second"] else ""
     print(f"train: {how}: steps {s['start_step']} -> {s['step']} in {s['seconds']:.0f}s "

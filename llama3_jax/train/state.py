@@ -1,5 +1,11 @@
 """Training checkpoints: params, optimizer state, every process's data-iterator state and run meta,
-saved asynchronously under one orbax manager and restored into any mesh's shardings."""
+saved asynchronously under one orbax manager and restored into any mesh's shardings; and a new run's
+starting weights (`start_params`).
+
+A reward model (head `score`) may start from a language model: its trunk is read, its output layer is
+not (a partial restore, or an HF / Meta stream that skips it: convert/load.py restore_trunk_any), and
+`score` is what `init_params` draws for the run's seed (transformers' N(0, 0.02)), born sharded. Started
+from a reward checkpoint, every weight is restored, the head included."""
 
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ..store import checkpoint
+from .config import TrainConfig
+from .step import Setup, init_params
 
 
 def gather_data_states(state: dict) -> dict:
@@ -66,3 +74,18 @@ def restore_state(directory: Path, step: int, abstract: dict) -> tuple[dict, dic
     step_arr = jax.device_put(jnp.int32(out["meta"]["step"]), abstract["step"].sharding)
     data_state = this_process_data_state(out["data"], f"{directory} step {step}")
     return {"params": out["params"], "opt_state": out["opt_state"], "step": step_arr}, data_state, out["meta"]
+
+
+def start_params(cfg: TrainConfig, setup: Setup) -> dict:
+    """A new run's starting weights, float32 in the model's sharded target (nothing materialised
+    unsharded): `init_from`'s (a checkpoint, or an HF / Meta directory streamed onto the mesh), else
+    the seeded init; a reward model on a language model: the trunk, and a fresh `score` (docstring)."""
+    mc, mesh = setup.model_cfg, setup.mesh
+    target = jax.tree.map(lambda a: a.sharding, checkpoint.abstract_params(mc, mesh))
+    if not cfg.init_from:
+        return jax.jit(lambda: init_params(mc, cfg.seed), out_shardings=target)()
+    from ..convert.load import model_config_of, restore_params_any, restore_trunk_any
+    if mc.head != "score" or model_config_of(cfg.init_from).head == "score":
+        return restore_params_any(cfg.init_from, mesh, cfg=mc)[1]
+    trunk = restore_trunk_any(cfg.init_from, mesh, mc)
+    return {**trunk, "score": jax.jit(lambda: init_params(mc, cfg.seed)["score"], out_shardings=target["score"])()}
