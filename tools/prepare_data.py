@@ -12,8 +12,9 @@ complete. The train/eval split (--eval-fraction), --text-field, --max-documents 
 are fixed here; training from DST gives the batches, and so the losses, of training from SRC with the
 same settings (llama3_jax/data/prepared.py), with no listing, parsing or tokenizing at start-up or eval.
 With --seq-len the rows are packed here instead (records = rows, read by each process for its own rows).
-With --objective sft or dpo the records are fine-tuning records (TRL's formats, data/chat.py), each
-stored rendered (ids + assistant loss mask; a pair's two sides) for `objective: sft|dpo` runs.
+With --objective sft, dpo or reward the records are fine-tuning records (TRL's formats, data/chat.py),
+each stored rendered (ids + assistant loss mask; a pair's two sides; a reward pair's two whole sides and
+its margin) for `objective: sft|dpo|reward` runs.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def main(argv=None) -> int:
                    help="held-out documents, by hash: the run's data.eval_fraction (default: %(default)s)")
     p.add_argument("--max-documents", type=int, default=0, help="0 = all (default: %(default)s)")
     p.add_argument("--objective", choices=sorted(set(prepared.OBJECTIVES.values())), default="lm",
-                   help="the records' use: lm (pretraining text), sft (chat records: ids + assistant loss mask) "
-                        "or dpo (preference pairs), as the run's `objective` key (default: %(default)s)")
+                   help="the records' use: lm (pretraining text), sft (chat records: ids + assistant loss mask), "
+                        "dpo (preference pairs) or reward (preference pairs, whole sides and margin), as the "
+                        "run's `objective` key (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="pack into rows for this seq_len (default: one record per document, any seq_len)")
     p.add_argument("--seed", type=int, default=0,

@@ -5,7 +5,7 @@
       -> shuffle (seed + epoch) and repeat               [grain MapDataset]           iterator.py
       -> read + tokenize, in reader threads (or worker processes):
            pretraining: BOS text EOS                                                  text.py
-           fine-tuning: chat rendering + loss mask (SFT), chosen/rejected pair (DPO)  chat.py
+           fine-tuning: chat rendering + loss mask (SFT), chosen/rejected pair (DPO, reward)  chat.py
       -> pack: pretraining concat-then-split into seq_len + 1 token rows;             packing.py
                fine-tuning first-fit into seq_len rows (records stay whole)
       -> shift into tokens/targets, global batch, prefetch [grain batch / ThreadPrefetch]

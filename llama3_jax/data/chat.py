@@ -4,8 +4,13 @@ SFT records (``objective: sft``):
     {"messages": [{"role", "content"}, ...]}                       conversational
     {"prompt": [messages], "completion": [messages]}               conversational prompt-completion
     {"prompt": str, "completion": str}                             plain prompt-completion
-DPO records (``objective: dpo``):
+DPO and reward-model records (``objective: dpo`` / ``reward``), explicit or implicit prompt:
     {"prompt": [messages] | str, "chosen": [messages] | str, "rejected": [messages] | str}
+    {"chosen": [messages] | str, "rejected": [messages] | str}     whole conversations (texts)
+    reward only: an optional per-pair "margin" (a number; 0 when absent or null)
+An implicit prompt is what TRL's ``extract_prompt`` (trl/data_utils.py) takes: the longest common
+prefix of the two sides, of messages or of characters (`extract_prompt`). DPO needs it (the loss is
+over the completions); a reward model scores each whole side and needs no split.
 
 Conversations are rendered with the Llama 3 chat format of the tokenizer (tokenizer.py: BOS, then per
 message ``<|start_header_id|>role<|end_header_id|>\\n\\n content <|eot_id|>``). The loss covers exactly
@@ -18,6 +23,11 @@ An example is the model's view of one record, already shifted: ``tokens = ids[:-
 record (not per packed row as pretraining does) keeps a record whole inside one row. A record longer
 than ``seq_len`` (a DPO pair: either side longer than ``seq_len // 2``) is cut to fit, and counted.
 
+A reward-model example is NOT shifted: ``tokens`` is the whole side, so the last input of its segment
+is the side's closing ``<|eot_id|>`` (chat) or EOS (text), where train.objectives.pair_last_positions
+reads the reward; ``loss_mask`` is 1 on every token of the side, ``targets`` the next token (0 after the
+last; the reward loss reads neither), ``margin`` (float32) the pair's margin on every token of both sides.
+
 What can go wrong, and what catches it:
   * counting a long record at every read: a record is read again every epoch, and reader threads read
     ahead of the step. So the count is not kept here: an example carries ``cut`` (1 on its first token
@@ -26,19 +36,26 @@ What can go wrong, and what catches it:
     state (iterator.py): N long records are N, whatever the epochs, the read-ahead or the resumes.
   * a DPO pair whose chosen and rejected sides render alike (the same string, or messages with the
     same roles and contents: all the renderer reads) has nothing to prefer and a zero gradient; it is
-    skipped when listed, ``FILE:LINE: skipped: why``, and counted with the other skipped lines.
+    skipped when listed, ``FILE:LINE: skipped: why``, and counted with the other skipped lines. So is a
+    reward record whose margin is not a finite number (it would make the loss NaN).
+  * a reward pair with a side longer than ``seq_len // 2`` tokens (its eot included): cutting it would
+    read the reward at a token that does not end the side, so the pair is skipped when read (as TRL
+    drops over-long pairs), ``FILE:LINE: skipped: why``, and counted with the skipped lines
+    (sources.skip_record: each record once per process, whatever the epochs and re-reads).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
 
-from .sources import Document, read_record, report
+from .sources import Document, read_record, report, skip_record
 from .text import TokenizerHolder
 
 ROLES = frozenset({"system", "user", "assistant", "ipython", "tool"})
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # a margin the batch's float32 holds
 
 
 # ------------------------------------------------------------------------------ validation
@@ -79,19 +96,20 @@ def sft_problem(record) -> str | None:
     return "missing field: need 'messages', or 'prompt' and 'completion'"
 
 
-def dpo_problem(record) -> str | None:
-    """Why a preference record cannot be used, or None."""
+def _preference_problem(record) -> str | None:
+    """Why a preference record (explicit or implicit prompt) is not well formed, or None."""
     if not isinstance(record, dict):
         return "not a JSON object"
-    missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
+    missing = [k for k in ("chosen", "rejected") if k not in record]
     if missing:
         return f"missing field {missing[0]!r}"
-    p = record["prompt"]
-    if isinstance(p, str):
-        if not all(isinstance(record[k], str) for k in ("chosen", "rejected")):
-            return "with a string 'prompt', 'chosen' and 'rejected' must be strings"
+    p, sides = record.get("prompt"), (record["chosen"], record["rejected"])
+    if isinstance(p, str) or (p is None and any(isinstance(x, str) for x in sides)):
+        if not all(isinstance(x, str) for x in sides):
+            return (f"with a string 'prompt', 'chosen' and 'rejected' must be strings" if p is not None else
+                    "'chosen' and 'rejected' must both be strings or both lists of messages")
     else:
-        why = _messages_problem(p, "prompt")
+        why = None if p is None else _messages_problem(p, "prompt")
         for k in ("chosen", "rejected"):
             why = why or _messages_problem(record[k], k) or (
                 None if _has_assistant(record[k]) else f"no assistant turn in {k!r}")
@@ -100,6 +118,72 @@ def dpo_problem(record) -> str | None:
     if _rendered(record["chosen"]) == _rendered(record["rejected"]):
         return "'chosen' equals 'rejected' (nothing to prefer)"
     return None
+
+
+def dpo_problem(record) -> str | None:
+    """Why a DPO record cannot be used, or None. An implicit prompt must leave each side an assistant
+    turn (a text: anything) after it, and messages must share a first one (TRL's prompt is not empty)."""
+    why = _preference_problem(record)
+    if why or record.get("prompt") is not None:
+        return why
+    split = with_prompt(record)
+    if isinstance(split["chosen"], str):
+        return None
+    if not split["prompt"]:
+        return "implicit prompt: 'chosen' and 'rejected' differ from their first message (no shared prompt)"
+    for k in ("chosen", "rejected"):
+        if not _has_assistant(split[k]):
+            return f"implicit prompt: no assistant turn in {k!r} after the shared messages"
+    return None
+
+
+def reward_problem(record) -> str | None:
+    """Why a reward-model record cannot be used, or None: a preference record, and a margin that is a
+    finite float32 number when given."""
+    why = _preference_problem(record)
+    if why:
+        return why
+    m = record.get("margin")
+    if m is None:
+        return None
+    number = isinstance(m, (int, float)) and not isinstance(m, bool)
+    if not number or (isinstance(m, float) and not math.isfinite(m)) or abs(m) > _FLOAT32_MAX:
+        return f"'margin' must be a finite number, got {m!r}"[:200]
+    return None
+
+
+# pipeline kind -> the check that listing applies to its JSONL/Parquet records (None: text, sources.text_check)
+RECORD_CHECKS = {"text": None, "sft": sft_problem, "dpo": dpo_problem, "reward": reward_problem}
+
+
+def margin_of(record) -> float:
+    """A reward record's margin (0 when absent or null)."""
+    m = record.get("margin") if isinstance(record, dict) else None
+    return 0.0 if m is None else float(m)
+
+
+def extract_prompt(chosen, rejected):
+    """TRL's `extract_prompt` (trl/data_utils.py) of an implicit-prompt pair -> (prompt, chosen,
+    rejected): the prompt is the two sides' common prefix (of messages, or of characters), up to the
+    first element where they differ, less a space just before it (which stays with the completions).
+    When the shorter side is a prefix of the other, its last element stays out of the prompt (TRL's
+    loop index ends there). One corner differs: sides that differ at their first element get an empty
+    prompt (TRL then looks at index -1, the side's LAST character)."""
+    n = min(len(chosen), len(rejected))
+    idx = max(n - 1, 0)
+    for i in range(n):
+        if chosen[i] != rejected[i]:
+            idx = i - 1 if i > 0 and chosen[i - 1] == " " else i
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def with_prompt(record) -> dict:
+    """The preference record with an explicit prompt (an implicit one extracted: `extract_prompt`)."""
+    if record.get("prompt") is not None:
+        return record
+    prompt, chosen, rejected = extract_prompt(record["chosen"], record["rejected"])
+    return {**record, "prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 def _rendered(side):
@@ -148,9 +232,18 @@ def example(ids, mask, max_len: int) -> dict[str, np.ndarray]:
             "loss_mask": np.asarray(mask[1:], np.int32), "positions": np.arange(n, dtype=np.int32)}
 
 
+def unshifted_example(ids, mask) -> dict[str, np.ndarray]:
+    """A reward model's view of one side: tokens = the whole side (its last input is its eot / EOS),
+    targets = the next token (0 after the last), loss_mask = `mask` (1 on every token)."""
+    ids = np.asarray(ids, np.int32)
+    return {"tokens": ids, "targets": np.r_[ids[1:], np.int32(0)].astype(np.int32),
+            "loss_mask": np.asarray(mask, np.int32), "positions": np.arange(len(ids), dtype=np.int32)}
+
+
 class RenderRecords(TokenizerHolder):
-    """Document -> an example ready for packing (SFT), or a pair of examples in one (DPO): for DPO,
-    the chosen then the rejected sequence, ``half`` 1 / 2, positions restarting at the rejected one.
+    """Document -> an example ready for packing (SFT), or a pair of examples in one (DPO, reward): the
+    chosen then the rejected sequence, ``half`` 1 / 2, positions restarting at the rejected one; a
+    reward pair with a side over ``seq_len // 2`` tokens -> None (skipped, grain drops it).
     Every example has ``cut``: 1 on its first token when this read cut the record and is the record's
     first (element index < ``per_epoch``, the records of one epoch; None: every read is a first), else 0."""
 
@@ -160,6 +253,7 @@ class RenderRecords(TokenizerHolder):
         self.kind, self.seq_len, self.per_epoch = kind, seq_len, per_epoch
         self.reference, self.index = reference, index  # DPO precomputed reference: see add_reference
         self._reported = False
+        self._too_long: set[str] = set()  # reward pairs skipped: when it is every record, nothing is left
         self._lock = threading.Lock()  # grain's reader threads render records concurrently
 
     def __getstate__(self):  # a lock does not pickle: worker processes get their own
@@ -185,19 +279,25 @@ class RenderRecords(TokenizerHolder):
         """`__call__` for grain's map_with_index: element `i` of the repeated records."""
         return self(doc, first_read=self.per_epoch is None or i < self.per_epoch)
 
-    def __call__(self, doc: Document, first_read: bool = True) -> dict[str, np.ndarray]:
-        out = self.examples(render_sides(self._tokenizer, self.kind, read_record(doc)), f"{doc.path}:{doc.line}",
-                            first_read)
+    def __call__(self, doc: Document, first_read: bool = True) -> dict[str, np.ndarray] | None:
+        record = read_record(doc)
+        out = self.examples(render_sides(self._tokenizer, self.kind, record), f"{doc.path}:{doc.line}",
+                            first_read, margin_of(record))
+        if out is None:
+            return None
         if self.index is not None:  # the pass that computes reference log-probs: which pair this is
             out["pair"] = np.full(len(out["tokens"]), self.index[doc.key], np.int32)
         if self.reference is not None:
             out["ref_logps"] = add_reference(out, *self.reference[doc.key])
         return out
 
-    def examples(self, sides: list, where: str, first_read: bool = True) -> dict[str, np.ndarray]:
-        """A record's rendered sides (`render_sides`) -> its example (SFT) or pair of examples (DPO),
-        cut to fit seq_len; `where` names the record in the truncation report; `first_read`: whether a
-        cut is counted (``cut``)."""
+    def examples(self, sides: list, where: str, first_read: bool = True,
+                 margin: float = 0.0) -> dict[str, np.ndarray] | None:
+        """A record's rendered sides (`render_sides`) -> its example (SFT) or pair of examples (DPO,
+        reward), cut to fit seq_len (reward: None, skipped, when it does not fit); `where` names the
+        record in the reports; `first_read`: whether a cut is counted (``cut``); `margin`: reward only."""
+        if self.kind == "reward":
+            return self._reward_pair(sides, where, margin)
         if self.kind == "sft":
             [(ids, mask)] = sides
             cut = self._cut(len(ids) - 1, self.seq_len, where)
@@ -212,11 +312,50 @@ class RenderRecords(TokenizerHolder):
         out["cut"][:1] = int(cut and first_read)
         return out
 
+    def _reward_pair(self, sides: list, where: str, margin: float) -> dict[str, np.ndarray] | None:
+        """Both whole sides, unshifted, or None (reported and counted) when one is over seq_len // 2."""
+        half = self.seq_len // 2
+        over = [f"{k} has {len(ids)} tokens" for k, (ids, _) in zip(("chosen", "rejected"), sides) if len(ids) > half]
+        if over:
+            skip_record(where, f"{' and '.join(over)} > seq_len // 2 = {half} (a reward is read at a side's "
+                               f"last token, so over-long pairs are dropped, not cut)")
+            with self._lock:
+                self._too_long.add(where)
+                every = self.per_epoch is not None and len(self._too_long) >= self.per_epoch
+            if every:  # else an endless (repeated) split would spin without a batch
+                raise ValueError(f"{where}: no reward pair fits seq_len {self.seq_len}: every side must be at "
+                                 f"most seq_len // 2 = {half} tokens (raise seq_len)")
+            return None
+        chosen, rejected = (unshifted_example(ids, mask) for ids, mask in sides)
+        out = {k: np.concatenate([chosen[k], rejected[k]]) for k in chosen}
+        n = len(out["tokens"])
+        out["half"] = np.repeat(np.int32([1, 2]), [len(chosen["tokens"]), len(rejected["tokens"])])
+        out["margin"] = np.full(n, margin, np.float32)
+        out["cut"] = np.zeros(n, np.int32)
+        return out
+
+
+def render_reward_side(tok, record, side: str) -> tuple[list[int], list[int]]:
+    """One whole side of a reward record: the prompt and the side (explicit prompt), or the side alone
+    (implicit: a whole conversation, or a text given BOS and EOS); mask 1 on every token."""
+    prompt = record.get("prompt")
+    if prompt is not None:
+        ids, _ = render_completion(tok, prompt, record[side])
+    elif isinstance(record[side], str):
+        ids = tok.encode(record[side], bos=True, eos=True)
+    else:
+        ids, _ = render_messages(tok, record[side])
+    return ids, [1] * len(ids)
+
 
 def render_sides(tok, kind: str, record) -> list[tuple[list[int], list[int]]]:
-    """A record's (ids, label mask), uncut: [the dialog] (SFT) or [chosen, rejected] (DPO)."""
+    """A record's (ids, label mask), uncut: [the dialog] (SFT) or [chosen, rejected] (DPO: an implicit
+    prompt extracted; reward: whole sides, `render_reward_side`)."""
     if kind == "sft":
         return [render_sft(tok, record)]
+    if kind == "reward":
+        return [render_reward_side(tok, record, k) for k in ("chosen", "rejected")]
+    record = with_prompt(record)
     return [render_completion(tok, record["prompt"], record[k]) for k in ("chosen", "rejected")]
 
 

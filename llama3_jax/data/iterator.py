@@ -28,12 +28,12 @@ from grain.experimental import (ConcatThenSplitIterDataset, FirstFitPackIterData
 
 from . import prepared
 from .prepared import OBJECTIVES
-from .chat import RenderRecords, dpo_problem, sft_problem
+from .chat import RECORD_CHECKS, RenderRecords
 from .packing import EXAMPLE_KEYS, TRUNCATED_KEY, example_batch, text_batch
 from .sources import DataConfig, Document, list_documents, split_documents
 from .text import ReadAndTokenize
 
-KINDS = ("text", "sft", "dpo")
+KINDS = ("text", "sft", "dpo", "reward")
 # In-process reading: threads that read + tokenize, and documents read ahead of the packer.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=16)
 # Prepared rows are read a batch (this process's rows) at a time: a couple of batches ahead.
@@ -68,7 +68,7 @@ def _from_json(x: Any, key: str = "") -> Any:
 
 def record_check(kind: str):
     """The validation `list_documents` applies to JSONL/Parquet records of a pipeline kind (None: text)."""
-    return {"text": None, "sft": sft_problem, "dpo": dpo_problem}[kind]
+    return RECORD_CHECKS[kind]
 
 
 class BatchIterator:
@@ -242,7 +242,7 @@ def make_iterator(
     ``batch_size`` is global; this process gets ``batch_size // process_count`` rows.
     Train loops forever (reshuffled each epoch with ``seed + epoch``) unless
     ``num_epochs`` is set; eval is one pass in file order. ``kind``: ``text`` (pretraining),
-    ``sft`` or ``dpo`` (fine-tuning records, chat.py). DPO only: ``reference`` (document key ->
+    ``sft``, ``dpo`` or ``reward`` (fine-tuning records, chat.py; reward adds the float32 key ``margin``). DPO only: ``reference`` (document key ->
     (chosen, rejected) reference log-probs) adds the float32 batch key ``ref_logps``; ``pair_index``
     adds ``pair`` (each token's index into ``.documents``) for the pass that computes them.
     ``documents``: `list_documents(cfg, record_check(kind))` when the caller already has it (a
@@ -267,7 +267,7 @@ def make_iterator(
             packed, batch_fn = _pack_text(cfg, src, ds.repeat(num_epochs), seq_len, shuffle, seed)
         else:
             packed, batch_fn = _pack_examples(cfg, src, ds, tokenizer, kind, seq_len, num_epochs,
-                                                      reference, pair_index)
+                                              reference, pair_index, split)
         batches = packed.batch(
             batch_size, batch_fn=functools.partial(batch_fn, n_rows=batch_size, seq_len=seq_len)
         )
@@ -357,7 +357,7 @@ def _pack_text(cfg: DataConfig, src: _Source, ds: grain.MapDataset, seq_len: int
 
 
 def _pack_examples(cfg: DataConfig, src: _Source, ds: grain.MapDataset, tokenizer, kind: str, seq_len: int,
-                   num_epochs: int | None, reference: dict | None, pair_index: bool):
+                   num_epochs: int | None, reference: dict | None, pair_index: bool, split: str):
     """Fine-tuning: records rendered into examples (chat.py), packed first-fit into rows of seq_len.
     Returns (rows, the batch function); each batch counts the records it holds cut at their first read."""
     if src.documents is None and (reference is not None or pair_index):
@@ -368,8 +368,9 @@ def _pack_examples(cfg: DataConfig, src: _Source, ds: grain.MapDataset, tokenize
     ds = ds.repeat(num_epochs)  # prepared: the records rendered when preparing, cut and shifted here
     # with the element index: reads past the first epoch's are not counted again (chat.py)
     ds = ds.map_with_index(render.indexed) if src.documents is not None else prepared.BlockReads(
-        ds, src.records, prepared.RecordExamples(render, f"{cfg.path} (prepared)").indexed, with_index=True)
-    keys = EXAMPLE_KEYS + ("cut",) + (("half",) if kind == "dpo" else ())
+        ds, src.records, prepared.RecordExamples(render, f"{cfg.path} (prepared)", split).indexed, with_index=True)
+    keys = EXAMPLE_KEYS + ("cut",) + (("half",) if kind in ("dpo", "reward") else ())
+    keys += ("margin",) if kind == "reward" else ()
     keys += (("ref_logps",) if reference is not None else ()) + (("pair",) if pair_index else ())
     packed = FirstFitPackIterDataset(
         ds.to_iter_dataset(_READ_OPTIONS), length_struct={k: seq_len for k in keys},

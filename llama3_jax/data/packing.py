@@ -2,7 +2,7 @@
 
 Pretraining concatenates documents and splits the stream into rows of seq_len + 1 (grain's
 ConcatThenSplitIterDataset): a long document continues on the next row. Fine-tuning examples are
-already shifted and must stay whole (a dialog's loss mask, a DPO pair's two sides), so they are packed
+already shifted (a reward model's: whole sides, chat.py) and must stay whole (a dialog's loss mask, a DPO pair's two sides), so they are packed
 first-fit into rows of seq_len (grain's FirstFitPackIterDataset) and padded.
 """
 
@@ -12,7 +12,9 @@ import numpy as np
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 EXAMPLE_KEYS = ("tokens", "targets", "loss_mask", "positions")
-EXTRA_KEYS = ("ref_logps", "pair")  # DPO with precomputed reference log-probs (float32), its pre-pass
+# DPO with precomputed reference log-probs (float32), its pre-pass; reward: each pair's margin (float32, on
+# every token of both sides; every reward example has it, 0 when the record gives none)
+EXTRA_KEYS = ("ref_logps", "pair", "margin")
 # fine-tuning: the batch's count of records cut to fit, first reads only (a 0-d int32, from the examples'
 # ``cut``: chat.py); the iterator takes it out of the batch and adds it to its checkpointed total
 TRUNCATED_KEY = "truncated"
@@ -42,9 +44,9 @@ def text_batch(rows: list[dict[str, np.ndarray]], *, n_rows: int, seq_len: int) 
 def example_batch(rows: list[dict[str, np.ndarray]], *, n_rows: int, seq_len: int) -> dict:
     """First-fit packed rows of examples -> (n_rows, seq_len) int32 arrays.
 
-    Each example is one segment (1, 2, ... in the row). A DPO pair (``half`` 1 = chosen, 2 = rejected)
-    is two: pair p of a row is segments 2p - 1 (chosen) and 2p (rejected), which is how
-    objectives.dpo finds the two sides of a pair.
+    Each example is one segment (1, 2, ... in the row). A DPO or reward pair (``half`` 1 = chosen,
+    2 = rejected) is two: pair p of a row is segments 2p - 1 (chosen) and 2p (rejected), which is how
+    objectives.dpo and objectives.pair_last_positions find the two sides of a pair.
     """
     out = {k: np.zeros((n_rows, seq_len), np.int32) for k in BATCH_KEYS}
     for i, row in enumerate(rows):

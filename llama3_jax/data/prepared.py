@@ -23,9 +23,10 @@ the raw pipeline packs the train documents in the order `data.seed = --seed` rea
 (`ProcessRows`); its iterator state is the global batch number. Rows read in stored order
 (`data.shuffle: false`) are the raw run's batches up to the first epoch's last, padded row.
 
-Fine-tuning records (`prepare_data --objective sft|dpo`): a record is one SFT dialog's rendered ids
-and assistant loss mask, or one DPO pair's chosen and rejected ids and masks (chat.render_sides), uncut:
-`seq_len` is not fixed here. Training reads them by index in the raw pipeline's order (shuffle, repeat)
+Fine-tuning records (`prepare_data --objective sft|dpo|reward`): a record is one SFT dialog's rendered
+ids and assistant loss mask, or one DPO or reward pair's chosen and rejected ids and masks
+(chat.render_sides; a reward pair also its margin, as float32 bits), uncut: `seq_len` is not fixed here
+(a reward pair too long for the run's is skipped when read, as from JSONL). Training reads them by index in the raw pipeline's order (shuffle, repeat)
 and cuts, shifts and packs them as it does records it renders itself, so it gets the same batches, and
 the same losses, as from the JSONL/Parquet records they were made from. (`dpo.precompute_reference`
 keys its table by source record, so it still reads JSONL/Parquet.)
@@ -50,7 +51,7 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
-from .chat import RenderRecords, dpo_problem, render_sides, sft_problem
+from .chat import RECORD_CHECKS, RenderRecords, margin_of, render_sides
 from .sources import DataConfig, Document, list_documents, read_record, split_documents
 from .text import ReadAndTokenize, TokenizerHolder
 
@@ -61,7 +62,7 @@ SUFFIX = ".array_record"
 SPLITS = ("train", "eval")
 DTYPE = np.dtype("<i4")
 READ_BLOCK = 64  # documents read together (BlockReads)
-OBJECTIVES = {"text": "lm", "sft": "sft", "dpo": "dpo"}  # record kind -> the train objective that reads it
+OBJECTIVES = {"text": "lm", "sft": "sft", "dpo": "dpo", "reward": "reward"}  # record kind -> the train objective that reads it
 _KEYS = ("tokenizer", "text_field", "eval_fraction", "max_documents", "packed", "splits")
 # one record per chunk (what grain's random access wants); zstd level 1 with a 64 KiB window read a
 # random record in ~0.18 ms against ~0.31 ms for ArrayRecord's default zstd:3 (2^20 window), same size
@@ -163,11 +164,19 @@ def decode_row(raw: bytes) -> dict[str, np.ndarray]:
     return {"tokens": tokens, "tokens_segment_ids": seg, "tokens_positions": np.where(seg > 0, idx - start, 0)}
 
 
-def encode_sides(sides: list) -> bytes:
+def encode_sides(sides: list, margin: float | None = None) -> bytes:
     """A fine-tuning record's sides [(ids, mask), ...] -> int32: count, each side's length, then each
-    side's ids and mask."""
+    side's ids and mask; then a reward pair's margin (`margin` not None), a float32's bits."""
     head = [len(sides), *(len(ids) for ids, _ in sides)]
-    return np.concatenate([np.asarray(head), *(np.r_[ids, mask] for ids, mask in sides)]).astype(DTYPE).tobytes()
+    body = np.concatenate([np.asarray(head), *(np.r_[ids, mask] for ids, mask in sides)]).astype(DTYPE).tobytes()
+    return body if margin is None else body + np.float32(margin).astype("<f4").tobytes()
+
+
+def decode_margin(raw: bytes) -> float:
+    """The margin `encode_sides` stored after the sides (0 when it stored none)."""
+    a = np.frombuffer(raw, DTYPE)
+    end = 1 + a[0] + 2 * int(a[1:1 + a[0]].sum())
+    return float(np.frombuffer(raw[4 * end:], "<f4")[0]) if len(a) > end else 0.0
 
 
 def decode_sides(raw: bytes) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -181,18 +190,21 @@ def decode_sides(raw: bytes) -> list[tuple[np.ndarray, np.ndarray]]:
 
 class RecordExamples:
     """A prepared fine-tuning record -> the example the raw pipeline's RenderRecords makes of its source
-    record (cut to seq_len, shifted; DPO: both sides; ``cut`` marking a first read it cut)."""
+    record (cut to seq_len, shifted; DPO: both sides; ``cut`` marking a first read it cut; reward: both
+    whole sides and the margin, or None: skipped, named as `where`'s `split` record number)."""
 
-    def __init__(self, render: RenderRecords, where: str):
-        self.render, self.where = render, where
+    def __init__(self, render: RenderRecords, where: str, split: str = "train"):
+        self.render, self.where, self.split = render, where, split
 
-    def __call__(self, raw: bytes) -> dict[str, np.ndarray]:
-        return self.render.examples(decode_sides(raw), self.where)
+    def __call__(self, raw: bytes, key: int | None = None, first_read: bool = True) -> dict[str, np.ndarray] | None:
+        where = self.where if key is None else f"{self.where}: {self.split} record {key}"
+        return self.render.examples(decode_sides(raw), where, first_read, decode_margin(raw))
 
-    def indexed(self, i: int, raw: bytes) -> dict[str, np.ndarray]:
-        """Element `i` of the repeated records (BlockReads with_index): as RenderRecords.indexed."""
+    def indexed(self, i: int, raw: bytes, key: int | None = None) -> dict[str, np.ndarray] | None:
+        """Element `i` (record `key` of the split) of the repeated records (BlockReads with_index): as
+        RenderRecords.indexed."""
         per_epoch = self.render.per_epoch
-        return self.render.examples(decode_sides(raw), self.where, per_epoch is None or i < per_epoch)
+        return self(raw, key, per_epoch is None or i < per_epoch)
 
 
 def _read(records, keys: list[int]) -> list[bytes]:
@@ -206,7 +218,7 @@ class BlockReads(grain.MapDataset):
     index dataset (range -> shuffle -> repeat), so the element index, and the iterator state, are those
     of the raw pipeline (grain's source -> shuffle -> repeat). A consumer walks the indices in order, as
     grain's iterator does; the last few blocks are cached (not part of the state). `with_index`:
-    `decode(i, raw)`, as grain's map_with_index calls its function."""
+    `decode(i, raw, key)`, the element index as grain's map_with_index gives it, and the record's key."""
 
     def __init__(self, keys: grain.MapDataset, records, decode, block: int = READ_BLOCK, keep: int = 4,
                  with_index: bool = False):
@@ -230,7 +242,7 @@ class BlockReads(grain.MapDataset):
                 for old in sorted(self._blocks)[:-self._keep]:
                     del self._blocks[old]
             raw = self._blocks[b][index - b * self._block]
-        return self._decode(index, raw) if self._with_index else self._decode(raw)
+        return self._decode(index, raw, self._parent[index]) if self._with_index else self._decode(raw)
 
     def __getstate__(self):  # worker processes start with an empty cache and their own lock
         return {**self.__dict__, "_blocks": {}, "_lock": None}
@@ -287,14 +299,16 @@ def _document_records(docs: list[Document], tok, cfg: DataConfig, read: grain.Re
 
 
 class _RenderSides(TokenizerHolder):
-    """Document -> its fine-tuning record (encode_sides of chat.render_sides)."""
+    """Document -> its fine-tuning record (encode_sides of chat.render_sides; reward: and the margin)."""
 
     def __init__(self, tokenizer, kind: str):
         super().__init__(tokenizer)
         self._kind = kind
 
     def __call__(self, doc: Document) -> bytes:
-        return encode_sides(render_sides(self._tokenizer, self._kind, read_record(doc)))
+        record = read_record(doc)
+        return encode_sides(render_sides(self._tokenizer, self._kind, record),
+                            margin_of(record) if self._kind == "reward" else None)
 
 
 def _side_records(docs: list[Document], tok, kind: str, read: grain.ReadOptions):
@@ -351,7 +365,7 @@ def prepare(cfg: DataConfig, out: str | Path, tok, *, tokenizer_spec: str | None
             kind: str = "text") -> dict:
     """Tokenize `cfg.path` into prepared shards in `out` (written to a temp dir, renamed when complete):
     one record per document, or with `seq_len` packed rows (train documents shuffled with `seed`, None:
-    in order; eval documents in order); `kind` sft/dpo: one rendered record per valid fine-tuning record
+    in order; eval documents in order); `kind` sft/dpo/reward: one rendered record per valid fine-tuning record
     (bad ones reported and skipped as training does). Returns the metadata."""
     out = Path(out).expanduser()
     if kind not in OBJECTIVES:
@@ -363,7 +377,7 @@ def prepare(cfg: DataConfig, out: str | Path, tok, *, tokenizer_spec: str | None
     if seq_len is not None and kind != "text":
         raise ValueError(f"--seq-len packs pretraining text; objective {OBJECTIVES[kind]} records are packed at "
                          f"training time (any seq_len)")
-    docs = list_documents(cfg, {"text": None, "sft": sft_problem, "dpo": dpo_problem}[kind])
+    docs = list_documents(cfg, RECORD_CHECKS[kind])
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -41,7 +41,8 @@ _STDLIB_SKIP_DIRS = frozenset(
 )
 _STDLIB_MAX_BYTES = 200_000
 _reported: set[str] = set()  # bad-input messages already printed (report each once)
-_skipped_lines: set[tuple[str, int]] = set()  # (file, line) of bad JSONL/Parquet records seen in this process
+# (file, line) of bad JSONL/Parquet records seen in this process, and (where, 0) of those skipped when read
+_skipped_lines: set[tuple[str, int]] = set()
 
 # check(record) -> None if usable, else why it is skipped
 Check = Callable[[Any], "str | None"]
@@ -54,7 +55,7 @@ class DataConfig:
     ``path``: ``"stdlib"`` (this Python's standard-library sources, no download), a
     ``.jsonl`` or ``.parquet`` file (one record per line/row; plain text in field ``text_field``
     for pretraining, TRL's conversational / prompt-completion / preference records for
-    ``objective: sft`` / ``dpo``), any other text file (one document), or a directory of such
+    ``objective: sft`` / ``dpo`` / ``reward``), any other text file (one document), or a directory of such
     files (recursive, sorted); or a directory of ArrayRecord shards made by tools/prepare_data.py
     (prepared.py: tokenized once, read by index).
 
@@ -104,6 +105,13 @@ def report(message: str) -> None:
         _reported.add(message)
         if is_main():  # every process reads the same documents: one report, from process 0
             print(message, file=sys.stderr, flush=True)
+
+
+def skip_record(where: str, why: str) -> None:
+    """A record found unusable when read (not when listed: a reward pair too long for seq_len): reported
+    once as ``WHERE: skipped: why`` and counted once per process, whatever the epochs and re-reads."""
+    report(f"{where}: skipped: {why}")
+    _skipped_lines.add((where, 0))
 
 
 def skipped_line_count() -> int:
