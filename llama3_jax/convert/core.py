@@ -52,8 +52,25 @@ def _reader(fmt: str, src: Path):
     return _impl(fmt, 1)(src)
 
 
-def _writer(fmt: str, dst: Path, cfg: ModelConfig, dtype, options: dict):
+def _writer(fmt: str, dst: Path, cfg: ModelConfig, dtype, options: dict, reader=None):
+    """FMT's writer; an hf writer also gets the pad id SRC recorded (a reward model's config.json needs one)."""
+    if fmt == "hf":
+        options = options | {"pad_token_id": getattr(reader, "pad_token_id", None)}
     return _impl(fmt, 2)(dst, cfg, dtype, **options)
+
+
+def _check_head(cfg: ModelConfig, src: Path, dst_format: str, options: dict) -> None:
+    """A reward model (head "score") goes where its head has a place: hf (LlamaForSequenceClassification)
+    and jax. Meta's format has no such head, and int8 is for generating with an output layer
+    (config.py refuses it too, but only after every tensor was read): one line, before anything is read."""
+    if cfg.head != "score":
+        return
+    if dst_format == "meta":
+        raise ConvertError(f"{src}: a reward model (head score): Meta's format has no score head; "
+                           f"use --to hf (LlamaForSequenceClassification) or --to jax")
+    if options.get("quantize") is not None:
+        raise ConvertError(f"{src}: a reward model (head score): --quantize {options['quantize']} is for "
+                           f"language models (generate); convert it without --quantize")
 
 
 def _open_reader(src_format: str, src: Path, base: str | None):
@@ -145,6 +162,7 @@ def _convert(src: str | Path, dst: str | Path, *, src_format: str, dst_format: s
     reader = _open_reader(src_format, src, base)
     out_dtype = out_dtype or reader.dtype
     cfg = dataclasses.replace(reader.config, param_dtype=out_dtype.name)
+    _check_head(cfg, src, dst_format, options)
     progress = progress and distributed.process_index() == 0
     nbytes, secs = _write(reader, cfg, out_dtype, src, dst, dst_format, options, progress)
     if progress:
@@ -207,7 +225,8 @@ def _write(reader, cfg: ModelConfig, out_dtype: np.dtype, src: Path, dst: Path, 
     start = time.time()
     try:
         # orbax: every process saves its own shards; the other formats: process 0 writes alone
-        writer = _writer(dst_format, tmp, cfg, out_dtype, options) if rank == 0 or dst_format == "jax" else Discard()
+        writer = (_writer(dst_format, tmp, cfg, out_dtype, options, reader) if rank == 0 or dst_format == "jax"
+                  else Discard())
         nbytes = stream(reader, writer, cfg, out_dtype, src, progress, start)
         distributed.sync("llama3_jax_convert_written")
         if rank == 0:
@@ -227,7 +246,8 @@ def _write(reader, cfg: ModelConfig, out_dtype: np.dtype, src: Path, dst: Path, 
 def _record_source(reader, out: Path, dst_format: str) -> None:
     """`--to jax` from a reader that knows where its model came from (hf.HFReader.source): that goes
     into the new checkpoint's config.json as `source`, before the rename, so it appears with DST. A
-    `--to peft` export of a LoRA trained on DST names it as the adapter's base (peft.py)."""
+    `--to peft` export of a LoRA trained on DST names it as the adapter's base (peft.py); `--to hf`
+    writes back its `pad_token_id` (a reward model's, hf.py)."""
     source = getattr(reader, "source", None)
     if dst_format != "jax" or not source:
         return

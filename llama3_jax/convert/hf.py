@@ -8,6 +8,14 @@ front, then drops each tensor at its offset as it arrives, so neither side holds
 The reader also says where the model came from (`HFReader.source`, `hf_source`), which `--to jax`
 records in the checkpoint's config.json: a LoRA trained on that checkpoint exports (peft.py) as an
 adapter on the transformers model, which transformers can load, not on our checkpoint, which it cannot.
+
+A reward model (head "score") is transformers' `LlamaForSequenceClassification` with one label: the
+trunk's tensors under the same names, `score.weight` (1, D) in place of `lm_head.weight`. What can go
+wrong is the `pad_token_id` of its config.json: transformers reads each row's reward at the last token
+that is not the pad id, so a pad id that is an end-of-turn id moves every reward to the token before
+it, and a missing one makes transformers refuse batches. The reader keeps the pad id a source records
+(`HFReader.pad_token_id`, recorded in the `source` of a `--to jax` checkpoint), and the writer writes
+it back; a model that records none gets `config.default_pad_id` (not BOS or EOS).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ NAMES = {
     "embed": ("model.embed_tokens.weight", None, None),
     "norm": ("model.norm.weight", None, None),
     "lm_head": ("lm_head.weight", "T", "T"),
+    "score": ("score.weight", "T", "T"),  # a reward model's head: transformers' (1, D), ours (D, 1)
     "layers/attn_norm": (_LAYER + "input_layernorm.weight", None, None),
     "layers/mlp_norm": (_LAYER + "post_attention_layernorm.weight", None, None),
     "layers/wq": (_LAYER + "self_attn.q_proj.weight", "in_heads", "out_heads"),
@@ -134,6 +143,14 @@ def hf_source(src: Path) -> dict:
     return {"format": "hf", "name_or_path": str(path), "revision": None}
 
 
+def hf_pad_id(hf: dict, source: str) -> int | None:
+    """config.json's `pad_token_id` (None when absent or null); anything but an integer is refused."""
+    pad = hf.get("pad_token_id")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 0):
+        raise ValueError(f"{source}: pad_token_id: {pad!r} is not a token id")
+    return pad
+
+
 class HFReader:
     def __init__(self, src: Path):
         self.source = hf_source(src)
@@ -141,8 +158,11 @@ class HFReader:
         hf = read_json(cfg_path, "a transformers model directory", ConvertError)
         try:
             self.config = from_hf_config(hf, source=str(cfg_path))
+            self.pad_token_id = hf_pad_id(hf, str(cfg_path))
         except ValueError as e:
             raise ConvertError(str(e)) from None
+        if self.pad_token_id is not None:  # kept in a --to jax checkpoint's config.json, written back by --to hf
+            self.source = self.source | {"pad_token_id": self.pad_token_id}
         self.files = hf_weight_files(src)
         self.headers = {f: read_header(f) for f in self.files}
         # HF name -> (our name, layer)
@@ -208,14 +228,15 @@ def _hf_shape(name, ours):
 class HFWriter:
     """Plans all shards from the config, then writes each tensor at its offset as it arrives."""
 
-    def __init__(self, dst: Path, cfg: ModelConfig, dtype: np.dtype, max_shard_size: str | int = "5GB"):
-        self.dst, self.cfg, self.dtype = dst, cfg, np.dtype(dtype)
+    def __init__(self, dst: Path, cfg: ModelConfig, dtype: np.dtype, max_shard_size: str | int = "5GB",
+                 pad_token_id: int | None = None):
+        self.dst, self.cfg, self.dtype, self.pad_token_id = dst, cfg, np.dtype(dtype), pad_token_id
         dst.mkdir(parents=True, exist_ok=True)
         shapes = expected_shapes(cfg)
         order = [("embed", None)]
         for i in range(cfg.n_layers):
             order += [(n, i) for n in NAMES if n.startswith("layers/")]
-        order += [("norm", None)] + ([] if cfg.tie_embeddings else [("lm_head", None)])
+        order += [("norm", None)] + [(n, None) for n in ("lm_head", "score") if n in shapes]
         limit = parse_size(max_shard_size, "--max-shard-size")
         shards, cur, cur_size = [], [], 0
         for key in order:
@@ -261,7 +282,8 @@ class HFWriter:
 
     def finish(self) -> None:
         torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[self.dtype.name]
-        (self.dst / "config.json").write_text(json.dumps(to_hf_config(self.cfg, torch_dtype), indent=2) + "\n")
+        hf = to_hf_config(self.cfg, torch_dtype, pad_token_id=self.pad_token_id)
+        (self.dst / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         (self.dst / "generation_config.json").write_text(json.dumps(to_hf_generation_config(self.cfg), indent=2) + "\n")
         if self.n_shards > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}

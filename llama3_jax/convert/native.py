@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from ..store import checkpoint
-from ..model.config import ModelConfig
+from ..model.config import ModelConfig, read_json
 from ..model.llama import quantize_params
 from ..parallel.multihost_io import several, to_host
 from ..parallel.sharding import inference_mesh, make_mesh, parse_mesh
@@ -38,6 +38,7 @@ class JaxReader:
                                f"generate and score read: convert the float checkpoint instead")
         self.src = src
         self.dtype = np.dtype(self.config.param_dtype)
+        self.pad_token_id = recorded_pad_id(src)
 
     def tensors(self) -> Iterator[Tensor]:
         # one output tensor at a time: a stacked parameter layer by layer (checkpoint.ParamReader);
@@ -52,6 +53,25 @@ class JaxReader:
                     del a
         except (FileNotFoundError, ValueError) as e:
             raise ConvertError(str(e)) from None
+
+
+def recorded_pad_id(src: Path) -> int | None:
+    """The HF `pad_token_id` that `convert --from hf --to jax` recorded in config.json's `source` (hf.py),
+    of SRC or, for a LoRA workdir, of its base; None when neither records one (`--to hf` then writes
+    config.default_pad_id for a reward model)."""
+    dirs = [src]
+    try:
+        adapted = checkpoint.lora_base(src)
+    except (FileNotFoundError, ValueError):
+        adapted = None
+    if adapted is not None:
+        dirs.append(adapted[1])
+    for d in dirs:
+        source = read_json(d / checkpoint.CONFIG_FILE, "a llama3-jax checkpoint", ConvertError).get("source")
+        pad = source.get("pad_token_id") if isinstance(source, dict) else None
+        if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0:
+            return pad
+    return None
 
 
 def _span(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:

@@ -12,6 +12,13 @@ PEFT adapter (e.g. from the Hugging Face hub) merged into its base, or kept as a
 PEFT's layout (lora_A (rank, in_features), lora_B (out_features, rank), keys
 ``base_model.model.model.layers.N.<module>.lora_{A,B}.weight``) and the name map live in lora.py.
 
+A reward model's LoRA (head "score": the head trains beside the adapters, store/checkpoint.py
+`adapter_target`) is peft's sequence classification: `task_type` "SEQ_CLS", the head in
+`modules_to_save` (["classifier", "score"], what peft 0.21.2 writes for SEQ_CLS), its trained weight
+saved as ``base_model.model.score.weight`` (1, D), as peft saves a module to save. It loads with
+`AutoPeftModelForSequenceClassification` (a base that is a language model also needs `num_labels=1`
+and a `pad_token_id` given). An imported SEQ_CLS adapter makes a reward model, whatever the base's head.
+
 What can go wrong, and what catches it:
 - An export that peft cannot load onto its base: `base_model_name_or_path` must be something
   transformers reads, not our jax checkpoint. `convert --from hf --to jax` records in config.json
@@ -21,8 +28,9 @@ What can go wrong, and what catches it:
   `peft_version` "0.21.2": the format written, whatever peft is installed (peft is no runtime need).
 - An adapter config that is not what it claims: every setting is checked for type and range (`r`
   0 would divide by zero; a string `r` would be a wrong rank) and a setting that changes the math
-  and that we do not implement (DoRA, per-layer ranks, bias, ...) is refused, one line naming the
-  file and key. A missing `r` / `lora_alpha` / `lora_dropout` / `target_modules` takes peft's
+  and that we do not implement (DoRA, per-layer ranks, bias, modules to save other than a sequence
+  classifier's head, ...) is refused, one line naming the file and key. A head of several labels
+  (`score.weight` (N, D), N > 1) is refused: our `score` is one scalar. A missing `r` / `lora_alpha` / `lora_dropout` / `target_modules` takes peft's
   default (8, 8, 0.0, q_proj + v_proj), as peft itself would. `target_modules` is matched as peft
   matches it (a name or dotted suffix, a regular expression, "all-linear"), and must adapt every
   layer of a projection or none.
@@ -34,6 +42,7 @@ What can go wrong, and what catches it:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -58,13 +67,18 @@ DEFAULTS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_
 # settings that change what the adapter computes and that the merge here does not implement
 UNSUPPORTED = ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "layers_to_transform",
                "layer_replication", "exclude_modules", "target_parameters", "lora_bias", "use_qalora",
-               "use_bdlora", "alora_invocation_tokens", "trainable_token_indices", "modules_to_save")
+               "use_bdlora", "alora_invocation_tokens", "trainable_token_indices")
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# a reward model's head: what peft's SEQ_CLS task saves (modules_to_save), and under which key
+SEQ_CLS_MODULES = ["classifier", "score"]  # peft 0.21.2's for SEQ_CLS; "classifier" is no Llama module
+SCORE_KEY = "base_model.model.score.weight"
 
 
-def adapter_config(lc: lora.LoraConfig, base_name: str, revision: str | None) -> dict:
+def adapter_config(lc: lora.LoraConfig, base_name: str, revision: str | None, head: str = "lm") -> dict:
     """adapter_config.json as peft 0.21.2's LoraConfig.save_pretrained writes it (all its keys;
-    tests/test_peft_io.py compares with peft's own): our settings, peft's defaults for the rest."""
+    tests/test_peft_io.py and test_reward_convert.py compare with peft's own): our settings, peft's
+    defaults for the rest; a reward model's (head "score") as peft's SEQ_CLS task writes it."""
+    seq_cls = head == "score"
     return {
         "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
         "base_model_name_or_path": base_name, "bias": "none", "corda_config": None, "ensure_weight_tying": False,
@@ -72,10 +86,10 @@ def adapter_config(lc: lora.LoraConfig, base_name: str, revision: str | None) ->
         "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
         "layers_to_transform": None, "loftq_config": {}, "lora_alpha": lc.alpha, "lora_bias": False,
         "lora_dropout": lc.dropout, "lora_ga_config": None, "megatron_config": None,
-        "megatron_core": "megatron.core", "modules_to_save": None, "monteclora_config": None, "peft_type": "LORA",
+        "megatron_core": "megatron.core", "modules_to_save": SEQ_CLS_MODULES if seq_cls else None, "monteclora_config": None, "peft_type": "LORA",
         "peft_version": PEFT_VERSION, "qalora_group_size": 16, "r": lc.rank, "rank_pattern": {},
         "revision": revision, "target_modules": sorted(lora.PEFT_MODULES[t].split(".")[1] for t in lc.targets),
-        "target_parameters": None, "task_type": "CAUSAL_LM", "trainable_token_indices": None, "use_bdlora": None,
+        "target_parameters": None, "task_type": "SEQ_CLS" if seq_cls else "CAUSAL_LM", "trainable_token_indices": None, "use_bdlora": None,
         "use_dora": False, "use_qalora": False, "use_rslora": False, "velora_config": None,
     }
 
@@ -115,9 +129,12 @@ def export_peft(src: Path, dst: Path, base_name: str | None = None) -> None:
     except (FileNotFoundError, ValueError) as e:
         raise ConvertError(str(e)) from None
     tensors = lora.to_peft(adapters)
+    if cfg.head == "score":  # the trained head, as peft saves a module to save: (num_labels, D)
+        tensors[SCORE_KEY] = np.ascontiguousarray(np.asarray(adapters["score"], np.float32).T)
     with atomic_dir(dst) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(lc, name, revision), indent=2) + "\n")
+        config = adapter_config(lc, name, revision, cfg.head)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ import
@@ -132,6 +149,7 @@ class Adapter(NamedTuple):
     dropout: float
     modules: str | list[str]  # target_modules as peft reads it
     tensors: dict[str, np.ndarray]  # float32
+    head: bool = False  # a sequence classifier's (SEQ_CLS): a reward model's trained `score` (SCORE_KEY)
 
 
 def _setting(pc: dict, path: Path, key: str, ok: Callable[[object], bool], want: str):
@@ -156,6 +174,7 @@ def _check_config(pc: dict, path: Path) -> tuple[int, float, float, str | list[s
         value = pc.get(key)
         if not (value is None or value is False or value == {} or value == []):
             raise ConvertError(f"{path}: {key}: {value!r} is not supported")
+    _head_setting(pc, path)
     if pc.get("bias", "none") != "none":
         raise ConvertError(f"{path}: bias: {pc['bias']!r} is not supported (only 'none')")
     r = _setting(pc, path, "r", lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1,
@@ -167,6 +186,16 @@ def _check_config(pc: dict, path: Path) -> tuple[int, float, float, str | list[s
                        and x and all(isinstance(m, str) and m for m in x), "a module name, a list of them or a regex")
     # rsLoRA scales by alpha / sqrt(r): the same merge as alpha' = alpha * sqrt(r) with scale alpha' / r
     return r, alpha * r ** 0.5 if rslora else alpha, dropout, modules
+
+
+def _head_setting(pc: dict, path: Path) -> bool:
+    """Whether the adapter carries a sequence classifier's head (peft's SEQ_CLS task, or `score` among
+    `modules_to_save`), a reward model's; any other module to save is refused (one line)."""
+    modules = pc.get("modules_to_save")
+    if modules is not None and not (isinstance(modules, list) and all(m in SEQ_CLS_MODULES for m in modules)):
+        raise ConvertError(f"{path}: modules_to_save: {modules!r} is not supported (only a reward model's "
+                           f"head: score)")
+    return pc.get("task_type") == "SEQ_CLS" or "score" in (modules or ())
 
 
 def _read_weights(path: Path) -> dict[str, np.ndarray]:
@@ -194,7 +223,14 @@ def read_adapter(src: Path) -> Adapter:
     pc = read_json(cfg_path, "a PEFT adapter directory", ConvertError)
     rank, alpha, dropout, modules = _check_config(pc, cfg_path)
     weights = src / ADAPTER_WEIGHTS
-    return Adapter(cfg_path, weights, rank, alpha, dropout, modules, _read_weights(weights))
+    return Adapter(cfg_path, weights, rank, alpha, dropout, modules, _read_weights(weights),
+                   _head_setting(pc, cfg_path))
+
+
+def adapted_config(adapter: Adapter, cfg: ModelConfig) -> ModelConfig:
+    """The model an adapter on a base of config `cfg` makes: a reward model (head score) when the adapter
+    carries a sequence classifier's head, whatever the base's head; else the base's."""
+    return dataclasses.replace(cfg, head="score") if adapter.head else cfg
 
 
 def _targets(adapter: Adapter, n_layers: int) -> tuple[str, ...]:
@@ -236,14 +272,29 @@ def adapters_for(adapter: Adapter, cfg: ModelConfig) -> tuple[lora.LoraConfig, d
     lc = lora.LoraConfig(rank=adapter.rank, alpha=adapter.alpha, dropout=adapter.dropout,
                          targets=_targets(adapter, cfg.n_layers))
     wanted = {lora.peft_key(t, i, k) for t in lc.targets for i in range(cfg.n_layers) for k in "ab"}
-    extra = sorted(set(adapter.tensors) - wanted)
+    extra = sorted(set(adapter.tensors) - wanted - ({SCORE_KEY} if adapter.head else set()))
     if extra:
         raise ConvertError(f"{adapter.weights}: unexpected tensor {extra[0]} (not a LoRA tensor of target_modules "
                            f"on this {cfg.n_layers}-layer base; {len(extra)} unexpected)")
     try:
-        return lc, lora.from_peft(adapter.tensors, cfg, lc, str(adapter.weights))
+        adapters = lora.from_peft(adapter.tensors, cfg, lc, str(adapter.weights))
     except ValueError as e:
         raise ConvertError(str(e)) from None
+    if adapter.head:
+        adapters["score"] = _score_head(adapter, cfg.dim)
+    return lc, adapters
+
+
+def _score_head(adapter: Adapter, dim: int) -> np.ndarray:
+    """A SEQ_CLS adapter's trained head (1, D) as our `score` (D, 1); missing or of several labels: one line."""
+    w = adapter.tensors.get(SCORE_KEY)
+    if w is None:
+        raise ConvertError(f"{adapter.weights}: missing tensor {SCORE_KEY} (the head its config saves: "
+                           f"{adapter.config.name} task_type SEQ_CLS or modules_to_save score)")
+    if w.shape != (1, dim):
+        raise ConvertError(f"{adapter.weights}: {SCORE_KEY} has shape {tuple(w.shape)}, expected (1, {dim}): "
+                           f"only a reward model's head (one label) converts")
+    return np.ascontiguousarray(w.T)
 
 
 def base_dir(base: str | Path | None) -> Path:
@@ -283,6 +334,7 @@ def import_adapters(src: Path, dst: Path, base: str | Path | None, progress: boo
             cfg, tokenizer = convert_base(base, tmp / "base"), None
             recorded = dst.absolute() / "base"  # where it lands after the rename below
         lc, adapters = adapters_for(adapter, cfg)
+        cfg = adapted_config(adapter, cfg)
         checkpoint.save_params(tmp, cfg, jax.tree.map(jax.numpy.asarray, adapters), tokenizer=tokenizer,
                                lora_record=lora.config_record(lc, str(recorded)))
     if progress:
@@ -297,12 +349,17 @@ class PeftReader:
 
     def __init__(self, src: Path, base):
         self.base = base
-        self.config, self.dtype = self.base.config, self.base.dtype
-        lc, self.adapters = adapters_for(read_adapter(src), self.config)
-        self.scale = lc.scale
+        adapter = read_adapter(src)
+        lc, self.adapters = adapters_for(adapter, self.base.config)
+        self.config, self.dtype = adapted_config(adapter, self.base.config), self.base.dtype
+        self.scale, self.head_origin = lc.scale, f"{adapter.weights.name}:{SCORE_KEY}"
+        self.pad_token_id = getattr(base, "pad_token_id", None)  # a reward model's, for --to hf (hf.py)
 
     def tensors(self) -> Iterator[Tensor]:
+        head = self.adapters.get("score")
         for t in self.base.tensors():
+            if head is not None and t.name in ("lm_head", "score"):  # the adapter's head replaces the base's
+                continue
             name = t.name.split("/", 1)[1] if t.layer is not None else None
             ab = self.adapters["layers"].get(name)
             if ab is not None:
@@ -310,3 +367,5 @@ class PeftReader:
                 merged = (t.array.astype(np.float32) + self.scale * d).astype(t.array.dtype)
                 t = t._replace(array=merged, origin=f"{t.origin} + LoRA")
             yield t
+        if head is not None:
+            yield Tensor("score", None, head, self.head_origin)

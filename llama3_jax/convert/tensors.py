@@ -36,7 +36,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "layers/wq": (D, H, K), "layers/wk": (D, KV, K), "layers/wv": (D, KV, K), "layers/wo": (H, K, D),
         "layers/w_gate": (D, F), "layers/w_up": (D, F), "layers/w_down": (F, D),
     }
-    if not cfg.tie_embeddings:
+    if cfg.head == "score":  # a reward model: the scalar head in place of the output layer, tied or not
+        shapes["score"] = (D, 1)
+    elif not cfg.tie_embeddings:
         shapes["lm_head"] = (D, V)
     return shapes
 

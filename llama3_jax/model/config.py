@@ -203,10 +203,27 @@ def _hf_head(hf: dict) -> str:
     return "score"
 
 
-def to_hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
+LLAMA3_PAD_ID = 128004  # <|finetune_right_pad_id|> of Llama 3's tokenizer (tokenizer.py Tokenizer.pad_id)
+LLAMA3_VOCAB = 128256
+
+
+def default_pad_id(cfg: ModelConfig) -> int:
+    """The `pad_token_id` a reward model's HF config.json gets when its source recorded none. transformers
+    reads a row's reward at its last token that is not the pad id, and our rows end in EOS / <|eot_id|>,
+    so the pad id must be neither BOS nor any EOS id: <|finetune_right_pad_id|> (128004) with Llama 3's
+    vocabulary, else the highest id that is neither (the byte tokenizer's vocab of 262: 261, an id it
+    never emits)."""
+    taken = {cfg.bos_id, *cfg.eos_ids}
+    if cfg.vocab_size >= LLAMA3_VOCAB and LLAMA3_PAD_ID not in taken:
+        return LLAMA3_PAD_ID
+    return next(i for i in range(cfg.vocab_size - 1, -1, -1) if i not in taken)
+
+
+def to_hf_config(cfg: ModelConfig, torch_dtype: str = "float32", pad_token_id: int | None = None) -> dict:
     """A config.json that `AutoModelForCausalLM.from_pretrained` loads (transformers 4 and 5 keys); of a
     reward model (head "score"), one that `AutoModelForSequenceClassification` loads with num_labels=1
-    (its `pad_token_id`, which transformers needs to find each row's last token, is the converter's)."""
+    and a `pad_token_id`, which transformers needs to find each row's last token: `pad_token_id` (the one
+    the source recorded, kept by the converters), else `default_pad_id`."""
     out = {
         "architectures": [HF_ARCHITECTURES[cfg.head]],
         "model_type": "llama",
@@ -231,6 +248,9 @@ def to_hf_config(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
     }
     if cfg.head == "score":  # one label: transformers reads num_labels from id2label
         out |= {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+        pad_token_id = default_pad_id(cfg) if pad_token_id is None else pad_token_id
+    if pad_token_id is not None:
+        out["pad_token_id"] = int(pad_token_id)
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
     if cfg.rope_scaling is not None:
         rs = dataclasses.asdict(cfg.rope_scaling) | {"rope_type": "llama3"}
