@@ -86,7 +86,8 @@ def peak_flops(cfg_peak: float, devices) -> float:
 
 
 def model_flops_per_token(mc: ModelConfig, seq_len: int) -> float:
-    """6 N over the matmul weights (no embedding lookup; a tied embedding counts as the output layer)."""
-    n = mc.num_params() - (0 if mc.tie_embeddings else mc.vocab_size * mc.dim)
+    """6 N over the matmul weights (no embedding lookup; a tied embedding counts as the output layer,
+    except beside a reward model's `score` head, which is counted instead)."""
+    n = mc.num_params() - (0 if mc.tie_embeddings and mc.head == "lm" else mc.vocab_size * mc.dim)
     n -= mc.n_layers * 2 * mc.dim + mc.dim  # norm gains
     return flops_per_token(n, mc.n_layers, mc.n_heads, mc.head_dim, seq_len)
