@@ -32,7 +32,6 @@ from llama3_jax.model import lora
 from llama3_jax.model.config import ModelConfig, default_pad_id
 from llama3_jax.model.llama import abstract_model
 from llama3_jax.store import checkpoint
-from llama3_jax.train.step import init_params
 
 peft = pytest.importorskip("peft")
 
@@ -156,9 +155,10 @@ def test_a_reward_checkpoint_without_a_pad_id_gets_the_documented_one(tmp_path):
     from transformers import AutoModelForSequenceClassification
     cfg = ModelConfig(vocab_size=211, dim=40, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=10,
                       intermediate_size=72, max_seq_len=128, bos_id=1, eos_ids=(2,), head="score")
-    params = init_params(cfg, 0)
-    params["score"] = jax.random.normal(jax.random.key(1), (40, 1)) * 0.5
-    checkpoint.save_params(tmp_path / "jax", cfg, params)
+    rng = np.random.default_rng(1)  # numpy draws: jax.random compiles on every CPU call
+    params = jax.tree.map(lambda a: (1.0 if a.ndim == 1 else 0.1) * rng.standard_normal(a.shape, np.float32) + (
+        a.ndim == 1), checkpoint.abstract_params(cfg))
+    checkpoint.save_params(tmp_path / "jax", cfg, jax.tree.map(jnp.asarray, params))
     convert(tmp_path / "jax", tmp_path / "hf", src_format="jax", dst_format="hf", progress=False)
     raw = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert raw["pad_token_id"] == 210 and raw["architectures"] == ["LlamaForSequenceClassification"]
@@ -185,12 +185,11 @@ def lora_reward_workdir(path: Path, base: Path, cfg: ModelConfig) -> tuple[dict,
     {"layers": adapters, "score": the trained head}, config.json's `lora` naming `base`), with
     random adapters (B != 0) and head; returns (adapters, head)."""
     lc = lora.LoraConfig(rank=RANK, alpha=ALPHA, targets=("wq", "wv", "w_down"))
-    ad = lora.init(cfg, lc, jax.random.key(5))
-    ad["layers"] = {n: {"a": ab["a"], "b": jax.random.normal(jax.random.fold_in(jax.random.key(6), i),
-                                                             ab["b"].shape) * 0.1}
-                    for i, (n, ab) in enumerate(ad["layers"].items())}
-    head = np.asarray(jax.random.normal(jax.random.key(7), (cfg.dim, 1)), np.float32)
-    checkpoint.save_params(path, cfg, {**ad, "score": jnp.asarray(head)},
+    rng = np.random.default_rng(5)  # numpy draws: jax.random compiles on every CPU call
+    ad = {"layers": {n: {k: 0.1 * rng.standard_normal(shape, np.float32) for k, (shape, _) in s.items()}
+                     for n, s in lora.specs(cfg, lc).items()}}
+    head = rng.standard_normal((cfg.dim, 1), np.float32)
+    checkpoint.save_params(path, cfg, jax.tree.map(jnp.asarray, {**ad, "score": head}),
                            lora_record=lora.config_record(lc, str(base)))
     return ad, head
 
