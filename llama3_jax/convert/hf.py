@@ -143,12 +143,12 @@ def hf_source(src: Path) -> dict:
     return {"format": "hf", "name_or_path": str(path), "revision": None}
 
 
-def hf_pad_id(hf: dict, source: str) -> int | None:
-    """config.json's `pad_token_id` (None when absent or null); anything but an integer is refused."""
+def hf_pad_id(hf: dict) -> int | None:
+    """config.json's `pad_token_id` when it is a token id; None when absent, null or not one (older
+    conversions wrote -1: transformers never matches it, and a language model never reads it), so it
+    is neither recorded nor written back."""
     pad = hf.get("pad_token_id")
-    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 0):
-        raise ValueError(f"{source}: pad_token_id: {pad!r} is not a token id")
-    return pad
+    return pad if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else None
 
 
 class HFReader:
@@ -158,9 +158,9 @@ class HFReader:
         hf = read_json(cfg_path, "a transformers model directory", ConvertError)
         try:
             self.config = from_hf_config(hf, source=str(cfg_path))
-            self.pad_token_id = hf_pad_id(hf, str(cfg_path))
         except ValueError as e:
             raise ConvertError(str(e)) from None
+        self.pad_token_id = hf_pad_id(hf)
         if self.pad_token_id is not None:  # kept in a --to jax checkpoint's config.json, written back by --to hf
             self.source = self.source | {"pad_token_id": self.pad_token_id}
         self.files = hf_weight_files(src)
