@@ -134,7 +134,9 @@ def test_kept_record_is_the_best_sample_and_its_reward_is_the_reward_models(mode
     prompts = {json.dumps(x.get("id", i + 1)): x for i, x in enumerate(LINES) if isinstance(x, dict)}
     assert set(records) == set(samples) == set(prompts)
     assert sorted(json.dumps(d["id"]) for d in read_jsonl(f"{out}.done")) == sorted(prompts)
+    from llama3_jax.data.chat import sft_problem
     for key, [rec] in records.items():
+        assert sft_problem(rec) is None  # an SFT record as configs/sft.yaml reads it
         prompt = prompts[key]["prompt"]
         if isinstance(prompt, str):
             assert set(rec) == {"id", "prompt", "completion", "reward"} and rec["prompt"] == prompt
