@@ -279,6 +279,14 @@ def test_a_failing_reward_function_is_one_line_naming_it_and_the_line(models, en
     assert main(["rejection-sample", "--policy", "x", "--input", str(inp), "--output", str(tmp_path / "o.jsonl"),
                  "--reward-fn", f"{tmp_path}/bad.py:boom", "--reward-weights", "1", "2"]) == 2
     assert "--reward-weights has 2 values for 1 reward sources" in capsys.readouterr().err
+    # each model refused in one line before either is restored
+    for policy, rm, msg in ((models[2], models[2],
+                             f"--policy {models[2]}: a reward model has no output layer; use score"),
+                            (models[1], models[1], f"{models[1]}: not a reward model (its head is 'lm'); score gives "
+                                                   f"a policy's log-probs")):
+        assert main(["rejection-sample", "--policy", str(policy), "--reward-model", str(rm), "--input", str(inp),
+                     "--output", str(tmp_path / "o.jsonl")]) == 2
+        assert capsys.readouterr().err.strip() == f"llama3-jax rejection-sample: error: {msg}"
     assert not (tmp_path / "o.jsonl").exists()
 
 

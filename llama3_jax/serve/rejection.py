@@ -50,11 +50,11 @@ from ..parallel.distributed import is_main
 from ..parallel.multihost_io import on_main
 from ..parallel.sharding import inference_mesh, parse_mesh
 from ..store.lock import Lock
-from . import reward_fns, sampling
+from . import restore, reward_fns, sampling
 from .engine import Generator
 from .jsonl import Appender, Progress, id_key, pieces, read_done, read_lines, report
 from .offline import generated_tokens
-from .reward import RewardModel
+from .reward import NO_OUTPUT_LAYER, RewardModel, check_reward_model, is_reward_model
 
 
 def done_path(output) -> Path:
@@ -66,8 +66,8 @@ def check_args(args) -> list[reward_fns.RewardFn]:
     """Every flag checked, and the reward functions loaded, before any model is restored."""
     sampling.check_flags(args.temperature, args.top_k, args.top_p)
     for flag, v in (("--num-samples", args.num_samples), ("--keep", args.keep), ("--batch-size", args.batch_size),
-                    ("--max-new-tokens", args.max_new_tokens or 1)):
-        if v < 1:
+                    ("--max-new-tokens", args.max_new_tokens)):
+        if v is not None and v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
     if args.min_reward is not None and not math.isfinite(args.min_reward):
         raise ValueError(f"--min-reward must be a finite number, got {args.min_reward}")
@@ -132,6 +132,10 @@ def _open_files(args, held: dict) -> set[str]:
 def _models(args, generator, reward_model):
     """The policy's Generator and the RewardModel (or None), restored on one mesh."""
     mesh = None
+    if generator is None and is_reward_model(args.policy):  # each refused before either restore
+        raise ValueError(f"--policy {args.policy}: {NO_OUTPUT_LAYER}")
+    if reward_model is None and args.reward_model is not None:
+        check_reward_model(restore.model_config(args.reward_model), args.reward_model)
     if generator is None or (reward_model is None and args.reward_model is not None):
         mesh = inference_mesh(parse_mesh(args.mesh))
     gen = generator or Generator(args.policy, dtype=args.dtype, tokenizer=args.tokenizer, mesh=mesh)
