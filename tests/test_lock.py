@@ -249,8 +249,10 @@ def test_a_dry_run_takes_no_lock(tmp_path, capsys):
     lock = lock_module()
     wd = tmp_path / "run"
     with lock.Lock(wd / ".lock", f"workdir {wd}"):
-        before = (wd / ".lock").read_bytes()
+        def holder():  # the lock's record but `renewed`, which our own holder's thread moves on as it should
+            return {k: v for k, v in json.loads((wd / ".lock").read_bytes()).items() if k != "renewed"}
+        before = holder()
         assert cli.main(["train", f"workdir={wd}", "model={preset: test-small, vocab_size: 262}", "tokenizer=bytes",
                          "batch_size=2", "seq_len=16", "compute_dtype=float32", "--dry-run"]) == 0, \
             capsys.readouterr().err
-        assert (wd / ".lock").read_bytes() == before and [p.name for p in wd.iterdir()] == [".lock"]
+        assert holder() == before and [p.name for p in wd.iterdir()] == [".lock"]
