@@ -1,17 +1,18 @@
 """`llama3-jax train`: the run config, the pure step, checkpoints, metrics and the loop (one job per file).
 
     config.py      TrainConfig / MeshConfig, model shape and tokenizer resolution
-    objectives.py  the loss of each objective (lm / sft, dpo): (log-probs, batch) -> (loss sum, count, metrics)
+    objectives.py  the loss of each objective (lm / sft, dpo, reward): (log-probs or rewards, batch) -> (loss sum,
+                   count, metrics)
     losses.py      chunked cross-entropy and the per-token log-probs the objectives share
     optim.py       optax optimizer and learning-rate schedule from the run config
     step.py        train_step / eval_step under jax.jit, `build` (abstract sharded state)
     numerics.py    non-finite losses and spikes: the in-step skip and the loop's guard
-    state.py       training checkpoints (params, optimizer, data iterator, meta)
+    state.py       training checkpoints (params, optimizer, data iterator, meta), a new run's starting weights
     metrics.py     metrics.jsonl, TensorBoard, FLOP/s and MFU
     preemption.py  SIGTERM -> save at the next step boundary, every process at the same step
     loop.py        run_train / train: restore, iterate, evaluate, save
-    evaluate.py    when to evaluate, and the held-out loss (lm/sft per token, dpo per pair)
-    report.py      the end-of-run sample and summary line
+    evaluate.py    when to evaluate, and the held-out loss (lm/sft per token, dpo and reward per pair)
+    report.py      the end-of-run sample (none for a reward model) and summary line
     dryrun.py      compile a step for a target topology without it (fit, cost) ...
     roofline.py    ... and its roofline time / MFU bound
 """
