@@ -80,6 +80,11 @@ def chat_ids(messages, open_assistant=False) -> list[int]:
     return ids + ([258, *b"assistant", 259, 10, 10] if open_assistant else [])
 
 
+def as_messages(prompt) -> list[dict]:
+    """A text prompt is the user's turn (the byte tokenizer has Llama 3's chat format)."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
 def record_ids(rec) -> list[int]:
     if "messages" in rec:
         return chat_ids(rec["messages"])
@@ -137,23 +142,19 @@ def test_kept_record_is_the_best_sample_and_its_reward_is_the_reward_models(mode
     from llama3_jax.data.chat import sft_problem
     for key, [rec] in records.items():
         assert sft_problem(rec) is None  # an SFT record as configs/sft.yaml reads it
-        prompt = prompts[key]["prompt"]
-        if isinstance(prompt, str):
-            assert set(rec) == {"id", "prompt", "completion", "reward"} and rec["prompt"] == prompt
-        else:
-            assert set(rec) == {"id", "messages", "reward"} and rec["messages"][:-1] == prompt
-            assert rec["messages"][-1]["role"] == "assistant"
+        prompt = as_messages(prompts[key]["prompt"])
+        assert set(rec) == {"id", "messages", "reward"} and rec["messages"][:-1] == prompt
+        assert rec["messages"][-1]["role"] == "assistant"
         assert abs(rec["reward"] - hf_reward(seqcls, record_ids(rec))) < 1e-4, key
         # every sample scored by transformers too: the kept one is their maximum
         assert sorted(s["sample"] for s in samples[key]) == list(range(N))
         hf = []
         for s in samples[key]:
-            sample_rec = ({"prompt": prompt, "completion": s["text"]} if isinstance(prompt, str) else
-                          {"messages": [*prompt, {"role": "assistant", "content": s["text"]}]})
+            sample_rec = {"messages": [*prompt, {"role": "assistant", "content": s["text"]}]}
             hf.append(hf_reward(seqcls, record_ids(sample_rec)))
             assert abs(s["reward"] - hf[-1]) < 1e-4
         best = max(range(N), key=lambda k: hf[k])
-        text = rec["completion"] if isinstance(prompt, str) else rec["messages"][-1]["content"]
+        text = rec["messages"][-1]["content"]
         assert text == samples[key][best]["text"] and abs(rec["reward"] - max(hf)) < 1e-4
     assert len({s["text"] for s in samples['"t1"']}) > 1  # it sampled
     assert summary["mean_best_reward"] == pytest.approx(sum(r[0]["reward"] for r in records.values()) / 4)
@@ -164,8 +165,8 @@ def test_samples_are_generates(models, engines, first, tmp_path):
     same texts: one engine, one seeding, and the prompts encoded as generate / the chat layout do."""
     from llama3_jax.serve.offline import run_generate
     inp, _, samples_path, _ = first
-    gen_in = [{"id": "t1", "prompt": LINES[0]["prompt"]}, {"id": 2, "tokens": chat_ids(USER, True)},
-              {"id": 4, "tokens": chat_ids(LINES[3]["prompt"], True)}, {"id": "t2", "prompt": LINES[4]["prompt"]}]
+    gen_in = [{"id": key, "tokens": chat_ids(as_messages(LINES[i]["prompt"]), True)}
+              for key, i in (("t1", 0), (2, 1), (4, 3), ("t2", 4))]
     args = build_parser().parse_args(["generate", "--checkpoint", "x", "--input", str(write_lines(
         tmp_path / "g.jsonl", gen_in)), "--output", str(tmp_path / "g.out.jsonl"), "--num-samples", str(N),
         "--max-new-tokens", "6", "--seed", "1", "--temperature", "1.0", "--batch-size", "4"])
@@ -231,13 +232,14 @@ def test_reward_functions_get_trls_arguments_and_are_weighted(models, engines, f
     summary = run(models, engines, inp, out, "--reward-fn", f"{tmp_path / 'myrewards.py'}:by_length", "--reward-fn",
                   "test_rejection_sample:bonus", "--reward-weights", 2, -0.5, "--keep", 2,
                   "--samples-output", tmp_path / "s.jsonl")
-    assert "in.jsonl:4: error: prompt of 131 tokens" in capsys.readouterr().err
+    # the user's turn in the chat layout: len(chat_ids([{"role": "user", "content": "x" * 130}], True))
+    assert "in.jsonl:4: error: prompt of 153 tokens" in capsys.readouterr().err
     assert (summary["prompts"], summary["errors"], summary["prompts_none_kept"]) == (3, 1, 1)
     samples, records = by_id(read_jsonl(tmp_path / "s.jsonl")), by_id(read_jsonl(out))
     want = {'"t1"': [2 * len(s["text"]) - 1.5 for s in samples['"t1"']], '"c"': [-0.75] * N, '"none"': [None] * N}
     assert {k: [s["reward"] for s in v] for k, v in samples.items()} == want
     order = sorted(range(N), key=lambda k: (-want['"t1"'][k], k))[:2]
-    assert [r["completion"] for r in records['"t1"']] == [samples['"t1"'][k]["text"] for k in order]
+    assert [r["messages"][-1]["content"] for r in records['"t1"']] == [samples['"t1"'][k]["text"] for k in order]
     assert [r["messages"][-1]["content"] for r in records['"c"']] == [samples['"c"'][k]["text"] for k in (0, 1)]
     assert '"none"' not in records and '"long"' not in records
     import sys

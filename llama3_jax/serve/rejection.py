@@ -4,15 +4,17 @@ reward functions, the best kept as SFT records. Resumable after a crash.
 Input lines are TRL prompt records: {"prompt": text | [messages], ...} with an optional "id" (a line
 without one takes its line number: resuming then needs the same input file). The other fields are the
 line's columns, handed to reward functions (reward_fns.py). A text prompt is encoded as `generate`
-encodes it (BOS + text); a chat prompt in Llama 3's chat format ending in an open assistant header.
+is the user's turn: it and a chat prompt are rendered in Llama 3's chat format ending in an open
+assistant header, and the record written is a chat (with a tokenizer that has no chat format, a text
+prompt is continued as `generate` encodes it, BOS + text, and written as prompt-completion).
 Sample k of a line is what `generate --num-samples N` draws for it (the same seeds: (id, k), --seed).
 
 A sample's reward: the weighted sum (--reward-weights; the reward model first, then each --reward-fn in
 order) over the sources that judged it; a reward model judges the sample's record rendered as SFT
 renders it (RewardModel.render), so "reward" equals the reward model's score of the written record.
 Output records, best first per prompt:
-    chat prompt  {"id", "messages": [...prompt, {"role": "assistant", "content"}], "reward"}
-    text prompt  {"id", "prompt", "completion", "reward"}      (TRL's prompt-completion format)
+    {"id", "messages": [...prompt, {"role": "assistant", "content"}], "reward"}   (a text prompt: one user turn)
+    {"id", "prompt", "completion", "reward"}   (only a text prompt with a tokenizer without a chat format)
 both read by `train` with configs/sft.yaml (data.path=OUTPUT). --keep K keeps the K best of a prompt,
 --min-reward X drops samples below X (so a prompt may keep none), a sample no source judged (every
 reward None) is never kept. --samples-output FILE gets every sample: {"id", "sample", "text", "reward"}
@@ -149,10 +151,13 @@ def _models(args, generator, reward_model):
 
 
 def _parse(rec: dict, gen: Generator) -> dict:
-    """A TRL prompt record -> {"prompt", "columns", "ids"} (the prompt's checked token ids)."""
+    """A TRL prompt record -> {"prompt" (as sampled: messages, or a text for a tokenizer without a chat
+    format), "given" (as the line has it, for reward functions), "columns", "ids" (checked token ids)}."""
     if "prompt" not in rec:
         raise ValueError("missing 'prompt' (a text or a list of messages)")
-    prompt, tok = rec["prompt"], gen.tokenizer
+    given, tok = rec["prompt"], gen.tokenizer
+    prompt = [{"role": "user", "content": given}] if isinstance(given, str) and given and hasattr(
+        tok, "encode_header") else given  # a text prompt is the user's turn: the record written is a chat
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("'prompt' is empty")
@@ -172,7 +177,7 @@ def _parse(rec: dict, gen: Generator) -> dict:
     else:
         raise ValueError(f"'prompt' must be a text or a list of messages, got {type(prompt).__name__}")
     gen.check_ids(ids, "'prompt'")
-    return {"prompt": prompt, "columns": {k: v for k, v in rec.items() if k != "prompt"}, "ids": ids}
+    return {"prompt": prompt, "given": given, "columns": {k: v for k, v in rec.items() if k != "prompt"}, "ids": ids}
 
 
 def _next_piece_fn(args, gen: Generator, done: set[str]):
@@ -257,8 +262,9 @@ def _rewards(ready: list, rm, fns, args, stats: dict) -> list[tuple[list[dict], 
     for fn in fns:
         per_line = []
         for ((lineno, _, p), comps), recs in zip(ready, records):
-            completions = [r["completion"] if "completion" in r else r["messages"][-1:] for r in recs]
-            per_line.append(fn(p["prompt"], completions, [c.tokens for c in comps], p["columns"],
+            completions = [c.text if isinstance(p["given"], str) else r["messages"][-1:]  # TRL's, by prompt kind
+                           for r, c in zip(recs, comps)]
+            per_line.append(fn(p["given"], completions, [c.tokens for c in comps], p["columns"],
                                f"{args.input}:{lineno}") if is_main() else [None] * len(comps))
         sources.append(per_line)
     return [(recs, reward_fns.combine([s[j] for s in sources], args.reward_weights))
