@@ -48,8 +48,7 @@ class Objective:
 
     @classmethod
     def of(cls, cfg: TrainConfig, loss_chunk: int = 0) -> Objective:
-        # `reward` is a TrainConfig section once train/config.py has it; until then the default
-        return cls(cfg.objective, cfg.lora, cfg.dpo, cfg.seed, loss_chunk, getattr(cfg, "reward", RewardConfig()))
+        return cls(cfg.objective, cfg.lora, cfg.dpo, cfg.seed, loss_chunk, cfg.reward)
 
 
 def forward(graphdef, params: dict, batch: dict, adapters: Adapters | None = None) -> jax.Array:
