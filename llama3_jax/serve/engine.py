@@ -133,6 +133,24 @@ class Generator:
                                static_argnames=("max_new",))
         self._score = jax.jit(functools.partial(score_batch, self.graphdef))
 
+    def set_params(self, params: dict) -> None:
+        """Decode with `params` from now on. They must be in the layout this engine holds (its dtype, split
+        or stacked layers, int8 or not) with the same shapes, dtypes and shardings, so every compiled
+        program is reused (serve/rollout.py swaps in an RL run's live weights each step). Raises
+        ValueError naming the first array that differs: a swap that silently recompiled every program, or
+        decoded with a wrong layout, is what this catches."""
+        have, tree = jax.tree_util.tree_flatten_with_path(self.params)
+        got, got_tree = jax.tree_util.tree_flatten_with_path(params)
+        if got_tree != tree:
+            raise ValueError(f"set_params: the parameter tree differs from the engine's ({len(got)} arrays, "
+                             f"the engine holds {len(have)})")
+        for (path, a), (_, b) in zip(have, got):
+            same = a.shape == b.shape and a.dtype == b.dtype
+            if not same or not b.sharding.is_equivalent_to(a.sharding, a.ndim):
+                raise ValueError(f"set_params: {jax.tree_util.keystr(path)} is {b.dtype}{list(b.shape)} on "
+                                 f"{b.sharding}; the engine holds {a.dtype}{list(a.shape)} on {a.sharding}")
+        self.params = params
+
     # ------------------------------------------------------------------ helpers
     @property
     def tokenizer(self):

@@ -53,6 +53,8 @@ class Completion:
     tokens: list[int]     # generated ids, without the stop token
     finish_reason: str    # "stop" (a stop token or string was generated) or "length" (its budget or the context's end)
     text: str | None = None
+    stop_token: int | None = None  # the stop token that ended a "stop" row (never in `tokens`); None: not
+    # ended by one, or not reported (the static path); continuous batching reports it (RL's completions)
 
 
 def cut_at_stop(tokens: list[int], stops: Sequence[str], decode: Callable[[list[int]], str],
@@ -83,11 +85,13 @@ def stop_string_cut(tokens: list[int], stops: Sequence[str], decode: Callable[[l
     return None if cut is None else Completion(tokens[:cut[0]], "stop", cut[1])
 
 
-def ended(tokens: list[int], budget: int, decode: Callable[[list[int]], str] | None) -> Completion:
+def ended(tokens: list[int], budget: int, decode: Callable[[list[int]], str] | None,
+          stop_token: int | None = None) -> Completion:
     """The Completion of a row the device has finished (no stop string in it): "length" when it kept its
-    whole `budget` of tokens, "stop" when a stop token ended it sooner."""
+    whole `budget` of tokens, "stop" when a stop token ended it sooner (`stop_token`, when known)."""
     reason = "length" if len(tokens) >= budget else "stop"
-    return Completion(tokens, reason, decode(tokens) if decode is not None else None)
+    return Completion(tokens, reason, decode(tokens) if decode is not None else None,
+                      stop_token if reason == "stop" else None)
 
 
 def finished(tokens: list[int], budget: int, stops: Sequence[str], decode: Callable[[list[int]], str] | None

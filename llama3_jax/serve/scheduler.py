@@ -336,7 +336,9 @@ class Scheduler:
             if c is None and not done[r]:
                 run.checked[r] = len(run.toks[r])
                 continue
-            finished.append((run.rows[r], c or ended(run.toks[r], req.max_new_tokens, run.decode)))
+            # a row that stopped in this call drew its stop token at step n_out (decode_chunk writes every draw)
+            stop = int(out[r, n_out[r]]) if n_out[r] < out.shape[1] else None
+            finished.append((run.rows[r], c or ended(run.toks[r], req.max_new_tokens, run.decode, stop)))
             self._free(run, r)
         if any(run.rows[r] is None and not done[r] for r in range(run.b)):  # ended by a stop string
             run.state = {**run.state, "done": jnp.asarray(done | np.array([x is None for x in run.rows]))}
