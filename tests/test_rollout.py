@@ -110,8 +110,8 @@ def test_rollout_rows_are_the_engines_rows_cut_at_the_first_stop_id(setup, free_
     assert b.generation.tolist() == list(range(G)) * len(prompts)
     assert b.tokens == sum(len(c) + (s >= 0) for c, s in want) and b.rollout_seconds > 0
     assert b.completion_ids() == [c + [s] if s >= 0 else c for c, s in want]
-    # the engine itself with the same stop ids (another batch size: rows do not depend on it)
-    got = run(ref, requests(ref, prompts), stop_ids=rollout.stop_ids, batch_size=3)
+    # the engine itself with the same stop ids (5 decode slots, the rollout's 16: rows do not depend on it)
+    got = run(ref, requests(ref, prompts), stop_ids=rollout.stop_ids, batch_size=5)
     assert [c.tokens for c in got] == b.completions
     assert [c.finish_reason == "length" for c in got] == b.truncated.tolist()
     ids, mask = b.padded(N + 1)
@@ -159,8 +159,7 @@ def test_set_params_swaps_weights_without_recompiling(setup, rollout):
             rollout.set_params(p)
             rollout.sample(prompts, G, SEED)
     assert compiles_during(two_steps) == 0
-    # the counter does see compiles: a prompt in a wider bucket (64 slots) needs new programs
-    assert compiles_during(lambda: rollout.sample([prompts[0] * 9], 1, SEED)) > 0
+    assert compiles_during(lambda: jax.jit(lambda x: x * 3)(np.ones(3))) == 1  # the counter does see compiles
     # the engine refuses arrays it did not compile for, naming one
     with pytest.raises(ValueError, match=r"set_params: \['embed'\] is bfloat16"):
         rollout.engine.set_params({**rollout.engine.params, "embed": rollout.engine.params["embed"].astype(jnp.bfloat16)})
