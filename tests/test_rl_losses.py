@@ -217,7 +217,7 @@ def test_grpo_config_has_trl_defaults_and_one_line_errors():
     for key, value in bad.items():
         with pytest.raises(ValueError) as e:
             grpo_loss.GRPOConfig(**{key: value})
-        assert "\n" not in str(e.value) and str(e.value).startswith(f"grpo: {key}=")
+        assert "\n" not in str(e.value) and str(e.value).startswith(f"grpo.{key}=")
     with pytest.raises(ValueError, match="2 values for 1 reward_funcs"):
         grpo_loss.GRPOConfig(reward_funcs=("m:f",), reward_weights=(1.0, 2.0))
 

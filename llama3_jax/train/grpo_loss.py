@@ -96,7 +96,7 @@ class GRPOConfig:
         )
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"grpo: {message}")
+                raise ValueError(f"grpo.{message}")  # the dotted key first: grpo.loss_type=...
 
     @property
     def clip_range(self) -> tuple[float, float]:

@@ -89,7 +89,7 @@ class PPOConfig:
         )
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"ppo: {message}")
+                raise ValueError(f"ppo.{message}")
 
 
 def response_masks(lengths: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
