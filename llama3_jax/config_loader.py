@@ -127,6 +127,8 @@ def _coerce(tp, value, key: str, ctx: _Where, schema=(None, ())):
         scalar = [a for a in args if a not in mapping]
         if isinstance(value, dict) and mapping:
             return _coerce(mapping[0], value, key, ctx, schema)
+        if isinstance(value, list) and (seqs := [a for a in args if typing.get_origin(a) is tuple]):
+            return _coerce(seqs[0], value, key, ctx)  # `tuple[...] | None` given a list
         if not isinstance(value, (dict, list)) and scalar:
             return _coerce(scalar[0], value, key, ctx, schema)
         raise ctx.error(key, f"expected {' or '.join(_describe(a) for a in args)}, got {value!r}")

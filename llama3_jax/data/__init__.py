@@ -6,6 +6,7 @@
       -> read + tokenize, in reader threads (or worker processes):
            pretraining: BOS text EOS                                                  text.py
            fine-tuning: chat rendering + loss mask (SFT), chosen/rejected pair (DPO, reward)  chat.py
+           online RL: prompt records, a batch of rendered prompts per step (no packing)   prompts.py
       -> pack: pretraining concat-then-split into seq_len + 1 token rows;             packing.py
                fine-tuning first-fit into seq_len rows (records stay whole)
       -> shift into tokens/targets, global batch, prefetch [grain batch / ThreadPrefetch]
@@ -29,7 +30,8 @@ pipeline's fingerprint, the keys that chose its documents and the count of recor
 
 from .iterator import KINDS, BatchIterator, corpus_documents, make_iterator, record_check, split_sizes
 from .packing import BATCH_KEYS
+from .prompts import PromptIterator, render_prompt
 from .sources import DataConfig, Document, list_documents, skipped_line_count, split_documents
 
 __all__ = ["BATCH_KEYS", "KINDS", "BatchIterator", "DataConfig", "Document", "corpus_documents", "list_documents",
-           "make_iterator", "record_check", "skipped_line_count", "split_documents", "split_sizes"]
+           "make_iterator", "PromptIterator", "record_check", "render_prompt", "skipped_line_count", "split_documents", "split_sizes"]

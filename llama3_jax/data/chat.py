@@ -152,8 +152,24 @@ def reward_problem(record) -> str | None:
     return None
 
 
+def prompt_problem(record) -> str | None:
+    """Why a TRL prompt record ({"prompt": text | [messages], ...}: objective grpo, data/prompts.py) cannot
+    be used, or None. Its other fields are columns for the reward functions."""
+    if not isinstance(record, dict):
+        return "expected a JSON object"
+    if "prompt" not in record:
+        return "missing 'prompt' (a text or a list of messages)"
+    prompt = record["prompt"]
+    if isinstance(prompt, str):
+        return None if prompt else "'prompt' is empty"
+    if isinstance(prompt, list):
+        return _messages_problem(prompt, "prompt")
+    return f"'prompt' must be a text or a list of messages, got {type(prompt).__name__}"
+
+
 # pipeline kind -> the check that listing applies to its JSONL/Parquet records (None: text, sources.text_check)
-RECORD_CHECKS = {"text": None, "sft": sft_problem, "dpo": dpo_problem, "reward": reward_problem}
+RECORD_CHECKS = {"text": None, "sft": sft_problem, "dpo": dpo_problem, "reward": reward_problem,
+                 "prompt": prompt_problem}
 
 
 def margin_of(record) -> float:

@@ -22,9 +22,13 @@ from ..parallel.distributed import DistributedConfig
 from ..model.lora import LoraConfig
 from ..model.llama import remat_policy
 from .objectives import OBJECTIVES, DPOConfig, RewardConfig
+from .grpo_loss import GRPOConfig
 from .optim import OptimConfig
 from ..store.paths import is_remote, resolve
 from ..tokenizer import ByteTokenizer, load_tokenizer as make_tokenizer  # noqa: F401 (the train API names them)
+
+RL_OBJECTIVES = ("grpo",)  # objectives whose data are prompts and whose batches are rollouts (train/rl.py)
+
 
 # A model given as keys without a `preset:` base must give all of these (the rest have Llama 3 defaults).
 SHAPE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size")
@@ -49,11 +53,13 @@ class TrainConfig:
         default=None, metadata={"keys": ModelConfig, "extra_keys": ("preset",)})
     init_from: str | None = None  # a jax checkpoint (convert output or a train workdir), or an HF / Meta directory
     # lm (pretraining) | sft (chat records, assistant-only loss) | dpo (preference pairs) |
-    # reward (a Bradley-Terry reward model on preference pairs: the model's head is `score`)
+    # reward (a Bradley-Terry reward model on preference pairs: the model's head is `score`) |
+    # grpo (online RL on prompt records: rollouts from the live weights, train/rl.py)
     objective: str = "lm"
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # rank > 0: train adapters only
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)  # objective grpo (train/rl.py)
     tokenizer: str | None = None  # None: Llama 3's tokenizer.model; a path to one; or "bytes" (UTF-8 bytes)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -61,7 +67,7 @@ class TrainConfig:
     # several hosts: coordinator_address/num_processes/process_id (else the cluster's, when detected)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     steps: int = 1000
-    batch_size: int = 8  # global, in sequences
+    batch_size: int = 8  # global, in sequences (grpo: prompts, each with grpo.num_generations completions)
     seq_len: int = 512
     grad_accum: int = 1  # microbatches per step (scanned inside the step)
     compute_dtype: str = "bfloat16"
@@ -103,8 +109,11 @@ class TrainConfig:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_NAMES)}; got {self.attention!r}")
         if self.loss_chunk < -1:
             raise ValueError(f"loss_chunk must be -1 (auto), 0 (whole) or positive, got {self.loss_chunk}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective not in OBJECTIVES + RL_OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES + RL_OBJECTIVES)}, "
+                             f"got {self.objective!r}")
+        if self.objective == "grpo":
+            self._check_grpo()
         if self.lora.rank and not (self.init_from or self.lora.init_from):
             raise ValueError("lora.rank > 0 needs init_from (the base checkpoint the adapters are trained on)")
         if self.nan_policy not in ("stop", "skip"):
@@ -129,6 +138,22 @@ class TrainConfig:
             if missing := [k for k in SHAPE_KEYS if k not in self.model]:
                 raise ValueError(f"model: without a `preset:` base every shape key is needed; missing "
                                  f"{', '.join(missing)} (add e.g. `preset: tiny` to take the rest from a preset)")
+
+
+    def _check_grpo(self) -> None:
+        g = self.grpo
+        if not g.reward_funcs:
+            raise ValueError("objective grpo needs grpo.reward_funcs (MODULE:NAME, path/to/file.py:NAME or model:DIR)")
+        for spec in g.reward_funcs:
+            where, _, name = spec.rpartition(":")
+            if not where or not name:
+                raise ValueError(f"grpo.reward_funcs: {spec!r} is not MODULE:NAME, path/to/file.py:NAME or model:DIR")
+        if g.max_completion_length >= self.seq_len:
+            raise ValueError(f"grpo.max_completion_length {g.max_completion_length} leaves no room for a prompt "
+                             f"in seq_len {self.seq_len} (a row holds prompt + completion)")
+        if (self.batch_size * g.num_generations) % self.grad_accum:
+            raise ValueError(f"batch_size x grpo.num_generations = {self.batch_size * g.num_generations} rows "
+                             f"do not split into grad_accum {self.grad_accum} microbatches")
 
 
 def tokenizer_spec(cfg: TrainConfig) -> str | None:

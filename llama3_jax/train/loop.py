@@ -35,9 +35,10 @@ from ..model import lora
 from ..model.config import ModelConfig
 from . import objectives
 from ..config_loader import load_yaml_config
-from ..data import BATCH_KEYS, corpus_documents, make_iterator, skipped_line_count
+from ..data import BATCH_KEYS, PromptIterator, corpus_documents, make_iterator, skipped_line_count
 from ..failpoints import kill_point
 from .objectives import DPO_METRICS, REWARD_METRICS
+from .rl import GRPO, RL_METRICS
 from .optim import OptimConfig, schedule
 from ..store.paths import is_remote
 from ..parallel.sharding import logical_spec, make_mesh, require_divisible
@@ -264,7 +265,7 @@ def _prepare(cfg: TrainConfig, tokenizer, held: dict) -> _Run:
     if resume is not None and is_main:
         _warn_if_schedule_changed(cfg, workdir, resume)
     setup = build(cfg, mc, mesh)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
+    tokens_per_step = cfg.batch_size * cfg.seq_len * (cfg.grpo.num_generations if cfg.objective == "grpo" else 1)
     return _Run(cfg=cfg, given=given, mirror=mirror, workdir=workdir, is_main=is_main, mesh=mesh, resume=resume,
                 mc=mc, tok=tok, own_tokenizer=tokenizer is None, documents=documents, eval_every=eval_every,
                 setup=setup, t0=t0, tokens_per_step=tokens_per_step,
@@ -305,9 +306,13 @@ def _open_iterator(run: _Run, reference: dict | None, data_state: dict | None, o
     """The training batches, positioned where the checkpoint left them; then (main process) the run is
     recorded in the workdir and announced. The iterator is closed again if that fails."""
     cfg = run.cfg
-    it = make_iterator(cfg.data, tokenizer=run.tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+    if cfg.objective == "grpo":  # prompts, not packed rows (data/prompts.py); every process reads them all
+        it = PromptIterator(cfg.data, run.documents, tokenizer=run.tok, batch_size=cfg.batch_size, seed=cfg.seed,
+                            max_prompt_len=cfg.seq_len - cfg.grpo.max_completion_length)
+    else:
+        it = make_iterator(cfg.data, tokenizer=run.tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                        process_index=jax.process_index(), process_count=jax.process_count(),
-                       kind=DATA_KIND[cfg.objective], reference=reference, documents=run.documents)
+                           kind=DATA_KIND[cfg.objective], reference=reference, documents=run.documents)
     try:
         if data_state is not None:
             it.set_state(data_state)
@@ -343,10 +348,14 @@ def _run_steps(run: _Run, p: _Progress, state, it, reference: dict | None, preem
     bar = tqdm(total=cfg.steps, initial=p.start, disable=not (cfg.progress and run.is_main), unit="step",
                dynamic_ncols=True, file=sys.stderr)
     guard = Guard(cfg.nan_policy, cfg.nan_max_consecutive, cfg.spike_factor, last_checkpoint=lambda: p.saved)
+    rl = GRPO(cfg, setup, run.tok, run.workdir, p.start) if cfg.objective == "grpo" else None
     try:
         with jax.set_mesh(run.mesh):
             while p.step < cfg.steps and not preempt.agreed(p.step, cfg.log_every):
-                state, metrics = setup.step_fn(state, setup.put_batch(next(it)))
+                if rl is not None:  # rollout, rewards, then the update (train/rl.py)
+                    state, metrics = rl.step(state, it, p.step, p.saved)
+                else:
+                    state, metrics = setup.step_fn(state, setup.put_batch(next(it)))
                 kill_point("train.step")
                 p.step += 1
                 guard.push(p.step, metrics)  # checks the previous step: stop / count a skip / spike
@@ -370,6 +379,8 @@ def _run_steps(run: _Run, p: _Progress, state, it, reference: dict | None, preem
             _finish(run, p, state, it, mgr)
     finally:
         bar.close()
+        if rl is not None:
+            rl.close()
         mgr.close()
         log.close()
         it.close()
@@ -392,7 +403,8 @@ def _log_metrics(run: _Run, p: _Progress, metrics, skipped: int, log: MetricsLog
     record = {"step": p.step, "loss": m["loss"], "learning_rate": m["learning_rate"],
               "grad_norm": m["grad_norm"], "tokens_per_second": None, "mfu": None,
               "loss_tokens": int(m["tokens"]), "tokens": p.tokens,
-              "skipped_updates": skipped, **{k: m[k] for k in DPO_METRICS + REWARD_METRICS if k in m}}
+              "skipped_updates": skipped, **{k: m[k] for k in DPO_METRICS + REWARD_METRICS if k in m},
+              **{k: v for k, v in m.items() if "/" in k or k in RL_METRICS}}  # grpo's (TRL's names; rl.py)
     if not p.losses:  # the first line of a (re)start
         record["startup_seconds"] = round(p.startup, 2)
         record["data_skipped_lines"] = skipped_line_count()  # reported on stderr

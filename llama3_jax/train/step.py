@@ -14,6 +14,7 @@ from flax import nnx
 
 from ..store import checkpoint
 from ..model import lora
+from . import grpo_loss as grpo_lib
 from . import objectives
 from ..model.config import ModelConfig
 from ..model import attention
@@ -23,7 +24,7 @@ from ..model.llama import Adapters, Llama, abstract_model, rewards_at
 from .objectives import DPOConfig, RewardConfig
 from .optim import make_optimizer, schedule
 from ..parallel.sharding import constrain, global_batch, local_shape, logical_spec, replicated
-from .config import TrainConfig
+from .config import GRPOConfig, TrainConfig
 from .numerics import is_finite_step, keep_finite
 
 
@@ -45,10 +46,16 @@ class Objective:
     seed: int = 0  # LoRA dropout keys: fold_in(key(seed), step), then the microbatch
     loss_chunk: int = 0  # lm/sft: output projection + NLL over chunks of this many positions (0 = at once)
     reward: RewardConfig = RewardConfig()
+    grpo: GRPOConfig = GRPOConfig()
 
     @classmethod
     def of(cls, cfg: TrainConfig, loss_chunk: int = 0) -> Objective:
-        return cls(cfg.objective, cfg.lora, cfg.dpo, cfg.seed, loss_chunk, cfg.reward)
+        return cls(cfg.objective, cfg.lora, cfg.dpo, cfg.seed, loss_chunk, cfg.reward, cfg.grpo)
+
+    @property
+    def in_step_reference(self) -> bool:
+        """Whether the step reads a reference model (frozen["ref"] with full weights; LoRA: the base)."""
+        return (self.name == "dpo" and not self.dpo.precompute_reference) or (self.name == "grpo" and self.grpo.beta > 0)
 
 
 def forward(graphdef, params: dict, batch: dict, adapters: Adapters | None = None) -> jax.Array:
@@ -81,6 +88,43 @@ def reward_loss(obj: Objective, graphdef, params: dict, batch: dict,
     return loss_sum, (count, metrics)
 
 
+def policy_logps(graphdef, params: dict, batch: dict, temperature: float,
+                 adapters: Adapters | None = None) -> tuple[jax.Array, jax.Array]:
+    """GRPO's view of a rollout batch: (log-probs of the targets (B, T), float32 logits (B, T, V)), both
+    of logits / temperature, as TRL scores completions with the sampling temperature."""
+    logits = forward(graphdef, params, batch, adapters).astype(jnp.float32) / temperature
+    return objectives.token_logps(logits, batch["targets"]), logits
+
+
+def sampling_logps(obj: Objective, graphdef, trainable: dict, frozen: dict, batch: dict) -> jax.Array:
+    """The policy's log-probs of a rollout batch before its updates (grpo.num_iterations > 1: the
+    importance ratios' denominator, batch key `old_logps`); LoRA: the adapters on the frozen base."""
+    if obj.lora.rank:
+        params, adapters = frozen["base"], Adapters(trainable["layers"], obj.lora.scale, 0.0, None)
+    else:
+        params, adapters = trainable, None
+    return policy_logps(graphdef, params, batch, obj.grpo.temperature, adapters)[0]
+
+
+def grpo_step_loss(obj: Objective, graphdef, params: dict, batch: dict, frozen: dict,
+                   adapters: Adapters | None) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+    """GRPO (grpo_loss.py) on a rollout batch (train/rl.py): `loss_mask` on the completion tokens,
+    `advantages` per row (every column the same), `old_logps` when num_iterations > 1; the reference's
+    log-probs (beta > 0) from frozen["ref"], or with LoRA the base with the adapters off."""
+    g = obj.grpo
+    logps, logits = policy_logps(graphdef, params, batch, g.temperature, adapters)
+    ref = None
+    if g.beta:
+        ref_params = frozen["base"] if obj.lora.rank else frozen["ref"]
+        ref = jax.lax.stop_gradient(policy_logps(graphdef, ref_params, batch, g.temperature)[0])
+    low, high = g.epsilon, g.epsilon if g.epsilon_high is None else g.epsilon_high
+    loss_sum, count, metrics = grpo_lib.grpo_token_loss(
+        logps, batch["old_logps"] if g.num_iterations > 1 else None, ref, batch["advantages"][:, 0],
+        batch["loss_mask"], beta=g.beta, epsilon_low=low, epsilon_high=high, loss_type=g.loss_type,
+        max_completion_length=g.max_completion_length, entropies=grpo_lib.entropy_from_logits(logits))
+    return loss_sum, (count, metrics)
+
+
 def objective_loss(obj: Objective, graphdef, trainable: dict, frozen: dict, batch: dict,
                    key: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, dict]]:
     """(summed loss, (count, summed metrics)) of the objective; differentiable in `trainable`.
@@ -97,6 +141,8 @@ def objective_loss(obj: Objective, graphdef, trainable: dict, frozen: dict, batc
         params, adapters = trainable, None
     if obj.name == "reward":
         return reward_loss(obj, graphdef, params, batch, adapters)
+    if obj.name == "grpo":
+        return grpo_step_loss(obj, graphdef, params, batch, frozen, adapters)
     if obj.name != "dpo":  # lm and sft: the loss mask says which tokens count
         loss_sum, count = loss_and_count(graphdef, params, batch, obj.loss_chunk, adapters)
         return loss_sum, (count, {})
@@ -115,6 +161,8 @@ def zero_metrics(obj: Objective) -> dict:
     """The objective's metric sums at their identity (the carry of a scan over microbatches): 0, and
     +-inf for the min / max of objectives.MINMAX."""
     names = {"dpo": objectives.DPO_METRICS, "reward": objectives.REWARD_METRICS}.get(obj.name, ())
+    if obj.name == "grpo":  # grpo_token_loss's token sums (kl only with a reference)
+        names = [k for k in grpo_lib.GRPO_METRICS if k != "kl" or obj.grpo.beta] + ["tokens"]
     return {k: objectives.metric_identity(k) for k in names}
 
 
@@ -158,7 +206,7 @@ def train_step(obj: Objective, graphdef, tx: optax.GradientTransformation, lr_sc
     new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
     metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm,
                "learning_rate": lr_schedule(state["step"]), "tokens": count,
-               **objectives.finish_metrics(msum, count)}
+               **(grpo_lib.finish_grpo_metrics(msum) if obj.name == "grpo" else objectives.finish_metrics(msum, count))}
     return new_state, metrics
 
 
@@ -272,8 +320,7 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, mesh) -> Setup:
         if model_cfg.head == "score":  # PEFT's modules_to_save: the head trains (float32) with the adapters
             params["score"] = base["score"]
     else:
-        in_step_ref = obj.name == "dpo" and not obj.dpo.precompute_reference
-        params, frozen = base, ({"ref": frozen_model} if in_step_ref else {})
+        params, frozen = base, ({"ref": frozen_model} if obj.in_step_reference else {})
     param_sh = jax.tree.map(lambda a: a.sharding, params)
     opt = jax.eval_shape(tx.init, params)
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt, param_sh, transform_non_params=lambda _: replicated(mesh))
