@@ -7,9 +7,11 @@ tensor=4 still runs), and a mesh axis is never used twice in one spec.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -188,6 +190,18 @@ def require_divisible(name: str, size: int, mesh: Mesh, what: str) -> None:
 
 def named_sharding(mesh: Mesh, names, shape) -> NamedSharding:
     return NamedSharding(mesh, logical_spec(tuple(names), tuple(shape), mesh))
+
+
+def mesh_scope(mesh: Mesh | None):
+    """`with mesh_scope(mesh):` the mesh jit and the sharding constraints see; no mesh, no scope."""
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def put(mesh: Mesh | None, x: np.ndarray, names: tuple[str | None, ...]) -> jax.Array:
+    """A host array on the devices, laid out by logical `names` over `mesh` (no mesh: the default device)."""
+    if mesh is None:
+        return jnp.asarray(x)
+    return jax.device_put(x, named_sharding(mesh, names, x.shape))
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:

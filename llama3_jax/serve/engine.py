@@ -32,7 +32,6 @@ its shards of them) and reads results back gathered (`to_host`), so each runs th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
@@ -49,7 +48,7 @@ from ..model.kv_cache import KVCache
 from ..model.llama import abstract_model
 from ..model.paged_cache import PagedKVCache
 from ..parallel.multihost_io import to_host
-from ..parallel.sharding import named_sharding
+from ..parallel.sharding import mesh_scope, put
 from ..store import checkpoint
 from . import caches, restore
 from . import sampling as sampling_lib
@@ -210,12 +209,10 @@ class Generator:
                 f"context of {ctx} tokens (at most {ctx - n_prompt} completion tokens fit)")
 
     def _scope(self):
-        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+        return mesh_scope(self.mesh)
 
     def _put(self, x: np.ndarray, names) -> jax.Array:
-        if self.mesh is None:
-            return jnp.asarray(x)
-        return jax.device_put(x, named_sharding(self.mesh, names, x.shape))
+        return put(self.mesh, x, names)
 
     def _cache_for(self, batch: int, slots: int) -> KVCache:
         """Reuse the last batch's cache when the shape matches (it was donated and handed back)."""

@@ -38,6 +38,17 @@ def report(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def rewrite_lines(path: Path, lines: list[bytes]) -> None:
+    """Replace `path` with `lines` (each without its newline), whole or not at all: a temp file,
+    fsynced, renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def read_done(path: Path) -> set[str]:
     """Ids already in an output file. A torn last line (no newline: the writer died mid-line) is cut off
     the file, so the lines appended next start clean; it was never counted as done. Error lines
@@ -67,12 +78,7 @@ def read_done(path: Path) -> set[str]:
         report(f"{path}: dropping a torn last line ({len(tail)} bytes) left by an interrupted run")
     if errors:
         report(f"{path}: trying again {errors} ids whose earlier output was an error line")
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(b"".join(line + b"\n" for line in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        rewrite_lines(path, kept)
     elif tail:
         os.truncate(path, len(data) - len(tail))
     return done

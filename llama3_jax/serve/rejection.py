@@ -43,7 +43,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import zlib
 from pathlib import Path
 
@@ -54,7 +53,7 @@ from ..parallel.sharding import inference_mesh, parse_mesh
 from ..store.lock import Lock
 from . import restore, reward_fns, sampling
 from .engine import Generator
-from .jsonl import Appender, Progress, id_key, pieces, read_done, read_lines, report
+from .jsonl import Appender, Progress, id_key, pieces, read_done, read_lines, report, rewrite_lines
 from .offline import generated_tokens
 from .reward import NO_OUTPUT_LAYER, RewardModel, check_reward_model, is_reward_model
 
@@ -100,12 +99,7 @@ def _keep_done(path: Path, done: set[str]) -> int:
             pass
     dropped = (len(body.split(b"\n")) if body else 0) - len(kept) + bool(tail)
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(b"".join(line + b"\n" for line in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        rewrite_lines(path, kept)
         report(f"{path}: dropped {dropped} lines of prompts an interrupted run had not finished")
     return dropped
 

@@ -28,7 +28,6 @@ Several processes: every process passes the same host arrays and reads the rewar
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,7 +40,7 @@ from flax import nnx
 from ..model.config import ModelConfig
 from ..model.llama import abstract_model, rewards_at
 from ..parallel.multihost_io import to_host
-from ..parallel.sharding import named_sharding
+from ..parallel.sharding import mesh_scope, put
 from ..store import checkpoint
 from . import restore
 from .padding import left_pad
@@ -193,12 +192,10 @@ class RewardModel:
             yield [(i, float(r[k])) for k, i in enumerate(rows)]
 
     def _scope(self):
-        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+        return mesh_scope(self.mesh)
 
     def _put(self, x: np.ndarray, names) -> jax.Array:
-        if self.mesh is None:
-            return jnp.asarray(x)
-        return jax.device_put(x, named_sharding(self.mesh, names, x.shape))
+        return put(self.mesh, x, names)
 
 
 def _normalized(record: dict) -> dict:
