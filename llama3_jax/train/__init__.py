@@ -3,6 +3,8 @@
     config.py      TrainConfig / MeshConfig, model shape and tokenizer resolution
     objectives.py  the loss of each objective (lm / sft, dpo, reward): (log-probs or rewards, batch) -> (loss sum,
                    count, metrics)
+    grpo_loss.py   GRPO as TRL 1.16 defines it: group advantages, the per-token clipped loss, its metrics
+    ppo_loss.py    PPO as TRL's PPOTrainer (v0.19) did: KL-penalised rewards, GAE, clipped policy and value losses
     losses.py      chunked cross-entropy and the per-token log-probs the objectives share
     optim.py       optax optimizer and learning-rate schedule from the run config
     step.py        train_step / eval_step under jax.jit, `build` (abstract sharded state)
