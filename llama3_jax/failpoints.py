@@ -10,7 +10,8 @@ Points: `train.step` (a step dispatched, its result not yet read), `train.save` 
 write just started in the background), `train.eval` (between eval batches), `train.final_save` (the
 last checkpoint's write started, not yet committed), `convert.tensor` (a tensor handed to the writer),
 `convert.finish` (every file written to the temp directory, not yet renamed to DST),
-`rejection.write` (a group of prompts' records and samples written, their done lines not yet).
+`rejection.write` (a group of prompts' records and samples written, their done lines not yet),
+`grpo.rollout` (an RL step's completions drawn, not yet rewarded).
 """
 
 from __future__ import annotations
