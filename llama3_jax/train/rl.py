@@ -130,6 +130,13 @@ class GRPO:
         rb = self.rollout.sample([p["ids"] for p in prompts], g.num_generations, self.cfg.seed, step=step,
                                  prompt_indices=[p["index"] for p in prompts])
         kill_point("grpo.rollout")
+        return {"step": step, **self.score(prompts, rb)}
+
+    def score(self, prompts: list[dict], rb) -> dict:
+        """A rollout's completions (serve/rollout.RolloutBatch) -> rewards, group advantages, the update's
+        batch, the metrics and the rollouts.jsonl sample: the host side after sampling, on its own so that
+        tests/test_grpo_trl.py can hand it the very completions it hands TRL's GRPOTrainer."""
+        g = self.g
         t0 = time.perf_counter()
         per_func = self._rewards(prompts, rb)
         rewards = grpo_lib.combine_rewards(per_func, self.weights)
@@ -145,7 +152,7 @@ class GRPO:
         sample = [{"where": first["where"], "prompt": first["prompt"], "completion": self.tok.decode(rb.completions[k]),
                    "reward": _num(rewards[k]), "advantage": float(adv[k]), "truncated": bool(rb.truncated[k])}
                   for k in range(g.num_generations)]
-        return {"step": step, "batch": batch, "metrics": metrics, "sample": sample}
+        return {"batch": batch, "metrics": metrics, "sample": sample}
 
     def _rewards(self, prompts: list[dict], rb) -> np.ndarray:
         """(B*G, F) float32, NaN where a source returned None."""
