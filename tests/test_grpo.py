@@ -2,13 +2,18 @@
 live weights, rewards from a Python function with TRL's signature, TRL's GRPO loss in the jitted step.
 
 One uninterrupted CLI run (`full_run`: num_iterations 2 so a rollout batch serves two updates, beta > 0
-so a reference is held, a checkpoint in the middle of a rollout's updates) serves the checks:
+so a reference is held, a checkpoint in the middle of a rollout's updates; the reward `ascii_share`,
+written here, is dense, so every group has a spread of rewards and every update a real gradient)
+serves the checks:
   * every metric TRL logs (and ours) on every line; kl is 0 at step 1 (policy == reference) and not
     after an update; the importance ratio is 1 on a rollout's first update (no clipping);
-  * rollouts.jsonl's rewards are the toy reward recomputed here from the completion's text, and its
+  * rollouts.jsonl's rewards are the reward recomputed here from the completion's text, and its
     advantages are TRL's group formula computed here with numpy from those rewards;
   * SIGKILL at a step, then a rerun from the checkpoint in the middle of a rollout's updates, gives the
     uninterrupted run's per-step rewards and losses exactly;
+  * 8 fake devices (data 2 x fsdp 2 x tensor 2), and 2 processes under jax.distributed (gloo on
+    127.0.0.1, one device each, each running the reward function on its own prompt), give the one-device
+    run's completions and rewards exactly and its losses to float32 tolerance;
   * a reward function that raises stops the run in one line naming it and the prompt's FILE:LINE,
     and the last checkpoint is intact;
   * the shipped configs/grpo.yaml learns its toy task: the mean reward rises from near 0.
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +37,41 @@ from faults_helpers import REPO, cli, cli_env, run_ok, train_killed_then_rerun
 from train_helpers import read_metrics
 
 CONFIG = REPO / "configs" / "grpo.yaml"
-TRL_NAMES = ("loss", "reward", "reward_std", "rewards/letter_fraction/mean", "rewards/letter_fraction/std",
+TRL_NAMES = ("loss", "reward", "reward_std", "rewards/ascii_share/mean", "rewards/ascii_share/std",
              "frac_reward_zero_std", *GRPO_METRICS, "completions/mean_length", "completions/max_length",
              "completions/clipped_ratio", "rollout_tokens_per_second", "rollout_seconds", "update_seconds")
 
 
-def small_run(workdir, **extra) -> list[str]:
+REWARDS = """
+import json, os
+
+def ascii_share(prompts, completions, **columns):
+    # the share of the completion's characters that are ASCII (0 for an empty one); with GRPO_REWARD_CALLS
+    # set, each call appends {pid, id} there (which process scored which prompt)
+    if os.environ.get("GRPO_REWARD_CALLS"):
+        with open(os.environ["GRPO_REWARD_CALLS"], "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "id": columns["id"][0]}) + "\\n")
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [sum(ord(ch) < 128 for ch in t) / len(t) if t else 0.0 for t in texts]
+"""
+
+
+def ascii_share(text: str) -> float:
+    return sum(ord(ch) < 128 for ch in text) / len(text) if text else 0.0
+
+
+@pytest.fixture(scope="module")
+def rewards_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("grpo_rewards") / "dense.py"
+    path.write_text(REWARDS)
+    return path
+
+
+def small_run(workdir, rewards_file, **extra) -> list[str]:
     """The shipped config on a smaller job: 2 prompts x 4 completions of up to 8 tokens, per-step
-    metrics, a reference (beta), two updates per rollout, a checkpoint at an odd step."""
+    metrics, a reference (beta), two updates per rollout, a checkpoint at an odd step, the dense reward."""
     kv = {"workdir": workdir, "steps": 6, "batch_size": 2, "grpo.num_generations": 4,
+          "grpo.reward_funcs": f"[{rewards_file}:ascii_share]",
           "grpo.max_completion_length": 8, "grpo.beta": 0.04, "grpo.num_iterations": 2, "log_every": 1,
           "checkpoint_every": 3, "optim.warmup_steps": 0, "progress": "false", "async_checkpoint": "false"}
     kv.update(extra)
@@ -51,9 +83,9 @@ def by_step(workdir, key: str) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
+def full_run(tmp_path_factory, rewards_file):
     workdir = tmp_path_factory.mktemp("grpo_full") / "run"
-    run_ok(small_run(workdir), cli_env())
+    run_ok(small_run(workdir, rewards_file), cli_env())
     return workdir
 
 
@@ -72,10 +104,6 @@ def test_metrics_have_trls_names_and_kl_starts_at_zero(full_run):
         assert by_step(full_run, "clip_ratio/region_mean")[step] == 0.0
 
 
-def letter_fraction(text: str) -> float:
-    return sum(ch == "a" for ch in text) / len(text) if text else 0.0
-
-
 def test_rollout_samples_carry_the_rewards_and_trls_advantages(full_run):
     lines = [json.loads(x) for x in (full_run / "rollouts.jsonl").read_text().splitlines()]
     steps = sorted({r["step"] for r in lines})
@@ -85,20 +113,71 @@ def test_rollout_samples_carry_the_rewards_and_trls_advantages(full_run):
         assert [r["generation"] for r in group] == [0, 1, 2, 3]
         assert len({r["where"] for r in group}) == 1 and re.fullmatch(r".*grpo_prompts\.jsonl:\d+", group[0]["where"])
         rewards = np.array([r["reward"] for r in group], np.float64)
-        assert rewards.tolist() == pytest.approx([letter_fraction(r["completion"]) for r in group], abs=1e-6)
+        assert rewards.tolist() == pytest.approx([ascii_share(r["completion"]) for r in group], abs=1e-6)
+        assert [r["rewards"] for r in group] == [{"ascii_share": r["reward"]} for r in group]
+        assert rewards.std() > 0.05  # a spread to normalise: the advantages below are not all 0
         expected = (rewards - rewards.mean()) / (rewards.std(ddof=1) + 1e-4)  # TRL: group std, Bessel, + 1e-4
         assert [r["advantage"] for r in group] == pytest.approx(expected.tolist(), abs=1e-4)
+        for r in group:  # the ids the reward and the update saw: the text is their decoding
+            assert bytes(i for i in r["completion_ids"] if i < 256).decode(errors="replace") == r["completion"]
+            assert len(r["completion_ids"]) <= 8 + (not r["truncated"])
 
 
-def test_sigkill_and_rerun_give_the_same_rewards_and_losses(tmp_path, full_run):
+def test_sigkill_and_rerun_give_the_same_rewards_and_losses(tmp_path, full_run, rewards_file):
     workdir = tmp_path / "run"
     # killed after step 5's update: the last checkpoint is step 3, inside the rollout of steps 3-4 (0-based
     # updates 2, 3): the rerun must read that rollout's batch back, not draw a new one
-    resumed = train_killed_then_rerun(small_run(workdir), workdir, "train.step:5")
+    resumed = train_killed_then_rerun(small_run(workdir, rewards_file), workdir, "train.step:5")
     assert resumed == 3
     for key in ("loss", "reward", "kl", "entropy"):
         assert by_step(workdir, key) == by_step(full_run, key), key
     assert (workdir / "rollouts.jsonl").read_text() == (full_run / "rollouts.jsonl").read_text()
+
+
+def assert_same_run(got: Path, want: Path) -> None:
+    """The same completions and rewards exactly (the sampled tokens decide them: rollouts.jsonl holds the
+    first prompt's ids, the reward metrics all of them), and the losses to float32 tolerance: another
+    mesh sums the same float32 terms in another order (rows over 4 batch shards, the model's matmuls over
+    2 tensor shards), ~1e-7 relative per sum, and Adam's per-coordinate normalisation lets that grow over
+    six updates (measured: <= 4e-5 relative); atol for step 1, whose loss is ~1e-7 (the advantages of a
+    group sum to 0 and the importance ratio is 1)."""
+    assert (got / "rollouts.jsonl").read_text() == (want / "rollouts.jsonl").read_text()
+    for key in ("reward", "reward_std", "rewards/ascii_share/mean", "frac_reward_zero_std", "completions/mean_length"):
+        assert by_step(got, key) == by_step(want, key), key
+    for key in ("loss", "kl", "entropy", "grad_norm"):
+        g, w = by_step(got, key), by_step(want, key)
+        assert sorted(g) == sorted(w) == [1, 2, 3, 4, 5, 6], key
+        np.testing.assert_allclose([g[s] for s in w], list(w.values()), rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_eight_fake_devices_give_one_devices_rewards_and_losses(tmp_path, full_run, rewards_file):
+    workdir = tmp_path / "run"
+    mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+    proc = run_ok(small_run(workdir, rewards_file, **mesh), cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in proc.stderr
+    assert_same_run(workdir, full_run)
+
+
+def test_two_processes_give_one_process_rewards_and_losses(tmp_path, full_run, rewards_file):
+    """`train` on 2 processes (tools/launch_local.py: jax.distributed, gloo on 127.0.0.1), one device each,
+    one data=2 mesh: the rollouts are drawn on the global mesh, each process scores its own prompt (the
+    reward function's calls say which process ran it), num_iterations 2 takes the old log-probs of the
+    global batch, and the run is the one-process run."""
+    workdir, calls = tmp_path / "run", tmp_path / "calls.jsonl"
+    cmd = [sys.executable, str(REPO / "tools" / "launch_local.py"), "-n", "2", "--cpu-devices", "1", "--",
+           *small_run(workdir, rewards_file, **{"mesh.data": 2})]
+    run_ok(cmd, cli_env(XLA_FLAGS="", GRPO_REWARD_CALLS=str(calls)), timeout=400)
+    assert_same_run(workdir, full_run)
+    calls = [json.loads(x) for x in calls.read_text().splitlines()]
+    assert len(calls) == 6  # 3 rollouts x 2 prompts: each prompt scored once in the job, not once per process
+    firsts = {int(r["where"].rpartition(":")[2]) - 1 for r in map(json.loads, (workdir / "rollouts.jsonl").open())
+              if r["generation"] == 0}  # the id of each rollout's first prompt (line id + 1)
+    scorer_of_first = set()
+    for k in range(3):  # a rollout's calls end before the next begins (the gather of its answers waits)
+        pair = calls[2 * k:2 * k + 2]
+        assert pair[0]["pid"] != pair[1]["pid"] and pair[0]["id"] != pair[1]["id"]
+        scorer_of_first |= {r["pid"] for r in pair if r["id"] in firsts}
+    assert len(scorer_of_first) == 1  # process 0 scores the first prompt of each step, process 1 the second
 
 
 def test_a_failing_reward_function_is_one_line_and_the_checkpoint_stays(tmp_path):
@@ -110,7 +189,7 @@ def test_a_failing_reward_function_is_one_line_and_the_checkpoint_stays(tmp_path
                   "        raise RuntimeError('judge offline')\n"
                   "    return [0.5] * len(completions)\n")
     workdir = tmp_path / "run"
-    cmd = small_run(workdir, **{"grpo.reward_funcs": f"[{fn}:shaky]", "checkpoint_every": 2,
+    cmd = small_run(workdir, fn, **{"grpo.reward_funcs": f"[{fn}:shaky]", "checkpoint_every": 2,
                                 "grpo.num_iterations": 1, "grpo.beta": 0.0})
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0

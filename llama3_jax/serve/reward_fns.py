@@ -1,14 +1,15 @@
-"""Reward functions for `rejection-sample --reward-fn`: Python functions with TRL's signature, loaded by
-name, called once per prompt, their answers checked and combined with the other reward sources.
+"""Reward functions for `rejection-sample --reward-fn` and `grpo.reward_funcs` (train/rl.py): Python
+functions with TRL's signature, loaded by name, called once per prompt, their answers checked and
+combined with the other reward sources.
 
 A function is named `MODULE:NAME` (imported: `my_pkg.rewards:length_penalty`) or `path/to/file.py:NAME`
 (loaded from that file). It is called as TRL's GRPOTrainer calls a reward function:
 
     fn(prompts=[prompt] * n, completions=[...], completion_ids=[[ids], ...], **columns) -> list[float | None]
 
-with one entry per sample of one input line: the prompt as the line gives it (text or messages), each
-completion as text for a text prompt and as `[{"role": "assistant", "content": text}]` for a chat
-prompt, and `columns` the line's other fields (each repeated n times; never "prompt", "completion",
+(an `async def` function is awaited, as TRL awaits one) with one entry per sample of one input line:
+the prompt as the line gives it (text or messages), each completion as text for a text prompt and as
+`[{"role": "assistant", "content": text}]` for a chat prompt, and `columns` the line's other fields (each repeated n times; never "prompt", "completion",
 "completion_ids", as TRL leaves them out too). `None` means "not applicable to this sample".
 
 What can go wrong, and what this file does about it:
@@ -26,9 +27,11 @@ What can go wrong, and what this file does about it:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import math
 import numbers
 import sys
@@ -52,6 +55,8 @@ class RewardFn:
         cols = {k: [v] * n for k, v in columns.items() if k not in NOT_COLUMNS}
         try:
             out = self.fn(prompts=[prompt] * n, completions=completions, completion_ids=completion_ids, **cols)
+            if inspect.iscoroutine(out):  # an `async def` reward function, which TRL 1.16 awaits too
+                out = asyncio.run(out)
         except Exception as e:  # noqa: BLE001 -- whatever it raises is reported as one line
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ValueError(f"{where}: reward function {self.name} raised {type(e).__name__}"

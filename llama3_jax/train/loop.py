@@ -39,10 +39,11 @@ from ..data import BATCH_KEYS, PromptIterator, corpus_documents, make_iterator, 
 from ..failpoints import kill_point
 from .objectives import DPO_METRICS, REWARD_METRICS
 from .rl import GRPO, RL_METRICS
+from . import ppo, ppo_step
 from .optim import OptimConfig, schedule
 from ..store.paths import is_remote
 from ..parallel.sharding import logical_spec, make_mesh, require_divisible
-from .config import TrainConfig, make_tokenizer, model_config, resolve_lora, tokenizer_spec
+from .config import RL_OBJECTIVES, TrainConfig, make_tokenizer, model_config, resolve_lora, tokenizer_spec
 from . import evaluate as evaluation
 from .evaluate import DATA_KIND
 from .metrics import MetricsLog, model_flops_per_token, peak_flops
@@ -124,6 +125,8 @@ def _frozen(cfg: TrainConfig, setup: Setup, force: bool = False, start: dict | N
 def _start_state(cfg: TrainConfig, setup: Setup, workdir: Path, resume: int | None):
     """(state, data iterator state, start step, tokens seen, where it came from): the workdir's latest
     checkpoint wins over `init_from`, which wins over a fresh init. Fills `setup.frozen`."""
+    if cfg.objective == "ppo":  # a policy, its value model and the reference (train/ppo.py)
+        return ppo.start_state(cfg, setup, workdir, resume)
     start = start_params(cfg, setup) if setup.frozen_abstract else None
     setup.frozen = _frozen(cfg, setup, start=start)
     if resume is not None:
@@ -264,7 +267,7 @@ def _prepare(cfg: TrainConfig, tokenizer, held: dict) -> _Run:
     eval_every = evaluation.eval_every(cfg, is_main, documents)
     if resume is not None and is_main:
         _warn_if_schedule_changed(cfg, workdir, resume)
-    setup = build(cfg, mc, mesh)
+    setup = (ppo_step.build if cfg.objective == "ppo" else build)(cfg, mc, mesh)
     tokens_per_step = cfg.batch_size * cfg.seq_len * (cfg.grpo.num_generations if cfg.objective == "grpo" else 1)
     return _Run(cfg=cfg, given=given, mirror=mirror, workdir=workdir, is_main=is_main, mesh=mesh, resume=resume,
                 mc=mc, tok=tok, own_tokenizer=tokenizer is None, documents=documents, eval_every=eval_every,
@@ -296,8 +299,11 @@ def _train_mesh(cfg: TrainConfig) -> jax.sharding.Mesh:
                      dcn_fsdp=cfg.mesh.dcn_fsdp)
     batch_axes = logical_spec(("batch",), None, mesh)[0] or ()
     n_batch = math.prod(mesh.shape[a] for a in ((batch_axes,) if isinstance(batch_axes, str) else batch_axes))
-    if (cfg.batch_size // cfg.grad_accum) % n_batch:
-        raise ValueError(f"batch_size/grad_accum = {cfg.batch_size // cfg.grad_accum} sequences do not split over "
+    # grpo: a step's rows are its batch_size prompts x num_generations completions (train/rl.py)
+    rows, what = (cfg.batch_size * cfg.grpo.num_generations, "batch_size*grpo.num_generations/grad_accum") \
+        if cfg.objective == "grpo" else (cfg.batch_size, "batch_size/grad_accum")
+    if (rows // cfg.grad_accum) % n_batch:
+        raise ValueError(f"{what} = {rows // cfg.grad_accum} sequences do not split over "
                          f"the {n_batch} batch shards of the mesh (mesh.data*mesh.fsdp)")
     return mesh
 
@@ -306,9 +312,10 @@ def _open_iterator(run: _Run, reference: dict | None, data_state: dict | None, o
     """The training batches, positioned where the checkpoint left them; then (main process) the run is
     recorded in the workdir and announced. The iterator is closed again if that fails."""
     cfg = run.cfg
-    if cfg.objective == "grpo":  # prompts, not packed rows (data/prompts.py); every process reads them all
+    if cfg.objective in RL_OBJECTIVES:  # prompts, not packed rows (data/prompts.py); every process reads them all
+        room = cfg.grpo.max_completion_length if cfg.objective == "grpo" else cfg.ppo.max_completion_length + 1
         it = PromptIterator(cfg.data, run.documents, tokenizer=run.tok, batch_size=cfg.batch_size, seed=cfg.seed,
-                            max_prompt_len=cfg.seq_len - cfg.grpo.max_completion_length)
+                            max_prompt_len=cfg.seq_len - room)
     else:
         it = make_iterator(cfg.data, tokenizer=run.tok, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                        process_index=jax.process_index(), process_count=jax.process_count(),
@@ -348,7 +355,8 @@ def _run_steps(run: _Run, p: _Progress, state, it, reference: dict | None, preem
     bar = tqdm(total=cfg.steps, initial=p.start, disable=not (cfg.progress and run.is_main), unit="step",
                dynamic_ncols=True, file=sys.stderr)
     guard = Guard(cfg.nan_policy, cfg.nan_max_consecutive, cfg.spike_factor, last_checkpoint=lambda: p.saved)
-    rl = GRPO(cfg, setup, run.tok, run.workdir, p.start) if cfg.objective == "grpo" else None
+    rl = {"grpo": GRPO, "ppo": ppo.PPO}[cfg.objective](cfg, setup, run.tok, run.workdir, p.start) \
+        if cfg.objective in RL_OBJECTIVES else None
     try:
         with jax.set_mesh(run.mesh):
             while p.step < cfg.steps and not preempt.agreed(p.step, cfg.log_every):

@@ -6,13 +6,20 @@
          (seed, step, prompt index, generation): the same tokens on a rerun, whatever the batch
       -> rewards: each grpo.reward_funcs entry (serve/reward_fns.py: TRL's signature; `model:DIR`:
          serve/reward.py RewardModel on prompt + completion ids), weighted, summed over the sources
-         that answered (grpo_loss.combine_rewards), group advantages (grpo_loss.group_advantages)
+         that answered (grpo_loss.combine_rewards), group advantages (grpo_loss.group_advantages);
+         a completion no source scored gets no reward and advantage 0, with TRL's warning
       -> the (B*G, seq_len) batch: one row per completion, tokens = prompt + completion (its stop
          token included, as TRL's completion_ids), loss_mask on the completion's targets, the row's
          advantage on every column, `old_logps` (num_iterations > 1: one forward of the params before
          the updates, as TRL computes them)
     then `grpo.num_iterations` steps of the jitted train step (step.py grpo branch) on that batch, one
     optimizer update each (TRL's global step).
+
+Several processes (jax.distributed, as `train`): every process reads the same prompts and draws the
+same global rollout on the global mesh (the engine's rule); each runs the reward functions of its
+share of the prompts, and the answers are gathered; the update's batch and the old log-probs are the
+whole rollout batch placed on the global mesh (each device its rows), so a job of any process count
+and any mesh takes the steps one device takes (tests/test_grpo.py, float32 tolerance).
 
 What can go wrong, and what catches it:
   * a resume inside a rollout's num_iterations updates: the batch those updates use is gone with the
@@ -21,7 +28,9 @@ What can go wrong, and what catches it:
     checkpoint is sealed) and read back, so the rerun's updates are the uninterrupted run's;
   * a reward function that raises, answers the wrong length or a non-number: reward_fns.RewardFn's one
     line naming the function and the prompt's FILE:LINE; the run stops (the loop saves nothing more:
-    the last checkpoint is the state before this step);
+    the last checkpoint is the state before this step), on every process alike (the error is gathered
+    with the rewards: a process whose function failed would otherwise leave the others waiting);
+  * a `model:DIR` reward for another tokenizer or a shorter context: refused in one line at start;
   * a recompile per step: the engine is built once, and the LoRA merge is one jitted program;
   * rollouts.jsonl lines of steps a crash undid: dropped on restart (as metrics.jsonl's), so a rerun
     has each step's sample once.
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -38,7 +48,9 @@ import jax
 import numpy as np
 
 from ..failpoints import kill_point
-from ..serve import reward_fns
+from ..parallel.multihost_io import several, to_host
+from ..parallel.sharding import logical_spec
+from ..serve import restore, reward_fns
 from ..serve.reward import RewardModel
 from ..serve.rollout import Rollout, RolloutConfig
 from . import grpo_loss as grpo_lib
@@ -52,23 +64,27 @@ RL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "
 
 
 class RewardSource:
-    """One grpo.reward_funcs entry: a Python function (TRL's signature) or `model:DIR`. `name` is
-    TRL's: the function's name, the reward model directory's basename."""
+    """One grpo.reward_funcs entry: a Python function (`fn`: reward_fns.RewardFn, TRL's signature) or
+    `model:DIR` (`model`: a RewardModel scoring the policy's own ids, prompt + completion, float32, one
+    batch per rollout). `name` is TRL's: the function's name, the reward model directory's basename."""
 
     def __init__(self, spec: str, cfg: TrainConfig, setup: Setup, tok):
         self.spec = spec
         if spec.startswith("model:"):
             path = spec[len("model:"):]
-            self.name, self.fn = Path(path).name, None
-            self.model = RewardModel(path, mesh=setup.mesh, tokenizer=tok)
+            self.name, self.fn = Path(path.rstrip("/")).name, None
+            rm = restore.model_config(path)  # refused before the restore: RewardModel checks the head
+            if rm.vocab_size < tok.n_words:  # it scores the policy's ids: one vocabulary
+                raise ValueError(f"grpo.reward_funcs {spec}: its vocab_size {rm.vocab_size} is smaller than the "
+                                 f"policy tokenizer's {tok.n_words} ids (a reward model for another tokenizer)")
+            if rm.max_seq_len < cfg.seq_len:  # a row, prompt + completion, may fill seq_len
+                raise ValueError(f"grpo.reward_funcs {spec}: its context of {rm.max_seq_len} tokens is shorter "
+                                 f"than seq_len {cfg.seq_len} (a prompt + completion row)")
+            rows = cfg.batch_size * cfg.grpo.num_generations
+            self.model = RewardModel(path, mesh=setup.mesh, tokenizer=tok, batch_size=rows)
         else:
             self.fn, self.model = reward_fns.load(spec), None
             self.name = spec.rpartition(":")[2]
-
-    def __call__(self, prompt: dict, completions: list, completion_ids: list[list[int]]) -> list[float | None]:
-        if self.fn is not None:
-            return self.fn(prompt["prompt"], completions, completion_ids, prompt["columns"], prompt["where"])
-        return self.model.rewards([prompt["ids"] + ids for ids in completion_ids])
 
 
 class GRPO:
@@ -87,6 +103,13 @@ class GRPO:
     def close(self) -> None:
         self.samples.close()
 
+    def _put(self, batch: dict) -> dict:
+        """The whole (B*G, T) rollout batch, which every process holds, as global arrays in row order
+        (each device takes its rows of it): the update and the old log-probs see the same rows, and
+        the gathered old log-probs come back in the batch's order, whatever the mesh's device order."""
+        sharding = jax.sharding.NamedSharding(self.setup.mesh, logical_spec(("batch", "seq"), None, self.setup.mesh))
+        return {k: jax.make_array_from_process_local_data(sharding, v, v.shape) for k, v in batch.items()}
+
     # ------------------------------------------------------------------ the step
     def step(self, state: dict, it, step: int, saved: int | None) -> tuple[dict, dict]:
         """Update `step` + 1 (0-based `step` finished so far): a rollout first when it starts a group of
@@ -102,14 +125,10 @@ class GRPO:
         b = self.buffer
         t0 = time.perf_counter()
         if mu > 1 and "old_logps" not in b["batch"]:  # the sampling policy's, before the group's first update
-            whole = self.setup.put_batch(b["batch"]) if jax.process_count() == 1 else None
-            if whole is None:
-                raise ValueError("grpo.num_iterations > 1 runs on one process for now (set it to 1 on multi-host jobs)")
-            b["batch"]["old_logps"] = np.asarray(jax.device_get(self._old(state["params"], self.setup.frozen, whole)),
-                                                 np.float32)
+            old = self._old(state["params"], self.setup.frozen, self._put(b["batch"]))
+            b["batch"]["old_logps"] = np.asarray(to_host(old), np.float32)  # gathered: every process keeps it all
             self._save(b)
-        batch = self.setup.put_batch(_rows_of_process(b["batch"]))
-        state, metrics = self.setup.step_fn(state, batch)
+        state, metrics = self.setup.step_fn(state, self._put(b["batch"]))
         jax.block_until_ready(metrics)
         metrics = {**metrics, **b["metrics"], "update_seconds": time.perf_counter() - t0}
         if step % mu == 0:
@@ -150,23 +169,42 @@ class GRPO:
         batch = self._batch(prompts, ids, rb.truncated, adv)
         first = prompts[0]
         sample = [{"where": first["where"], "prompt": first["prompt"], "completion": self.tok.decode(rb.completions[k]),
-                   "reward": _num(rewards[k]), "advantage": float(adv[k]), "truncated": bool(rb.truncated[k])}
+                   "completion_ids": ids[k], "reward": _num(rewards[k]),
+                   "rewards": {s.name: _num(per_func[k, f]) for f, s in enumerate(self.sources)},
+                   "advantage": float(adv[k]), "truncated": bool(rb.truncated[k])}
                   for k in range(g.num_generations)]
         return {"batch": batch, "metrics": metrics, "sample": sample}
 
     def _rewards(self, prompts: list[dict], rb) -> np.ndarray:
-        """(B*G, F) float32, NaN where a source returned None."""
-        G, chat = self.g.num_generations, None
+        """(B*G, F) float32, NaN where a source returned None. A reward model scores every row on every
+        process (a program on the global mesh: the same inputs everywhere); the reward functions run on
+        this process's share of the prompts, and their answers, or the first error, are gathered, so each
+        function sees each prompt once per job and every process stops on the same one-line error."""
+        G = self.g.num_generations
         out = np.full((len(prompts) * G, len(self.sources)), np.nan, np.float32)
         ids = rb.completion_ids()
-        for i, p in enumerate(prompts):
-            rows = range(i * G, (i + 1) * G)
-            texts = [self.tok.decode(rb.completions[r]) for r in rows]
-            chat = not isinstance(p["prompt"], str)
-            completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
-            for f, source in enumerate(self.sources):
-                got = source(p, completions, [ids[r] for r in rows])
-                out[i * G:(i + 1) * G, f] = [np.nan if r is None else r for r in got]
+        for f, source in enumerate(self.sources):
+            if source.model is not None:
+                out[:, f] = source.model.rewards([prompts[r // G]["ids"] + c for r, c in enumerate(ids)])
+        lo, hi = _share(len(prompts), jax.process_index())
+        error = None
+        try:
+            for i in range(lo, hi):
+                p, rows = prompts[i], slice(i * G, (i + 1) * G)
+                texts = [self.tok.decode(c) for c in rb.completions[rows]]
+                completions = texts if isinstance(p["prompt"], str) else [[{"role": "assistant", "content": t}]
+                                                                          for t in texts]
+                for f, source in enumerate(self.sources):
+                    if source.fn is not None:
+                        got = source.fn(p["prompt"], completions, ids[rows], p["columns"], p["where"])
+                        out[rows, f] = [np.nan if r is None else r for r in got]
+        except ValueError as e:  # reward_fns.RewardFn's one line (the function raised or answered badly)
+            error = str(e)
+        if several():
+            error = _gather_rewards(out, error, len(prompts), G, [s.fn is not None for s in self.sources])
+        if error:
+            raise ValueError(error)
+        _warn_unscored(out, prompts, G)
         return out
 
     def _batch(self, prompts: list[dict], ids: list[list[int]], truncated: np.ndarray, adv: np.ndarray) -> dict:
@@ -222,10 +260,46 @@ class GRPO:
         return {"step": start, "batch": batch, **meta}
 
 
-def _rows_of_process(batch: dict) -> dict:
-    """This process's rows of the global rollout batch (every process computes the whole of it)."""
-    n, pc, pi = len(batch["tokens"]), jax.process_count(), jax.process_index()
-    return {k: v[pi * n // pc:(pi + 1) * n // pc] for k, v in batch.items()}
+def _share(n: int, process: int) -> tuple[int, int]:
+    """[lo, hi): the prompts of a step whose reward functions `process` runs (contiguous, in order)."""
+    pc = jax.process_count()
+    return process * n // pc, (process + 1) * n // pc
+
+
+ERROR_BYTES = 4096  # a reward error line, as gathered between processes (longer ones are cut)
+
+
+def _gather_rewards(out: np.ndarray, error: str | None, n_prompts: int, G: int, fn_cols: list[bool]) -> str | None:
+    """Every process's reward-function answers into `out` (in place; the reward-model columns, computed
+    alike everywhere, are left as they are) and the first error in prompt order (that of the lowest
+    process with one, as each stops at its first). A collective: every process calls it each rollout."""
+    from jax.experimental import multihost_utils
+    pc, cols = jax.process_count(), np.flatnonzero(fn_cols)
+    width = -(-n_prompts // pc) * G  # the most rows a process scores
+    lo, hi = _share(n_prompts, jax.process_index())
+    mine = np.full((width, len(cols)), np.nan, np.float32)
+    mine[:(hi - lo) * G] = out[lo * G:hi * G][:, cols]
+    message = np.zeros(ERROR_BYTES, np.uint8)
+    if error:
+        raw = error.encode()[:ERROR_BYTES]
+        message[:len(raw)] = np.frombuffer(raw, np.uint8)
+    rows, messages = multihost_utils.process_allgather((mine, message))  # (pc, width, F'), (pc, ERROR_BYTES)
+    for k in range(pc):
+        a, b = _share(n_prompts, k)
+        out[a * G:b * G, cols] = rows[k][:(b - a) * G]
+    first = next((m for m in np.asarray(messages) if m.any()), None)
+    return None if first is None else first.tobytes().rstrip(b"\0").decode(errors="ignore")
+
+
+def _warn_unscored(per_func: np.ndarray, prompts: list[dict], G: int) -> None:
+    """TRL 1.16's warning when every reward function returned None for a completion (it gets no reward:
+    left out of the group's mean and std and of the reward metrics, advantage 0, as TRL does)."""
+    unscored = np.flatnonzero(np.isnan(per_func).all(axis=1))
+    if len(unscored) and jax.process_index() == 0:
+        r = int(unscored[0])
+        print(f"train: warning: {prompts[r // G]['where']}: every reward function returned None for completion "
+              f"{r % G} of this prompt ({len(unscored)} such completion(s) this step): no reward, advantage 0",
+              file=sys.stderr)
 
 
 def _num(x) -> float | None:
