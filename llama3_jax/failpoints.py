@@ -11,7 +11,8 @@ write just started in the background), `train.eval` (between eval batches), `tra
 last checkpoint's write started, not yet committed), `convert.tensor` (a tensor handed to the writer),
 `convert.finish` (every file written to the temp directory, not yet renamed to DST),
 `rejection.write` (a group of prompts' records and samples written, their done lines not yet),
-`grpo.rollout` (an RL step's completions drawn, not yet rewarded).
+`grpo.rollout` (an RL step's completions drawn, not yet rewarded), `ppo.rollout` (likewise for
+objective ppo: drawn, not yet scored).
 """
 
 from __future__ import annotations

@@ -23,11 +23,13 @@ from ..model.lora import LoraConfig
 from ..model.llama import remat_policy
 from .objectives import OBJECTIVES, DPOConfig, RewardConfig
 from .grpo_loss import GRPOConfig
+from .ppo_loss import PPOConfig
 from .optim import OptimConfig
 from ..store.paths import is_remote, resolve
 from ..tokenizer import ByteTokenizer, load_tokenizer as make_tokenizer  # noqa: F401 (the train API names them)
 
-RL_OBJECTIVES = ("grpo",)  # objectives whose data are prompts and whose batches are rollouts (train/rl.py)
+# objectives whose data are prompts and whose batches are rollouts (train/rl.py, train/ppo.py)
+RL_OBJECTIVES = ("grpo", "ppo")
 
 
 # A model given as keys without a `preset:` base must give all of these (the rest have Llama 3 defaults).
@@ -54,12 +56,14 @@ class TrainConfig:
     init_from: str | None = None  # a jax checkpoint (convert output or a train workdir), or an HF / Meta directory
     # lm (pretraining) | sft (chat records, assistant-only loss) | dpo (preference pairs) |
     # reward (a Bradley-Terry reward model on preference pairs: the model's head is `score`) |
-    # grpo (online RL on prompt records: rollouts from the live weights, train/rl.py)
+    # grpo (online RL on prompt records: rollouts from the live weights, train/rl.py) |
+    # ppo (online RL with a reward model or function, a value model and GAE, train/ppo.py)
     objective: str = "lm"
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # rank > 0: train adapters only
     dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)  # objective grpo (train/rl.py)
+    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)  # objective ppo (train/ppo.py)
     tokenizer: str | None = None  # None: Llama 3's tokenizer.model; a path to one; or "bytes" (UTF-8 bytes)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -114,6 +118,8 @@ class TrainConfig:
                              f"got {self.objective!r}")
         if self.objective == "grpo":
             self._check_grpo()
+        if self.objective == "ppo":
+            self._check_ppo()
         if self.lora.rank and not (self.init_from or self.lora.init_from):
             raise ValueError("lora.rank > 0 needs init_from (the base checkpoint the adapters are trained on)")
         if self.nan_policy not in ("stop", "skip"):
@@ -154,6 +160,24 @@ class TrainConfig:
         if (self.batch_size * g.num_generations) % self.grad_accum:
             raise ValueError(f"batch_size x grpo.num_generations = {self.batch_size * g.num_generations} rows "
                              f"do not split into grad_accum {self.grad_accum} microbatches")
+
+
+    def _check_ppo(self) -> None:
+        """ppo.* against the rest of the run: a reward, room for prompt + completion + the state after
+        it in a row, mini batches of whole microbatches, no LoRA dropout (TRL turns dropout off: the
+        ratios compare the policy with itself)."""
+        p = self.ppo
+        if not p.reward_model:
+            raise ValueError("objective ppo needs ppo.reward_model (a reward checkpoint DIR or model:DIR, "
+                             "MODULE:NAME or path/to/file.py:NAME)")
+        if p.max_completion_length + 1 >= self.seq_len:
+            raise ValueError(f"ppo.max_completion_length {p.max_completion_length} leaves no room for a prompt in "
+                             f"seq_len {self.seq_len} (a row holds prompt + completion + its stop token)")
+        if self.batch_size % (p.num_mini_batches * self.grad_accum):
+            raise ValueError(f"batch_size {self.batch_size} does not split into ppo.num_mini_batches "
+                             f"{p.num_mini_batches} x grad_accum {self.grad_accum} microbatches")
+        if self.lora.dropout:
+            raise ValueError(f"lora.dropout {self.lora.dropout}: objective ppo trains without dropout (set it to 0)")
 
 
 def tokenizer_spec(cfg: TrainConfig) -> str | None:

@@ -20,7 +20,7 @@ from .objectives import combine_metrics, finish_metrics
 from .step import Setup, zero_metrics
 
 # objective -> data/ pipeline (grpo: prompt records, data/prompts.py)
-DATA_KIND = {"lm": "text", "sft": "sft", "dpo": "dpo", "reward": "reward", "grpo": "prompt"}
+DATA_KIND = {"lm": "text", "sft": "sft", "dpo": "dpo", "reward": "reward", "grpo": "prompt", "ppo": "prompt"}
 FLOAT_KEYS = ("ref_logps", "margin")  # batch keys that are float32 (the rest are int32 token data)
 
 
@@ -69,9 +69,9 @@ def eval_every(cfg: TrainConfig, is_main: bool, documents: list | None) -> int:
     data.eval_fraction=0): decided here, before any step, rather than failing at the first eval."""
     if not cfg.eval_every:
         return 0
-    if cfg.objective == "grpo":  # no held-out loss: a rollout's loss says nothing without its rewards
+    if cfg.objective in ("grpo", "ppo"):  # no held-out loss: a rollout's loss says nothing without its rewards
         if is_main:
-            print(f"train: warning: objective grpo has no eval (its metrics are the rollouts' rewards): "
+            print(f"train: warning: objective {cfg.objective} has no eval (its metrics are the rollouts' rewards): "
                   f"eval_every={cfg.eval_every} ignored", file=sys.stderr)
         return 0
     sizes = split_sizes(cfg.data, documents)

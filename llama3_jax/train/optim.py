@@ -55,10 +55,16 @@ def decay_mask(params: dict, decay_embeddings: bool = False) -> dict:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """clip(global norm) -> AdamW with the schedule and the name-based decay mask."""
+def make_optimizer(cfg: OptimConfig, total_steps: int, updates_per_step: int = 1) -> optax.GradientTransformation:
+    """clip(global norm) -> AdamW with the schedule and the name-based decay mask. `updates_per_step` > 1
+    (PPO: epochs x mini batches per rollout) holds the rate for that many updates: the schedule counts
+    steps, as TRL's PPOTrainer steps its scheduler once per rollout batch."""
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    parts.append(optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+    rate = schedule(cfg, total_steps)
+    if updates_per_step > 1:
+        per_step = rate
+        rate = lambda count: per_step(count // updates_per_step)  # noqa: E731
+    parts.append(optax.adamw(rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay,
                              mask=lambda p: decay_mask(p, cfg.decay_embeddings)))
     return optax.chain(*parts)

@@ -53,11 +53,12 @@ def this_process_data_state(saved: dict, where: str) -> dict:
 def save_state(mgr: ocp.CheckpointManager, step: int, state: dict, data_state: dict, meta: dict) -> None:
     """Async save: orbax copies the arrays to host before returning (so the next step may donate them)
     and writes into a temp dir that is renamed only when complete. `data_state` is this process's
-    iterator state; every process's is gathered into the checkpoint."""
-    mgr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state["params"], checkpoint.layer_save_args(state["params"])),
-        opt_state=ocp.args.StandardSave(state["opt_state"], checkpoint.layer_save_args(state["opt_state"])),
-        data=ocp.args.JsonSave(gather_data_states(data_state)), meta=ocp.args.JsonSave(meta)), force=True)
+    iterator state; every process's is gathered into the checkpoint. PPO's value model (state["value"])
+    is the item `value`, beside the policy's `params` (which `generate` and `init_from` read)."""
+    trees = {k: ocp.args.StandardSave(state[k], checkpoint.layer_save_args(state[k]))
+             for k in ("params", "opt_state", "value") if k in state}
+    mgr.save(step, args=ocp.args.Composite(**trees, data=ocp.args.JsonSave(gather_data_states(data_state)),
+                                           meta=ocp.args.JsonSave(meta)), force=True)
 
 
 def restore_state(directory: Path, step: int, abstract: dict) -> tuple[dict, dict, dict]:
@@ -65,15 +66,17 @@ def restore_state(directory: Path, step: int, abstract: dict) -> tuple[dict, dic
     shardings (any mesh: a checkpoint from 8 devices restores on 1 or 4)."""
     if not (Path(directory) / str(step) / "opt_state").exists():
         raise ValueError(f"{directory} step {step}: no optimizer state (a converted model? use it as init_from)")
-    checkpoint.check_shapes(directory, step, "params", abstract["params"])
+    trees = [k for k in ("params", "value") if k in abstract]
+    for k in trees:
+        checkpoint.check_shapes(directory, step, k, abstract[k])
+    trees.append("opt_state")
     with checkpoint.manager(directory, read_only=True) as m:
         out = m.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract["params"]),
-            opt_state=ocp.args.StandardRestore(abstract["opt_state"]),
+            **{k: ocp.args.StandardRestore(abstract[k]) for k in trees},
             data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     step_arr = jax.device_put(jnp.int32(out["meta"]["step"]), abstract["step"].sharding)
     data_state = this_process_data_state(out["data"], f"{directory} step {step}")
-    return {"params": out["params"], "opt_state": out["opt_state"], "step": step_arr}, data_state, out["meta"]
+    return {**{k: out[k] for k in trees}, "step": step_arr}, data_state, out["meta"]
 
 
 def start_params(cfg: TrainConfig, setup: Setup) -> dict:
