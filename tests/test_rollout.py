@@ -232,3 +232,21 @@ def test_eight_devices_give_one_devices_rows(setup, rollout, tmp_path):
     assert got["one"] == one.completions and got["two"] == two.completions
     assert got["stops"] == [one.stop_token.tolist(), two.stop_token.tolist()]
     assert got["compiles"] == 0 and got["sharded"]
+
+
+def test_min_prompt_width_one_prefill_for_every_prompt_length(setup, free_rows, rollout):
+    """Generator(min_prompt_width=N): prompts of other length buckets (12 and 21 ids: widths 16 and 32)
+    share one padded width, so a step with new prompt lengths compiles nothing (an RL run's rollouts,
+    train/rl.py), and the rows are the unpadded engine's rows."""
+    _, _, cfg, params, prompts, _ = setup
+    settings = RolloutConfig(max_completion_length=N, stop_ids=tuple(rollout.stop_ids), batch_size=16, **SAMPLING)
+    want = expected(free_rows, rollout.stop_ids)
+    for floor, compiles in ((32, 0), (0, 1)):  # without the floor the 16-wide prompt compiles its prefill
+        r = Rollout(cfg, params, settings, tokenizer=load_tokenizer("bytes"), dtype="float32", min_prompt_width=floor)
+        r.sample([prompts[2]], G, SEED, prompt_indices=[2])  # warm: the 32-wide programs
+        got = []
+        n = compiles_during(lambda: got.append(r.sample([prompts[0]], G, SEED, prompt_indices=[0])))
+        assert (n == 0) if compiles == 0 else (n > 0), (floor, n)
+        assert [(c, int(s)) for c, s in zip(got[0].completions, got[0].stop_token)] == want[:G]
+    with pytest.raises(ValueError, match="min_prompt_width must be >= 0"):
+        Rollout(cfg, params, settings, dtype="float32", min_prompt_width=-1)

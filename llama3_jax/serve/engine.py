@@ -86,6 +86,9 @@ class Generator:
     `prefill_chunk` N: prompts longer than N tokens are padded to a multiple of N (not the next power
     of two) and prefilled N tokens at a time (slots.prefill; under continuous batching one chunk per
     host visit while the other rows decode): bounded activation memory.
+    `min_prompt_width` N: every prompt is padded as one of at least N tokens (slots.prompt_width), so
+    prompts of many lengths share one prefill program and one cache size (RL rollouts: N = the longest
+    prompt a run takes, and no step compiles anything after the first).
     `kv_pages` N (continuous batching; one device or a mesh, the pool's kv heads split over `tensor`): a paged KV cache of N pages of `page_size` slots
     shared by all rows (paged_cache.py); a row holds ceil((prompt + max_new_tokens) / page_size) pages
     while it runs, so memory follows the rows' lengths; decode steps read each row's pages only, with
@@ -97,7 +100,7 @@ class Generator:
                  tokenizer=None, cfg: ModelConfig | None = None, params: dict | None = None,
                  split_layers: bool | None = None, quantize: str | None = None, kv_cache_dtype: str | None = None,
                  decode_attention: str = "auto", prefill_chunk: int | None = None, kv_pages: int | None = None,
-                 page_size: int = 64, paged_attention: str = "auto"):
+                 page_size: int = 64, paged_attention: str = "auto", min_prompt_width: int = 0):
         restore.check_options(dtype, quantize, kv_cache_dtype)
         if cfg is not None or checkpoint_dir is not None:  # before the restore: a reward model cannot decode
             check_policy_model(cfg if cfg is not None else restore.model_config(checkpoint_dir))
@@ -108,6 +111,9 @@ class Generator:
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        if min_prompt_width < 0:
+            raise ValueError(f"min_prompt_width must be >= 0, got {min_prompt_width}")
+        self.min_prompt_width = min_prompt_width
         if kv_pages is not None:
             if kv_pages < 1 or page_size < 1:
                 raise ValueError(f"kv_pages and page_size must be >= 1, got {kv_pages} and {page_size}")

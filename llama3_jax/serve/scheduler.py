@@ -128,7 +128,7 @@ class Scheduler:
     def __init__(self, generator, batch_size: int, steps: int = DECODE_STEPS):
         self.g, self.b, self.steps = generator, batch_size, steps
         self.chunk = generator.prefill_chunk
-        self.width = functools.partial(prompt_width, chunk=self.chunk)
+        self.width = functools.partial(prompt_width, chunk=self.chunk, floor=generator.min_prompt_width)
         gd = generator.graphdef
         donate = dict(donate_argnames=("state",))
         self._insert = jax.jit(functools.partial(programs.insert, gd, chunk=self.chunk), **donate)

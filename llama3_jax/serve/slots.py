@@ -55,10 +55,14 @@ def left_padded_layout(lengths: jax.Array, width: int) -> tuple[jax.Array, jax.A
     return positions, segment_ids
 
 
-def prompt_width(n: int, chunk: int | None = None) -> int:
+def prompt_width(n: int, chunk: int | None = None, floor: int = 0) -> int:
     """Slots a prompt of n tokens is left-padded to: its power-of-two bucket (few compiles) or, with
     chunked prefill and n > chunk, n rounded up to a multiple of the chunk (at most context / chunk
-    compiles; neither compute nor cache grows to the next power of two, which could pass the context)."""
+    compiles; neither compute nor cache grows to the next power of two, which could pass the context).
+    `floor` (Generator's min_prompt_width): padded as a prompt of at least that many tokens, so prompts
+    of many lengths share one width: one prefill program and one cache size (RL rollouts, where a new
+    mix of prompt lengths each step would otherwise compile a new prefill every few steps)."""
+    n = max(n, floor)
     if chunk is None:
         return bucket(n)
     if n <= chunk:  # one pass: P <= chunk

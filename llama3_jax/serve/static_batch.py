@@ -95,7 +95,7 @@ def static_batches(gen, requests: Sequence[Request], stop_arr, batch_size: int, 
     """Yield [(request index, Completion)] per whole batch of `left_padded_batches`. `gen` is the
     engine.Generator: its params, prefill_chunk, jitted `_generate` / `_extend`, `_cache_for` (whose
     cache is handed back in `_cache` for the next batch), `_put` and `_scope`."""
-    width = functools.partial(prompt_width, chunk=gen.prefill_chunk)
+    width = functools.partial(prompt_width, chunk=gen.prefill_chunk, floor=gen.min_prompt_width)
     for rows, tokens, lengths in left_padded_batches([r.tokens for r in requests], batch_size, width):
         b, p = tokens.shape
         cols = row_columns([requests[i] for i in rows], b)

@@ -142,8 +142,11 @@ class GRPO:
         if self.rollout is None:
             settings = RolloutConfig(max_completion_length=g.max_completion_length, temperature=g.temperature,
                                      top_p=g.top_p, top_k=g.top_k, batch_size=len(prompts) * g.num_generations)
+            # every prompt padded as the longest a run takes (data/prompts.py): one prefill program for
+            # any mix of prompt lengths, none compiled after the first step (serve/engine.py)
             self.rollout = Rollout(setup.model_cfg, live, settings, mesh=setup.mesh, tokenizer=self.tok,
-                                   dtype=self.cfg.compute_dtype)
+                                   dtype=self.cfg.compute_dtype,
+                                   min_prompt_width=self.cfg.seq_len - g.max_completion_length)
         else:
             self.rollout.set_params(live)
         rb = self.rollout.sample([p["ids"] for p in prompts], g.num_generations, self.cfg.seed, step=step,
