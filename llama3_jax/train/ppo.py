@@ -142,7 +142,7 @@ class PPO:
         for r, (p, c) in enumerate(zip(prompts, rb.completion_ids())):
             n = min(len(c) + 1, width)
             out.append({"generation": 0, "row": r, "where": p["where"], "prompt": p["prompt"],
-                        "completion": self.tok.decode(rb.completions[r]), "score": float(scores[r]),
+                        "completion": self.tok.decode(rb.completions[r]), "completion_ids": c, "score": float(scores[r]),
                         "truncated": bool(rb.truncated[r]), "length": len(c),
                         **{k: [float(x) for x in np.asarray(logged[k][r][:n])] for k in LOGGED}})
         return out
