@@ -15,7 +15,7 @@ def subparsers(parser):
 
 def test_commands_come_from_their_files_in_order():
     subs = subparsers(cli.build_parser())
-    assert list(subs) == ["convert", "train", "generate", "score", "rejection-sample"]
+    assert list(subs) == ["convert", "train", "generate", "score", "serve", "rejection-sample"]
     assert all(hasattr(command, "add_parser") for command in cli.COMMANDS)
     for name, sub in subs.items():
         assert callable(sub.get_default("func")), name

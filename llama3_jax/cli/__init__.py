@@ -1,7 +1,7 @@
-"""`llama3-jax convert|train|generate|score|rejection-sample`: parse, validate, call the modules that do
+"""`llama3-jax convert|train|generate|score|serve|rejection-sample`: parse, validate, call the modules that do
 the work.
 
-One file per command (convert.py, train.py, generate.py for generate and score, rejection_sample.py),
+One file per command (convert.py, train.py, generate.py for generate and score, serve.py, rejection_sample.py),
 each adding its subparser and the function it runs over the packages below; args.py holds the argument groups several
 commands share. A new command is a new file here with an `add_parser(sub)` that sets `func`, named
 in COMMANDS (whose order is the order of `--help`).
@@ -17,20 +17,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import convert, generate, rejection_sample, train
+from . import convert, generate, rejection_sample, serve, train
 
-COMMANDS = (convert, train, generate, rejection_sample)
+COMMANDS = (convert, train, generate, serve, rejection_sample)
 
 DESCRIPTION = """\
 Llama 3 (3, 3.1, 3.2, 3.3) in JAX: convert weights between Hugging Face, Meta and llama3-jax
-checkpoints and PEFT LoRA adapters, train from a YAML config, generate or score JSONL batches, and
-rejection-sample best-of-N SFT data.
+checkpoints and PEFT LoRA adapters, train from a YAML config, generate or score JSONL batches, serve
+an OpenAI-compatible HTTP API, and rejection-sample best-of-N SFT data.
 Bad input is reported as one line on stderr with exit status 2.
 
 examples:
   llama3-jax convert --from hf --to jax ~/Meta-Llama-3.1-8B ckpt/llama3.1-8b
   llama3-jax train --config configs/tiny.yaml steps=500
   llama3-jax generate --checkpoint runs/tiny --input prompts.jsonl --output out.jsonl
+  llama3-jax serve --checkpoint runs/tiny --port 8000
   llama3-jax rejection-sample --policy runs/sft --reward-model runs/rm --input prompts.jsonl \
       --output best.jsonl --num-samples 8
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import add_distributed_args, add_engine_args
+from .args import add_cache_args, add_distributed_args, add_engine_args, fetch_checkpoint
 
 
 def add_parser(sub) -> None:
@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     g.add_argument("--shard-index", type=int, default=0, metavar="I",
                    help="which of the N runs this is, 0..N-1 (default: %(default)s)")
     _add_sampling_args(g)
-    _add_cache_args(g)
+    add_cache_args(g)
     add_distributed_args(g)
     g.set_defaults(func=run_generate)
 
@@ -52,42 +52,13 @@ def _add_sampling_args(g: argparse.ArgumentParser) -> None:
                         "a line's own 'n' overrides it)")
 
 
-def _add_cache_args(g: argparse.ArgumentParser) -> None:
-    g.add_argument("--kv-cache-dtype", choices=["bfloat16", "float32", "int8"], default=None,
-                   help="KV cache storage; int8: one scale per (position, kv head), a quarter of float32's "
-                        "memory (default: the compute dtype)")
-    g.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
-                   help="prefill prompts longer than N tokens N at a time, padded to a multiple of N instead of "
-                        "the next power of two: bounded activation memory for long prompts (default: one pass)")
-    g.add_argument("--kv-pages", type=int, default=None, metavar="N",
-                   help="a paged KV cache: N pages of --page-size slots shared by all rows, each row holding "
-                        "ceil((prompt + max_new_tokens) / page size) pages while it runs (default: one "
-                        "contiguous cache per batch)")
-    g.add_argument("--page-size", type=int, default=64, metavar="P",
-                   help="slots per KV page with --kv-pages (default: %(default)s)")
-    g.add_argument("--paged-attention", choices=["auto", "blockwise", "ragged_paged"], default="auto",
-                   help="how decode steps read the paged cache: ragged_paged = the TPU Pallas kernel "
-                        "(jax.experimental.pallas.ops.tpu.ragged_paged_attention), blockwise = XLA's page gather; "
-                        "auto: the kernel on TPU for a float cache (default: %(default)s)")
-
-
 def run_generate(args: argparse.Namespace) -> int:
-    _fetch_checkpoint(args)
+    fetch_checkpoint(args)
     from ..serve.offline import run_generate
     return 1 if run_generate(args)["all_failed"] else 0
 
 
 def run_score(args: argparse.Namespace) -> int:
-    _fetch_checkpoint(args)
+    fetch_checkpoint(args)
     from ..serve.offline import run_score
     return 1 if run_score(args)["all_failed"] else 0
-
-
-def _fetch_checkpoint(args: argparse.Namespace) -> None:
-    """--checkpoint as a local path: file:///x -> /x; gs://...: its latest complete step, fetched into
-    the cache (store/remote.py). (An HF or Meta directory is read as one: serve/restore.py.)"""
-    from ..store.paths import is_remote, resolve
-    args.checkpoint = resolve(args.checkpoint, "--checkpoint")
-    if is_remote(args.checkpoint):
-        from ..store.remote import fetch
-        args.checkpoint = fetch(args.checkpoint, "--checkpoint")

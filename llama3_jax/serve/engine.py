@@ -52,11 +52,12 @@ from ..parallel.sharding import mesh_scope, put
 from ..store import checkpoint
 from . import caches, restore
 from . import sampling as sampling_lib
-from .padding import left_padded_batches
+from .padding import left_pad, left_padded_batches
 from .request import Completion, Request
 from .reward import check_policy_model
 from .scheduler import Scheduler
-from .scoring import Scored, score_batch, scored_rows
+from .scoring import Scored, score_batch, scored_rows, top_logprobs_batch
+from .slots import bucket
 from .static_batch import extend_batch, generate_batch, static_batches
 
 STOP_SLOTS = 8  # stop-id arrays are padded with -1 to a multiple of this: one compile for any stop set
@@ -137,6 +138,7 @@ class Generator:
         self._extend = jax.jit(functools.partial(extend_batch, self.graphdef),  # no donation: it grows
                                static_argnames=("max_new",))
         self._score = jax.jit(functools.partial(score_batch, self.graphdef))
+        self._top = jax.jit(functools.partial(top_logprobs_batch, self.graphdef))
 
     def set_params(self, params: dict) -> None:
         """Decode with `params` from now on. They must be in the layout this engine holds (its dtype, split
@@ -319,6 +321,9 @@ class Generator:
         decode = self.tokenizer.decode if needs_text else None
         if self.kv_pages is not None and not continuous:
             raise ValueError("kv_pages: the paged KV cache serves continuous batching, not static batches")
+        if not continuous and any(r.ignore_eos for r in requests):
+            raise ValueError("a request's ignore_eos needs continuous batching (static batches take ignore_eos "
+                             "for the whole run)")
         if continuous:
             if self._scheduler is None or self._scheduler.b != batch_size:
                 self._scheduler = Scheduler(self, batch_size)
@@ -361,3 +366,14 @@ class Generator:
                 logp = to_host(self._score(self.params, self._put(tokens, ("batch", "seq")),
                                            self._put(lengths, ("batch",))))
             yield scored_rows(pairs, rows, tokens.shape[1], logp)
+
+    def top_logprobs(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One checked sequence of n >= 2 ids -> log p(ids[t+1] | ids[:t+1]) (n-1,), and at each position
+        the scoring.TOP_LOGPROBS likeliest next tokens, ids and log-probs (n-1, K): the server's `logprobs`
+        and `echo`. One row left-padded to its power-of-two bucket: one compile per bucket."""
+        tokens, lengths = left_pad([list(ids)], bucket(len(ids)), 1)
+        with self._scope():
+            picked, top_ids, top_lp = (to_host(x) for x in self._top(
+                self.params, self._put(tokens, ("batch", "seq")), self._put(lengths, ("batch",))))
+        first = tokens.shape[1] - len(ids)
+        return picked[0, first:], top_ids[0, first:], top_lp[0, first:]

@@ -21,7 +21,9 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One prompt and its knobs. `seed` and `row_seed` pick the random stream: fold_in(key(seed), row_seed)."""
+    """One prompt and its knobs. `seed` and `row_seed` pick the random stream: fold_in(key(seed), row_seed).
+    `ignore_eos`: this row does not stop at the run's stop ids (continuous batching; the server's
+    per-request `ignore_eos`)."""
     tokens: Sequence[int]
     max_new_tokens: int       # the row's budget (the rest of the context when the caller gave none)
     temperature: float = 0.0  # 0 = greedy
@@ -30,6 +32,7 @@ class Request:
     seed: int = 0
     row_seed: int = 0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 # the per-row device fields both decoding paths build from a batch's Requests (with `lengths`, which come
@@ -37,7 +40,8 @@ class Request:
 # greedy, no filters, a budget of one token)
 _ROW_COLUMNS = {"seeds": ("seed", np.int32, 0), "row_seeds": ("row_seed", np.int32, 0),
                 "temperature": ("temperature", np.float32, 0.0), "top_k": ("top_k", np.int32, 0),
-                "top_p": ("top_p", np.float32, 1.0), "limit": ("max_new_tokens", np.int32, 1)}
+                "top_p": ("top_p", np.float32, 1.0), "limit": ("max_new_tokens", np.int32, 1),
+                "ignore_eos": ("ignore_eos", np.bool_, False)}
 
 
 def row_columns(requests: Sequence[Request], rows: int) -> dict[str, np.ndarray]:

@@ -4,6 +4,11 @@ Why: a static batch decodes until its longest row is done, so every finished row
 row that stops frees its slot at the next host visit, and the next waiting prompts take the free slots
 while the others keep decoding. The device programs are in slots.py; this loop decides what runs.
 
+Fed from a list (generate, rollouts) or live from a `Feed` (the HTTP server's queue): then at each visit
+`_take` appends the requests that arrived (they wait for a slot like the others) and drops those
+cancelled (a client gone: a waiting one leaves the queue, a decoding one frees its slot), and every visit
+reports the live rows' tokens so far (streaming). A row's tokens never depend on who shares the batch.
+
 At each host visit (`Scheduler.run`, one named step each):
   * `_admit`: free slots take the next waiting prompts (longest budget first, see `_start`);
   * `_open_prefills`: all prompts admitted at one visit are prefilled together, one call per padded
@@ -32,6 +37,7 @@ import collections
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +84,7 @@ class _Prefill:
 class _Run:
     """One run's host-side state: which request each of the b decode slots holds, its tokens so far,
     and the device state the programs pass along (donated at every call)."""
-    requests: Sequence[Request]
+    requests: list[Request]        # a live run appends the feed's arrivals
     decode: Callable[[list[int]], str] | None
     b: int
     state: dict
@@ -97,6 +103,7 @@ class _Run:
         self.pos = np.zeros(b, np.int64)                   # tokens of each live row in the cache
         self.pages_of: list[list[int]] = [[] for _ in range(b)]
         self.pending: list[_Prefill] = []
+        self.cancelling: set[int] = set()                  # live runs: cancelled, not yet out of their slot
 
     @property
     def paged(self) -> bool:
@@ -108,6 +115,20 @@ class _Run:
     def prefilling(self) -> set[int]:
         """Slots whose chunked prefill is still running: admitted, not yet decoding."""
         return {r for job in self.pending for r in job.members}
+
+
+class Feed(Protocol):
+    """What feeds a live run (the HTTP server's queue, serve/openai/worker.py), called by
+    `Scheduler.run` at each host visit on the thread that runs it."""
+
+    def poll(self) -> tuple[list[Request], list[int]]:
+        """The requests that arrived since the last visit, and the indices of those cancelled."""
+
+    def admitted(self, indices: list[int]) -> None:
+        """These requests took decode slots at this visit."""
+
+    def progress(self, rows: list[tuple[int, list[int]]]) -> None:
+        """(request index, its tokens so far) of each row still decoding after this visit."""
 
 
 def _power_of_two_parts(members: list[int], most: int) -> Iterator[list[int]]:
@@ -145,37 +166,88 @@ class Scheduler:
         self.page_waits = 0     # host visits at which the next prompt waited for free pages: tests
         self.peak_pages = 0     # most pages held at once in the last run (benchmarks)
         self.shifts = self.grows = self.shrinks = 0  # contiguous cache moves: tests
+        self.live: _Run | None = None  # the run in progress
 
     def compiles(self) -> int:
         """Compiled programs so far (tests: distinct knobs must not add any)."""
         fs = (self._insert, self._place, self._open, self._piece, self._decode, self._shift, self._resize)
         return sum(f._cache_size() for f in fs)
 
-    def run(self, requests: Sequence[Request], stop_ids, decode: Callable[[list[int]], str] | None
-            ) -> Iterator[list[tuple[int, Completion]]]:
-        if not requests:
+    def run(self, requests: Sequence[Request], stop_ids, decode: Callable[[list[int]], str] | None,
+            feed: Feed | None = None) -> Iterator[list[tuple[int, Completion]]]:
+        """Yield [(request index, Completion)] as rows finish. With a `feed` (a live run: the server's
+        queue) the requests list grows: at every host visit the feed's new requests join the waiting
+        ones (their indices follow on) and its cancelled ones leave; every visit yields (perhaps an
+        empty list), and the run ends when no row is live or waiting."""
+        if not requests and feed is None:
             return
-        run = self._start(requests, decode)
-        while run.busy():
-            with self.g._scope():
-                ready = self._open_prefills(run, self._admit(run))
-                ready += self._prefill_chunks(run)
-                self._room_for_prompts(run, ready)
-                self._enter(run, ready)
-                finished = self._decode_visit(run, stop_ids)
-            if finished:
-                yield finished
+        run = self._start(list(requests), decode, live=feed is not None)
+        self.live = run
+        try:
+            while True:
+                if feed is not None:
+                    self._take(run, feed)
+                if not run.busy():
+                    break
+                with self.g._scope():
+                    admitted = self._admit(run)
+                    if feed is not None and admitted:
+                        feed.admitted([run.rows[r] for r in admitted])
+                    ready = self._open_prefills(run, admitted)
+                    ready += self._prefill_chunks(run)
+                    self._room_for_prompts(run, ready)
+                    self._enter(run, ready)
+                    live = [r for r in range(run.b) if run.rows[r] is not None]
+                    finished = self._decode_visit(run, stop_ids)
+                if feed is not None:
+                    feed.progress([(run.rows[r], run.toks[r]) for r in live if run.rows[r] is not None])
+                if finished or feed is not None:
+                    yield finished
+        finally:
+            self.live = None
         if run.paged:
             self.g._pool = run.state["cache"]
         else:
             self.g._cache = run.state["cache"]
 
+    def pages_in_use(self) -> int:
+        """KV pages the live run's rows hold (0 without a paged cache or a run): the server's gauge."""
+        run = self.live
+        return 0 if run is None or not run.paged else run.pool.pages - len(run.pool.free)
+
+    def _take(self, run: _Run, feed: Feed) -> None:
+        """A live run's arrivals (appended, in order) and cancellations: a waiting request leaves the
+        queue, a decoding row frees its slot (marked done on the device, as a stop string does), a row
+        still in its chunked prefill leaves once it is in its slot (the next visit)."""
+        new, cancelled = feed.poll()
+        for req in new:
+            run.waiting.append(len(run.requests))
+            run.requests.append(req)
+        run.cancelling.update(cancelled)
+        if not run.cancelling:
+            return
+        prefilling = run.prefilling()
+        freed = np.zeros(run.b, bool)
+        for i in list(run.cancelling):
+            if i in run.waiting:
+                run.waiting.remove(i)
+            elif i in run.rows:
+                r = run.rows.index(i)
+                if r in prefilling:
+                    continue
+                self._free(run, r)
+                freed[r] = True
+            run.cancelling.discard(i)
+        if freed.any():
+            run.state = {**run.state, "done": run.state["done"] | jnp.asarray(freed)}
+
     # ------------------------------------------------------------------ the steps of a run
-    def _start(self, requests: Sequence[Request], decode) -> _Run:
+    def _start(self, requests: list[Request], decode, live: bool = False) -> _Run:
         """The empty cache (contiguous: room for the widest prompt and up to slots.FIRST_CHUNK new tokens;
-        paged: the pool, refusing a request it could never hold) and the admission order."""
+        paged: the pool, refusing a request it could never hold) and the admission order. A `live` run
+        (fed while it runs) has all its slots, and a paged one a page table as wide as the context."""
         g = self.g
-        b = min(self.b, len(requests))
+        b = self.b if live else min(self.b, len(requests))
         # the longest budgets first, then the longest prompts (longest-processing-time-first): a slot is
         # held for about max_new_tokens steps, so the long rows start early and the short ones fill the
         # gaps at the end instead of a few long rows decoding alone (2 x batch ragged rows, batch 32:
@@ -184,14 +256,15 @@ class Scheduler:
         waiting = collections.deque(sorted(range(len(requests)), key=key))
         with g._scope():
             if g.kv_pages is None:
-                longest = max(self.width(len(r.tokens)) for r in requests)
-                slots = bucket(longest + min(max(r.max_new_tokens for r in requests), programs.FIRST_CHUNK))
+                longest = max((self.width(len(r.tokens)) for r in requests), default=1)
+                most = max((r.max_new_tokens for r in requests), default=1)
+                slots = bucket(longest + min(most, programs.FIRST_CHUNK))
                 state = programs.empty_state(g._cache_for(b, slots), b, g.cfg.vocab_size)
                 return _Run(requests, decode, b, state, waiting, slots=slots)
             pool = PagePool(g.kv_pages, g.page_size)
             self.peak_pages = 0
             needs = [pool.need(len(r.tokens) + r.max_new_tokens) for r in requests]
-            m = max(needs)
+            m = min(pool.need(g.cfg.max_seq_len), g.kv_pages) if live else max(needs)
             if m > g.kv_pages:
                 i = needs.index(m)
                 raise ValueError(f"request {i}: {len(requests[i].tokens)} prompt tokens + max_new_tokens "

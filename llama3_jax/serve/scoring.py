@@ -40,6 +40,23 @@ def score_batch(graphdef, params, tokens, lengths):
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+TOP_LOGPROBS = 20  # alternatives per position `top_logprobs_batch` returns (OpenAI's most)
+
+
+def top_logprobs_batch(graphdef, params, tokens, lengths):
+    """`score_batch`'s log-probs (the same computation, so the same numbers) and, per position, the
+    TOP_LOGPROBS likeliest next tokens: (logp (B, T-1), ids (B, T-1, K), their logp (B, T-1, K)). The
+    server's `logprobs` / `echo` (log-probs of the model's distribution, before temperature or filters)."""
+    model = nnx.merge(graphdef, params)
+    positions, segment_ids = left_padded_layout(lengths, tokens.shape[1])
+    logits, _ = model(tokens, positions, segment_ids)
+    logits = logits[:, :-1]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    vals, ids = jax.lax.top_k(logits, TOP_LOGPROBS)
+    return picked - lse, ids, vals - lse[..., None]
+
+
 def scored_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], rows: Sequence[int], width: int,
                 logp: np.ndarray) -> list[tuple[int, Scored]]:
     """[(pair index, Scored)] of one batch: row r holds pair rows[r] right-aligned in `width` slots, and

@@ -3,7 +3,8 @@
 scheduler.py is the host loop that jits and calls these; here they are pure functions of
 (graphdef, params, state) so each compiles once per shape with the state donated. The state is a dict:
 `cache` (kv_cache.KVCache, or paged_cache.PagedKVCache) and per-slot leaves (B,): logits (B, V) waiting
-to be sampled, pos (tokens of the row in the cache), n_gen, done, limit, keys, temperature, top_k, top_p.
+to be sampled, pos (tokens of the row in the cache), n_gen, done, limit, keys, temperature, top_k, top_p,
+ignore_eos (the row does not stop at the stop ids).
 
 Rows enter in groups: every prompt admitted at one host visit with the same padded width P is
 prefilled in ONE call (`insert`: n rows (n a power of two, padding rows dropped), a temporary cache of
@@ -179,7 +180,8 @@ def place(state: dict, tmp: KVCache, logits, slots, rows: dict, pages=None) -> d
     n = slots.shape[0]
     new = dict(logits=logits, pos=rows["lengths"], n_gen=jnp.zeros((n,), jnp.int32), done=jnp.zeros((n,), bool),
                limit=rows["limit"], keys=row_keys(rows["seeds"], rows["row_seeds"]),
-               temperature=rows["temperature"], top_k=rows["top_k"], top_p=rows["top_p"])
+               temperature=rows["temperature"], top_k=rows["top_k"], top_p=rows["top_p"],
+               ignore_eos=rows["ignore_eos"])
     out = {**state, "cache": cache}
     out.update({k: state[k].at[slots].set(v, mode="drop") for k, v in new.items()})
     return _laid_out(out)
@@ -261,7 +263,7 @@ def decode_chunk(graphdef, params, state: dict, stop_ids, refill_at, steps: int,
         i, st, out, n_out = c
         live = ~st["done"]
         tok = sample(st["logits"], st["keys"], st["n_gen"], _knobs(st))
-        keep = live & ~is_stop(tok, stop_ids)
+        keep = live & ~(is_stop(tok, stop_ids) & ~st["ignore_eos"])
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
         n_gen = st["n_gen"] + keep
         done = st["done"] | (live & ~keep) | (n_gen >= st["limit"])
@@ -281,4 +283,5 @@ def empty_state(cache, b: int, vocab: int) -> dict:
     zi = lambda: jnp.zeros((b,), jnp.int32)  # noqa: E731
     return dict(cache=cache, logits=jnp.zeros((b, vocab), jnp.float32), pos=zi(), n_gen=zi(),
                 done=jnp.ones((b,), bool), limit=zi(), keys=row_keys(zi(), zi()),
-                temperature=jnp.zeros((b,), jnp.float32), top_k=zi(), top_p=jnp.ones((b,), jnp.float32))
+                temperature=jnp.zeros((b,), jnp.float32), top_k=zi(), top_p=jnp.ones((b,), jnp.float32),
+                ignore_eos=jnp.zeros((b,), bool))
