@@ -5,8 +5,8 @@ function's None (or NaN) is "not applicable"; a completion no function scored is
 ("All reward functions returned None ..."), leaves the row out of its group's mean and std (nanmean,
 nanstd) and out of the logged reward statistics, and gives it advantage 0 (nan_to_num). Checked here on
 one CLI run, transcribed with numpy from the function's own answers (which it logs), then the same run
-meets an answer that is not a number at step 3: one line naming the function and the prompt's
-FILE:LINE, checkpoint 2 intact, nothing logged after step 2.
+meets an answer that is not a number at step 3's second prompt: one line naming the function and that
+prompt's FILE:LINE, checkpoint 2 intact, nothing logged after step 2.
 
 Every other way a function can answer badly (the wrong length, a string, a list, a bool, an infinity)
 is checked on reward_fns.RewardFn, the one place that checks every answer, without a run.
@@ -37,7 +37,7 @@ calls = []
 
 def picky(prompts, completions, id, **columns):
     # steps 1-2: completion 0 of each prompt unscored (None), NaN for completion 1 of the first prompt,
-    # and every completion of the 4th prompt (step 2's second) unscored; step 3: a string
+    # and every completion of the 4th prompt (step 2's second) unscored; step 3's second prompt: a string
     calls.append(1)
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
     out = [sum(ord(ch) < 128 for ch in t) / len(t) if t else 0.0 for t in texts]
@@ -46,7 +46,7 @@ def picky(prompts, completions, id, **columns):
         out[1] = float("nan")
     if len(calls) == 4:
         out = [None] * len(out)
-    if len(calls) == 5:
+    if len(calls) == 6:
         out[0] = "0.5"
     with open(os.environ["GRPO_REWARD_CALLS"], "a") as f:
         f.write(json.dumps({"id": id[0], "out": out}) + "\\n")
@@ -79,7 +79,7 @@ def test_a_non_number_stops_the_run_in_one_line_naming_the_function_and_the_prom
     proc, workdir, answers, fn = picky_run
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    bad = answers[4]  # the 5th call: step 3's first prompt, whose record has id k on line k + 1
+    bad = answers[5]  # the 6th call: step 3's second prompt (not the step's first), id k on line k + 1
     assert re.fullmatch(rf"llama3-jax train: error: \S*grpo_prompts\.jsonl:{bad['id'] + 1}: reward function "
                         + re.escape(f"{fn}:picky returned '0.5' for completion 0, not a number or None"), last), \
         proc.stderr[-2000:]

@@ -58,7 +58,7 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
     first = math.floor(lo / step) * step
-    return [round(first + i * step, 12) for i in range(int(math.ceil((hi - first) / step + 1e-9)) + 1)]
+    return [round(first + i * step, 12) for i in range(int(math.ceil((hi - first) / step - 1e-9)) + 1)]
 
 
 def _fmt(v: float) -> str:
