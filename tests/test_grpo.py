@@ -13,7 +13,8 @@ serves the checks:
     uninterrupted run's per-step rewards and losses exactly;
   * 8 fake devices (data 2 x fsdp 2 x tensor 2), and 2 processes under jax.distributed (gloo on
     127.0.0.1, one device each, each running the reward function on its own prompt), give the one-device
-    run's completions and rewards exactly and its losses to float32 tolerance;
+    run's completions and rewards exactly and its losses to float32 tolerance; a reward function raising
+    on process 1 alone stops both processes with the same line;
   * a reward function that raises stops the run in one line naming it and the prompt's FILE:LINE,
     and the last checkpoint is intact;
   * the shipped configs/grpo.yaml learns its toy task: the mean reward rises from near 0.
@@ -45,12 +46,20 @@ TRL_NAMES = ("loss", "reward", "reward_std", "rewards/ascii_share/mean", "reward
 REWARDS = """
 import json, os
 
+calls = []
+
 def ascii_share(prompts, completions, **columns):
     # the share of the completion's characters that are ASCII (0 for an empty one); with GRPO_REWARD_CALLS
-    # set, each call appends {pid, id} there (which process scored which prompt)
+    # set, each call appends {pid, id} there (which process scored which prompt); GRPO_REWARD_FAIL=P:N:
+    # process P raises at its N-th call
+    calls.append(1)
     if os.environ.get("GRPO_REWARD_CALLS"):
         with open(os.environ["GRPO_REWARD_CALLS"], "a") as f:
             f.write(json.dumps({"pid": os.getpid(), "id": columns["id"][0]}) + "\\n")
+    if os.environ.get("GRPO_REWARD_FAIL"):
+        import jax
+        if [jax.process_index(), len(calls)] == [int(x) for x in os.environ["GRPO_REWARD_FAIL"].split(":")]:
+            raise RuntimeError("judge offline")
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
     return [sum(ord(ch) < 128 for ch in t) / len(t) if t else 0.0 for t in texts]
 """
@@ -134,19 +143,23 @@ def test_sigkill_and_rerun_give_the_same_rewards_and_losses(tmp_path, full_run, 
     assert (workdir / "rollouts.jsonl").read_text() == (full_run / "rollouts.jsonl").read_text()
 
 
-def assert_same_run(got: Path, want: Path) -> None:
+def assert_same_run(got: Path, want: Path, steps: int = 6) -> None:
     """The same completions and rewards exactly (the sampled tokens decide them: rollouts.jsonl holds the
     first prompt's ids, the reward metrics all of them), and the losses to float32 tolerance: another
     mesh sums the same float32 terms in another order (rows over 4 batch shards, the model's matmuls over
     2 tensor shards), ~1e-7 relative per sum, and Adam's per-coordinate normalisation lets that grow over
     six updates (measured: <= 4e-5 relative); atol for step 1, whose loss is ~1e-7 (the advantages of a
     group sum to 0 and the importance ratio is 1)."""
-    assert (got / "rollouts.jsonl").read_text() == (want / "rollouts.jsonl").read_text()
+    def upto(d: dict) -> dict:
+        return {s: v for s, v in d.items() if s <= steps}
+    samples = [[x for x in (run / "rollouts.jsonl").read_text().splitlines() if json.loads(x)["step"] <= steps]
+               for run in (got, want)]
+    assert samples[0] == samples[1]
     for key in ("reward", "reward_std", "rewards/ascii_share/mean", "frac_reward_zero_std", "completions/mean_length"):
-        assert by_step(got, key) == by_step(want, key), key
+        assert by_step(got, key) == upto(by_step(want, key)), key
     for key in ("loss", "kl", "entropy", "grad_norm"):
-        g, w = by_step(got, key), by_step(want, key)
-        assert sorted(g) == sorted(w) == [1, 2, 3, 4, 5, 6], key
+        g, w = by_step(got, key), upto(by_step(want, key))
+        assert sorted(g) == sorted(w) == list(range(1, steps + 1)), key
         np.testing.assert_allclose([g[s] for s in w], list(w.values()), rtol=1e-4, atol=1e-6, err_msg=key)
 
 
@@ -162,22 +175,32 @@ def test_two_processes_give_one_process_rewards_and_losses(tmp_path, full_run, r
     """`train` on 2 processes (tools/launch_local.py: jax.distributed, gloo on 127.0.0.1), one device each,
     one data=2 mesh: the rollouts are drawn on the global mesh, each process scores its own prompt (the
     reward function's calls say which process ran it), num_iterations 2 takes the old log-probs of the
-    global batch, and the run is the one-process run."""
+    global batch, and steps 1-4 are the one-process run's. Then process 1's reward function raises at
+    the third rollout (step 5): process 0, whose own prompt scored fine, stops too, both with the one
+    line naming the function and process 1's prompt, and checkpoint 3 is intact."""
     workdir, calls = tmp_path / "run", tmp_path / "calls.jsonl"
     cmd = [sys.executable, str(REPO / "tools" / "launch_local.py"), "-n", "2", "--cpu-devices", "1", "--",
            *small_run(workdir, rewards_file, **{"mesh.data": 2})]
-    run_ok(cmd, cli_env(XLA_FLAGS="", GRPO_REWARD_CALLS=str(calls)), timeout=400)
-    assert_same_run(workdir, full_run)
+    proc = subprocess.run(cmd, env=cli_env(XLA_FLAGS="", GRPO_REWARD_CALLS=str(calls), GRPO_REWARD_FAIL="1:3"),
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert_same_run(workdir, full_run, steps=4)
+    assert checkpoint.latest_intact_step(workdir) == 3
     calls = [json.loads(x) for x in calls.read_text().splitlines()]
     assert len(calls) == 6  # 3 rollouts x 2 prompts: each prompt scored once in the job, not once per process
+    pairs = [calls[2 * k:2 * k + 2] for k in range(3)]  # a rollout's calls end before the next's (the gather waits)
+    assert all(a["pid"] != b["pid"] and a["id"] != b["id"] for a, b in pairs)
     firsts = {int(r["where"].rpartition(":")[2]) - 1 for r in map(json.loads, (workdir / "rollouts.jsonl").open())
-              if r["generation"] == 0}  # the id of each rollout's first prompt (line id + 1)
-    scorer_of_first = set()
-    for k in range(3):  # a rollout's calls end before the next begins (the gather of its answers waits)
-        pair = calls[2 * k:2 * k + 2]
-        assert pair[0]["pid"] != pair[1]["pid"] and pair[0]["id"] != pair[1]["id"]
-        scorer_of_first |= {r["pid"] for r in pair if r["id"] in firsts}
-    assert len(scorer_of_first) == 1  # process 0 scores the first prompt of each step, process 1 the second
+              if r["generation"] == 0}  # the id of the first prompt of rollouts 1 and 2 (line id + 1)
+    process0 = {r["pid"] for pair in pairs[:2] for r in pair if r["id"] in firsts}
+    assert len(process0) == 1  # process 0 scores the first prompt of each step, process 1 the second
+    failed = next(r for r in pairs[2] if r["pid"] not in process0)  # process 1's prompt of the third rollout
+    errors = [ln for ln in proc.stderr.splitlines() if "llama3-jax train: error:" in ln]
+    assert len(errors) == 2, proc.stderr[-3000:]
+    for i in range(2):  # the same line on both processes: process 1's prompt, process 1's function
+        assert any(re.fullmatch(rf"\[process {i}\] llama3-jax train: error: \S*grpo_prompts\.jsonl:{failed['id'] + 1}: "
+                                rf"reward function {re.escape(str(rewards_file))}:ascii_share raised RuntimeError: "
+                                rf"judge offline", e) for e in errors), errors
 
 
 def test_a_failing_reward_function_is_one_line_and_the_checkpoint_stays(tmp_path):
