@@ -103,8 +103,10 @@ class PPO:
         if self.rollout is None:
             settings = RolloutConfig(max_completion_length=self.p.max_completion_length,
                                      temperature=self.p.temperature, batch_size=len(prompts))
+            # every prompt padded as the longest a run takes: one prefill program, none compiled later
             self.rollout = Rollout(setup.model_cfg, live, settings, mesh=setup.mesh, tokenizer=self.tok,
-                                   dtype=self.cfg.compute_dtype)
+                                   dtype=self.cfg.compute_dtype,
+                                   min_prompt_width=self.cfg.seq_len - self.p.max_completion_length - 1)
         else:
             self.rollout.set_params(live)
         return self.rollout.sample([p["ids"] for p in prompts], 1, self.cfg.seed, step=step,
