@@ -183,6 +183,28 @@ def test_stop_strings_cut_as_generate_does_streaming_or_not(server, client, gen,
         assert (text, reason) == (want["text"], "stop"), stream
 
 
+def test_a_stop_string_across_a_host_visit_is_never_streamed(server, client, gen, tmp_path):
+    """Tokens stream once per host visit (DECODE_STEPS decode steps); a stop string whose first
+    character came in one visit and the rest in the next must not have been sent: the stream still
+    adds up to the cut text."""
+    from llama3_jax.serve.scheduler import DECODE_STEPS
+    lines = [{"id": i, "prompt": p, "max_new_tokens": DECODE_STEPS + 8} for i, p in enumerate(PROMPTS)]
+    full = offline(gen, tmp_path, lines, ignore_eos=True)
+    for i, p in enumerate(PROMPTS):
+        toks, decode = full[i]["tokens"], gen.tokenizer.decode
+        a, b = decode(toks[:DECODE_STEPS]), decode(toks[:DECODE_STEPS + 1])
+        if a and b.startswith(a) and len(b) > len(a) and "\ufffd" not in b:
+            stop = a[-1] + b[len(a)]
+            if b.find(stop) == len(a) - 1:
+                break
+    else:
+        pytest.fail("no prompt with a stop string across the first visit's end")
+    chunks = list(client.completions.create(model=NAME, prompt=p, max_tokens=DECODE_STEPS + 8, temperature=0,
+                                            stop=stop, stream=True, extra_body={"ignore_eos": True}))
+    assert len(chunks) >= 2 and "".join(ch.choices[0].text for ch in chunks) == a[:-1]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_echo_logprobs_equal_score_and_alternatives_equal_transformers(server, client, gen, model, tmp_path):
     text = "The quick brown fox jumps over the lazy dog"
     ids = gen.tokenizer.encode(text)

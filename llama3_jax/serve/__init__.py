@@ -1,4 +1,4 @@
-"""Decoding: one engine, fed from a file (generate / score) and later from a queue or the RL rollout.
+"""Decoding: one engine, fed from a file (generate / score), a queue (serve) or the RL rollout.
 
     engine.py        Generator: the public class (state, jitted programs, request API); shapes legend
     restore.py       the parameters it decodes with: restore, cast, quantise, split per layer
@@ -12,4 +12,5 @@
     scoring.py       log-probs of given completions
     offline.py       the jobs behind `llama3-jax generate` and `score`
     jsonl.py         their JSONL plumbing: pieces of input, resume, durable appends, shards, progress
+    openai/          `llama3-jax serve`: the OpenAI-compatible HTTP server over a live scheduler run
 """
