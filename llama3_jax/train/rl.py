@@ -57,7 +57,6 @@ from . import grpo_loss as grpo_lib
 from .config import TrainConfig
 from .step import Setup, merge_trained, sampling_logps
 
-FLOAT_KEYS = ("advantages", "old_logps")
 # the metrics line's grpo entries without a "/" in their name (those with one are all logged)
 RL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "rollout_seconds",
               "rollout_tokens_per_second", "update_seconds", "reward_seconds")
