@@ -277,6 +277,19 @@ def test_bad_ppo_keys_are_one_line(override, message):
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+def test_a_value_or_reward_checkpoint_that_cannot_serve_is_one_line_naming_its_key(tmp_path):
+    from llama3_jax.train.config import model_config
+    from llama3_jax.train.ppo_step import value_config
+    other = save_random(tmp_path / "rm300", "score", 2, vocab_size=300)
+    for override, message in [(f"ppo.reward_model={tmp_path / 'none'}", f"ppo.reward_model {tmp_path / 'none'}: "),
+                              (f"ppo.value_model={other}", f"ppo.value_model {other}: the value model has "
+                                                           f"vocab_size 300, the policy 262")]:
+        cfg = load_yaml_config(TrainConfig, CONFIG, [override])
+        with pytest.raises(ValueError) as e:
+            value_config(cfg, model_config(cfg))
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
 def test_the_shipped_config_raises_the_mean_score(tmp_path):
     run_ok(cli("train", "--config", CONFIG, f"workdir={tmp_path / 'run'}", "progress=false"), cli_env())
     scores = by_step(tmp_path / "run", "objective/scores")

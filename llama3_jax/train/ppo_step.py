@@ -80,8 +80,12 @@ def value_config(cfg: TrainConfig, mc: ModelConfig) -> ModelConfig:
     """The value model's shape: its source checkpoint's (or the policy's) with the `score` head, float32
     weights, the run's compute dtype; refused in one line when it cannot read the policy's rows."""
     src = value_source(cfg)
-    vc = mc if src is None else model_config_of(src)
-    where = f"the value model ({src})" if src else "the value model"
+    key = "ppo.value_model" if cfg.ppo.value_model else "ppo.reward_model"
+    try:
+        vc = mc if src is None else model_config_of(src)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{key} {src}: {e}") from None
+    where = f"{key} {src}: the value model" if src else "the value model"
     if vc.vocab_size != mc.vocab_size:
         raise ValueError(f"{where} has vocab_size {vc.vocab_size}, the policy {mc.vocab_size}: it must read the "
                          f"policy's token ids (a model of the same tokenizer)")
