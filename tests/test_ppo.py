@@ -268,7 +268,7 @@ def test_lora_policy_starts_as_the_reference_and_the_workdir_holds_adapters(rm_l
     ("ppo.klcoef=0.1", "unknown key 'ppo.klcoef'"),
     ("ppo.cliprange=x", "ppo.cliprange: expected float, got 'x'"),
     ("ppo.reward_model=null", "objective ppo needs ppo.reward_model"),
-    ("ppo.max_completion_length=111", "ppo.max_completion_length 111 leaves no room for a prompt"),
+    ("ppo.max_completion_length=112", "ppo.max_completion_length 112 leaves no room for a prompt"),
     ("ppo.num_mini_batches=3", "batch_size 16 does not split into ppo.num_mini_batches 3"),
 ])
 def test_bad_ppo_keys_are_one_line(override, message):

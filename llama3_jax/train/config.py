@@ -170,9 +170,9 @@ class TrainConfig:
         if not p.reward_model:
             raise ValueError("objective ppo needs ppo.reward_model (a reward checkpoint DIR or model:DIR, "
                              "MODULE:NAME or path/to/file.py:NAME)")
-        if p.max_completion_length + 1 >= self.seq_len:
+        if p.max_completion_length >= self.seq_len:
             raise ValueError(f"ppo.max_completion_length {p.max_completion_length} leaves no room for a prompt in "
-                             f"seq_len {self.seq_len} (a row holds prompt + completion + its stop token)")
+                             f"seq_len {self.seq_len} (a row holds prompt + completion)")
         if self.batch_size % (p.num_mini_batches * self.grad_accum):
             raise ValueError(f"batch_size {self.batch_size} does not split into ppo.num_mini_batches "
                              f"{p.num_mini_batches} x grad_accum {self.grad_accum} microbatches")

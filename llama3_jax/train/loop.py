@@ -313,7 +313,7 @@ def _open_iterator(run: _Run, reference: dict | None, data_state: dict | None, o
     recorded in the workdir and announced. The iterator is closed again if that fails."""
     cfg = run.cfg
     if cfg.objective in RL_OBJECTIVES:  # prompts, not packed rows (data/prompts.py); every process reads them all
-        room = cfg.grpo.max_completion_length if cfg.objective == "grpo" else cfg.ppo.max_completion_length + 1
+        room = (cfg.grpo if cfg.objective == "grpo" else cfg.ppo).max_completion_length
         it = PromptIterator(cfg.data, run.documents, tokenizer=run.tok, batch_size=cfg.batch_size, seed=cfg.seed,
                             max_prompt_len=cfg.seq_len - room)
     else:

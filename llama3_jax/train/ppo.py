@@ -106,7 +106,7 @@ class PPO:
             # every prompt padded as the longest a run takes: one prefill program, none compiled later
             self.rollout = Rollout(setup.model_cfg, live, settings, mesh=setup.mesh, tokenizer=self.tok,
                                    dtype=self.cfg.compute_dtype,
-                                   min_prompt_width=self.cfg.seq_len - self.p.max_completion_length - 1)
+                                   min_prompt_width=self.cfg.seq_len - self.p.max_completion_length)
         else:
             self.rollout.set_params(live)
         return self.rollout.sample([p["ids"] for p in prompts], 1, self.cfg.seed, step=step,
@@ -175,7 +175,7 @@ def rollout_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], 
     out["index"] = np.zeros((n, width), np.int32)
     for r, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
         seq = list(p) + list(c)
-        m = len(seq)  # <= seq_len: prompts are at most seq_len - max_completion_length - 1 (loop.py)
+        m = len(seq)  # <= seq_len: prompts are at most seq_len - max_completion_length (loop.py)
         out["tokens"][r, :m], out["targets"][r, :m - 1] = seq, seq[1:]
         out["positions"][r, :m], out["segment_ids"][r, :m] = np.arange(m), 1
         out["index"][r] = np.minimum(len(p) - 1 + np.arange(width), seq_len - 1)
