@@ -136,3 +136,45 @@ def test_ragged_and_window_decode_equal_reference_on_a_ragged_cache():
     first, count = decode.work_list(seg, jnp.int32(index), 8)
     assert count.tolist() == [1, 2, 3, 5, 4]  # only the blocks a row has filled are visited
     assert decode.block_for(48) == 16 and decode.block_for(272) == 16 and decode.block_for(2048) == 64
+
+
+def test_shared_prefix_row_equals_each_completion_alone_in_reference_and_blockwise():
+    """A negative segment is a shared prefix (train/grpo_batch.py's packed GRPO rows): one row [prompt
+    (segment -1, left padding 0) | completion 1 | completion 2] gives at each completion's slots what a row
+    [prompt | that completion] alone gives, forward and backward (q, k, v), in the reference and in
+    blockwise (small blocks: pairs skipped across completions, but never the prompt's)."""
+    p, c, pad = 9, 7, 3
+    t = pad + p + 2 * c
+    ks = jax.random.split(jax.random.key(5), 4)
+    q = jax.random.normal(ks[0], (1, t, H, D))
+    k = jax.random.normal(ks[1], (1, t, 2, D))
+    v = jax.random.normal(ks[2], (1, t, 2, D))
+    seg = np.zeros((1, t), np.int32)
+    seg[0, pad:pad + p], seg[0, pad + p:pad + p + c], seg[0, pad + p + c:] = -1, 1, 2
+    seg = jnp.asarray(seg)
+    idx = jnp.arange(t)
+    cot = jax.random.normal(ks[3], (1, t, H, D)) * (seg != 0)[..., None, None]
+    for fn in (reference.attend, lambda *a: blockwise.attend(*a, block_q=8, block_k=4)):
+        packed = fn(q, k, v, seg, seg, idx, idx)
+        g_packed = jax.grad(loss_of(fn, seg, cot), argnums=(0, 1, 2))(q, k, v)
+        for j, lo in enumerate((pad + p, pad + p + c)):  # completion j alone after the prompt
+            keep = np.r_[pad:pad + p, lo:lo + c]
+            alone_seg = jnp.ones((1, len(keep)), jnp.int32)
+            i2 = jnp.arange(len(keep))
+            sub = lambda x: x[:, keep]  # noqa: E731
+            alone = fn(sub(q), sub(k), sub(v), alone_seg, alone_seg, i2, i2)
+            np.testing.assert_allclose(packed[:, lo:lo + c], alone[:, p:], atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(packed[:, pad:pad + p], alone[:, :p], atol=1e-5, rtol=1e-5)
+        # the prompt's keys and values collect the gradient of every completion that reads them
+        g_alone = [jnp.zeros_like(x) for x in (q, k, v)]
+        for j, lo in enumerate((pad + p, pad + p + c)):
+            keep = np.r_[pad:pad + p, lo:lo + c]
+            sub_cot = cot[:, keep].at[:, :p].multiply(1.0 if j == 0 else 0.0)  # the prompt's own rows once
+            alone_seg = jnp.ones((1, len(keep)), jnp.int32)
+            i2 = jnp.arange(len(keep))
+            g = jax.grad(lambda a, b, c_: jnp.sum(fn(a, b, c_, alone_seg, alone_seg, i2, i2) * sub_cot),
+                         argnums=(0, 1, 2))(q[:, keep], k[:, keep], v[:, keep])
+            g_alone = [acc.at[:, keep].add(x) for acc, x in zip(g_alone, g)]
+        for name, a, b in zip("qkv", g_packed, g_alone):
+            np.testing.assert_allclose(np.asarray(a)[:, pad:], np.asarray(b)[:, pad:], atol=1e-4, rtol=1e-4,
+                                       err_msg=f"d{name}")

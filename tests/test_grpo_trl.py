@@ -15,7 +15,9 @@ backward. Ours is the real path: GRPO.score (rewards, advantages, the (B*G, seq_
 and one call of the jitted train step (step.py's grpo branch, Setup.step_fn). The step's gradient is
 read from its own output: gradient clipping off and AdamW's b1 = 0, so the first moment after the
 update IS the gradient the step applied.
-Checked, for loss_type dapo and grpo x scale_rewards group and none, float32: prompt ids, advantages,
+Checked, for loss_type dapo and grpo x scale_rewards group and none, in the packed layout (a prompt
+computed once for its G completions, train/grpo_batch.py: what a 1-device run uses) and in two cases
+the rows layout (one row per completion), float32: prompt ids, advantages,
 reward metrics, loss, entropy, grad_norm (every tensor at once) and the gradients of the embedding
 (tied: the output layer's part included), layer 0's q_proj, layer 1's down_proj and the final norm.
 """
@@ -57,7 +59,9 @@ COMPLETIONS = [[A, A, EOT], [98, 99, 100, 101, 102, 103], [A, 32, A, A, 98, A], 
                [A, 120, EOT], [A, A, A, A, 33, EOS], [121, 122, 123, 124, 125, A], [A, 10, 200, 150, EOT]]
 # (our name, layer) -> checked gradient
 CHECKED = [("embed", None), ("layers/wq", 0), ("layers/w_down", 1), ("norm", None)]
-CASES = list(itertools.product(("dapo", "grpo"), ("group", "none")))
+# grpo_batch.py's packed layout (what a 1-device run takes) in every case, the rows layout in two
+CASES = [(*c, "packed") for c in itertools.product(("dapo", "grpo"), ("group", "none"))] + [
+    ("dapo", "group", "rows"), ("grpo", "none", "rows")]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +89,7 @@ def steps(model_dir, tmp_path_factory):
     return out
 
 
-def ours(model_dir, steps, tmp_path, loss_type, scale):
+def ours(model_dir, steps, tmp_path, loss_type, scale, layout):
     """(prompts, GRPO.score's output, the step's metrics, its gradient) for the fixed completions."""
     _, setup, mesh = steps[loss_type]
     cfg = run_config(model_dir, tmp_path, loss_type, scale)
@@ -99,6 +103,8 @@ def ours(model_dir, steps, tmp_path, loss_type, scale):
                       completions=kept, stop_token=stop, lengths=np.array([len(c) for c in kept], np.int32),
                       rollout_seconds=1.0, tokens=sum(map(len, COMPLETIONS)))
     rl = GRPO(cfg, setup, tok, tmp_path, 0)
+    assert rl.packed  # a 1-device run's choice
+    rl.packed = layout == "packed"
     try:
         scored = rl.score(prompts, rb)
     finally:
@@ -142,14 +148,16 @@ def close(ours_value, theirs, rtol=2e-5, atol=1e-7):
 
 
 @pytest.mark.filterwarnings("ignore:You are using .rollout_func.")
-@pytest.mark.parametrize("loss_type,scale", CASES, ids=[f"{a}-{b}" for a, b in CASES])
-def test_grpo_step_loss_and_gradient_equal_trls_trainer(model_dir, steps, tmp_path, loss_type, scale):
-    prompts, scored, metrics, grads = ours(model_dir, steps, tmp_path / "ours", loss_type, scale)
+@pytest.mark.parametrize("loss_type,scale,layout", CASES, ids=["-".join(c) for c in CASES])
+def test_grpo_step_loss_and_gradient_equal_trls_trainer(model_dir, steps, tmp_path, loss_type, scale, layout):
+    prompts, scored, metrics, grads = ours(model_dir, steps, tmp_path / "ours", loss_type, scale, layout)
     inputs, loss, model, trl_metrics, trl_ids = trls(model_dir, prompts, loss_type, scale, tmp_path / "trl")
     assert trl_ids == [p["ids"] for p in prompts for _ in range(G)]  # TRL's tokenizer + template = our rendering
     batch = scored["batch"]
-    close(batch["advantages"][:, 0], inputs["advantages"].numpy(), atol=1e-6)
-    assert np.abs(batch["advantages"]).max() > 0.5  # the groups are not all ties
+    adv = batch["advantages"].reshape(B * G, -1)[:, 0]  # either layout: (B*G, T) or (B, G*C)
+    assert batch["tokens"].shape[0] == (B if layout == "packed" else B * G)
+    close(adv, inputs["advantages"].numpy(), atol=1e-6)
+    assert np.abs(adv).max() > 0.5  # the groups are not all ties
     for k in ("reward", "reward_std", "rewards/letter_fraction/mean", "frac_reward_zero_std"):
         close(scored["metrics"][k], trl_metrics[k], atol=1e-6)
     assert batch["loss_mask"].sum() == inputs["completion_mask"].sum() == sum(map(len, COMPLETIONS))

@@ -4,6 +4,7 @@
     objectives.py  the loss of each objective (lm / sft, dpo, reward): (log-probs or rewards, batch) -> (loss sum,
                    count, metrics)
     grpo_loss.py   GRPO as TRL 1.16 defines it: group advantages, the per-token clipped loss, its metrics
+    grpo_batch.py  a GRPO rollout's update batch: packed (a prompt computed once for its G completions) or rows
     ppo_loss.py    PPO as TRL's PPOTrainer (v0.19) did: KL-penalised rewards, GAE, clipped policy and value losses
     losses.py      chunked cross-entropy and the per-token log-probs the objectives share
     optim.py       optax optimizer and learning-rate schedule from the run config

@@ -8,10 +8,10 @@
          serve/reward.py RewardModel on prompt + completion ids), weighted, summed over the sources
          that answered (grpo_loss.combine_rewards), group advantages (grpo_loss.group_advantages);
          a completion no source scored gets no reward and advantage 0, with TRL's warning
-      -> the (B*G, seq_len) batch: one row per completion, tokens = prompt + completion (its stop
-         token included, as TRL's completion_ids), loss_mask on the completion's targets, the row's
-         advantage on every column, `old_logps` (num_iterations > 1: one forward of the params before
-         the updates, as TRL computes them)
+      -> the update's batch (grpo_batch.py: packed, one row per prompt and its G completions, the
+         prompt computed once; or one row per completion): each completion's ids (its stop token
+         included, as TRL's completion_ids) as targets, loss_mask on them, its advantage, `old_logps`
+         (num_iterations > 1: one forward of the params before the updates, as TRL computes them)
     then `grpo.num_iterations` steps of the jitted train step (step.py grpo branch) on that batch, one
     optimizer update each (TRL's global step).
 
@@ -39,6 +39,7 @@ What can go wrong, and what catches it:
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -48,11 +49,13 @@ import jax
 import numpy as np
 
 from ..failpoints import kill_point
+from ..model import attention
 from ..parallel.multihost_io import several, to_host
 from ..parallel.sharding import logical_spec
 from ..serve import restore, reward_fns
 from ..serve.reward import RewardModel
 from ..serve.rollout import Rollout, RolloutConfig
+from . import grpo_batch
 from . import grpo_loss as grpo_lib
 from .config import TrainConfig
 from .step import Setup, merge_trained, sampling_logps
@@ -98,6 +101,16 @@ class GRPO:
         self._old = jax.jit(lambda p, f, b: sampling_logps(setup.objective, setup.graphdef, p, f, b))
         self.buffer: dict | None = None  # the current rollout: host batch and its metrics
         self.samples = _SampleLog(workdir / "rollouts.jsonl", start_step)
+        self.packed = self._packs()  # the update's layout (grpo_batch.py); tests set it
+
+    def _packs(self) -> bool:
+        """grpo_batch.py's packed layout (each prompt computed once per group) where it applies."""
+        cfg, g, mesh = self.cfg, self.g, self.setup.mesh
+        backend = attention.resolve(cfg.attention, mesh.devices.flat[0].platform, cfg.seq_len)
+        axes = logical_spec(("batch",), None, mesh)[0] or ()
+        shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+        return grpo_batch.use_packed(backend, cfg.batch_size, g.num_generations, cfg.seq_len, g.max_completion_length,
+                                     shards, cfg.grad_accum, g.loss_type)
 
     def close(self) -> None:
         self.samples.close()
@@ -210,20 +223,12 @@ class GRPO:
         return out
 
     def _batch(self, prompts: list[dict], ids: list[list[int]], truncated: np.ndarray, adv: np.ndarray) -> dict:
-        """The (B*G, seq_len) rows of the update (module docstring)."""
-        G, T = self.g.num_generations, self.cfg.seq_len
-        n = len(ids)
-        out = {k: np.zeros((n, T), np.int32) for k in ("tokens", "targets", "positions", "segment_ids", "loss_mask")}
-        out["advantages"] = np.repeat(adv[:, None], T, axis=1).astype(np.float32)
-        for r, c in enumerate(ids):
-            p = prompts[r // G]["ids"]
-            seq = p + c
-            m = len(seq) - 1  # <= seq_len: prompts are at most seq_len - max_completion_length (prompts.py)
-            out["tokens"][r, :m], out["targets"][r, :m] = seq[:-1], seq[1:]
-            out["positions"][r, :m], out["segment_ids"][r, :m] = np.arange(m), 1
-            if not (self.g.mask_truncated_completions and truncated[r]):
-                out["loss_mask"][r, len(p) - 1:m] = 1
-        return out
+        """The update's batch, in grpo_batch.py's packed layout or its rows layout (module docstring)."""
+        loss_on = ~(np.asarray(truncated, bool) & self.g.mask_truncated_completions)
+        p = [x["ids"] for x in prompts]
+        if self.packed:
+            return grpo_batch.packed(p, ids, loss_on, adv, self.cfg.seq_len, self.g.max_completion_length)
+        return grpo_batch.rows(p, ids, loss_on, adv, self.cfg.seq_len)
 
     # ------------------------------------------------------------------ rollout batches kept for a resume
     def _path(self, step: int) -> Path:

@@ -20,7 +20,7 @@ from ..model.config import ModelConfig
 from ..model import attention
 from ..model.lora import LoraConfig
 from .losses import chunked_lm_loss, resolve_chunk
-from ..model.llama import Adapters, Llama, abstract_model, rewards_at
+from ..model.llama import Adapters, Llama, abstract_model, output_logits, rewards_at
 from .objectives import DPOConfig, RewardConfig
 from .optim import make_optimizer, schedule
 from ..parallel.sharding import constrain, global_batch, local_shape, logical_spec, replicated
@@ -88,12 +88,28 @@ def reward_loss(obj: Objective, graphdef, params: dict, batch: dict,
     return loss_sum, (count, metrics)
 
 
-def policy_logps(graphdef, params: dict, batch: dict, temperature: float,
+def completion_rows(batch: dict, key: str, generations: int) -> jax.Array:
+    """A rollout batch's per-completion array as (completions, positions): the rows layout's as it is,
+    the packed layout's (B, G*C) as (B*G, C) (train/grpo_batch.py)."""
+    x = batch[key]
+    return x.reshape(-1, x.shape[1] // generations) if "logit_at" in batch else x
+
+
+def policy_logps(graphdef, params: dict, batch: dict, temperature: float, generations: int,
                  adapters: Adapters | None = None) -> tuple[jax.Array, jax.Array]:
-    """GRPO's view of a rollout batch: (log-probs of the targets (B, T), float32 logits (B, T, V)), both
-    of logits / temperature, as TRL scores completions with the sampling temperature."""
-    logits = forward(graphdef, params, batch, adapters).astype(jnp.float32) / temperature
-    return objectives.token_logps(logits, batch["targets"]), logits
+    """GRPO's view of a rollout batch: (log-probs of the targets (N, T), float32 logits (N, T, V)), both
+    of logits / temperature, as TRL scores completions with the sampling temperature; N completions
+    (grpo_batch.py's layouts: a packed batch's final hidden states gathered at `logit_at`, so the
+    output layer runs on completion tokens only)."""
+    if "logit_at" not in batch:
+        logits = forward(graphdef, params, batch, adapters).astype(jnp.float32) / temperature
+        return objectives.token_logps(logits, batch["targets"]), logits
+    model = nnx.merge(graphdef, params)
+    hidden, _ = model(batch["tokens"], batch["positions"], batch["segment_ids"], hidden_only=True, lora=adapters)
+    picked = jnp.take_along_axis(hidden, batch["logit_at"][..., None], axis=1)  # (B, G*C, D)
+    logits = output_logits(picked, model.output_weight()) / temperature
+    logits = logits.reshape(-1, logits.shape[1] // generations, logits.shape[-1])
+    return objectives.token_logps(logits, completion_rows(batch, "targets", generations)), logits
 
 
 def sampling_logps(obj: Objective, graphdef, trainable: dict, frozen: dict, batch: dict) -> jax.Array:
@@ -103,7 +119,8 @@ def sampling_logps(obj: Objective, graphdef, trainable: dict, frozen: dict, batc
         params, adapters = frozen["base"], Adapters(trainable["layers"], obj.lora.scale, 0.0, None)
     else:
         params, adapters = trainable, None
-    return policy_logps(graphdef, params, batch, obj.grpo.temperature, adapters)[0]
+    logps = policy_logps(graphdef, params, batch, obj.grpo.temperature, obj.grpo.num_generations, adapters)[0]
+    return logps.reshape(batch["targets"].shape)  # the batch's layout: split and sharded with it
 
 
 def grpo_step_loss(obj: Objective, graphdef, params: dict, batch: dict, frozen: dict,
@@ -112,15 +129,16 @@ def grpo_step_loss(obj: Objective, graphdef, params: dict, batch: dict, frozen: 
     `advantages` per row (every column the same), `old_logps` when num_iterations > 1; the reference's
     log-probs (beta > 0) from frozen["ref"], or with LoRA the base with the adapters off."""
     g = obj.grpo
-    logps, logits = policy_logps(graphdef, params, batch, g.temperature, adapters)
+    rows = functools.partial(completion_rows, batch, generations=g.num_generations)
+    logps, logits = policy_logps(graphdef, params, batch, g.temperature, g.num_generations, adapters)
     ref = None
     if g.beta:
         ref_params = frozen["base"] if obj.lora.rank else frozen["ref"]
-        ref = jax.lax.stop_gradient(policy_logps(graphdef, ref_params, batch, g.temperature)[0])
+        ref = jax.lax.stop_gradient(policy_logps(graphdef, ref_params, batch, g.temperature, g.num_generations)[0])
     low, high = g.epsilon, g.epsilon if g.epsilon_high is None else g.epsilon_high
     loss_sum, count, metrics = grpo_lib.grpo_token_loss(
-        logps, batch["old_logps"] if g.num_iterations > 1 else None, ref, batch["advantages"][:, 0],
-        batch["loss_mask"], beta=g.beta, epsilon_low=low, epsilon_high=high, loss_type=g.loss_type,
+        logps, rows("old_logps") if g.num_iterations > 1 else None, ref, rows("advantages")[:, 0],
+        rows("loss_mask"), beta=g.beta, epsilon_low=low, epsilon_high=high, loss_type=g.loss_type,
         max_completion_length=g.max_completion_length, entropies=grpo_lib.entropy_from_logits(logits))
     return loss_sum, (count, metrics)
 

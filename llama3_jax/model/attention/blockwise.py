@@ -31,8 +31,9 @@ F32 = jnp.float32
 
 
 def _allowed(q_seg, q_idx, k_seg, k_idx):
-    """(B, bq) x2, (B, bk) x2 -> bool (B, bq, bk): the reference's rule on one block pair."""
-    same = (q_seg[:, :, None] == k_seg[:, None, :]) & (q_seg[:, :, None] != 0)
+    """(B, bq) x2, (B, bk) x2 -> bool (B, bq, bk): the reference's rule on one block pair (a negative
+    key segment: a shared prefix)."""
+    same = ((q_seg[:, :, None] == k_seg[:, None, :]) | (k_seg[:, None, :] < 0)) & (q_seg[:, :, None] != 0)
     return same & (k_idx[:, None, :] <= q_idx[:, :, None])
 
 
