@@ -250,3 +250,17 @@ def test_min_prompt_width_one_prefill_for_every_prompt_length(setup, free_rows, 
         assert [(c, int(s)) for c, s in zip(got[0].completions, got[0].stop_token)] == want[:G]
     with pytest.raises(ValueError, match="min_prompt_width must be >= 0"):
         Rollout(cfg, params, settings, dtype="float32", min_prompt_width=-1)
+
+
+def test_a_prompts_generations_are_prefilled_once(setup, rollout):
+    """The G requests of one prompt, admitted together, share one prefill (scheduler._group_args: the
+    distinct prompts prefilled, their cache rows and logits copied); the rows equal the engine's with
+    one request per call, where nothing is shared."""
+    _, _, _, params, prompts, ref = setup
+    rollout.set_params(params)
+    rollout.sample(prompts, G, SEED, step=5)  # the scheduler exists
+    before = rollout.engine._scheduler.prefilled_rows
+    b = rollout.sample(prompts, G, SEED, step=5)
+    assert rollout.engine._scheduler.prefilled_rows - before == len(prompts)  # not len(prompts) * G
+    alone = run(ref, requests(ref, prompts, step=5), stop_ids=rollout.stop_ids, batch_size=1)
+    assert [c.tokens for c in alone] == b.completions

@@ -162,6 +162,7 @@ class Scheduler:
         self._shift = jax.jit(programs.shift, **donate)
         self._resize = jax.jit(programs.resize, static_argnames=("slots",))
         self.prefill_calls = 0  # prefill programs run (`insert` calls and chunks): tests
+        self.prefilled_rows = 0  # prompts prefilled by `insert` calls (identical ones once per call): tests
         self.interleaved = 0    # prefill chunks run while other rows were decoding: tests
         self.page_waits = 0     # host visits at which the next prompt waited for free pages: tests
         self.peak_pages = 0     # most pages held at once in the last run (benchmarks)
@@ -344,8 +345,10 @@ class Scheduler:
         for _, part, args, job in ready:
             if job is None:
                 self.prefill_calls += 1
-                run.state = self._insert(self.g.params, run.state, args["tokens"], args["slots"], args["rows"],
-                                         args["pages"])
+                shared = args["shared"] or {"tokens": args["tokens"]}  # identical prompts: prefilled once
+                self.prefilled_rows += len(part) if args["shared"] is None else int(args["shared"]["n"])
+                run.state = self._insert(self.g.params, run.state, shared["tokens"], args["slots"], args["rows"],
+                                         args["pages"], src=shared.get("src"), lengths=shared.get("lengths"))
             else:
                 run.state = self._place(run.state, job.tmp, job.logits, args["slots"], args["rows"], args["pages"])
             if run.paged:
@@ -425,10 +428,19 @@ class Scheduler:
 
     def _group_args(self, run: _Run, members: list[int], p: int) -> dict:
         """Device arrays of one prefill call: n = a power of two >= len(members) rows; padding rows go
-        to slot b (out of range: dropped by `place`) with one token."""
+        to slot b (out of range: dropped by `place`) with one token. `shared`: when some prompts are
+        the same (an RL rollout's generations, n samples), the distinct ones (a power of two of rows)
+        and each row's (src), for `insert` to prefill each once; None when all differ."""
         n = bucket(len(members), 1)
         reqs = [run.requests[run.rows[r]] for r in members]
         tokens, lengths = left_pad([q.tokens for q in reqs], p, n)
+        first: dict[tuple, int] = {}
+        src = np.array([first.setdefault(tuple(q.tokens), len(first)) for q in reqs] + [0] * (n - len(reqs)), np.int32)
+        shared = None
+        if len(first) < len(reqs):
+            u_tokens, u_lengths = left_pad([list(t) for t in first], p, bucket(len(first), 1))
+            shared = dict(tokens=jnp.asarray(u_tokens), lengths=jnp.asarray(u_lengths), src=jnp.asarray(src),
+                          n=len(first))
         slot = np.full((n,), run.b, np.int32)
         slot[:len(members)] = members
         cols = {"lengths": lengths, **row_columns(reqs, n)}
@@ -439,4 +451,4 @@ class Scheduler:
                 pages[k, :len(run.pages_of[r])] = run.pages_of[r]
         return dict(tokens=jnp.asarray(tokens), slots=jnp.asarray(slot),
                     rows={f: jnp.asarray(a) for f, a in cols.items()},
-                    pages=None if pages is None else jnp.asarray(pages))
+                    pages=None if pages is None else jnp.asarray(pages), shared=shared)

@@ -187,12 +187,19 @@ def place(state: dict, tmp: KVCache, logits, slots, rows: dict, pages=None) -> d
     return _laid_out(out)
 
 
-def insert(graphdef, params, state: dict, tokens, slots, rows: dict, pages=None, chunk: int | None = None):
-    """Prefill n prompts (tokens (n, P) left-padded) in one pass, then `place` them."""
+def insert(graphdef, params, state: dict, tokens, slots, rows: dict, pages=None, chunk: int | None = None,
+           src=None, lengths=None):
+    """Prefill n prompts (tokens (n, P) left-padded) in one pass, then `place` them. With `src` (n,),
+    `tokens` (u, P) and `lengths` (u,) are the u distinct prompts among them (n samples of one prompt,
+    an RL rollout's G generations): each is prefilled once and row i takes prompt src[i]'s cache rows
+    and logits (the same numbers: a row's prefill does not depend on the others)."""
     model = nnx.merge(graphdef, params)
     n, p = tokens.shape
     tmp = KVCache.init(model.cfg, n, p, state["cache"].dtype)
-    logits, tmp = prefill(model, tokens, rows["lengths"], tmp, chunk)
+    logits, tmp = prefill(model, tokens, rows["lengths"] if src is None else lengths, tmp, chunk)
+    if src is not None:
+        tmp = dataclasses.replace(tmp, k=tmp.k[:, src], v=tmp.v[:, src], segment_ids=tmp.segment_ids[src])
+        logits = logits[src]
     return place(state, tmp, logits, slots, rows, pages)
 
 
