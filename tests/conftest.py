@@ -3,6 +3,10 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# commands keep compiled programs in ~/.cache/llama3-jax/xla by default: not the tests (they must not
+# share entries with the user's runs nor with each other); a test that wants a cache names its own
+# directory (--compile-cache, or JAX_COMPILATION_CACHE_DIR, which comes first)
+os.environ.setdefault("LLAMA3_JAX_COMPILE_CACHE", "none")
 
 import pytest
 

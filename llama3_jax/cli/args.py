@@ -71,6 +71,20 @@ def add_cache_args(g: argparse.ArgumentParser) -> None:
                         "auto: the kernel on TPU for a float cache (default: %(default)s)")
 
 
+def add_compile_cache_arg(p: argparse.ArgumentParser) -> None:
+    """--compile-cache: where compiled programs are kept between runs (parallel/compile_cache.py)."""
+    p.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="keep compiled XLA programs in DIR, so the next run reads them instead of compiling; "
+                        "'none' = off (default: $JAX_COMPILATION_CACHE_DIR, else $LLAMA3_JAX_COMPILE_CACHE, else "
+                        "$XDG_CACHE_HOME/llama3-jax/xla, i.e. ~/.cache/llama3-jax/xla)")
+
+
+def use_compile_cache(args: argparse.Namespace) -> None:
+    """Before the first compile: JAX's persistent cache at --compile-cache (or its default)."""
+    from ..parallel.compile_cache import enable
+    enable(getattr(args, "compile_cache", None))
+
+
 def fetch_checkpoint(args: argparse.Namespace) -> None:
     """--checkpoint as a local path: file:///x -> /x; gs://...: its latest complete step, fetched into
     the cache (store/remote.py). (An HF or Meta directory is read as one: serve/restore.py.)"""

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from .args import add_cache_args, add_distributed_args, add_engine_args, fetch_checkpoint
+from .args import (add_cache_args, add_compile_cache_arg, add_distributed_args, add_engine_args,
+                   fetch_checkpoint, use_compile_cache)
 
 
 def add_parser(sub) -> None:
@@ -23,6 +24,7 @@ def add_parser(sub) -> None:
                    help="which of the N runs this is, 0..N-1 (default: %(default)s)")
     _add_sampling_args(g)
     add_cache_args(g)
+    add_compile_cache_arg(g)
     add_distributed_args(g)
     g.set_defaults(func=run_generate)
 
@@ -31,6 +33,7 @@ def add_parser(sub) -> None:
                                    "in, JSONL out (resumable). Exit status 1 when every input line failed, "
                                    "2 on bad usage.")
     add_engine_args(s)
+    add_compile_cache_arg(s)
     add_distributed_args(s)
     s.set_defaults(func=run_score)
 
@@ -53,12 +56,14 @@ def _add_sampling_args(g: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    use_compile_cache(args)
     fetch_checkpoint(args)
     from ..serve.offline import run_generate
     return 1 if run_generate(args)["all_failed"] else 0
 
 
 def run_score(args: argparse.Namespace) -> int:
+    use_compile_cache(args)
     fetch_checkpoint(args)
     from ..serve.offline import run_score
     return 1 if run_score(args)["all_failed"] else 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import add_distributed_args, add_mesh_arg
+from .args import add_compile_cache_arg, add_distributed_args, add_mesh_arg, use_compile_cache
 
 
 def add_parser(sub) -> None:
@@ -40,6 +40,7 @@ def add_parser(sub) -> None:
     r.add_argument("--samples-output", default=None, metavar="FILE",
                    help="also write every scored sample to FILE: {id, sample, text, reward} (default: none)")
     _add_engine_args(r)
+    add_compile_cache_arg(r)
     add_distributed_args(r)
     r.set_defaults(func=run)
 
@@ -66,6 +67,7 @@ def _add_engine_args(r: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    use_compile_cache(args)
     from ..store.paths import is_remote, resolve
     for flag in ("policy", "reward_model"):
         path = getattr(args, flag)

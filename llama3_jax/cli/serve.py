@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from .args import add_cache_args, add_distributed_args, add_engine_args, fetch_checkpoint
+from .args import (add_cache_args, add_compile_cache_arg, add_distributed_args, add_engine_args,
+                   fetch_checkpoint, use_compile_cache)
 
 API_KEY_ENV = "LLAMA3_JAX_API_KEY"
 
@@ -31,6 +32,7 @@ def add_parser(sub) -> None:
     s.add_argument("--max-body-bytes", type=int, default=32 * 2**20, metavar="N",
                    help="largest request body; larger ones get 413 (default: %(default)s)")
     add_cache_args(s)
+    add_compile_cache_arg(s)
     add_distributed_args(s)
     s.set_defaults(func=run_serve)
 
@@ -40,6 +42,7 @@ def run_serve(args: argparse.Namespace) -> int:
         args.api_key = os.environ.get(API_KEY_ENV) or None
     if args.served_model_name is None:
         args.served_model_name = args.checkpoint
+    use_compile_cache(args)
     fetch_checkpoint(args)
     from ..serve.openai.command import run_serve
     return run_serve(args)

@@ -26,22 +26,30 @@ def add_parser(sub) -> None:
     t.add_argument("--topology", default=None,
                    help="with --dry-run: compile for this TPU topology, e.g. v5e:4x4, v5p:8x8x8 (needs libtpu)")
     t.add_argument("--num-slices", type=int, default=1, help="with --topology: a multislice job of N slices")
+    t.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="keep compiled XLA programs in DIR for the next run (the compile_cache key; 'none' = off) "
+                        "(default: the key, else $JAX_COMPILATION_CACHE_DIR, else $LLAMA3_JAX_COMPILE_CACHE, else "
+                        "~/.cache/llama3-jax/xla)")
     t.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """0, or 3 when --dry-run finds the step does not fit."""
+    overrides = list(args.overrides) + ([f"compile_cache={args.compile_cache}"] if args.compile_cache else [])
     if not args.dry_run:
         if args.topology or args.num_slices != 1:
             raise ValueError("--topology and --num-slices need --dry-run")
         from ..train import run_train
-        run_train(args.config, args.overrides)
+        run_train(args.config, overrides)
         return 0
     from ..config_loader import load_yaml_config
+    from ..parallel.compile_cache import enable
     from ..train import TrainConfig
     from ..train.dryrun import DoesNotFit, dry_run
+    cfg = load_yaml_config(TrainConfig, args.config, overrides)
+    enable(cfg.compile_cache, "compile_cache")
     try:
-        dry_run(load_yaml_config(TrainConfig, args.config, list(args.overrides)), args.topology, args.num_slices)
+        dry_run(cfg, args.topology, args.num_slices)
     except DoesNotFit as e:
         print(f"llama3-jax train: does not fit: {e}", file=sys.stderr)
         return 3

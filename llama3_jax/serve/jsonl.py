@@ -49,11 +49,23 @@ def rewrite_lines(path: Path, lines: list[bytes]) -> None:
     os.replace(tmp, path)
 
 
-def read_done(path: Path) -> set[str]:
-    """Ids already in an output file. A torn last line (no newline: the writer died mid-line) is cut off
-    the file, so the lines appended next start clean; it was never counted as done. Error lines
-    ({"id", "error"}) are not done either: they are dropped from the file (rewritten atomically) and
-    their ids are tried again."""
+def _output_key(rec: dict, batch: bool):
+    """(the id an output line answers, whether it is an error line). `batch`: OpenAI Batch API output
+    ({"custom_id", "response": {"status_code"}, "error"}): an error is a non-null "error" or a status
+    other than 200."""
+    if batch:
+        failed = rec.get("error") is not None or (rec.get("response") or {}).get("status_code") != 200
+        return id_key(rec["custom_id"]), failed
+    key = id_key(rec["id"]) if "sample" not in rec else (id_key(rec["id"]), int(rec["sample"]))
+    return key, "error" in rec
+
+
+def read_done(path: Path, batch: bool = False) -> set[str]:
+    """Ids already in an output file (`batch`: the custom_ids of an OpenAI batch output). A torn last line
+    (no newline: the writer died mid-line) is cut off the file, so the lines appended next start clean;
+    it was never counted as done. Error lines ({"id", "error"}; a batch line whose status is not 200)
+    are not done either: they are dropped from the file (rewritten atomically) and their ids are tried
+    again."""
     path = Path(path)
     if not path.exists():
         return set()
@@ -63,13 +75,13 @@ def read_done(path: Path) -> set[str]:
     for lineno, line in enumerate(body.split(b"\n") if body else [], start=1):
         try:
             rec = json.loads(line)
-            key = id_key(rec["id"]) if "sample" not in rec else (id_key(rec["id"]), int(rec["sample"]))
-        except (ValueError, KeyError, TypeError):
+            key, failed = _output_key(rec, batch)
+        except (ValueError, KeyError, TypeError, AttributeError):
             if line.strip():
                 report(f"{path}:{lineno}: unreadable output line ignored")
             kept.append(line)
             continue
-        if isinstance(rec, dict) and "error" in rec:
+        if failed:
             errors += 1
             continue
         done.add(key)
@@ -101,11 +113,12 @@ class Appender:
         self.f.close()
 
 
-def read_lines(path: Path, done: set[str], parse, keep=None, counts: dict | None = None, line_ids: bool = False
-               ) -> Iterator[tuple[int, object, object]]:
+def read_lines(path: Path, done: set[str], parse, keep=None, counts: dict | None = None, line_ids: bool = False,
+               id_field: str = "id") -> Iterator[tuple[int, object, object]]:
     """Parse each input line with `parse(record) -> payload` (raises ValueError on a bad line);
     `keep(lineno)` False: the line is another shard's, not read at all; `line_ids`: a line without an
-    "id" takes its line number as its id (rejection-sample's TRL prompt records) instead of being bad.
+    "id" takes its line number as its id (rejection-sample's TRL prompt records) instead of being bad;
+    `id_field`: the key that holds the id ("custom_id" in OpenAI batch files).
 
     Yields (lineno, id, payload) one line at a time, so the input is read a piece at a time (the ids
     seen are kept, to find duplicates). Bad lines are reported and skipped; lines whose id is already
@@ -125,11 +138,11 @@ def read_lines(path: Path, done: set[str], parse, keep=None, counts: dict | None
                 rec = json.loads(raw.rstrip(b"\r\n").decode("utf-8"))  # UnicodeDecodeError is a ValueError too
                 if not isinstance(rec, dict):
                     raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-                if "id" not in rec and not line_ids:
-                    raise ValueError("missing 'id'")
-                id_ = rec.get("id", lineno)
+                if id_field not in rec and not line_ids:
+                    raise ValueError(f"missing '{id_field}'")
+                id_ = rec.get(id_field, lineno)
                 if isinstance(id_, bool) or not isinstance(id_, (str, int)):
-                    raise ValueError(f"'id' must be a string or an integer, got {id_!r}")
+                    raise ValueError(f"'{id_field}' must be a string or an integer, got {id_!r}")
                 key = id_key(id_)
                 if key in seen:
                     raise ValueError(f"duplicate id {id_!r} (first on line {seen[key]})")

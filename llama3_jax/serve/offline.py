@@ -13,6 +13,9 @@ output lines: {"id", "text", "tokens", "finish_reason": "stop" | "length"}; toke
 (best-of-N data sets: generate, then score, then keep the best as SFT data); sample k's random stream
 comes from (id, k) (or from (the line's seed, k)), so it is the same whatever the batching, and sample 0
 is what a single-sample run draws.
+An OpenAI Batch API file instead (its first line has a "custom_id": openai/batch.py) is answered with
+the Batch API's output lines, each body what `serve` would answer, resumable by custom_id; the command
+line's sampling flags are not used then (each body says its own, with the server's defaults).
 score input lines: {"id", "prompt", "completion"} (text; BOS before the prompt) or
 {"id", "prompt_tokens", "completion_tokens"}; output {"id", "tokens", "logprobs", "sum_logprob"}.
 This file holds the jobs (what a line means, which rows run, the summary); jsonl.py the plumbing
@@ -57,18 +60,19 @@ from ..parallel.distributed import is_main
 from ..parallel.multihost_io import on_main
 from ..parallel.sharding import inference_mesh, parse_mesh
 from .engine import Generator
+from .openai import batch as openai_batch
 from .jsonl import (Appender, Progress, fitting, id_key, one_of, pieces, read_done, read_lines, report, shard_args,
                     token_list)
-from .request import Completion, Request
+from .request import Request, generated_tokens
 from .reward import NO_OUTPUT_LAYER, RewardModel, is_reward_model
 
 
-def _open(args, generator: Generator | RewardModel | None, held: dict, reward: bool = False
+def _open(args, generator: Generator | RewardModel | None, held: dict, reward: bool = False, batch: bool = False
           ) -> tuple[set[str], Generator | RewardModel]:
     """Check the shared flags and paths before the (slow) model restore, lock the output (the lock
-    goes into `held`, for the caller to release), then read the ids already in the output and restore
-    the model on --mesh (default: sharding.inference_mesh); `reward`: a RewardModel instead of a
-    Generator. Returns (done ids, generator). Several
+    goes into `held`, for the caller to release), then read the ids already in the output (`batch`: the
+    custom_ids of an OpenAI batch output) and restore the model on --mesh (default:
+    sharding.inference_mesh); `reward`: a RewardModel instead of a Generator. Returns (done ids, generator). Several
     processes: the files are process 0's (the others get its errors and an empty done set); every
     process restores its shards of the model."""
     if args.batch_size < 1:
@@ -83,7 +87,7 @@ def _open(args, generator: Generator | RewardModel | None, held: dict, reward: b
             raise ValueError(f"--output {args.output} is the input file")
         out = Path(args.output)
         held["lock"] = Lock(out.with_name(out.name + ".lock"), f"output {args.output}").acquire()
-        mine["done"] = read_done(args.output)
+        mine["done"] = read_done(args.output, batch=batch)
 
     on_main(check)
     if generator is None and reward:
@@ -120,9 +124,11 @@ def _run_pieces(args, next_piece, progress: Progress, out: Appender | None, batc
     return totals
 
 
-def _summary(command: str, unit: str, args, progress: Progress, totals: dict, *, seconds: bool) -> dict:
+def _summary(command: str, unit: str, args, progress: Progress, totals: dict, *, seconds: bool,
+             failed: str = "too long for the context") -> dict:
     """The summary counts returned to the CLI ({unit: rows run, "tokens", ("seconds",) "errors",
-    "skipped_lines", "already_done", "all_failed"}) and, on process 0, its one stderr line."""
+    "skipped_lines", "already_done", "all_failed"}) and, on process 0, its one stderr line (`failed`:
+    what an error line means)."""
     n_todo, n_errors, counts = totals["todo"], totals["errors"], totals["counts"]
     summary = {unit: n_todo, "tokens": progress.tokens, **({"seconds": progress.elapsed()} if seconds else {}),
                "errors": n_errors, "skipped_lines": counts["bad"], "already_done": counts["resumed"]}
@@ -130,8 +136,8 @@ def _summary(command: str, unit: str, args, progress: Progress, totals: dict, *,
     if is_main():
         made = " generated" if command == "generate" else ""
         report(f"{command}: {_prefix(summary, n_todo)}{n_todo} {unit}, {progress.tokens} tokens{made} in "
-               f"{progress.elapsed():.1f}s ({progress.rate():.1f} tokens/s); {n_errors} too long for the "
-               f"context, {counts['bad']} bad lines skipped, {counts['resumed']} already in {args.output}")
+               f"{progress.elapsed():.1f}s ({progress.rate():.1f} tokens/s); {n_errors} {failed}, "
+               f"{counts['bad']} bad lines skipped, {counts['resumed']} already in {args.output}")
     return summary
 
 
@@ -245,15 +251,6 @@ def _sample_request(gen: Generator, args, id_, k: int, ids: list[int], knobs: di
                        seed=seed, row_seed=row_seed, stop=knobs["stop"])
 
 
-def generated_tokens(c: Completion, stops, decode) -> int:
-    """The tokens a row generated: those it kept, plus the stop token that ended it (never kept). A row
-    ended by a stop STRING kept the token that completed it (request.py): nothing to add. Its text is
-    cut before the stop string, so it is shorter than its tokens' text; a stop token's row has the
-    whole text."""
-    by_token = c.finish_reason == "stop" and (not stops or c.text == decode(c.tokens))
-    return len(c.tokens) + by_token
-
-
 def run_generate(args, generator: Generator | None = None) -> dict:
     """The `generate` command (argparse Namespace from cli/generate.py). Returns the summary counts."""
     if generator is None and is_reward_model(args.checkpoint):  # before the output is locked or read
@@ -270,7 +267,16 @@ def run_generate(args, generator: Generator | None = None) -> dict:
 
 
 def _generate(args, keep, generator: Generator | None, held: dict) -> dict:
-    done, gen = _open(args, generator, held)
+    # an OpenAI batch file (openai/batch.py: the server's answers) or our lines
+    batch = on_main(lambda: Path(args.input).is_file() and openai_batch.is_batch_file(args.input))
+    done, gen = _open(args, generator, held, batch=batch)
+    if batch:
+        out = Appender(args.output) if is_main() else None
+        progress = Progress("request")
+        totals = _run_pieces(args, openai_batch.pieces(args, gen, done, keep, out), progress, out,
+                             lambda piece: openai_batch.batches(args, gen, piece))
+        return _summary("generate", "requests", args, progress, totals, seconds=True,
+                        failed="answered with an error (400/404/405)")
     n_cli = getattr(args, "num_samples", 1)
     if n_cli < 1:
         raise ValueError(f"--num-samples must be >= 1, got {n_cli}")

@@ -102,3 +102,12 @@ def finished(tokens: list[int], budget: int, stops: Sequence[str], decode: Calla
              ) -> Completion:
     """A whole finished row: cut at its first stop string if it holds one, else as `ended` says."""
     return stop_string_cut(tokens, stops, decode) or ended(tokens, budget, decode)
+
+
+def generated_tokens(c: Completion, stops, decode) -> int:
+    """The tokens a row generated: those it kept, plus the stop token that ended it (never kept). A row
+    ended by a stop STRING kept the token that completed it (above): nothing to add. Its text is
+    cut before the stop string, so it is shorter than its tokens' text; a stop token's row has the
+    whole text."""
+    by_token = c.finish_reason == "stop" and (not stops or c.text == decode(c.tokens))
+    return len(c.tokens) + by_token

@@ -98,6 +98,9 @@ class TrainConfig:
     nan_policy: str = "stop"  # non-finite loss/grad norm: stop (name the step) | skip the update (numerics.py)
     nan_max_consecutive: int = 10  # skip: stop after more skipped steps than this in a row
     spike_factor: float = 0.0  # > 0: warn when loss > spike_factor x running mean of recent losses
+    # compiled programs kept between runs (parallel/compile_cache.py): a directory, "none" = off;
+    # None: $JAX_COMPILATION_CACHE_DIR, else $LLAMA3_JAX_COMPILE_CACHE, else ~/.cache/llama3-jax/xla
+    compile_cache: str | None = None
 
     def __post_init__(self):
         for key in ("workdir", "init_from"):  # file:///x -> /x; gs://... checked, made local by train

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..store import checkpoint, remote
 from ..store.lock import Lock
-from ..parallel import distributed
+from ..parallel import compile_cache, distributed
 from ..parallel.multihost_io import on_main
 from ..model import lora
 from ..model.config import ModelConfig
@@ -54,8 +54,11 @@ from .state import restore_state, save_state, start_params
 from .step import Setup, build, forward
 
 def run_train(config_path: str | None, overrides=(), *, tokenizer=None) -> dict:
-    """`llama3-jax train --config FILE key=value ...`: returns the run's summary (also printed)."""
-    return train(load_yaml_config(TrainConfig, config_path, list(overrides)), tokenizer=tokenizer)
+    """`llama3-jax train --config FILE key=value ...`: returns the run's summary (also printed). The
+    command keeps compiled programs in the `compile_cache` directory (parallel/compile_cache.py)."""
+    cfg = load_yaml_config(TrainConfig, config_path, list(overrides))
+    compile_cache.enable(cfg.compile_cache, "compile_cache")
+    return train(cfg, tokenizer=tokenizer)
 
 
 def _reference_table(cfg: TrainConfig, setup: Setup, tok, workdir: Path) -> dict | None:

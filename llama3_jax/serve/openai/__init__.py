@@ -6,5 +6,7 @@
     metrics.py    Prometheus text
     server.py     the HTTP app (FastAPI on uvicorn): routes, keys, limits, streaming, start-up, SIGTERM
 
-requests.py and responses.py import no web framework: OpenAI batch files (`generate`) use them too.
+    batch.py      OpenAI batch files through `generate`: the same bodies, written as Batch API lines
+
+requests.py and responses.py import no web framework: batch.py (`generate`) uses them too.
 """

@@ -39,6 +39,26 @@ class Choice:
     generated: int = 0  # tokens generated, a stop token included (usage)
 
 
+def token_logprobs(top_logprobs, prompt: list[int], toks: list[int], start: int, k: int, echo: bool) -> TokenLogprobs:
+    """Log-probs of toks[start:] after `prompt` (+ the prompt's own first, with `echo` and start 0), k
+    alternatives each: one scoring pass (`top_logprobs`: Generator.top_logprobs) over prompt + toks. The
+    server calls it per delta of a growing row, a batch file once per finished row."""
+    seq = list(prompt) + list(toks)
+    if len(seq) < 2:
+        return TokenLogprobs(list(seq), [None] * len(seq), [[] for _ in seq])
+    picked, ids, vals = top_logprobs(seq)
+
+    def span(lo: int, hi: int) -> TokenLogprobs:  # seq positions lo..hi-1, scored at column pos - 1
+        cols = range(lo - 1, hi - 1)
+        return TokenLogprobs(seq[lo:hi], [float(picked[c]) for c in cols],
+                             [list(zip(ids[c, :k].tolist(), vals[c, :k].tolist())) for c in cols])
+
+    out = span(len(prompt) + start, len(seq))
+    if echo and start == 0:
+        out = TokenLogprobs([prompt[0]], [None], [[]]) + span(1, len(prompt)) + out
+    return out
+
+
 def new_id(route: str) -> str:
     return ("chatcmpl-" if route == "chat" else "cmpl-") + uuid.uuid4().hex
 

@@ -30,13 +30,12 @@ import traceback
 
 import numpy as np
 
-from ..offline import generated_tokens
-from ..request import Request
+from ..request import Request, generated_tokens
 from ..scheduler import Scheduler
 from ..engine import STOP_SLOTS
 from .metrics import Metrics
 from .requests import APIError, Parsed
-from .responses import TokenLogprobs
+from .responses import token_logprobs
 
 RETRY_AFTER_S = 1
 
@@ -237,28 +236,12 @@ class Worker:
             self.metrics.add_tokens(generated=new)
         lp = None
         if job.parsed.logprobs is not None:
-            lp = self._logprobs(row.prompt, toks, row.sent_tokens, job.parsed.logprobs, job.parsed.echo)
+            lp = token_logprobs(self.gen.top_logprobs, row.prompt, toks, row.sent_tokens, job.parsed.logprobs,
+                                job.parsed.echo)
         job.push({"index": row.index, "text": delta, "logprobs": lp, "finish_reason": finish_reason,
                   "generated": generated})
         row.sent_text += delta
         row.sent_tokens = len(toks)
-
-    def _logprobs(self, prompt: list[int], toks: list[int], start: int, k: int, echo: bool) -> TokenLogprobs:
-        """Log-probs of toks[start:] after prompt (+ the prompt's own, first, with echo): k alternatives."""
-        seq = prompt + list(toks)
-        if len(seq) < 2:
-            return TokenLogprobs(list(seq), [None] * len(seq), [[] for _ in seq])
-        picked, ids, vals = self.gen.top_logprobs(seq)
-
-        def span(lo: int, hi: int) -> TokenLogprobs:  # seq positions lo..hi-1, scored at column pos - 1
-            cols = range(lo - 1, hi - 1)
-            return TokenLogprobs(seq[lo:hi], [float(picked[c]) for c in cols],
-                                 [list(zip(ids[c, :k].tolist(), vals[c, :k].tolist())) for c in cols])
-
-        out = span(len(prompt) + start, len(seq))
-        if echo and start == 0:
-            out = TokenLogprobs([prompt[0]], [None], [[]]) + span(1, len(prompt)) + out
-        return out
 
     def _score_only(self) -> None:
         """Jobs with max_tokens 0 (echo): each choice is its prompt, with the prompt's log-probs."""
@@ -266,7 +249,8 @@ class Worker:
         for job in jobs:
             p = job.parsed
             for i, prompt in enumerate(p.prompts):
-                lp = None if p.logprobs is None else self._logprobs(prompt, [], 0, p.logprobs, True)
+                lp = None if p.logprobs is None else token_logprobs(self.gen.top_logprobs, prompt, [], 0, p.logprobs,
+                                                                    True)
                 for k in range(p.n):
                     job.push({"index": i * p.n + k, "text": "", "logprobs": lp, "finish_reason": "length",
                               "generated": 0})
