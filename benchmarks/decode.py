@@ -24,11 +24,18 @@ child process with XLA's default CPU flags: its int8 x int8 dots run in XLA:CPU'
 which the flag this script sets for float32 turns off (quant.py says why). The child also times
 float32 under those same defaults, so the table shows int8 against both float32 figures.
 
-The roofline is the bandwidth bound of decoding: each step reads every weight but the embedding table
-(only B rows of it are gathered) plus the KV cache, so
-    tokens/s <= batch * bandwidth / bytes per step,
-with the bandwidth measured by a numpy copy of a large array (read + write bytes / time). At large
-batches a CPU is compute-bound long before it meets this bound.
+Two bounds, each measured on this machine in the same run, and the lower of them is the roofline:
+  * bandwidth: each step reads every weight but the embedding table (only B rows of it are gathered)
+    plus the KV cache, so tokens/s <= batch * bandwidth / bytes per step, with the bandwidth measured
+    by a numpy copy of a large array (read + write bytes / time);
+  * compute: every token (the prompt's too) costs 2 FLOPs per weight it meets (all but the embedding)
+    plus attention (2 x 2 x heads x head_dim per cached position, at the mean context), so tokens/s <=
+    peak / FLOPs per generated token, with the peak measured by a large jitted float matmul
+    (MATMUL_SHAPE) under the same XLA flags: what XLA:CPU's dot reaches at best.
+Batch 1 is bandwidth-bound; at 8-32 rows a CPU meets the compute bound first. "matmuls alone" times
+a jitted chain of exactly the decode step's weight matmuls at that batch (B x dim through every
+projection and the output layer, no attention, sampling or cache): the floor of a step made of these
+skinny dots, which run below the square matmul's peak.
 """
 
 from __future__ import annotations
@@ -91,6 +98,52 @@ def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     np.copyto(dst, src)  # fault the pages in
     best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
     return 2 * src.nbytes / best
+
+
+MATMUL_SHAPE = (1024, 2048, 2048)  # (M, K, N) of the peak-FLOP/s reference matmul
+
+
+def measure_matmul_peak(dtype: str, repeats: int = 5) -> float:
+    """FLOP/s of a jitted (M, K) x (K, N) matmul: the most XLA's dot reaches here (the compute bound)."""
+    import jax
+    import jax.numpy as jnp
+    m, k, n = MATMUL_SHAPE
+    a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    return 2 * m * k * n / min(_timed(lambda: f(a, b).block_until_ready()) for _ in range(repeats))
+
+
+def matmul_step_seconds(cfg, b: int, dtype: str, repeats: int = 5) -> float:
+    """One decode step's weight matmuls alone at batch b: (b, dim) through q, k, v, o, gate, up, down of
+    every layer and the output layer, jitted, no attention or sampling (separate arrays per layer, as the
+    engine keeps them on CPU)."""
+    import jax
+    import jax.numpy as jnp
+    d, h = cfg.dim, cfg.n_heads * cfg.head_dim
+    kv, f, v = cfg.n_kv_heads * cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+    key = jax.random.key(0)
+    layers = [[jax.random.normal(jax.random.fold_in(key, 7 * i + j), shape, dtype) * 0.02
+               for j, shape in enumerate([(d, h), (d, kv), (d, kv), (h, d), (d, f), (d, f), (f, d)])]
+              for i in range(cfg.n_layers)]
+    out = jax.random.normal(jax.random.fold_in(key, 7 * cfg.n_layers), (d, v), dtype) * 0.02
+
+    @jax.jit
+    def step(x, layers, out):
+        for wq, wk, wv, wo, wg, wu, wd in layers:
+            x = x + (x @ wq) @ wo + jnp.sum(x @ wk) + jnp.sum(x @ wv)
+            x = x + (jax.nn.silu(x @ wg) * (x @ wu)) @ wd
+        return x @ out
+
+    x = jnp.ones((b, d), dtype)
+    step(x, layers, out).block_until_ready()
+    return min(_timed(lambda: step(x, layers, out).block_until_ready()) for _ in range(repeats))
+
+
+def decode_flops(cfg, weight_params: int, context: float) -> float:
+    """FLOPs of one token through the model: 2 per weight it meets (not the embedding table) plus the
+    attention scores and values over `context` cached positions."""
+    return 2 * weight_params + 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * context
 
 
 def _timed(fn) -> float:
@@ -241,15 +294,19 @@ def main(argv=None) -> None:
     itemsize = np.dtype(jax.numpy.dtype(args.dtype)).itemsize
     n_params = cfg.num_params()
     weight_bytes = (n_params - cfg.vocab_size * cfg.dim * (0 if cfg.tie_embeddings else 1)) * itemsize
-    print("measuring memory bandwidth ...", file=sys.stderr)
+    print("measuring memory bandwidth, matmul peak, matmuls alone ...", file=sys.stderr)
     bandwidth = measure_bandwidth()
+    flops_peak = measure_matmul_peak(args.dtype)
     table = []
     for (w, b), rows in work.items():
         useful = sum(m for _, m in rows)
         roof = None
         if w == "uniform":  # KV cache read per step, at the mean decode length
             kv_bytes = 2 * cfg.n_layers * b * (args.prompt_len + n / 2) * cfg.n_kv_heads * cfg.head_dim * itemsize
-            roof = b * bandwidth / (weight_bytes + kv_bytes)
+            # FLOPs per generated token: its own, and its share of the prompt's (prefill: P tokens per n)
+            flops = decode_flops(cfg, weight_bytes // itemsize, args.prompt_len + n / 2) * (1 + args.prompt_len / n)
+            roof = {"bandwidth": b * bandwidth / (weight_bytes + kv_bytes), "compute": flops_peak / flops,
+                    "matmuls": b / matmul_step_seconds(cfg, b, args.dtype)}
         tp = useful / t_jax[w, b, "paged"] if paged else None
         table.append((w, b, len(rows), useful / t_jax[w, b, "continuous"], useful / t_jax[w, b, "static"],
                       useful / t_hf[w, b] if (w, b) in t_hf else None, roof, tp))
@@ -269,15 +326,19 @@ def main(argv=None) -> None:
           f"load average {os.getloadavg()[0]:.1f}" + (f"; paged: {args.kv_pages} pages of {args.page_size} slots"
                                                      if paged else ""))
     print(f"- measured memory bandwidth (numpy copy of 1 GiB): {bandwidth / 1e9:.1f} GB/s; weights read per "
-          f"decode step: {weight_bytes / 1e6:.0f} MB (+ KV cache)\n")
+          f"decode step: {weight_bytes / 1e6:.0f} MB (+ KV cache); matmul peak ({args.dtype} "
+          f"{'x'.join(map(str, MATMUL_SHAPE))}, jitted): {flops_peak / 1e9:.1f} GFLOP/s; "
+          f"{decode_flops(cfg, weight_bytes // itemsize, 0) / 1e6:.1f} MFLOP per token (+ attention)\n")
     print("| workload | batch | rows | continuous tokens/s | static tokens/s | continuous / static | "
-          "transformers tokens/s | continuous / transformers | bandwidth roofline tokens/s |"
-          + (" paged tokens/s |" if paged else ""))
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if paged else ""))
+          "transformers tokens/s | continuous / transformers | bandwidth roofline tokens/s | compute bound "
+          "tokens/s | continuous / lower bound | matmuls alone tokens/s |" + (" paged tokens/s |" if paged else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if paged else ""))
     for w, b, n_rows, tc, ts, th, roof, tp in table:
         hf_s, ratio = ("-", "-") if th is None else (f"{th:.1f}", f"{tc / th:.2f}x")
-        roof_s = "-" if roof is None else f"{roof:.1f}"
-        print(f"| {w} | {b} | {n_rows} | {tc:.1f} | {ts:.1f} | {tc / ts:.2f}x | {hf_s} | {ratio} | {roof_s} |"
+        bounds = "- | - | - | -" if roof is None else (
+            f"{roof['bandwidth']:.1f} | {roof['compute']:.1f} | {tc / min(roof['bandwidth'], roof['compute']):.0%} "
+            f"({'bandwidth' if roof['bandwidth'] <= roof['compute'] else 'compute'}) | {roof['matmuls']:.1f}")
+        print(f"| {w} | {b} | {n_rows} | {tc:.1f} | {ts:.1f} | {tc / ts:.2f}x | {hf_s} | {ratio} | {bounds} |"
               + (f" {tp:.1f} |" if paged else ""))
     for (w, b), n_pages in peak.items():
         print(f"- paged {w} batch {b}: at most {n_pages} of {args.kv_pages} pages held at once "
