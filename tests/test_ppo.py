@@ -12,9 +12,13 @@ mini batches x 2 microbatches per step, a missing-EOS penalty, a checkpoint at s
     forward of checkpoint 2's policy and value model over each row (prompt rendered here, ids as drawn):
     the completion positions, the temperature and the value of the state after the last token line up;
   * SIGKILL after step 3's rollout (kill point ppo.rollout), then a rerun from checkpoint 2, gives the
-    uninterrupted run's per-step metrics and rollouts.jsonl exactly;
-  * 8 fake devices (data x fsdp x tensor) draw the same completions and scores, with the same metrics
-    to float32 summation order.
+    uninterrupted run's per-step metrics and rollouts.jsonl exactly.
+The same job on 2 processes of 4 fake devices each (`spread_run`: jax.distributed, one data x fsdp x
+tensor mesh over the 8) draws the same completions and scores, with the same metrics to float32
+summation order; each process calls the reward function on its own half of a step's prompts; process
+1's function answering None at step 3 stops both processes with one line naming it and process 1's
+prompt, checkpoint 2 intact. Every other bad answer (raises, wrong length, a string, NaN) is one line
+on rewards.score, the reward path PPO shares with GRPO, without a run.
 A reward checkpoint as ppo.reward_model, with LoRA (`rm_lora_run`): scores equal RewardModel's of
 prompt + completion ids, the value model starts as the reward model (its value of the state after the
 last token is the score at step 1), the workdir holds adapters. Bad ppo.* keys are one line. The shipped
@@ -25,6 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -186,21 +193,131 @@ def test_sigkill_after_a_rollout_and_rerun_give_the_same_metrics(tmp_path, full_
     assert (workdir / "rollouts.jsonl").read_text() == (full_run / "rollouts.jsonl").read_text()
 
 
-def test_eight_fake_devices_give_one_devices_metrics(tmp_path, full_run):
-    """data 2 x fsdp 2 x tensor 2: the same completions and scores; the float metrics sum the same terms
-    in another order over the shards (measured: <= 2e-5 relative)."""
-    workdir = tmp_path / "run"
-    mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
-    proc = run_ok(small_run(workdir, **mesh), cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
-    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in proc.stderr
+JUDGE = """
+import json, os
+
+calls = []
+
+def letter_a(prompts, completions, **columns):
+    # the toy reward (configs/rewards/toy.py: the share of "a"s); each call appends {pid, id} to
+    # PPO_REWARD_CALLS (which process scored which prompt); PPO_REWARD_NONE=P:N: process P's N-th call
+    # answers None
+    calls.append(1)
+    with open(os.environ["PPO_REWARD_CALLS"], "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), "id": columns["id"][0]}) + "\\n")
+    import jax
+    if [jax.process_index(), len(calls)] == [int(x) for x in os.environ["PPO_REWARD_NONE"].split(":")]:
+        return [None] * len(completions)
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [sum(ch == "a" for ch in t) / len(t) if t else 0.0 for t in texts]
+"""
+
+
+@pytest.fixture(scope="module")
+def spread_run(tmp_path_factory):
+    """The small run on 2 processes (tools/launch_local.py: jax.distributed, gloo on 127.0.0.1) of 4 fake
+    devices each, one data 2 x fsdp 2 x tensor 2 mesh over the 8, the reward function `letter_a` above:
+    process 1's function answers None at its 9th call (step 3: 4 prompts a step are its share)."""
+    d = tmp_path_factory.mktemp("ppo_spread")
+    judge, calls, workdir = d / "judge.py", d / "calls.jsonl", d / "run"
+    judge.write_text(JUDGE)
+    cmd = [sys.executable, str(REPO / "tools" / "launch_local.py"), "-n", "2", "--cpu-devices", "4", "--",
+           *small_run(workdir, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                                  "ppo.reward_model": f"{judge}:letter_a"})]
+    proc = subprocess.run(cmd, env=cli_env(XLA_FLAGS="", PPO_REWARD_CALLS=str(calls), PPO_REWARD_NONE="1:9"),
+                          capture_output=True, text=True, timeout=400)
+    return workdir, proc, judge, [json.loads(x) for x in calls.read_text().splitlines()]
+
+
+def test_eight_devices_over_two_processes_give_one_devices_completions_and_metrics(spread_run, full_run):
+    """Steps 1-2 (step 3 stops on the reward below): the same completions and scores exactly; the float
+    metrics sum the same terms in another order over the shards (measured: <= 2e-5 relative)."""
+    workdir, proc, _, _ = spread_run
+    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in proc.stderr, proc.stderr[-3000:]
     got, want = rollouts(workdir), rollouts(full_run)
-    for step in want:
+    assert sorted(got) == [1, 2]
+    for step in got:
         assert [(r["completion_ids"], r["score"]) for r in got[step]] == \
             [(r["completion_ids"], r["score"]) for r in want[step]]
     for key in ("loss", "grad_norm", *PPO_METRICS):
         g, w = by_step(workdir, key), by_step(full_run, key)
-        assert sorted(g) == sorted(w) == [1, 2, 3], key
-        np.testing.assert_allclose([g[s] for s in w], list(w.values()), rtol=1e-4, atol=1e-6, err_msg=key)
+        assert sorted(g) == [1, 2], key
+        np.testing.assert_allclose([g[s] for s in (1, 2)], [w[s] for s in (1, 2)], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def process_calls(spread_run) -> tuple[list[dict], list[dict]]:
+    """The reward function's calls of process 0 and of process 1 (process 0's share: each step's first
+    4 prompts, as rollouts.jsonl's rows 0-3 name them)."""
+    workdir, _, _, calls = spread_run
+    first4 = {int(r["where"].rpartition(":")[2]) - 1 for r in rollouts(workdir)[1][:4]}
+    pid0 = {c["pid"] for c in calls if c["id"] in first4}
+    assert len(pid0) == 1, calls
+    return [c for c in calls if c["pid"] in pid0], [c for c in calls if c["pid"] not in pid0]
+
+
+def test_each_process_scores_its_own_share_of_the_prompts(spread_run):
+    workdir = spread_run[0]
+    ids = {s: [int(r["where"].rpartition(":")[2]) - 1 for r in rows] for s, rows in rollouts(workdir).items()}
+    p0, p1 = process_calls(spread_run)
+    assert len(p0) + len(p1) == len(spread_run[3])
+    # each prompt once in the job, not once per process; step 3: process 0's 4, then process 1's None
+    assert [c["id"] for c in p0[:8]] == ids[1][:4] + ids[2][:4] and len(p0) == 12
+    assert [c["id"] for c in p1[:8]] == ids[1][4:] + ids[2][4:] and len(p1) == 9
+
+
+def test_a_none_score_on_one_process_stops_every_process_in_one_line_after_the_last_checkpoint(spread_run):
+    """None has no meaning for a PPO score (docs/post-training.md): process 1's None at step 3 stops
+    both processes, process 0 whose prompts scored fine too, each with the one line naming the function
+    and process 1's prompt; checkpoint 2 (the state before step 3) intact, nothing logged after it."""
+    workdir, proc, judge, _ = spread_run
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    failed = process_calls(spread_run)[1][-1]["id"]  # process 1's first prompt of step 3
+    errors = [ln for ln in proc.stderr.splitlines() if "llama3-jax train: error:" in ln]
+    assert len(errors) == 2, proc.stderr[-3000:]
+    for i in range(2):
+        assert any(re.fullmatch(rf"\[process {i}\] llama3-jax train: error: \S*grpo_prompts\.jsonl:{failed + 1}: "
+                                rf"reward function {re.escape(str(judge))}:letter_a returned None for completion 0: "
+                                rf"objective ppo needs a score for every completion", e) for e in errors), errors
+    assert checkpoint.latest_intact_step(workdir) == 2
+    assert [r["step"] for r in read_metrics(workdir)] == [1, 2]
+
+
+BAD = """
+def judge(prompts, completions, id, **columns):
+    # a fine answer for the first prompt (id 0), then the answer this test names (env-free: a module global)
+    if id[0] == 0:
+        return [0.5] * len(completions)
+    return ANSWER(completions)
+"""
+
+
+@pytest.mark.parametrize("answer, why", [
+    ("lambda c: 1 / 0", "raised ZeroDivisionError: division by zero"),
+    ("lambda c: [0.5] * (len(c) + 1)", "returned 2 rewards for 1 completions"),
+    ("lambda c: ['high'] * len(c)", "returned 'high' for completion 0, not a number or None"),
+    ("lambda c: [None] * len(c)", "returned None for completion 0: objective ppo needs a score for every completion"),
+    ("lambda c: [float('nan')] * len(c)",
+     "returned None for completion 0: objective ppo needs a score for every completion"),
+])
+def test_each_bad_score_is_one_line_naming_the_function_and_the_prompts_line(tmp_path, answer, why):
+    """PPO's scoring (rewards.score, the path GRPO's rewards take, with PPO's rule for None) on a real
+    rollout batch of 2 prompts: the second prompt's bad answer names that prompt; GRPO's rule keeps None."""
+    from llama3_jax.serve.rollout import RolloutBatch
+    from llama3_jax.tokenizer import ByteTokenizer
+    from llama3_jax.train import rewards
+    fn = tmp_path / "bad.py"
+    fn.write_text(BAD + f"\nANSWER = {answer}\n")
+    source = rewards.RewardSource(f"{fn}:judge", "ppo.reward_model", None, seq_len=112, rows=2, mesh=None,
+                                  tok=ByteTokenizer())
+    prompts = [{"prompt": "Say a.", "ids": [1, 2], "columns": {"id": k}, "where": f"p.jsonl:{k + 1}"} for k in (0, 1)]
+    rb = RolloutBatch(np.arange(2), np.zeros(2, np.int32), [[97, 97], [98]], np.array([-1, 260], np.int32),
+                      np.array([2, 1], np.int32), 0.1, 3)
+    with pytest.raises(ValueError) as e:
+        rewards.score([source], prompts, rb, ByteTokenizer(), 1, none="objective ppo needs a score for every completion")
+    assert str(e.value) == f"p.jsonl:2: reward function {fn}:judge {why}"
+    if why.startswith("returned None"):  # GRPO's rule: None (or NaN) is "not applicable", kept as NaN
+        got = rewards.score([source], prompts, rb, ByteTokenizer(), 1)
+        assert got[0, 0] == 0.5 and np.isnan(got[1, 0])
 
 
 def save_random(path, head: str, seed: int, **shape):

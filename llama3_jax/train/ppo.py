@@ -11,7 +11,8 @@ num_ppo_epochs x num_mini_batches optimizer updates; its scheduler steps once pe
       -> `ppo.rollout` kill point -> the score of each completion: ppo.reward_model is a reward
          checkpoint (`model:DIR` or DIR: serve/reward.py RewardModel, the score head at the last token
          of prompt + completion ids, as TRL's get_reward reads it) or a Python function with TRL's
-         signature (MODULE:NAME, path/to/file.py:NAME: serve/reward_fns.py, called once per prompt)
+         signature (MODULE:NAME, path/to/file.py:NAME: serve/reward_fns.py, called once per prompt);
+         GRPO's reward path (rewards.py)
       -> the (N, seq_len) rows (prompt + completion ids, the stop token included), the completion
          positions, lengths, EOS flags, scores, and each epoch's row order (numpy, from (seed, step))
       -> ppo_step.ppo_step: old / reference log-probs, values, GAE, and every update, in one jitted call
@@ -27,14 +28,24 @@ adapters off); the value model is adapters plus its trained head over a frozen t
 base itself when the value starts from the policy (no copy), else a frozen copy of its checkpoint's trunk
 (a reward model is another network than the policy's base; the scorer holds its own copy too).
 
+Several processes (jax.distributed, as `train`): every process reads the step's prompts and draws the
+whole rollout on the global mesh (the engine's rule); each runs the reward function on its share of
+the prompts and the scores are gathered (rewards.score: the function sees each prompt once per job);
+the step's batch is the whole rollout placed on the global mesh (each device its rows), and the
+per-token arrays rollouts.jsonl logs come back replicated (ppo_step.build): a job of any process count takes one process's steps
+(tests/test_ppo.py, float32 tolerance).
+
 What can go wrong, and what catches it:
   * a resume: a step is atomic (rollout + every update in one loop step), its randomness is the seed
     and the step (rollout streams, epoch permutations), the value model and the optimizer state over
     both are in the checkpoint (item `value` beside `params`), the prompt order is the iterator state:
     a SIGKILL anywhere and a rerun give the same per-step metrics, with nothing kept outside the checkpoint;
   * a reward function that raises, answers the wrong length or a non-number: reward_fns' one line naming
-    the function and the prompt's FILE:LINE; `None` (TRL's "not applicable") has no meaning for a PPO
-    score and stops the run the same way; the last checkpoint is the state before this step;
+    the function and the prompt's FILE:LINE; `None` or NaN (TRL's "not applicable") has no meaning for
+    a PPO score (TRL's PPOTrainer has a reward model only, which always answers; a penalty in its place
+    would train the policy on a number the function never gave) and stops the run the same way; the
+    last checkpoint is the state before this step; on several processes every process stops on the
+    same line, whichever process's prompt failed;
   * a reward or value checkpoint of another tokenizer or too short a context: one line before any step
     (ppo_step.value_config), as are bad ppo.* keys (ppo_loss.PPOConfig, config.py);
   * rollouts.jsonl lines of steps a crash undid: dropped on restart (rl._SampleLog), as metrics.jsonl's.
@@ -53,12 +64,12 @@ import numpy as np
 from ..failpoints import kill_point
 from ..model import lora
 from ..parallel.sharding import logical_spec, replicated
-from ..serve import reward_fns
-from ..serve.reward import RewardModel
 from ..serve.rollout import Rollout, RolloutConfig
 from ..store import checkpoint
+from . import rewards
 from .config import TrainConfig
 from .ppo_step import LOGGED, ROWS, TRUNK, PPOSetup, reward_checkpoint
+from .rewards import RewardSource
 from .rl import _SampleLog
 from .state import restore_state, start_params
 from .step import init_params, merge_trained
@@ -69,7 +80,9 @@ class PPO:
 
     def __init__(self, cfg: TrainConfig, setup: PPOSetup, tok, workdir: Path, start_step: int):
         self.cfg, self.p, self.setup, self.tok = cfg, cfg.ppo, setup, tok
-        self.model, self.fn = _reward_source(cfg, setup, tok)
+        # the reward checkpoint (model:DIR, DIR) or function, on GRPO's reward path (rewards.py)
+        self.source = RewardSource(self.p.reward_model, "ppo.reward_model", reward_checkpoint(self.p.reward_model),
+                                   seq_len=cfg.seq_len, rows=cfg.batch_size, mesh=setup.mesh, tok=tok)
         self.rollout: Rollout | None = None  # built at the first rollout, from the live params
         self._merge = jax.jit(lambda base, p: merge_trained(base, p, setup.objective.lora.scale))
         self.samples = _SampleLog(workdir / "rollouts.jsonl", start_step)
@@ -114,20 +127,10 @@ class PPO:
 
     def _scores(self, prompts: list[dict], rb) -> np.ndarray:
         """(N,) float32: the reward model's score of prompt + completion ids (one batched call), or the
-        function's, called once per prompt as TRL calls it (text, or an assistant message for a chat prompt)."""
-        ids = rb.completion_ids()
-        if self.model is not None:
-            return np.asarray(self.model.rewards([p["ids"] + c for p, c in zip(prompts, ids)]), np.float32)
-        out = np.zeros(len(ids), np.float32)
-        for r, p in enumerate(prompts):
-            text = self.tok.decode(rb.completions[r])
-            completion = text if isinstance(p["prompt"], str) else [{"role": "assistant", "content": text}]
-            [got] = self.fn(p["prompt"], [completion], [ids[r]], p["columns"], p["where"])
-            if got is None:
-                raise ValueError(f"{p['where']}: reward function {self.fn.name} returned None: objective ppo needs "
-                                 f"a score for every completion")
-            out[r] = got
-        return out
+        function's, called once per prompt as TRL calls it (text, or an assistant message for a chat
+        prompt), each process its share of the prompts, the answers and the first error gathered."""
+        need = "objective ppo needs a score for every completion"
+        return rewards.score([self.source], prompts, rb, self.tok, 1, none=need)[:, 0]
 
     def _put(self, host: dict) -> dict:
         """The step's batch, which every process holds whole, as global arrays (each device takes its rows)."""
@@ -148,23 +151,6 @@ class PPO:
                         "truncated": bool(rb.truncated[r]), "length": len(c),
                         **{k: [float(x) for x in np.asarray(logged[k][r][:n])] for k in LOGGED}})
         return out
-
-
-def _reward_source(cfg: TrainConfig, setup: PPOSetup, tok) -> tuple[RewardModel | None, reward_fns.RewardFn | None]:
-    """ppo.reward_model: (a RewardModel scoring prompt + completion ids, None) or (None, the function);
-    one line naming the key when it does not load or scores another tokenizer's ids."""
-    spec = cfg.ppo.reward_model
-    rm = reward_checkpoint(spec)
-    if rm is None:
-        try:
-            return None, reward_fns.load(spec)
-        except ValueError as e:
-            raise ValueError(f"ppo.reward_model {spec}: {str(e).removeprefix(f'--reward-fn {spec}: ')}") from None
-    model = RewardModel(rm, mesh=setup.mesh, tokenizer=tok, batch_size=cfg.batch_size)
-    if model.cfg.vocab_size < tok.n_words:  # it scores the policy's ids: one vocabulary
-        raise ValueError(f"ppo.reward_model {spec}: its vocab_size {model.cfg.vocab_size} is smaller than the "
-                         f"policy tokenizer's {tok.n_words} ids (a reward model for another tokenizer)")
-    return model, None
 
 
 def rollout_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], seq_len: int, width: int) -> dict:

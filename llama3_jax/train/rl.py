@@ -4,8 +4,9 @@
       -> the live params into the engine (serve/rollout.py Rollout.set_params: LoRA adapters merged
          into the base first), num_generations completions of each prompt, drawn with the streams
          (seed, step, prompt index, generation): the same tokens on a rerun, whatever the batch
-      -> rewards: each grpo.reward_funcs entry (serve/reward_fns.py: TRL's signature; `model:DIR`:
-         serve/reward.py RewardModel on prompt + completion ids), weighted, summed over the sources
+      -> rewards (rewards.py, the one reward path of GRPO and PPO): each grpo.reward_funcs entry
+         (serve/reward_fns.py: TRL's signature; `model:DIR`: serve/reward.py RewardModel on prompt +
+         completion ids), weighted, summed over the sources
          that answered (grpo_loss.combine_rewards), group advantages (grpo_loss.group_advantages);
          a completion no source scored gets no reward and advantage 0, with TRL's warning
       -> the update's batch (grpo_batch.py: packed, one row per prompt and its G completions, the
@@ -17,7 +18,7 @@
 
 Several processes (jax.distributed, as `train`): every process reads the same prompts and draws the
 same global rollout on the global mesh (the engine's rule); each runs the reward functions of its
-share of the prompts, and the answers are gathered; the update's batch and the old log-probs are the
+share of the prompts, and the answers are gathered (rewards.score); the update's batch and the old log-probs are the
 whole rollout batch placed on the global mesh (each device its rows), so a job of any process count
 and any mesh takes the steps one device takes (tests/test_grpo.py, float32 tolerance).
 
@@ -50,14 +51,13 @@ import numpy as np
 
 from ..failpoints import kill_point
 from ..model import attention
-from ..parallel.multihost_io import several, to_host
+from ..parallel.multihost_io import to_host
 from ..parallel.sharding import logical_spec
-from ..serve import restore, reward_fns
-from ..serve.reward import RewardModel
 from ..serve.rollout import Rollout, RolloutConfig
-from . import grpo_batch
+from . import grpo_batch, rewards
 from . import grpo_loss as grpo_lib
 from .config import TrainConfig
+from .rewards import RewardSource
 from .step import Setup, merge_trained, sampling_logps
 
 # the metrics line's grpo entries without a "/" in their name (those with one are all logged)
@@ -65,36 +65,15 @@ RL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "
               "rollout_tokens_per_second", "update_seconds", "reward_seconds")
 
 
-class RewardSource:
-    """One grpo.reward_funcs entry: a Python function (`fn`: reward_fns.RewardFn, TRL's signature) or
-    `model:DIR` (`model`: a RewardModel scoring the policy's own ids, prompt + completion, float32, one
-    batch per rollout). `name` is TRL's: the function's name, the reward model directory's basename."""
-
-    def __init__(self, spec: str, cfg: TrainConfig, setup: Setup, tok):
-        self.spec = spec
-        if spec.startswith("model:"):
-            path = spec[len("model:"):]
-            self.name, self.fn = Path(path.rstrip("/")).name, None
-            rm = restore.model_config(path)  # refused before the restore: RewardModel checks the head
-            if rm.vocab_size < tok.n_words:  # it scores the policy's ids: one vocabulary
-                raise ValueError(f"grpo.reward_funcs {spec}: its vocab_size {rm.vocab_size} is smaller than the "
-                                 f"policy tokenizer's {tok.n_words} ids (a reward model for another tokenizer)")
-            if rm.max_seq_len < cfg.seq_len:  # a row, prompt + completion, may fill seq_len
-                raise ValueError(f"grpo.reward_funcs {spec}: its context of {rm.max_seq_len} tokens is shorter "
-                                 f"than seq_len {cfg.seq_len} (a prompt + completion row)")
-            rows = cfg.batch_size * cfg.grpo.num_generations
-            self.model = RewardModel(path, mesh=setup.mesh, tokenizer=tok, batch_size=rows)
-        else:
-            self.fn, self.model = reward_fns.load(spec), None
-            self.name = spec.rpartition(":")[2]
-
-
 class GRPO:
     """The rollout phase and the updates of an `objective: grpo` run (module docstring)."""
 
     def __init__(self, cfg: TrainConfig, setup: Setup, tok, workdir: Path, start_step: int):
         self.cfg, self.g, self.setup, self.tok, self.workdir = cfg, cfg.grpo, setup, tok, workdir
-        self.sources = [RewardSource(s, cfg, setup, tok) for s in cfg.grpo.reward_funcs]
+        rows = cfg.batch_size * cfg.grpo.num_generations
+        self.sources = [RewardSource(s, "grpo.reward_funcs", s[len("model:"):] if s.startswith("model:") else None,
+                                     seq_len=cfg.seq_len, rows=rows, mesh=setup.mesh, tok=tok)
+                        for s in cfg.grpo.reward_funcs]
         self.weights = list(cfg.grpo.reward_weights) if cfg.grpo.reward_weights else None
         self.rollout: Rollout | None = None  # built at the first rollout, from the live params
         self._merge = jax.jit(lambda base, p: merge_trained(base, p, setup.objective.lora.scale))
@@ -191,35 +170,10 @@ class GRPO:
         return {"batch": batch, "metrics": metrics, "sample": sample}
 
     def _rewards(self, prompts: list[dict], rb) -> np.ndarray:
-        """(B*G, F) float32, NaN where a source returned None. A reward model scores every row on every
-        process (a program on the global mesh: the same inputs everywhere); the reward functions run on
-        this process's share of the prompts, and their answers, or the first error, are gathered, so each
-        function sees each prompt once per job and every process stops on the same one-line error."""
-        G = self.g.num_generations
-        out = np.full((len(prompts) * G, len(self.sources)), np.nan, np.float32)
-        ids = rb.completion_ids()
-        for f, source in enumerate(self.sources):
-            if source.model is not None:
-                out[:, f] = source.model.rewards([prompts[r // G]["ids"] + c for r, c in enumerate(ids)])
-        lo, hi = _share(len(prompts), jax.process_index())
-        error = None
-        try:
-            for i in range(lo, hi):
-                p, rows = prompts[i], slice(i * G, (i + 1) * G)
-                texts = [self.tok.decode(c) for c in rb.completions[rows]]
-                completions = texts if isinstance(p["prompt"], str) else [[{"role": "assistant", "content": t}]
-                                                                          for t in texts]
-                for f, source in enumerate(self.sources):
-                    if source.fn is not None:
-                        got = source.fn(p["prompt"], completions, ids[rows], p["columns"], p["where"])
-                        out[rows, f] = [np.nan if r is None else r for r in got]
-        except ValueError as e:  # reward_fns.RewardFn's one line (the function raised or answered badly)
-            error = str(e)
-        if several():
-            error = _gather_rewards(out, error, len(prompts), G, [s.fn is not None for s in self.sources])
-        if error:
-            raise ValueError(error)
-        _warn_unscored(out, prompts, G)
+        """(B*G, F) float32, NaN where a source returned None (rewards.score: each process runs the
+        functions of its share of the prompts; the answers, or the first error, are gathered)."""
+        out = rewards.score(self.sources, prompts, rb, self.tok, self.g.num_generations)
+        _warn_unscored(out, prompts, self.g.num_generations)
         return out
 
     def _batch(self, prompts: list[dict], ids: list[list[int]], truncated: np.ndarray, adv: np.ndarray) -> dict:
@@ -265,37 +219,6 @@ class GRPO:
             meta = json.loads(z["meta"].tobytes().decode())
             batch = {k: z[k] for k in z.files if k != "meta"}
         return {"step": start, "batch": batch, **meta}
-
-
-def _share(n: int, process: int) -> tuple[int, int]:
-    """[lo, hi): the prompts of a step whose reward functions `process` runs (contiguous, in order)."""
-    pc = jax.process_count()
-    return process * n // pc, (process + 1) * n // pc
-
-
-ERROR_BYTES = 4096  # a reward error line, as gathered between processes (longer ones are cut)
-
-
-def _gather_rewards(out: np.ndarray, error: str | None, n_prompts: int, G: int, fn_cols: list[bool]) -> str | None:
-    """Every process's reward-function answers into `out` (in place; the reward-model columns, computed
-    alike everywhere, are left as they are) and the first error in prompt order (that of the lowest
-    process with one, as each stops at its first). A collective: every process calls it each rollout."""
-    from jax.experimental import multihost_utils
-    pc, cols = jax.process_count(), np.flatnonzero(fn_cols)
-    width = -(-n_prompts // pc) * G  # the most rows a process scores
-    lo, hi = _share(n_prompts, jax.process_index())
-    mine = np.full((width, len(cols)), np.nan, np.float32)
-    mine[:(hi - lo) * G] = out[lo * G:hi * G][:, cols]
-    message = np.zeros(ERROR_BYTES, np.uint8)
-    if error:
-        raw = error.encode()[:ERROR_BYTES]
-        message[:len(raw)] = np.frombuffer(raw, np.uint8)
-    rows, messages = multihost_utils.process_allgather((mine, message))  # (pc, width, F'), (pc, ERROR_BYTES)
-    for k in range(pc):
-        a, b = _share(n_prompts, k)
-        out[a * G:b * G, cols] = rows[k][:(b - a) * G]
-    first = next((m for m in np.asarray(messages) if m.any()), None)
-    return None if first is None else first.tobytes().rstrip(b"\0").decode(errors="ignore")
 
 
 def _warn_unscored(per_func: np.ndarray, prompts: list[dict], G: int) -> None:
