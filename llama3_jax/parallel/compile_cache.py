@@ -61,7 +61,12 @@ def warn(msg: str) -> None:
 
 
 def _base():
-    from jax._src.compilation_cache_interface import CacheInterface
+    """JAX's private cache interface; `object` where a JAX release has moved it (then `enable` leaves
+    JAX's own writer in place rather than breaking every command at import)."""
+    try:
+        from jax._src.compilation_cache_interface import CacheInterface
+    except ImportError:
+        return object
     return CacheInterface
 
 
@@ -151,6 +156,7 @@ def enable(value: str | None = None, where: str = "--compile-cache") -> Path | N
     if path is None:
         return None
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    with cc._cache_initialized_mutex:
-        cc._cache, cc._cache_initialized = FileCache(path), True
+    if FileCache.__mro__[1] is not object and hasattr(cc, "_cache_initialized_mutex"):
+        with cc._cache_initialized_mutex:
+            cc._cache, cc._cache_initialized = FileCache(path), True
     return path
