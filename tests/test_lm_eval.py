@@ -10,7 +10,8 @@ are off-distribution). Its answers are compared with the offline commands on the
     pair (prompt, continuation), to 1e-4 absolute in float32 (the server's scoring pass and `score`
     batch the same rows differently);
   * a generate-until task: each output equals `generate`'s greedy text for the same prompt, cut at
-    the first `until` string (picked from those texts, so that some outputs really are cut).
+    the first `until` string (two picked from those texts, so that some outputs really are cut; four
+    in all, which with the EOS text lm-eval adds is more stop strings than OpenAI's four).
 """
 
 from __future__ import annotations
@@ -162,7 +163,9 @@ def test_lm_eval_loglikelihoods_equal_score_and_generations_equal_generate(setup
     full = offline(gen, tmp_path, "generate", [{"id": i, "prompt": p, "max_new_tokens": MAX_GEN}
                                                for i, p in enumerate(PROMPTS)])
     texts = [full[i]["text"] for i in range(len(PROMPTS))]
-    until = [t[len(t) // 2:len(t) // 2 + 2] for t in texts[:2]]  # two strings the greedy outputs really hold
+    # two strings the greedy outputs really hold, and two more: with lm-eval's EOS text, five stop strings
+    # (OpenAI allows four; many lm-eval tasks send more)
+    until = [t[len(t) // 2:len(t) // 2 + 2] for t in texts[:2]] + ["\n\n", "Question:"]
     want = [cut(t, until) for t in texts]
     assert sum(len(w) < len(t) for w, t in zip(want, texts)) >= 2
 

@@ -13,7 +13,8 @@ What a body may hold (OpenAI's names; unknown keys are ignored, as OpenAI's SDKs
   chat: messages (Llama 3's chat format, content as text or text parts), max_completion_tokens /
     max_tokens (default: the rest of the context), logprobs (bool) + top_logprobs (0-20);
   both: model (must be the served name: 404 otherwise), temperature (default 1), top_p, n, stop (a
-    string or up to 4), seed, stream, stream_options.include_usage, and the extensions top_k and
+    string or up to 16: OpenAI allows 4, but lm-evaluation-harness sends a task's `until` strings plus the
+    EOS text, often more), seed, stream, stream_options.include_usage, and the extensions top_k and
     ignore_eos. Penalties, logit_bias and tools are refused unless at their neutral values.
 Sampling: sample k of a prompt draws from fold_in(key(seed), k), so with a `seed` a choice equals the
 `generate` line {"seed": seed} sample k; without one the server draws a random seed per request.
@@ -29,7 +30,7 @@ from .. import sampling
 from ..request import Request
 
 MAX_LOGPROBS = 20  # OpenAI's most alternatives per position (scoring.TOP_LOGPROBS computes this many)
-MAX_STOP = 4
+MAX_STOP = 16
 MAX_N = 128
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
