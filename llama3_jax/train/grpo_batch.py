@@ -49,6 +49,28 @@ def use_packed(backend: str, prompts: int, generations: int, seq_len: int, max_c
             and (loss_type != "bnpo" or grad_accum == 1))
 
 
+def plan(cfg, mesh) -> tuple[str, bool]:
+    """(attention backend, packed?) of a grpo run's step (`cfg` a TrainConfig), decided once by
+    step.build. attention auto on CPU packs with blockwise: its small blocks skip the pairs of
+    completions that never see each other (attention/blockwise.py short_block; the reference computes
+    them all: ~2x slower on the toy run's update); elsewhere auto's backend, packed where it can."""
+    import math
+
+    from ..model import attention
+    from ..parallel.sharding import logical_spec
+
+    platform = mesh.devices.flat[0].platform
+    g = cfg.grpo
+    axes = logical_spec(("batch",), None, mesh)[0] or ()
+    shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    fits = [cfg.batch_size, g.num_generations, cfg.seq_len, g.max_completion_length, shards, cfg.grad_accum,
+            g.loss_type]
+    if cfg.attention == "auto" and platform == "cpu" and use_packed("blockwise", *fits):
+        return "blockwise", True
+    backend = attention.resolve(cfg.attention, platform, cfg.seq_len)
+    return backend, use_packed(backend, *fits)
+
+
 def rows(prompts: list[list[int]], ids: list[list[int]], loss_on: np.ndarray, adv: np.ndarray, seq_len: int) -> dict:
     """The (B*G, seq_len) layout. `prompts`: each prompt's ids; `ids`: each completion's ids; `loss_on`:
     (B*G,) bool, whether a completion counts in the loss; `adv` (B*G,) float32."""

@@ -40,7 +40,6 @@ What can go wrong, and what catches it:
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -50,7 +49,6 @@ import jax
 import numpy as np
 
 from ..failpoints import kill_point
-from ..model import attention
 from ..parallel.multihost_io import to_host
 from ..parallel.sharding import logical_spec
 from ..serve.rollout import Rollout, RolloutConfig
@@ -80,16 +78,7 @@ class GRPO:
         self._old = jax.jit(lambda p, f, b: sampling_logps(setup.objective, setup.graphdef, p, f, b))
         self.buffer: dict | None = None  # the current rollout: host batch and its metrics
         self.samples = _SampleLog(workdir / "rollouts.jsonl", start_step)
-        self.packed = self._packs()  # the update's layout (grpo_batch.py); tests set it
-
-    def _packs(self) -> bool:
-        """grpo_batch.py's packed layout (each prompt computed once per group) where it applies."""
-        cfg, g, mesh = self.cfg, self.g, self.setup.mesh
-        backend = attention.resolve(cfg.attention, mesh.devices.flat[0].platform, cfg.seq_len)
-        axes = logical_spec(("batch",), None, mesh)[0] or ()
-        shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-        return grpo_batch.use_packed(backend, cfg.batch_size, g.num_generations, cfg.seq_len, g.max_completion_length,
-                                     shards, cfg.grad_accum, g.loss_type)
+        self.packed = setup.grpo_packed  # the update's layout (grpo_batch.plan); tests set it
 
     def close(self) -> None:
         self.samples.close()

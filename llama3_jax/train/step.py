@@ -14,6 +14,7 @@ from flax import nnx
 
 from ..store import checkpoint
 from ..model import lora
+from . import grpo_batch
 from . import grpo_loss as grpo_lib
 from . import objectives
 from ..model.config import ModelConfig
@@ -278,6 +279,7 @@ class Setup:
     objective: Objective = Objective()
     frozen_abstract: dict = dataclasses.field(default_factory=dict)  # {"base"} (LoRA), {"ref"} (full DPO)
     frozen: dict = dataclasses.field(default_factory=dict)  # their values, placed by the loop
+    grpo_packed: bool = False  # grpo: the update batch in grpo_batch.py's packed layout (grpo_batch.plan)
 
     def step_fn(self, state: dict, batch: dict) -> tuple[dict, dict]:
         return self.step_jit(state, batch, self.frozen)
@@ -323,6 +325,9 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, mesh) -> Setup:
     dtype, with no optimizer state; full DPO keeps a frozen reference copy in the compute dtype."""
     tx = make_optimizer(cfg.optim, cfg.steps)
     backend = attention.resolve(cfg.attention, mesh.devices.flat[0].platform, cfg.seq_len)
+    grpo_packed = False
+    if cfg.objective == "grpo":  # its update batch's layout decides the backend too (grpo_batch.plan)
+        backend, grpo_packed = grpo_batch.plan(cfg, mesh)
     # auto chunking sizes one DEVICE's logits (its rows, its share of the vocabulary): sized by the global
     # batch, 405B's 512 rows gave 2-position chunks, a 4096-step loop streaming the output weight each step
     rows, _, vocab = local_shape(mesh, ("batch", "seq", "act_vocab"),
@@ -356,4 +361,4 @@ def build(cfg: TrainConfig, model_cfg: ModelConfig, mesh) -> Setup:
                        donate_argnums=0)
     eval_jit = jax.jit(functools.partial(eval_step, obj, graphdef, grad_accum=cfg.grad_accum), in_shardings=(param_sh, batch_sh, frozen_sh),
                        out_shardings=replicated(mesh))
-    return Setup(model_cfg, mesh, graphdef, tx, abstract, step_jit, eval_jit, obj, frozen)
+    return Setup(model_cfg, mesh, graphdef, tx, abstract, step_jit, eval_jit, obj, frozen, grpo_packed=grpo_packed)
