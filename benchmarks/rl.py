@@ -217,12 +217,12 @@ def summarise(steps: list[dict]) -> dict:
             "completion_tokens_per_step": tokens / len(steps)}
 
 
-def run_child(side: str, a, hf: Path) -> dict:
+def run_child(side: str, a, hf: Path, threads: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as work:
         cmd = [sys.executable, __file__, "--child", side, "--hf", str(hf), "--workdir", work,
                "--steps", str(a.steps), "--warmup", str(a.warmup), "--prompts", str(a.prompts),
                "--generations", str(a.generations), "--max-completion-length", str(a.max_completion_length),
-               "--threads", str(a.threads), *[x for o in a.ours for x in ("--ours", o)]]
+               "--threads", str(threads), *[x for o in a.ours for x in ("--ours", o)]]
         env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if proc.returncode:
@@ -258,7 +258,10 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=4, help="prompts per step (configs/grpo.yaml's batch_size)")
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--max-completion-length", type=int, default=16)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    p.add_argument("--trl-threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
+                   help="torch thread counts TRL runs with, each every repeat (its best is kept: on a busy "
+                        "machine one thread can be several times faster than two)")
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)  # a child's torch threads
     p.add_argument("--ours", action="append", default=[], help="an extra key=value for our run (repeatable)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -281,19 +284,22 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf = export_model(Path(tmp) / "hf")
         runs = {"ours": [], "trl": []}
+        sides = [("ours", 1)] + [("trl", t) for t in a.trl_threads]
         for r in range(a.repeats):
-            for side in ("ours", "trl") if r % 2 == 0 else ("trl", "ours"):
-                print(f"repeat {r + 1}/{a.repeats}: {side} ...", file=sys.stderr)
-                runs[side].append(summarise(run_child(side, a, hf)["steps"]))
+            for side, threads in sides if r % 2 == 0 else sides[::-1]:
+                print(f"repeat {r + 1}/{a.repeats}: {side}{f' ({threads} threads)' if side == 'trl' else ''} ...",
+                      file=sys.stderr)
+                runs[side].append({**summarise(run_child(side, a, hf, threads)["steps"]), "threads": threads})
     best = {side: min(rs, key=lambda s: s["step"]) for side, rs in runs.items()}
     ratio = best["ours"]["steps_per_second"] / best["trl"]["steps_per_second"]
     load = os.getloadavg()[0]
     print(f"\n### GRPO: llama3-jax against TRL {trl.__version__}'s GRPOTrainer\n")
     print(f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} "
-          f"({jax.devices()[0].platform}), torch {torch.__version__} ({a.threads} threads), transformers "
-          f"{transformers.__version__}, trl {trl.__version__}")
+          f"({jax.devices()[0].platform}), torch {torch.__version__} (TRL's best of {a.trl_threads} threads: "
+          f"{best['trl']['threads']}), transformers {transformers.__version__}, trl {trl.__version__}")
     print(table(best, a, load))
-    each = {side: ", ".join(f"{s['step']:.3f}" for s in rs) for side, rs in runs.items()}
+    each = {side: ", ".join(f"{s['step']:.3f}" + (f" ({s['threads']}t)" if side == "trl" else "") for s in rs)
+            for side, rs in runs.items()}
     print(f"\nours / TRL steps per second: {ratio:.2f}x (best repeat of each; every repeat: ours {each['ours']} "
           f"s/step, TRL {each['trl']} s/step)")
     print(f"command: python benchmarks/rl.py {' '.join(argv if argv is not None else sys.argv[1:])}")
