@@ -46,6 +46,7 @@ one microbatch). ``reward_metrics`` and ``completion_metrics`` are computed wher
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -114,41 +115,51 @@ def combine_rewards(rewards_per_func, weights=None) -> np.ndarray:
 
 
 def _nanstd(x, axis=None, keepdims=False):
-    """TRL's nanstd: Bessel-corrected std over the non-NaN values; NaN with fewer than 2."""
-    n = jnp.sum(~jnp.isnan(x), axis=axis, keepdims=True)
-    mean = jnp.nanmean(x, axis=axis, keepdims=True)
-    var = jnp.nanmean((x - mean) ** 2, axis=axis, keepdims=True) * jnp.where(n > 1, n / jnp.maximum(n - 1, 1), jnp.nan)
-    std = jnp.sqrt(var)
-    return std if keepdims else jnp.squeeze(std, axis=axis)
+    """TRL's nanstd: Bessel-corrected std over the non-NaN values; NaN with fewer than 2. numpy, float32:
+    rewards live on the host, and a dozen eager jnp ops per step cost more than the rest of scoring."""
+    x = np.asarray(x, np.float32)
+    n = np.sum(~np.isnan(x), axis=axis, keepdims=True)
+    with warnings.catch_warnings():  # an all-NaN group: NaN, as TRL's
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(x, axis=axis, keepdims=True)
+        var = np.nanmean((x - mean) ** 2, axis=axis, keepdims=True) * np.where(n > 1, n / np.maximum(n - 1, 1), np.nan)
+    std = np.sqrt(var).astype(np.float32)
+    return std if keepdims else np.squeeze(std, axis=axis)
+
+
+def _nanmean(x, axis=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.asarray(x, np.float32), axis=axis).astype(np.float32)
 
 
 def _group_std(rewards, num_generations: int, scale_rewards: str):
     """(group means, the std advantages divide by) per completion, (N,) each."""
-    r = jnp.asarray(rewards, jnp.float32)
+    r = np.asarray(rewards, np.float32)
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"scale_rewards={scale_rewards!r}: expected one of {', '.join(SCALE_REWARDS)}")
     if r.shape[0] % num_generations:
         raise ValueError(f"{r.shape[0]} rewards are not whole groups of num_generations={num_generations}")
     groups = r.reshape(-1, num_generations)
-    mean = jnp.repeat(jnp.nanmean(groups, axis=1), num_generations)
+    mean = np.repeat(_nanmean(groups, axis=1), num_generations)
     if scale_rewards == "batch":
-        std = jnp.broadcast_to(_nanstd(r) if r.size > 1 else jnp.float32(0), r.shape)
+        std = np.broadcast_to(_nanstd(r) if r.size > 1 else np.float32(0), r.shape)
     elif num_generations > 1:
-        std = jnp.repeat(_nanstd(groups, axis=1), num_generations)
+        std = np.repeat(_nanstd(groups, axis=1), num_generations)
     else:
-        std = jnp.zeros_like(r)
+        std = np.zeros_like(r)
     return mean, std
 
 
-def group_advantages(rewards, num_generations: int, scale_rewards: str = "group") -> jax.Array:
-    """(N,) rewards of N / G groups of G consecutive completions -> (N,) advantages, TRL's formula
-    (module docstring); a NaN reward gets advantage 0."""
-    r = jnp.asarray(rewards, jnp.float32)
+def group_advantages(rewards, num_generations: int, scale_rewards: str = "group") -> np.ndarray:
+    """(N,) rewards of N / G groups of G consecutive completions -> (N,) float32 advantages, TRL's
+    formula (module docstring); a NaN reward gets advantage 0."""
+    r = np.asarray(rewards, np.float32)
     mean, std = _group_std(r, num_generations, scale_rewards)
     adv = r - mean
     if scale_rewards != "none":
-        adv = adv / (std + STD_EPS)
-    return jnp.nan_to_num(adv, nan=0.0)
+        adv = adv / (std + np.float32(STD_EPS))
+    return np.nan_to_num(adv, nan=0.0).astype(np.float32)
 
 
 def reward_metrics(rewards_per_func, names, num_generations: int, scale_rewards: str = "group",
@@ -156,18 +167,18 @@ def reward_metrics(rewards_per_func, names, num_generations: int, scale_rewards:
     """TRL's reward metrics of one generation batch: rewards/<name>/mean, rewards/<name>/std (over the
     rows where that function answered), reward, reward_std (of the weighted sum), frac_reward_zero_std
     (share of completions whose group's -- batch's for scale_rewards batch -- std is 0)."""
-    per_func = jnp.asarray(rewards_per_func, jnp.float32)
+    per_func = np.asarray(rewards_per_func, np.float32)
     if per_func.shape[1] != len(names):
         raise ValueError(f"{per_func.shape[1]} reward columns for {len(names)} reward function names")
     out = {}
     for i, name in enumerate(names):
-        out[f"rewards/{name}/mean"] = float(jnp.nanmean(per_func[:, i]))
+        out[f"rewards/{name}/mean"] = float(_nanmean(per_func[:, i]))
         out[f"rewards/{name}/std"] = float(_nanstd(per_func[:, i]))
-    rewards = jnp.asarray(combine_rewards(np.asarray(per_func), weights))
+    rewards = combine_rewards(per_func, weights)
     _, std = _group_std(rewards, num_generations, scale_rewards)
-    out["reward"] = float(jnp.nanmean(rewards))
+    out["reward"] = float(_nanmean(rewards))
     out["reward_std"] = float(_nanstd(rewards))
-    out["frac_reward_zero_std"] = float(jnp.mean(jnp.abs(std) <= 1e-8))  # torch.isclose(std, 0)
+    out["frac_reward_zero_std"] = float(np.mean(np.abs(std) <= 1e-8))  # torch.isclose(std, 0)
     return out
 
 
