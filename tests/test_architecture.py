@@ -152,13 +152,15 @@ def test_functions_and_modules_stay_short():
 def test_model_and_step_pieces_import_without_the_data_pipeline():
     """The GPU image has no grain and no llama-models: the model, its caches and attention, the loss and
     the optimizer (what benchmarks/gpu_bench.py builds a step from) must import without them, and so must
-    serve/, which decodes without reading training data."""
+    serve/, which decodes without reading training data, and the train step and GRPO's host side
+    (gpu_bench.py's GRPO row: data/ loads its grain iterators only when asked for them)."""
     import subprocess
     import sys
     code = ("import sys\n"
             "for m in ('grain', 'llama_models', 'array_record'): sys.modules[m] = None\n"
             "import llama3_jax.model.llama, llama3_jax.model.attention, llama3_jax.model.kv_cache\n"
             "import llama3_jax.train.losses, llama3_jax.train.optim, llama3_jax.parallel.hardware\n"
-            "import llama3_jax.serve.engine\n")
+            "import llama3_jax.serve.engine\n"
+            "import llama3_jax.train.step, llama3_jax.train.rl\n")  # gpu_bench.py's GRPO row: the real step
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG.parent)
     assert proc.returncode == 0, proc.stderr.strip().splitlines()[-1]

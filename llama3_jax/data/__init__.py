@@ -28,10 +28,23 @@ pipeline's fingerprint, the keys that chose its documents and the count of recor
 (iterator.py), so it is small, JSON-serialisable, restores exactly, and is refused by another pipeline.
 """
 
-from .iterator import KINDS, BatchIterator, corpus_documents, make_iterator, record_check, split_sizes
-from .packing import BATCH_KEYS
-from .prompts import PromptIterator, render_prompt
-from .sources import DataConfig, Document, list_documents, skipped_line_count, split_documents
+import importlib
 
-__all__ = ["BATCH_KEYS", "KINDS", "BatchIterator", "DataConfig", "Document", "corpus_documents", "list_documents",
-           "make_iterator", "PromptIterator", "record_check", "render_prompt", "skipped_line_count", "split_documents", "split_sizes"]
+# Loaded on first use: `DataConfig` (sources.py), `BATCH_KEYS` (packing.py) and chat rendering import
+# without grain, which only the iterators need, so train/config.py and the step (and with them the GRPO
+# path that benchmarks/gpu_bench.py times) run on a GPU image without grain.
+_LAZY = {
+    "KINDS": ".iterator", "BatchIterator": ".iterator", "corpus_documents": ".iterator", "make_iterator": ".iterator",
+    "record_check": ".iterator", "split_sizes": ".iterator",
+    "BATCH_KEYS": ".packing",
+    "PromptIterator": ".prompts", "render_prompt": ".prompts",
+    "DataConfig": ".sources", "Document": ".sources", "list_documents": ".sources",
+    "skipped_line_count": ".sources", "split_documents": ".sources",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'llama3_jax.data' has no attribute {name!r}")
