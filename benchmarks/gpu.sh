@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Training and decoding at real shapes on one NVIDIA GPU, side by side with transformers + torch.
+# Training, decoding and GRPO at real shapes on one NVIDIA GPU, side by side with transformers + torch
+# (and TRL's GRPOTrainer for the GRPO row, where trl is installed).
 #
 #   benchmarks/gpu.sh            # full: needs jax[cuda] (+ flax, optax) already installed; < 8 minutes
 #   benchmarks/gpu.sh smoke      # tiny shapes on whatever jax sees (CPU here): the same code end to end
 #
 # No network: the project is installed with --no-deps (full mode) and only jax, flax, optax, numpy (and
 # transformers + torch for the comparison, when present) are used; grain, orbax and llama-models are
-# not needed. What it measures: benchmarks/gpu_bench.py. Output: a markdown table for docs/performance.md,
-# then one JSON line; both are also written to benchmarks/gpu-results-<date>.md.
+# not needed (the GRPO row uses orbax and trl when present, and says "not run" in the JSON when not).
+# What it measures: benchmarks/gpu_bench.py. Output: a markdown table for docs/performance.md, then one
+# JSON line; both are also written to benchmarks/gpu-results-<date>.md.
 set -euo pipefail
 mode="${1:-full}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

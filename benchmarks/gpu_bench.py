@@ -10,10 +10,15 @@ with the same run's own matmul and copy speeds as the yardsticks, and transforme
     here. (b) decode: greedy steps at batch 1/16/64 after a short prompt -> tokens/s and the bytes each
     step must read (weights + the filled cache) per second, as a fraction of the bandwidth of a device
     copy timed here. (c) the same shapes in transformers + torch where torch is installed (on the GPU
-    when torch sees one).
+    when torch sees one). (d) GRPO steps (`objective: grpo`: a rollout from the live params on our
+    engine, configs/rewards/toy.py's reward, one update; Llama 3.2 1B's shape, random init, 4 prompts x
+    8 completions of up to 256 tokens) through train/rl.py's GRPO.step and the jitted step, and the
+    same run through TRL's GRPOTrainer where trl is installed (benchmarks/rl.py's setup; skipped, and
+    said so in the JSON, where it is not; so is ours without orbax). --no-grpo skips (d).
 Imports only jax, flax, optax and numpy from outside (not grain, orbax or llama-models, which a GPU
 image may lack): so it builds its step from model/llama.py, train/losses.py and train/optim.py rather
-than train/loop.py, which imports the data pipeline (tests/test_architecture.py checks these imports).
+than train/loop.py, which imports the data pipeline (tests/test_architecture.py checks these imports);
+(d) imports train/step.py and train/rl.py (no grain; orbax through the checkpoint module) when it runs.
 Prints a markdown table; the last line is the same as JSON.
 """
 
@@ -44,6 +49,14 @@ MODES = {  # layers, seq_len, decode batches, prompt, new tokens, train steps, m
     "full": dict(layers=4, seq=8192, batches=(1, 16, 64), prompt=128, new=128, steps=5, n=8192, dims={}),
     "smoke": dict(layers=2, seq=256, batches=(1, 2, 4), prompt=16, new=8, steps=2, n=512,
                   dims=dict(dim=64, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128, vocab_size=512)),
+}
+# (d) GRPO: the policy, prompts x generations per step, prompt and completion tokens, warm-up + timed steps
+GRPO = {
+    "full": dict(name="Llama 3.2 1B", model="{preset: llama3.2-1b}", prompts=4, generations=8, prompt=128, completion=256, warmup=2,
+                 steps=3),
+    "smoke": dict(name="tiny", model="{preset: tiny, vocab_size: 512, dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, "
+                        "head_dim: 16, intermediate_size: 128, tie_embeddings: true, max_seq_len: 256}",
+                  prompts=2, generations=4, prompt=32, completion=8, warmup=2, steps=2),
 }
 
 
@@ -127,6 +140,105 @@ def decode_jax(mc, batch: int, prompt: int, new: int) -> float:
     return (full - none) / new
 
 
+def grpo_prompts(g: dict, seed: int = 0) -> list[dict]:
+    """Prompt records of g["prompt"] tokens (random lowercase text as one user turn, the byte
+    tokenizer's chat rendering: data/prompts.render_prompt's layout, without its grain import)."""
+    from llama3_jax.data.chat import render_messages
+    from llama3_jax.tokenizer import ByteTokenizer
+
+    tok, rng = ByteTokenizer(), np.random.default_rng(seed)
+    out = []
+    for i in range(64):
+        text = "".join(rng.choice(list("abcdefgh "), size=max(1, g["prompt"] - 23)))
+        msgs = [{"role": "user", "content": text}]
+        ids = render_messages(tok, msgs)[0] + tok.encode_header("assistant")
+        out.append({"prompt": text, "columns": {"letter": "a"}, "ids": ids, "where": f"gpu_bench:{i + 1}",
+                    "index": i, "messages": msgs})
+    return out
+
+
+def grpo_jax(g: dict, workdir: Path, dtype: str) -> dict:
+    """Seconds per GRPO step (rollout from the live params, rewards, one update) through train/rl.py's
+    GRPO.step and the jitted step, as `llama3-jax train` runs them (without train/loop.py: grain), and
+    the mean rollout / reward / update seconds and rollout tokens/s of the timed steps."""
+    from llama3_jax.config_loader import load_yaml_config
+    from llama3_jax.parallel.sharding import make_mesh
+    from llama3_jax.tokenizer import ByteTokenizer
+    from llama3_jax.train import TrainConfig, build, model_config
+    from llama3_jax.train.rl import GRPO
+
+    B, G, C = g["prompts"], g["generations"], g["completion"]
+    cfg = load_yaml_config(TrainConfig, None, [
+        "objective=grpo", f"model={g['model']}", "tokenizer=bytes", f"batch_size={B}",
+        f"seq_len={g['prompt'] + C}", f"grpo.num_generations={G}", f"grpo.max_completion_length={C}",
+        f"grpo.reward_funcs=[{Path(__file__).resolve().parent.parent / 'configs/rewards/toy.py'}:letter_fraction]",
+        f"compute_dtype={dtype}", f"workdir={workdir}", "optim.warmup_steps=0", f"steps={g['warmup'] + g['steps']}"])
+    mesh = make_mesh(1, -1, 1)
+    setup = build(cfg, model_config(cfg), mesh)
+    prompts = grpo_prompts(g)
+    batches = iter([prompts[i * B % len(prompts):][:B] for i in range(10 ** 6)])
+    rl = GRPO(cfg, setup, ByteTokenizer(), workdir, 0)
+    times, ms = [], []
+    with jax.set_mesh(mesh):
+        state = setup.init_state(cfg.seed)
+        for step in range(g["warmup"] + g["steps"]):
+            t = time.perf_counter()
+            state, m = rl.step(state, batches, step, None)
+            times.append(time.perf_counter() - t)
+            ms.append({k: float(v) for k, v in jax.device_get(m).items()})
+    rl.close()
+    timed, k = times[g["warmup"]:], g["warmup"]
+    mean = lambda key: float(np.mean([x[key] for x in ms[k:]]))  # noqa: E731
+    return {"grpo_step_s": float(np.mean(timed)), "grpo_rollout_s": mean("rollout_seconds"),
+            "grpo_reward_s": mean("reward_seconds"), "grpo_update_s": mean("update_seconds"),
+            "grpo_rollout_tokens_per_s": mean("rollout_tokens_per_second"), "grpo_packed": setup.grpo_packed,
+            "grpo_completion_tokens": mean("completions/mean_length") * B * G}
+
+
+def grpo_trl(g: dict, workdir: Path) -> dict:
+    """The same run through TRL's GRPOTrainer (benchmarks/rl.py's config, tokenizer and timing), on the
+    GPU when torch sees one (bf16 autocast over float32 weights, as ours), from our init exported to HF."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.spec_from_file_location("benchmarks_rl", Path(__file__).with_name("rl.py"))
+    rl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rl)
+    hf = rl.export_model(workdir / "hf", [f"model={g['model']}"])
+    gpu = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    args = rl.trl_config(str(workdir / "trl"), use_cpu=not gpu, bf16=gpu, max_steps=g["warmup"] + g["steps"],
+                         num_generations=g["generations"], max_completion_length=g["completion"],
+                         per_device_train_batch_size=g["prompts"] * g["generations"])
+    records = [{"prompt": p["messages"], "letter": "a"} for p in grpo_prompts(g)]
+    steps = rl.time_trl(rl.trl_trainer(model, args, records), g["warmup"])
+    s = rl.summarise(steps)
+    return {"trl_grpo_step_s": s["step"], "trl_grpo_rollout_s": s["rollout"], "trl_grpo_update_s": s["update"],
+            "trl_grpo_rollout_tokens_per_s": s["rollout_tokens_per_second"], "trl_device": "cuda" if gpu else "cpu"}
+
+
+def grpo_side(mode: str, dtype: str, no_torch: bool) -> dict:
+    """(d): ours, then TRL when it is installed; a missing package (orbax for our step, trl for
+    theirs) is reported in the JSON, not raised: the other rows stand."""
+    import tempfile
+
+    g, out = GRPO[mode], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            out.update(grpo_jax(g, Path(tmp) / "ours", dtype))
+        except ImportError as e:
+            out["grpo"] = f"not run ({e.name} missing)"
+        if no_torch:
+            return out
+        try:
+            out.update(grpo_trl(g, Path(tmp)))
+        except ImportError as e:
+            out["trl_grpo"] = f"not run ({e.name} missing)"
+    return out
+
+
 def torch_side(mc, seq: int, batches, prompt: int, new: int, steps: int) -> dict:
     try:
         import torch
@@ -178,10 +290,27 @@ def torch_side(mc, seq: int, batches, prompt: int, new: int, steps: int) -> dict
     return out
 
 
+def print_grpo(res: dict, mode: str) -> None:
+    """The GRPO rows of the table: ours, and TRL's GRPOTrainer where it ran."""
+    if "grpo_step_s" not in res:
+        return
+    g = GRPO[mode]
+    theirs = lambda key, fmt: fmt.format(res[key]) if key in res else ""  # noqa: E731
+    what = (f"{g['name']}, {g['prompts']} x {g['generations']} completions of <= {g['completion']} tokens"
+            f"{', packed' if res['grpo_packed'] else ''}")
+    trl_sps = f"{1 / res['trl_grpo_step_s']:.2f} (TRL GRPOTrainer)" if "trl_grpo_step_s" in res else ""
+    print(f"| GRPO steps/s ({what}) | {1 / res['grpo_step_s']:.2f} | {trl_sps} |")
+    print(f"| GRPO rollout tokens/s | {res['grpo_rollout_tokens_per_s']:,.0f} | "
+          f"{theirs('trl_grpo_rollout_tokens_per_s', '{:,.0f}')} |")
+    print(f"| GRPO rollout share of a step | {res['grpo_rollout_s'] / res['grpo_step_s']:.0%} | "
+          + (f"{res['trl_grpo_rollout_s'] / res['trl_grpo_step_s']:.0%}" if "trl_grpo_step_s" in res else "") + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=sorted(MODES), default="full")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--no-grpo", action="store_true", help="skip (d), the GRPO steps")
     args = p.parse_args()
     m = MODES[args.mode]
     base = load_model_config("llama3.1-8b")
@@ -207,6 +336,8 @@ def main() -> None:
         res[f"decode_b{b}_bandwidth_fraction"] = (weight_bytes + cache_bytes) / s / res["copy_bytes_per_s"]
     if not args.no_torch:
         res.update(torch_side(mc, m["seq"], m["batches"], m["prompt"], m["new"], m["steps"]))
+    if not args.no_grpo:
+        res.update(grpo_side(args.mode, "bfloat16" if dev.platform == "gpu" else "float32", args.no_torch))
     print(f"\n{res['date']}, {res['device']}, jax {res['jax']}: Llama 3.1 8B dims, {mc.n_layers} layers, "
           f"T = {m['seq']}, bf16 ({args.mode} mode)\n")
     print("| measurement | llama3-jax | transformers + torch |\n|---|---:|---:|")
@@ -221,6 +352,7 @@ def main() -> None:
               f"{res.get(f'torch_decode_b{b}_tokens_per_s', float('nan')):,.1f} |")
         print(f"| decode batch {b} fraction of copy bandwidth ({res['copy_bytes_per_s'] / 1e9:.0f} GB/s) | "
               f"{res[f'decode_b{b}_bandwidth_fraction']:.1%} | |")
+    print_grpo(res, args.mode)
     print(json.dumps(res))
 
 

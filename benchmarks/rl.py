@@ -144,16 +144,11 @@ def trl_trainer(model, args, records: list[dict], **kw):
 # ------------------------------------------------------------------------------------------ children
 
 
-def child_trl(a) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, TrainerCallback
+def time_trl(trainer, warmup: int) -> list[dict]:
+    """Train with a GRPOTrainer, timing each step and its rollout (`_generate`: tokenize, generate,
+    decode) and reward (`_calculate_rewards`) parts; the steps after `warmup`, as child_ours gives them."""
+    from transformers import TrainerCallback
 
-    torch.set_num_threads(a.threads)
-    model = AutoModelForCausalLM.from_pretrained(a.hf, dtype=torch.float32)
-    args = trl_config(a.workdir, max_steps=a.warmup + a.steps, num_generations=a.generations,
-                      max_completion_length=a.max_completion_length,
-                      per_device_train_batch_size=a.prompts * a.generations)
-    trainer = trl_trainer(model, args, trl_records())
     phase = {"rollout": [], "reward": [], "tokens": [], "step": []}
 
     def timed(name, fn, count=None):
@@ -177,10 +172,21 @@ def child_trl(a) -> dict:
             phase["step"].append(time.perf_counter() - self.t)
     trainer.add_callback(StepClock())
     trainer.train()
-    k = a.warmup
-    steps = [dict(step=s, rollout=r, reward=w, tokens=n, update=s - r - w, other=0.0)
-             for s, r, w, n in zip(phase["step"][k:], phase["rollout"][k:], phase["reward"][k:], phase["tokens"][k:])]
-    return {"steps": steps}
+    k = warmup
+    return [dict(step=s, rollout=r, reward=w, tokens=n, update=s - r - w, other=0.0)
+            for s, r, w, n in zip(phase["step"][k:], phase["rollout"][k:], phase["reward"][k:], phase["tokens"][k:])]
+
+
+def child_trl(a) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(a.threads)
+    model = AutoModelForCausalLM.from_pretrained(a.hf, dtype=torch.float32)
+    args = trl_config(a.workdir, max_steps=a.warmup + a.steps, num_generations=a.generations,
+                      max_completion_length=a.max_completion_length,
+                      per_device_train_batch_size=a.prompts * a.generations)
+    return {"steps": time_trl(trl_trainer(model, args, trl_records()), a.warmup)}
 
 
 def child_ours(a) -> dict:

@@ -98,6 +98,8 @@ def packed(prompts: list[list[int]], ids: list[list[int]], loss_on: np.ndarray, 
     per["advantages"] = np.repeat(adv.reshape(B, G), C, axis=1).astype(np.float32)
     for b, p in enumerate(prompts):
         n = len(p)
+        if n > P:  # data/prompts.py skips them; a caller that does not gets no silent cut
+            raise ValueError(f"prompt of {n} ids: longer than seq_len - max_completion_length = {P}")
         out["tokens"][b, P - n:P], out["positions"][b, P - n:P], out["segment_ids"][b, P - n:P] = p, np.arange(n), -1
         for g in range(G):
             c = ids[b * G + g]
