@@ -209,7 +209,7 @@ def grpo_trl(g: dict, workdir: Path) -> dict:
     hf = rl.export_model(workdir / "hf", [f"model={g['model']}"])
     gpu = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
-    args = rl.trl_config(str(workdir / "trl"), use_cpu=not gpu, bf16=gpu, max_steps=g["warmup"] + g["steps"],
+    args = rl.trl_config(str(workdir / "trl"), use_cpu=not gpu, bf16=gpu, max_steps=g["warmup"] + g["steps"] + 1,
                          num_generations=g["generations"], max_completion_length=g["completion"],
                          per_device_train_batch_size=g["prompts"] * g["generations"])
     records = [{"prompt": p["messages"], "letter": "a"} for p in grpo_prompts(g)]

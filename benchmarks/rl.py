@@ -146,7 +146,9 @@ def trl_trainer(model, args, records: list[dict], **kw):
 
 def time_trl(trainer, warmup: int) -> list[dict]:
     """Train with a GRPOTrainer, timing each step and its rollout (`_generate`: tokenize, generate,
-    decode) and reward (`_calculate_rewards`) parts; the steps after `warmup`, as child_ours gives them."""
+    decode) and reward (`_calculate_rewards`) parts; the steps after `warmup`, as child_ours gives them.
+    A step is the wall time from one step's start to the next's (its logging included, as ours is:
+    the loop's time between metrics lines), so the trainer runs one step more than it reports."""
     from transformers import TrainerCallback
 
     phase = {"rollout": [], "reward": [], "tokens": [], "step": []}
@@ -165,11 +167,13 @@ def time_trl(trainer, warmup: int) -> list[dict]:
     trainer._calculate_rewards = timed("reward", trainer._calculate_rewards)
 
     class StepClock(TrainerCallback):
-        def on_step_begin(self, *_, **__):
-            self.t = time.perf_counter()
+        t = None
 
-        def on_step_end(self, *_, **__):
-            phase["step"].append(time.perf_counter() - self.t)
+        def on_step_begin(self, *_, **__):
+            now = time.perf_counter()
+            if self.t is not None:
+                phase["step"].append(now - self.t)
+            self.t = now
     trainer.add_callback(StepClock())
     trainer.train()
     k = warmup
@@ -183,7 +187,7 @@ def child_trl(a) -> dict:
 
     torch.set_num_threads(a.threads)
     model = AutoModelForCausalLM.from_pretrained(a.hf, dtype=torch.float32)
-    args = trl_config(a.workdir, max_steps=a.warmup + a.steps, num_generations=a.generations,
+    args = trl_config(a.workdir, max_steps=a.warmup + a.steps + 1, num_generations=a.generations,
                       max_completion_length=a.max_completion_length,
                       per_device_train_batch_size=a.prompts * a.generations)
     return {"steps": time_trl(trl_trainer(model, args, trl_records()), a.warmup)}
