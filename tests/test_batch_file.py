@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -24,6 +20,7 @@ pytest.importorskip("torch")
 pytest.importorskip("fastapi")
 
 from conftest import make_hf_llama  # noqa: E402
+from serve_helpers import start_server, stop_server  # noqa: E402
 
 NAME, BATCH = "tiny", 8
 ENGINE = ["--dtype", "float32", "--batch-size", str(BATCH)]
@@ -62,27 +59,9 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model):
-    from test_serve import free_port
-    port = free_port()
-    cmd = [sys.executable, "-m", "llama3_jax.cli", "serve", "--checkpoint", str(model), "--port", str(port),
-           "--served-model-name", NAME, *ENGINE]
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA3_JAX_API_KEY"}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail(f"the server did not become ready: {proc.communicate()[1]}")
+    proc, url, _ = start_server(model, "--served-model-name", NAME, *ENGINE)
     yield url
-    proc.kill()
-    proc.wait()
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
@@ -32,6 +29,7 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("torch")
 
 from conftest import make_hf_llama  # noqa: E402
+from serve_helpers import launch_server, stop_server, wait_ready  # noqa: E402
 
 NAME, BATCH, MAX_GEN = "tiny", 8, 20
 QUESTIONS = [("The capital of France is", ["Paris", "London", "Rome"], 0),
@@ -39,12 +37,6 @@ QUESTIONS = [("The capital of France is", ["Paris", "London", "Rome"], 0),
              ("One, two, three,", ["four", "five", "six"], 0),
              ("The cat sat on the", ["mat", "moon", "table"], 0)]
 PROMPTS = ["Once upon a time", "def main():", "Hello, my name is", "The weather today"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def hf_tokenizer(path: Path) -> Path:
@@ -74,27 +66,13 @@ def setup(tmp_path_factory):
     make_hf_llama(d / "hf", vocab=128256, dim=16, layers=1, heads=2, kv_heads=1, head_dim=8, ffn=32, max_pos=256,
                   init_range=0.5)
     convert(d / "hf", d / "jax", src_format="hf", dst_format="jax", progress=False)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "LLAMA3_JAX_API_KEY"}
-    proc = subprocess.Popen([sys.executable, "-m", "llama3_jax.cli", "serve", "--checkpoint", str(d / "jax"),
-                             "--port", str(port), "--served-model-name", NAME, "--dtype", "float32",
-                             "--batch-size", str(BATCH)], stderr=subprocess.PIPE, text=True, env=env)
+    proc, url = launch_server(d / "jax", "--served-model-name", NAME, "--dtype", "float32",
+                              "--batch-size", str(BATCH))
     tok = hf_tokenizer(d / "hf_tokenizer")  # while the server starts
     gen = Generator(d / "jax", dtype="float32")
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail(f"the server did not become ready: {proc.communicate()[1]}")
+    wait_ready(proc, url)
     yield {"dir": d, "url": url, "tokenizer": tok, "gen": gen}
-    proc.kill()
-    proc.wait()
+    stop_server(proc)
 
 
 def offline(gen, tmp_path: Path, command: str, lines: list[dict], **flags) -> dict:

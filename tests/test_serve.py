@@ -12,12 +12,10 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -27,16 +25,11 @@ openai = pytest.importorskip("openai")
 torch = pytest.importorskip("torch")
 
 from conftest import make_hf_llama  # noqa: E402
+from serve_helpers import start_server, stop_server  # noqa: E402
 
 KEY, NAME, BATCH, QUEUE, BODY = "sk-test", "tiny", 8, 16, 1_000_000
 ENGINE = ["--dtype", "float32", "--batch-size", str(BATCH)]
 PROMPTS = ["The capital of France is", "Once upon a time", "def main():", "1, 2, 3,", "Hello, my name is Ana and"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,27 +45,10 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(model):
     """The server subprocess; `seen`: the /health statuses it answered while starting."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "llama3_jax.cli", "serve", "--checkpoint", str(model[0]), "--port", str(port),
-           "--served-model-name", NAME, "--max-queue", str(QUEUE), "--max-body-bytes", str(BODY), *ENGINE]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "LLAMA3_JAX_API_KEY": KEY})
-    url, seen = f"http://127.0.0.1:{port}", []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            seen.append(httpx.get(url + "/health", timeout=2).status_code)
-            if seen[-1] == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    if not seen or seen[-1] != 200:
-        proc.kill()
-        pytest.fail(f"the server did not become ready: {proc.communicate()[1]}")
+    proc, url, seen = start_server(model[0], "--served-model-name", NAME, "--max-queue", str(QUEUE),
+                                   "--max-body-bytes", str(BODY), *ENGINE, key=KEY)
     yield argparse.Namespace(proc=proc, url=url, seen=seen)
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")
